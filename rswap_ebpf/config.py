@@ -1,0 +1,183 @@
+"""Configuration: a TOML file (or the embedded demo), validated into typed dataclasses.
+
+Every error names the field it is about (``task[1].cpu.min: must not be negative``) and is raised
+before anything is applied.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources as importlib_resources
+from typing import Any
+
+from . import paths
+from .enforce.cgroup import check_task_name
+from .errors import ConfigError
+from .predict.forecasters import make_forecaster
+from .resources import ResourceType, check_units
+from .swap.manager import Limits, Priority
+
+DEFAULT_CONFIG = "default.toml"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    interval: float = 1.0
+    window: int = 5
+    headroom: float = 0.2
+    state_dir: str = ""
+    history: int = 600
+
+    @property
+    def state_path(self) -> str:
+        return self.state_dir or paths.root("STATE_DIR")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    priority: Priority = Priority.NORMAL
+    command: tuple[str, ...] = ()
+    cgroup: str | None = None
+    pids: tuple[int, ...] = ()
+    forecaster: Any = None
+    limits: dict[ResourceType, Limits] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig
+    totals: dict[ResourceType, int | None]
+    tasks: tuple[TaskConfig, ...]
+    source: str = "<embedded default>"
+
+    @property
+    def resources(self) -> set[ResourceType]:
+        return set(self.totals) | {r for t in self.tasks for r in t.limits}
+
+
+def load(path: str | None = None) -> Config:
+    """Load ``path`` or, when None, the embedded default (the demo)."""
+    if path is None:
+        text = importlib_resources.files("rswap_ebpf.data").joinpath(DEFAULT_CONFIG).read_text()
+        source = "<embedded default>"
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as err:
+            raise ConfigError("--config", f"cannot read {path}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("--config", f"{path} is not UTF-8 text") from None
+        source = path
+    return parse(text, source)
+
+
+def parse(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(source, f"not valid TOML: {err}") from None
+    _only(data, {"daemon", "resources", "task"}, "")
+    daemon = _daemon(data.get("daemon", {}))
+    totals = _resources(data.get("resources", {}))
+    raw_tasks = data.get("task", [])
+    if not isinstance(raw_tasks, list):
+        raise ConfigError("task", "must be an array of tables ([[task]])")
+    tasks = []
+    names: set[str] = set()
+    for i, raw in enumerate(raw_tasks):
+        t = _task(raw, f"task[{i}]")
+        if t.name in names:
+            raise ConfigError(f"task[{i}].name", f"{t.name!r} is used twice")
+        names.add(t.name)
+        tasks.append(t)
+    return Config(daemon, totals, tuple(tasks), source)
+
+
+def _only(table: dict, allowed: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(where or "config", "must be a table")
+    for key in table:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"{prefix}{key}", f"unknown setting (known: {', '.join(sorted(allowed))})")
+
+
+def _number(value: Any, field_name: str, lo: float, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(field_name, f"expected a number, got {value!r}")
+    if value != value or value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(field_name, f"must be {bound}, got {value!r}")
+    return float(value)
+
+
+def _daemon(d: Any) -> DaemonConfig:
+    _only(d, {"interval", "window", "headroom", "state_dir", "history"}, "daemon")
+    interval = _number(d.get("interval", 1.0), "daemon.interval", 0.05, 3600)
+    window = int(_number(d.get("window", 5), "daemon.window", 1, 10000))
+    headroom = _number(d.get("headroom", 0.2), "daemon.headroom", 0.0, 10.0)
+    history = int(_number(d.get("history", 600), "daemon.history", 10, 10_000_000))
+    state_dir = d.get("state_dir", "")
+    if not isinstance(state_dir, str) or "\x00" in state_dir:
+        raise ConfigError("daemon.state_dir", "must be a path")
+    return DaemonConfig(interval, window, headroom, state_dir, history)
+
+
+def _resources(d: Any) -> dict[ResourceType, int | None]:
+    if not isinstance(d, dict):
+        raise ConfigError("resources", "must be a table")
+    out: dict[ResourceType, int | None] = {}
+    for key, table in d.items():
+        r = ResourceType.parse(key, f"resources.{key}")
+        _only(table, {"total"}, f"resources.{key}")
+        total = table.get("total", "auto")
+        out[r] = None if total == "auto" else check_units(total, f"resources.{key}.total")
+    return out
+
+
+def _task(raw: Any, where: str) -> TaskConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(where, "must be a table")
+    resource_keys = {r.key for r in ResourceType}
+    _only(raw, {"name", "priority", "command", "cgroup", "pids", "forecaster"} | resource_keys, where)
+    name = check_task_name(raw.get("name"), f"{where}.name")
+    where = f"task {name}" if name else where
+    priority = Priority.parse(raw.get("priority", "normal"), f"{where}.priority")
+    command = raw.get("command", ())
+    if isinstance(command, str):
+        raise ConfigError(f"{where}.command", "must be a list of arguments, e.g. [\"nginx\", \"-g\", ...]")
+    if not isinstance(command, list) or not all(isinstance(a, str) and "\x00" not in a for a in command):
+        raise ConfigError(f"{where}.command", "must be a list of strings")
+    command = tuple(a.replace("{python}", sys.executable) for a in command)
+    cgroup = raw.get("cgroup")
+    if cgroup is not None:
+        if not isinstance(cgroup, str) or not cgroup.strip("/") or "\x00" in cgroup:
+            raise ConfigError(f"{where}.cgroup", f"{cgroup!r} is not a cgroup path")
+        if any(part == ".." for part in cgroup.split("/")):
+            raise ConfigError(f"{where}.cgroup", f"{cgroup!r} climbs out of the cgroup mount")
+    pids = raw.get("pids", [])
+    if not isinstance(pids, list) or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in pids):
+        raise ConfigError(f"{where}.pids", "must be a list of positive process ids")
+    for pid in pids:
+        if not os.path.exists(os.path.join(paths.root("PROCFS_ROOT"), str(pid))):
+            raise ConfigError(f"{where}.pids", f"no process with pid {pid}")
+    if sum(bool(x) for x in (command, cgroup, pids)) != 1:
+        raise ConfigError(where, "give exactly one of command, cgroup or pids")
+    forecaster = raw.get("forecaster")
+    make_forecaster(forecaster, field=f"{where}.forecaster")  # validate now, build later
+    limits: dict[ResourceType, Limits] = {}
+    for key in resource_keys & set(raw):
+        r = ResourceType.parse(key)
+        table = raw[key]
+        _only(table, {"min", "max"}, f"{where}.{key}")
+        lo = check_units(table.get("min", 0), f"{where}.{key}.min")
+        hi = table.get("max")
+        hi = None if hi is None else check_units(hi, f"{where}.{key}.max")
+        if hi is not None and hi < lo:
+            raise ConfigError(f"{where}.{key}.max", f"{hi} is below min {lo}")
+        limits[r] = Limits(lo, hi)
+    return TaskConfig(name, priority, command, cgroup, tuple(pids), forecaster, limits)

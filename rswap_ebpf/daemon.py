@@ -1,0 +1,403 @@
+"""The tick loop: sense -> predict -> swap -> enforce, once per interval.
+
+Start-up order matters for a host that must be restorable: take the lock, restore anything a
+crashed run left (journal), then create cgroups, start commands and load BPF.  Shutdown (SIGINT,
+SIGTERM, ``--count`` reached, or an exception) stops what rswap started and replays the journal, so
+the host is as it was.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from . import paths
+from .config import Config
+from .driver import CpuDriver, ResourceDriver
+from .enforce.cgroup import CgroupManager, FileApplier, TaskCgroup, detect_mounts
+from .enforce.journal import Journal
+from .errors import AlreadyRunning, RswapError
+from .predict.forecasters import make_forecaster
+from .predict.profile import TaskProfiler
+from .resources import ResourcePool, ResourceType
+from .sense import bpf as bpfmod
+from .swap.manager import AllocationResult, ManagedTask, SwapManager
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+LOCK_FILE = "rswap.lock"
+JOURNAL_FILE = "journal.jsonl"
+
+
+def journal_path(state_dir: str) -> str:
+    return os.path.join(state_dir, JOURNAL_FILE)
+
+
+def status_path() -> str:
+    return os.path.join(paths.root("RUN_DIR"), STATUS_FILE)
+
+
+@dataclass
+class TaskRuntime:
+    name: str
+    priority: str
+    cgroup: TaskCgroup
+    process: subprocess.Popen | None = None
+    usage: dict[ResourceType, float] = field(default_factory=dict)
+    exited: int | None = None
+
+
+@dataclass(frozen=True)
+class TickReport:
+    tick: int
+    duration_s: float
+    result: AllocationResult
+    usage: dict[str, dict[ResourceType, float]]
+    forecasts: dict[str, dict[ResourceType, float]]
+
+
+class Lock:
+    """An flock on ``RUN_DIR/rswap.lock``: released by the kernel when the holder dies."""
+
+    def __init__(self) -> None:
+        self.path = os.path.join(paths.root("RUN_DIR"), LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(self.path) as f:
+                holder = f.read().strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(f"another rswap (pid {holder}) is running; stop it first "
+                                 "(or use rswap status)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    @staticmethod
+    def held() -> bool:
+        path = os.path.join(paths.root("RUN_DIR"), LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
+def restore_host(state_dir: str) -> tuple[int, list[str], int]:
+    """Undo a journal left in ``state_dir`` and remove stale pins: (restored, failures, pins)."""
+    journal = Journal(journal_path(state_dir))
+    report = journal.restore()
+    pins = bpfmod.remove_all_pins()
+    return report.restored, report.failed, pins
+
+
+class Daemon:
+    def __init__(self, config: Config, dry_run: bool = False,
+                 drivers: list[ResourceDriver] | None = None,
+                 out: IO[str] | None = None, mounts=None):
+        self.config = config
+        self.dry_run = dry_run
+        self.out = out if out is not None else sys.stdout
+        self.state_dir = config.daemon.state_path
+        self.lock = Lock()
+        self.journal = Journal(journal_path(self.state_dir))
+        self._mounts = mounts
+        self._drivers_given = drivers
+        self.drivers: dict[ResourceType, ResourceDriver] = {}
+        self.pool = ResourcePool()
+        self.profiler = TaskProfiler(self._forecaster_for, history=config.daemon.history)
+        self.manager = SwapManager(self.pool, headroom=config.daemon.headroom)
+        self.tasks: dict[str, TaskRuntime] = {}
+        self.tick_no = 0
+        self._stop = False
+        self._started = False
+        self.last_report: TickReport | None = None
+        self.on_tick: Callable[[TickReport], None] | None = None
+
+    # -- life cycle ----------------------------------------------------------------------
+    def _forecaster_for(self, task: str, r: ResourceType):
+        spec = next((t.forecaster for t in self.config.tasks if t.name == task), None)
+        total = self.pool.total(r) if r in self.pool else 1
+        return make_forecaster(spec, scale=max(1, total))
+
+    def start(self) -> None:
+        self.lock.acquire()
+        try:
+            if self.journal:
+                n = len(self.journal.entries())
+                self._say(f"rswap: a previous run left {n} journalled change(s); restoring them first")
+                report = self.journal.restore()
+                if report.failed:
+                    raise RswapError("could not restore the previous run's changes: "
+                                     + "; ".join(report.failed) + " (fix, then rswap restore)")
+                self.journal = Journal(journal_path(self.state_dir))
+            mounts = self._mounts or detect_mounts()
+            self.cgroups = CgroupManager(self.journal, mounts)
+            applier = FileApplier(self.journal, dry_run=self.dry_run)
+            drivers = self._drivers_given
+            if drivers is None:
+                drivers = [CpuDriver(mounts, applier)]
+            wanted = self.config.resources
+            for d in drivers:
+                if d.resource in wanted or not wanted:
+                    self.drivers[d.resource] = d
+            for r, total in self.config.totals.items():
+                if r not in self.drivers:
+                    raise RswapError(f"resources.{r.key}: rswap has no driver for it on this host")
+            for r, d in self.drivers.items():
+                total = self.config.totals.get(r) or d.total()
+                self.pool.register_resource(r, total)
+                self.pool.monitor_resource(r, d.total if not self.config.totals.get(r) else None)
+            # Resolve every task before changing anything, so bad input applies nothing.
+            resolved = []
+            for t in self.config.tasks:
+                cg = self.cgroups.resolve(t.name, t.cgroup)
+                if t.cgroup is not None:
+                    self.cgroups.check_exists(cg)
+                resolved.append((t, cg))
+            self._started = True
+            for t, cg in resolved:
+                self.manager.add_task(ManagedTask(t.name, t.priority, t.limits))
+                if cg.owned:
+                    self.cgroups.create(cg)
+                rt = TaskRuntime(t.name, t.priority.name.lower(), cg)
+                for pid in t.pids:
+                    self.cgroups.move(cg, pid)
+                if t.command:
+                    rt.process = self._spawn(t.command, cg)
+                self.tasks[t.name] = rt
+            for d in self.drivers.values():
+                d.open()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, command: tuple[str, ...], cg: TaskCgroup) -> subprocess.Popen:
+        procs = [os.path.join(d, "cgroup.procs") for d in cg.dirs.values()]
+
+        def enter_cgroup() -> None:  # runs in the child, before exec: no instant outside
+            me = str(os.getpid())
+            for p in procs:
+                with open(p, "w") as f:
+                    f.write(me)
+            os.setsid()
+
+        try:
+            return subprocess.Popen(list(command), preexec_fn=enter_cgroup,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, close_fds=True)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise RswapError(f"task {cg.name}: cannot start {command[0]!r}: {err}") from err
+
+    def stop(self) -> None:
+        """Stop what rswap started and put the host back; safe to call more than once."""
+        for rt in self.tasks.values():
+            if rt.process is not None and rt.process.poll() is None:
+                self.cgroups.kill(rt.cgroup, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for rt in self.tasks.values():
+            if rt.process is not None:
+                try:
+                    rt.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+                if rt.cgroup.owned:
+                    self.cgroups.kill(rt.cgroup, signal.SIGKILL)
+                    try:
+                        rt.process.wait(timeout=2)
+                    except subprocess.TimeoutExpired:
+                        pass
+        for d in self.drivers.values():
+            try:
+                d.close()
+            except Exception as err:
+                log.warning("closing %s driver: %s", d.resource.key, err)
+        report = self.journal.restore()
+        if report.failed:
+            self._say("rswap: could not restore: " + "; ".join(report.failed)
+                      + " (run rswap restore once fixed)")
+        try:
+            os.unlink(status_path())
+        except FileNotFoundError:
+            pass
+        self.lock.release()
+        self.tasks.clear()
+        self.drivers.clear()
+
+    # -- the loop -------------------------------------------------------------------------
+    def tick(self) -> TickReport:
+        t0 = time.perf_counter()
+        self.tick_no += 1
+        cgroups = {n: rt.cgroup for n, rt in self.tasks.items() if rt.exited is None}
+        usage: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
+        for r, d in self.drivers.items():
+            self.pool.monitor_resource(r)
+            for name, units in d.measure(cgroups).items():
+                usage[name][r] = units
+        self._reap()
+        forecasts: dict[str, dict[ResourceType, float]] = {}
+        for name, per_r in usage.items():
+            if self.tasks[name].exited is not None:
+                continue
+            for r, units in per_r.items():
+                self.profiler.update_prediction(
+                    name, r, self.manager.observed_demand(name, r, units))
+            self.tasks[name].usage = per_r
+            preds = self.profiler.get_predicted_needs(name, self.config.daemon.window)
+            forecasts[name] = {r: p.peak for r, p in preds.items()}
+        result = self.manager.proactive_allocation(forecasts, usage)
+        for ch in result.changes:
+            rt = self.tasks.get(ch.task)
+            driver = self.drivers.get(ch.resource)
+            if rt is None or driver is None or rt.exited is not None:
+                continue
+            driver.apply(rt.cgroup, ch.new)
+        report = TickReport(self.tick_no, time.perf_counter() - t0, result, usage, forecasts)
+        self.last_report = report
+        self._publish(report)
+        if self.on_tick:
+            self.on_tick(report)
+        return report
+
+    def _reap(self) -> None:
+        for name, rt in self.tasks.items():
+            if rt.process is None or rt.exited is not None:
+                continue
+            code = rt.process.poll()
+            if code is not None and not rt.cgroup.pids():
+                rt.exited = code
+                self.manager.remove_task(name)
+                self.profiler.forget(name)
+                self._say(f"rswap: task {name} exited with status {code}; its units are released")
+
+    def run(self, count: int | None = None) -> int:
+        interval = self.config.daemon.interval
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):
+            self._stop = True
+
+        for s in old:
+            signal.signal(s, on_signal)
+        try:
+            self.start()
+            self._print_header()
+            next_at = time.monotonic() + interval
+            while not self._stop and (count is None or self.tick_no < count):
+                delay = next_at - time.monotonic()
+                while delay > 0 and not self._stop:
+                    time.sleep(min(delay, 0.2))
+                    delay = next_at - time.monotonic()
+                if self._stop:
+                    break
+                next_at += interval
+                if next_at < time.monotonic():  # we fell behind: do not try to catch up
+                    next_at = time.monotonic() + interval
+                report = self.tick()
+                self._print_tick(report)
+        finally:
+            self.stop()
+            for s, h in old.items():
+                signal.signal(s, h)
+        self._say("rswap: stopped; host restored")
+        return 0
+
+    # -- output ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        pool = {}
+        for r, snap in self.pool.get_available_resources().items():
+            pool[r.key] = {"unit": r.unit, "total": snap.total_units,
+                           "available": snap.available_units, "allocations": dict(snap.allocations)}
+        tasks = {}
+        rep = self.last_report
+        for name, rt in self.tasks.items():
+            per = {}
+            for r in self.pool.types():
+                prof = self.profiler.profiles.get((name, r))
+                per[r.key] = {
+                    "usage": round(rt.usage.get(r, 0.0), 1),
+                    "forecast": round(rep.forecasts.get(name, {}).get(r, 0.0), 1) if rep else 0.0,
+                    "allocation": self.pool.allocation(r, name),
+                    "model": prof.model_name if prof else None,
+                    "mae": round(prof.mae, 1) if prof and prof.mae is not None else None,
+                }
+            tasks[name] = {"priority": rt.priority, "cgroup": rt.cgroup.rel,
+                           "pids": len(rt.cgroup.pids()), "exited": rt.exited, "resources": per}
+        return {"pid": os.getpid(), "tick": self.tick_no, "time": time.time(),
+                "interval": self.config.daemon.interval, "dry_run": self.dry_run,
+                "pool": pool, "tasks": tasks,
+                "swaps": [{"resource": s.resource.key, "from": s.source, "to": s.target,
+                           "units": s.units, "reason": s.reason}
+                          for s in (rep.result.swaps if rep else [])],
+                "shortfalls": [{"task": s.task, "resource": s.resource.key, "wanted": s.wanted,
+                                "granted": s.granted} for s in (rep.result.shortfalls if rep else [])]}
+
+    def _publish(self, report: TickReport) -> None:
+        path = status_path()
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(self.status(), f)
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("cannot write %s: %s", path, err.strerror)
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def _print_header(self) -> None:
+        totals = ", ".join(f"{r.key} {self.pool.total(r)} {r.unit}" for r in self.pool.types())
+        mode = " (dry run: nothing is written)" if self.dry_run else ""
+        self._say(f"rswap: {len(self.tasks)} task(s), pool: {totals}, every "
+                  f"{self.config.daemon.interval:g}s{mode}; Ctrl-C stops and restores")
+        self._say(f"{'TICK':>5} {'TASK':<12} {'PRIO':<8} {'RES':<4} {'USED':>8} "
+                  f"{'FORECAST':>9} {'ALLOC':>8} {'FREE':>6}  EVENTS")
+
+    def _print_tick(self, report: TickReport) -> None:
+        events: dict[str, list[str]] = {}
+        for ch in report.result.changes:
+            events.setdefault(ch.task, []).append(f"{ch.resource.key} {ch.old}->{ch.new} ({ch.reason})")
+        for s in report.result.swaps:
+            events.setdefault(s.target, []).append(f"took {s.units} from {s.source}")
+        for sf in report.result.shortfalls:
+            events.setdefault(sf.task, []).append(f"short {sf.missing}")
+        for name, rt in self.tasks.items():
+            if rt.exited is not None:
+                continue
+            for r in self.pool.types():
+                used = report.usage.get(name, {}).get(r, 0.0)
+                fc = report.forecasts.get(name, {}).get(r, 0.0)
+                self._say(f"{report.tick:>5} {name:<12.12} {rt.priority:<8} {r.key:<4} "
+                          f"{used:>7.0f}m {fc:>8.0f}m {self.pool.allocation(r, name):>7}m "
+                          f"{self.pool.available(r):>5}m  " + "; ".join(events.get(name, [])))

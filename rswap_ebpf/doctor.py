@@ -1,0 +1,194 @@
+"""``rswap doctor``: every kernel feature rswap uses, probed, each ok / missing / fallback."""
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterable
+
+from . import paths
+from .driver import FeatureCheck
+from .errors import FeatureMissing
+from .resources import ResourceType
+
+CPU = ResourceType.PROCESSOR_CYCLES
+
+
+def _ok(feature, detail="", needed=()):
+    return FeatureCheck(feature, "ok", detail, "", tuple(needed))
+
+
+def _missing(feature, detail, fix="", needed=()):
+    return FeatureCheck(feature, "missing", detail, fix, tuple(needed))
+
+
+def _fallback(feature, detail, fix="", needed=()):
+    return FeatureCheck(feature, "fallback", detail, fix, tuple(needed))
+
+
+def _is_mount(path: str, fstype: str) -> bool:
+    try:
+        with open(os.path.join(paths.root("PROCFS_ROOT"), "self/mounts")) as f:
+            return any(line.split()[1] == path and line.split()[2] == fstype for line in f)
+    except OSError:
+        return False
+
+
+def check_root() -> FeatureCheck:
+    if os.geteuid() == 0:
+        return _ok("root", "running as uid 0", [CPU])
+    return _missing("root", f"running as uid {os.geteuid()}", "run rswap as root (sudo)", [CPU])
+
+
+def check_bcc() -> FeatureCheck:
+    from .sense import bpf
+
+    try:
+        bcc = bpf.import_bcc()
+    except FeatureMissing as err:
+        return _missing("bcc", err.why, err.fix, [CPU])
+    return _ok("bcc", f"{getattr(bcc, '__version__', '?')} from {os.path.dirname(bcc.__file__)}", [CPU])
+
+
+def check_headers() -> FeatureCheck:
+    kver = platform.release()
+    build = f"/lib/modules/{kver}/build"
+    if not os.path.exists(os.path.join(build, "include")):
+        return _missing("kernel headers", f"{build} is missing",
+                        "apt-get install linux-headers-amd64, then tools/setup links them", [CPU])
+    target = os.path.realpath(build)
+    if kver.split("-")[0].rsplit(".", 1)[0] not in os.path.basename(target):
+        return _fallback("kernel headers", f"{build} -> {target} (another kernel version): "
+                         "rswap reads only tracepoint args and helpers, never struct fields",
+                         needed=[CPU])
+    return _ok("kernel headers", target, [CPU])
+
+
+def check_bpffs() -> FeatureCheck:
+    root = paths.root("BPFFS_ROOT")
+    if _is_mount(root, "bpf"):
+        return _ok("bpffs", f"mounted on {root}; maps pin under {paths.pin_dir()}", [CPU])
+    return _missing("bpffs", f"{root} is not a bpf filesystem",
+                    f"mount -t bpf bpf {root} (tools/setup does)", [CPU])
+
+
+def check_tracefs() -> FeatureCheck:
+    for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if os.path.exists(os.path.join(p, "events/sched/sched_switch")):
+            return _ok("tracefs", f"{p}", [])
+    return _fallback("tracefs", "not mounted: only raw tracepoints can be used",
+                     "mount -t tracefs tracefs /sys/kernel/tracing")
+
+
+def check_sched_switch() -> FeatureCheck:
+    from .sense import bpf
+
+    if os.geteuid() != 0:
+        return _missing("sched_switch hook", "cannot probe without root", "run as root", [CPU])
+    if bpf.raw_tracepoint_supported():
+        return _ok("sched_switch hook", "raw_tracepoint:sched_switch", [CPU])
+    if bpf.tracepoint_exists("sched", "sched_switch"):
+        return _fallback("sched_switch hook", "tracepoint:sched:sched_switch (no raw tracepoints)",
+                         needed=[CPU])
+    return _missing("sched_switch hook", "no raw tracepoint and no tracefs event",
+                    "mount tracefs; kernel needs CONFIG_BPF_EVENTS", [CPU])
+
+
+def check_cpu_program() -> Iterable[FeatureCheck]:
+    """Load the real program once: proves BPF syscall, JIT, compile, pinning and batch drain."""
+    from .sense.cpu import CpuCollector
+
+    if os.geteuid() != 0:
+        return [_missing("BPF program load", "needs root", "run as root", [CPU])]
+    col = CpuCollector(flush_hz=5, pin=True)
+    try:
+        col.open()
+    except FeatureMissing as err:
+        return [_missing(err.feature, err.why, err.fix, [CPU])]
+    try:
+        col.drain()
+        out = [_ok("BPF program load", f"cpu.bpf.c on {col.attach_point}", [CPU]),
+               _ok("map pinning", f"{len(col.pinned)} maps under {paths.pin_dir()}", [CPU])]
+        out.append(_ok("periodic flush", "software cpu-clock perf event") if col.flush else
+                   _fallback("periodic flush", "no software perf events: a task is charged at "
+                             "its next switch only"))
+        return out
+    finally:
+        col.close()
+
+
+def check_cgroups() -> Iterable[FeatureCheck]:
+    from .enforce.cgroup import cpu_writer, detect_mounts
+
+    try:
+        m = detect_mounts()
+    except FeatureMissing as err:
+        return [_missing("cgroups", err.why, err.fix, [CPU])]
+    out = []
+    if m.mode == "unified":
+        out.append(_ok("cgroup mode", f"unified (cgroup2 at {m.unified})", [CPU]))
+    elif m.mode == "hybrid":
+        out.append(_fallback("cgroup mode", f"hybrid: cgroup2 at {m.unified} for identity, v1 "
+                             f"controllers {', '.join(sorted(m.v1))} for limits", needed=[CPU]))
+    else:
+        out.append(_fallback("cgroup mode", "legacy v1 only: BPF cannot attribute by cgroup id",
+                             needed=[CPU]))
+    try:
+        w = cpu_writer(m)
+        files = "cpu.max/cpu.weight" if w.version == "v2" else "cpu.cfs_quota_us/cpu.shares"
+        out.append(_ok("cpu controller", f"cgroup {w.version} ({files})", [CPU]))
+    except FeatureMissing as err:
+        out.append(_missing("cpu controller", err.why, err.fix, [CPU]))
+    return out
+
+
+def check_pmu() -> FeatureCheck:
+    ev = "/sys/bus/event_source/devices/cpu/events/cache-misses"
+    if os.path.exists(ev):
+        return _ok("hardware PMU", "cache-misses counter present", [ResourceType.CACHE])
+    return _missing("hardware PMU", "no cache-miss counters (a VM without a virtual PMU?)",
+                    "run on bare metal or enable the vPMU", [ResourceType.CACHE])
+
+
+def check_resctrl() -> FeatureCheck:
+    root = paths.root("RESCTRL_ROOT")
+    if os.path.exists(os.path.join(root, "schemata")):
+        return _ok("resctrl", f"mounted on {root}", [ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH])
+    try:
+        with open("/proc/filesystems") as f:
+            known = "resctrl" in f.read()
+    except OSError:
+        known = False
+    why = ("the kernel supports it but it is not mounted" if known else
+           "the kernel has no resctrl (no Intel RDT / AMD QoS, or CONFIG_X86_CPU_RESCTRL off)")
+    fix = "mount -t resctrl resctrl /sys/fs/resctrl" if known else "needs RDT-capable hardware"
+    return _missing("resctrl", why, fix, [ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH])
+
+
+def check_nvml() -> FeatureCheck:
+    try:
+        import pynvml
+    except ImportError:
+        return _missing("NVML", "pynvml is not installed", "pip install pynvml", [ResourceType.GPU_MEMORY])
+    try:
+        pynvml.nvmlInit()
+    except Exception as err:
+        return _missing("NVML", f"no NVIDIA driver ({err})", "install the NVIDIA driver",
+                        [ResourceType.GPU_MEMORY])
+    try:
+        n = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    return _ok("NVML", f"{n} GPU(s)", [ResourceType.GPU_MEMORY])
+
+
+def run_checks() -> list[FeatureCheck]:
+    out = [check_root(), check_bcc(), check_headers(), check_bpffs(), check_tracefs(),
+           check_sched_switch()]
+    out += list(check_cpu_program())
+    out += list(check_cgroups())
+    out += [check_pmu(), check_resctrl(), check_nvml()]
+    return out
+
+
+def needed_missing(checks: list[FeatureCheck], needed: set[ResourceType]) -> list[FeatureCheck]:
+    return [c for c in checks if c.status == "missing" and set(c.needed_by) & needed]

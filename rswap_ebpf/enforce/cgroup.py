@@ -1,0 +1,402 @@
+"""Cgroups: where a task lives, and the writers that limit its CPU.
+
+The mode is detected once from the mount table (senpai/containerd style):
+
+``unified``  cgroup2 at the cgroup root: one directory per task, ``cpu.max``/``cpu.weight``.
+``hybrid``   v1 controllers under the root and cgroup2 at ``<root>/unified`` (this host): the
+             cgroup2 directory gives the task the id BPF sees (``bpf_get_current_cgroup_id``),
+             the v1 directories (cpu, blkio) enforce; rswap keeps them in step.
+``legacy``   v1 only: enforcement works, BPF cannot attribute by cgroup.
+
+What is written is first built as a list of ``(path, value)`` pairs; that list is what the journal,
+``--dry-run`` and the tests look at.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .. import paths
+from ..errors import ConfigError, EnforceError, FeatureMissing
+from .journal import Journal, remove_cgroup_dir, write_file
+
+log = logging.getLogger(__name__)
+
+RSWAP_SUBTREE = "rswap"
+#: v1 controllers a task is placed in on hybrid/legacy hosts, when mounted.
+V1_CONTROLLERS = ("cpu", "cpuacct", "blkio")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+Write = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class CgroupMounts:
+    mode: str
+    unified: str | None
+    v1: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hierarchies(self) -> dict[str, str]:
+        """Name -> mount point of every hierarchy a task directory is made in."""
+        out = {}
+        if self.unified:
+            out["unified"] = self.unified
+        for ctrl in V1_CONTROLLERS:
+            if ctrl in self.v1:
+                out[ctrl] = self.v1[ctrl]
+        return out
+
+    def v2_controllers(self) -> set[str]:
+        if not self.unified:
+            return set()
+        try:
+            with open(os.path.join(self.unified, "cgroup.controllers")) as f:
+                return set(f.read().split())
+        except OSError:
+            return set()
+
+
+def detect_mounts(mounts_file: str | None = None) -> CgroupMounts:
+    """Read the mount table and classify the cgroup layout under ``paths.root('CGROUP_ROOT')``."""
+    root = os.path.realpath(paths.root("CGROUP_ROOT"))
+    mounts_file = mounts_file or os.environ.get("RSWAP_MOUNTS_FILE") or os.path.join(
+        paths.root("PROCFS_ROOT"), "self/mounts")
+    unified = None
+    root_is_v2 = False
+    v1: dict[str, str] = {}
+    try:
+        with open(mounts_file) as f:
+            lines = f.readlines()
+    except OSError as err:
+        raise FeatureMissing("cgroup mount table", f"cannot read {mounts_file}: {err.strerror}") from err
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        fstype, opts = parts[2], parts[3].split(",")
+        if not (mnt == root or mnt.startswith(root + "/")):
+            continue
+        if fstype == "cgroup2":
+            if mnt == root:
+                root_is_v2 = True
+            unified = mnt
+        elif fstype == "cgroup":
+            for opt in opts:
+                if opt in ("cpu", "cpuacct", "blkio", "memory", "cpuset", "pids", "io"):
+                    v1.setdefault(opt, mnt)
+    if root_is_v2:
+        return CgroupMounts("unified", root, {})
+    if v1:
+        return CgroupMounts("hybrid" if unified else "legacy", unified, v1)
+    if unified:
+        return CgroupMounts("unified", unified, {})
+    raise FeatureMissing("cgroups", f"no cgroup filesystem is mounted under {root}",
+                         "mount cgroup2 on /sys/fs/cgroup (systemd does this at boot)")
+
+
+def check_task_name(name: object, field_name: str = "name") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(field_name, f"{name!r} is not a valid task name "
+                                      "(letters, digits, '.', '_', '-'; at most 64)")
+    return name
+
+
+@dataclass(frozen=True)
+class TaskCgroup:
+    """A task's directory in each hierarchy (``unified``, ``cpu``, ``blkio``...)."""
+
+    name: str
+    rel: str
+    dirs: dict[str, str]
+    owned: bool
+
+    @property
+    def identity_dir(self) -> str | None:
+        return self.dirs.get("unified")
+
+    def cgroup_ids(self) -> set[int]:
+        """Cgroup2 ids of the task's directory and its descendants (what BPF reports)."""
+        top = self.identity_dir
+        if not top or not os.path.isdir(top):
+            return set()
+        ids = {os.stat(top).st_ino}
+        for dirpath, dirnames, _ in os.walk(top):
+            for d in dirnames:
+                try:
+                    ids.add(os.stat(os.path.join(dirpath, d)).st_ino)
+                except OSError:
+                    pass
+        return ids
+
+    def pids(self) -> list[int]:
+        d = self.identity_dir or next(iter(self.dirs.values()), None)
+        if d is None:
+            return []
+        out: list[int] = []
+        for dirpath, _, files in os.walk(d):
+            if "cgroup.procs" in files:
+                try:
+                    with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                        out.extend(int(p) for p in f.read().split())
+                except OSError:
+                    pass
+        return out
+
+    def exists(self) -> bool:
+        return all(os.path.isdir(d) for d in self.dirs.values())
+
+
+class CgroupManager:
+    """Creates, adopts and removes task cgroups; every change goes through the journal."""
+
+    def __init__(self, journal: Journal, mounts: CgroupMounts | None = None):
+        self.journal = journal
+        self.mounts = mounts or detect_mounts()
+
+    def resolve(self, name: str, rel: str | None) -> TaskCgroup:
+        """The task's directories: ``rel`` (an existing cgroup) or rswap's own ``rswap/<name>``."""
+        check_task_name(name)
+        owned = rel is None
+        rel_path = f"{RSWAP_SUBTREE}/{name}" if owned else rel.strip("/")
+        if not owned and ("\x00" in rel or not rel_path):
+            raise ConfigError(f"task {name}.cgroup", f"{rel!r} is not a cgroup path")
+        dirs = {}
+        for hier, mnt in self.mounts.hierarchies.items():
+            if not owned and rel.startswith("/") and not rel.startswith(mnt):
+                # An absolute path is taken relative to every hierarchy's root, like systemd's.
+                pass
+            dirs[hier] = paths.confine(rel_path, mnt, f"task {name}.cgroup")
+        return TaskCgroup(name, rel_path, dirs, owned)
+
+    def create(self, cg: TaskCgroup) -> None:
+        """Make rswap's own directories (journalled so restore removes them)."""
+        for hier, d in cg.dirs.items():
+            parent = os.path.dirname(d)
+            if not os.path.isdir(parent):
+                self.journal.record_mkdir(parent)
+                _mkdir(parent)
+            if os.path.isdir(d):
+                continue
+            self.journal.record_mkdir(d)
+            _mkdir(d)
+
+    def check_exists(self, cg: TaskCgroup) -> None:
+        for hier, d in cg.dirs.items():
+            if not os.path.isdir(d):
+                raise ConfigError(f"task {cg.name}.cgroup",
+                                  f"{d} does not exist (create the cgroup or give a command)")
+
+    def move(self, cg: TaskCgroup, pid: int) -> None:
+        """Put ``pid`` in the task's directory of every hierarchy, journalling where it was."""
+        if not os.path.exists(os.path.join(paths.root("PROCFS_ROOT"), str(pid))):
+            raise ConfigError(f"task {cg.name}.pids", f"no process with pid {pid}")
+        origin = self.current_cgroups(pid)
+        for hier, d in cg.dirs.items():
+            old = origin.get(hier)
+            if old is not None:
+                self.journal.record_move(pid, os.path.join(old, "cgroup.procs"))
+            try:
+                write_file(os.path.join(d, "cgroup.procs"), str(pid))
+            except OSError as err:
+                if err.errno == errno.ESRCH:
+                    raise ConfigError(f"task {cg.name}.pids", f"process {pid} has exited") from err
+                raise EnforceError(d, f"cannot move pid {pid}: {err.strerror}") from err
+
+    def current_cgroups(self, pid: int) -> dict[str, str]:
+        """Hierarchy name -> directory ``pid`` is in now (from /proc/<pid>/cgroup)."""
+        out: dict[str, str] = {}
+        try:
+            with open(os.path.join(paths.root("PROCFS_ROOT"), str(pid), "cgroup")) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            hid, ctrls, rel = line.split(":", 2)
+            if hid == "0" and ctrls == "":
+                if self.mounts.unified:
+                    out["unified"] = os.path.join(self.mounts.unified, rel.lstrip("/"))
+                continue
+            for ctrl in ctrls.split(","):
+                mnt = self.mounts.hierarchies.get(ctrl)
+                if mnt and ctrl != "unified":
+                    out[ctrl] = os.path.join(mnt, rel.lstrip("/"))
+        return out
+
+    def remove(self, cg: TaskCgroup) -> None:
+        if not cg.owned:
+            return
+        for d in cg.dirs.values():
+            try:
+                remove_cgroup_dir(d)
+            except OSError as err:
+                log.warning("could not remove %s: %s", d, err.strerror)
+
+    def kill(self, cg: TaskCgroup, sig: int) -> int:
+        """Send ``sig`` to every process of the task; the number signalled."""
+        n = 0
+        for pid in cg.pids():
+            try:
+                os.kill(pid, sig)
+                n += 1
+            except ProcessLookupError:
+                pass
+        return n
+
+
+def _mkdir(path: str) -> None:
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise EnforceError(path, f"cannot create cgroup: {err.strerror}") from err
+
+
+# -- CPU writers ------------------------------------------------------------------------------
+
+V1_MIN_QUOTA_US = 1000
+V1_MIN_SHARES, V1_MAX_SHARES = 2, 262144
+V2_MIN_WEIGHT, V2_MAX_WEIGHT = 1, 10000
+
+
+class CpuWriter:
+    """Turns a millicore allocation into cgroup file writes for one cgroup version."""
+
+    version = ""
+
+    def plan(self, cg: TaskCgroup, millicores: int) -> list[Write]:
+        raise NotImplementedError
+
+    def current(self, cg: TaskCgroup) -> int | None:
+        """The millicore limit in force now (None: unlimited)."""
+        raise NotImplementedError
+
+
+class CgroupV1CpuWriter(CpuWriter):
+    """``cpu.cfs_quota_us`` over the existing ``cpu.cfs_period_us``, and ``cpu.shares``."""
+
+    version = "v1"
+
+    def _dir(self, cg: TaskCgroup) -> str:
+        try:
+            return cg.dirs["cpu"]
+        except KeyError:
+            raise FeatureMissing("cgroup v1 cpu controller", "not mounted") from None
+
+    def period_us(self, cg: TaskCgroup) -> int:
+        return int(_read(os.path.join(self._dir(cg), "cpu.cfs_period_us")))
+
+    def plan(self, cg: TaskCgroup, millicores: int) -> list[Write]:
+        d = self._dir(cg)
+        period = self.period_us(cg)
+        quota = max(V1_MIN_QUOTA_US, millicores * period // 1000)
+        shares = min(V1_MAX_SHARES, max(V1_MIN_SHARES, millicores * 1024 // 1000))
+        return [(os.path.join(d, "cpu.cfs_quota_us"), str(quota)),
+                (os.path.join(d, "cpu.shares"), str(shares))]
+
+    def current(self, cg: TaskCgroup) -> int | None:
+        d = self._dir(cg)
+        quota = int(_read(os.path.join(d, "cpu.cfs_quota_us")))
+        if quota < 0:
+            return None
+        return quota * 1000 // self.period_us(cg)
+
+
+class CgroupV2CpuWriter(CpuWriter):
+    """``cpu.max`` ("quota period") and ``cpu.weight``."""
+
+    version = "v2"
+
+    def _dir(self, cg: TaskCgroup) -> str:
+        d = cg.dirs.get("unified")
+        if d is None:
+            raise FeatureMissing("cgroup v2", "not mounted")
+        return d
+
+    def plan(self, cg: TaskCgroup, millicores: int) -> list[Write]:
+        d = self._dir(cg)
+        period = int(_read(os.path.join(d, "cpu.max")).split()[1])
+        quota = max(V1_MIN_QUOTA_US, millicores * period // 1000)
+        weight = min(V2_MAX_WEIGHT, max(V2_MIN_WEIGHT, millicores // 10))
+        return [(os.path.join(d, "cpu.max"), f"{quota} {period}"),
+                (os.path.join(d, "cpu.weight"), str(weight))]
+
+    def current(self, cg: TaskCgroup) -> int | None:
+        quota, period = _read(os.path.join(self._dir(cg), "cpu.max")).split()
+        if quota == "max":
+            return None
+        return int(quota) * 1000 // int(period)
+
+
+def cpu_writer(mounts: CgroupMounts) -> CpuWriter:
+    """v2 where the cpu controller is enabled there, else v1's cpu controller."""
+    if mounts.mode == "unified" or "cpu" in mounts.v2_controllers() and "cpu" not in mounts.v1:
+        return CgroupV2CpuWriter()
+    if "cpu" in mounts.v1:
+        return CgroupV1CpuWriter()
+    raise FeatureMissing("cgroup cpu controller", "neither cgroup v2 nor v1 offers it",
+                         "enable it: echo +cpu > /sys/fs/cgroup/cgroup.subtree_control")
+
+
+class FileApplier:
+    """Writes planned ``(path, value)`` pairs: journal first, and back off from hand edits.
+
+    Like bpftune, it re-reads a file before writing: when the value there is neither what rswap
+    last wrote nor its original, an administrator changed it, and rswap leaves that file alone.
+    """
+
+    def __init__(self, journal: Journal, dry_run: bool = False):
+        self.journal = journal
+        self.dry_run = dry_run
+        self._last: dict[str, str] = {}
+        self.overridden: set[str] = set()
+        self.planned: list[Write] = []
+
+    def apply(self, writes: Sequence[Write]) -> list[Write]:
+        done: list[Write] = []
+        for path, value in writes:
+            if self.dry_run:
+                self.planned.append((path, value))
+                continue
+            if path in self.overridden:
+                continue
+            try:
+                now = _read(path)
+            except OSError as err:
+                raise EnforceError(path, f"cannot read: {err.strerror}") from err
+            last = self._last.get(path)
+            if last is not None and now != last:
+                log.warning("%s was changed by hand (%r, rswap wrote %r): leaving it alone",
+                            path, now, last)
+                self.overridden.add(path)
+                continue
+            if now == value:
+                self._last[path] = value
+                continue
+            self.journal.record_write(path)
+            try:
+                write_file(path, value)
+            except OSError as err:
+                raise EnforceError(path, f"cannot write {value!r}: {err.strerror}") from err
+            self._last[path] = _read(path)
+            done.append((path, value))
+        return done
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def online_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def iter_writes(writes: Iterable[Write]) -> str:
+    return "\n".join(f"{p} <- {v}" for p, v in writes)

@@ -1,0 +1,57 @@
+"""Roots of the kernel filesystems rswap reads and writes.
+
+Module values, read through :func:`root`, so tests can point them at a temporary tree (the way
+psutil overrides ``PROCFS_PATH``).  Environment variables of the same name override them too, which
+is how subprocesses started by tests inherit a fake tree.
+"""
+from __future__ import annotations
+
+import os
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+BPFFS_ROOT = "/sys/fs/bpf"
+RSWAP_BPF_DIR = "rswap"
+PROCFS_ROOT = "/proc"
+RESCTRL_ROOT = "/sys/fs/resctrl"
+STATE_DIR = "/var/lib/rswap"
+RUN_DIR = "/run/rswap"
+
+_ENV = {
+    "CGROUP_ROOT": "RSWAP_CGROUP_ROOT",
+    "BPFFS_ROOT": "RSWAP_BPFFS_ROOT",
+    "PROCFS_ROOT": "RSWAP_PROCFS_ROOT",
+    "RESCTRL_ROOT": "RSWAP_RESCTRL_ROOT",
+    "STATE_DIR": "RSWAP_STATE_DIR",
+    "RUN_DIR": "RSWAP_RUN_DIR",
+}
+
+
+def root(name: str) -> str:
+    """The current value of root ``name`` (environment first, then the module value)."""
+    env = _ENV.get(name)
+    if env and os.environ.get(env):
+        return os.environ[env]
+    return globals()[name]
+
+
+def pin_dir() -> str:
+    """Where rswap pins its maps: ``/sys/fs/bpf/rswap``."""
+    return os.path.join(root("BPFFS_ROOT"), RSWAP_BPF_DIR)
+
+
+def confine(path: str, base: str, what: str = "path") -> str:
+    """Resolve ``path`` below ``base`` and refuse anything that would leave it.
+
+    Rejects NUL bytes, ``..`` that climbs out, and symlinks that point elsewhere, so that nothing
+    in a configuration can make root write outside the mount it names.
+    """
+    from .errors import ConfigError
+
+    if "\x00" in path:
+        raise ConfigError(what, "contains a NUL byte")
+    base_real = os.path.realpath(base)
+    joined = path if os.path.isabs(path) else os.path.join(base_real, path)
+    real = os.path.realpath(joined)
+    if real != base_real and not real.startswith(base_real.rstrip("/") + "/"):
+        raise ConfigError(what, f"{path!r} is outside {base_real}")
+    return real

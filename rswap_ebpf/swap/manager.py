@@ -1,0 +1,329 @@
+"""The swap manager: who gets how many units of each resource, and why.
+
+Targets come from forecasts (sense -> predict -> **swap** -> enforce): each task is given its
+forecast plus headroom, clamped to its configured min/max.  The pool is served in priority tiers
+(critical, then normal, then batch); every task's minimum is guaranteed first; inside a tier a short
+pool is shared max-min fairly.  Units a lower tier holds above its minimum are swapped to a higher
+tier that needs them, never the other way round.  What cannot be granted is reported as a
+:class:`Shortfall` and passed to the overflow hook (the way to ask a cluster for more).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, ResourceError
+from ..resources import ResourcePool, ResourceType, check_units
+
+log = logging.getLogger(__name__)
+
+
+class Priority(enum.IntEnum):
+    """Lower value = served first."""
+
+    CRITICAL = 0
+    NORMAL = 1
+    BATCH = 2
+
+    @classmethod
+    def parse(cls, text: object, field_name: str = "priority") -> Priority:
+        if isinstance(text, Priority):
+            return text
+        try:
+            return cls[str(text).strip().upper()]
+        except KeyError:
+            raise ConfigError(field_name, f"{text!r} is not a priority "
+                                          "(critical, normal or batch)") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_units: int = 0
+    max_units: int | None = None
+
+    def clamp(self, units: int) -> int:
+        if self.max_units is not None:
+            units = min(units, self.max_units)
+        return max(units, self.min_units)
+
+
+@dataclass(frozen=True)
+class ManagedTask:
+    name: str
+    priority: Priority
+    limits: Mapping[ResourceType, Limits] = field(default_factory=dict)
+
+    def limit(self, r: ResourceType) -> Limits:
+        return self.limits.get(r, Limits())
+
+
+@dataclass(frozen=True)
+class Change:
+    """One task's allocation of one resource moved from ``old`` to ``new`` units."""
+
+    task: str
+    resource: ResourceType
+    old: int
+    new: int
+    reason: str  # forecast | saturated | priority | reclaim | release | swap
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Units taken from ``source`` (a lower tier) and given to ``target``."""
+
+    resource: ResourceType
+    source: str
+    target: str
+    units: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    task: str
+    resource: ResourceType
+    wanted: int
+    granted: int
+
+    @property
+    def missing(self) -> int:
+        return self.wanted - self.granted
+
+
+@dataclass
+class AllocationResult:
+    changes: list[Change] = field(default_factory=list)
+    swaps: list[Swap] = field(default_factory=list)
+    shortfalls: list[Shortfall] = field(default_factory=list)
+    demands: dict[tuple[str, ResourceType], int] = field(default_factory=dict)
+
+
+OverflowHook = Callable[[list[Shortfall]], None]
+
+
+class SwapManager:
+    """Holds the tasks and moves the pool's units between them."""
+
+    def __init__(self, pool: ResourcePool, headroom: float = 0.2, saturation: float = 0.9,
+                 growth: float = 2.0, overflow_hook: OverflowHook | None = None):
+        if headroom < 0:
+            raise ConfigError("headroom", "must not be negative")
+        self.pool = pool
+        self.headroom = headroom
+        self.saturation = saturation
+        self.growth = growth
+        self.overflow_hook = overflow_hook
+        self.tasks: dict[str, ManagedTask] = {}
+
+    # -- tasks -------------------------------------------------------------------------
+    def add_task(self, task: ManagedTask) -> None:
+        for r, lim in task.limits.items():
+            if lim.max_units is not None and lim.max_units < lim.min_units:
+                raise ConfigError(f"task {task.name}.{r.key}",
+                                  f"max {lim.max_units} is below min {lim.min_units}")
+        self.tasks[task.name] = task
+
+    def remove_task(self, name: str) -> list[Change]:
+        changes = self.deallocate_resources(name)
+        self.tasks.pop(name, None)
+        return changes
+
+    # -- the seed's API ----------------------------------------------------------------
+    def find_available_swap(self, task: str, resource: ResourceType,
+                            units: int) -> list[tuple[str | None, int]]:
+        """Where ``units`` could come from: the free pool (``None``), then lower tiers' excess.
+
+        Lower-tier tasks are tapped lowest tier first, and never below their minimum.  The list
+        may add up to less than ``units`` when the pool cannot cover it.
+        """
+        units = check_units(units)
+        me = self._task(task)
+        sources: list[tuple[str | None, int]] = []
+        need = units
+        free = self.pool.available(resource)
+        if free and need:
+            take = min(free, need)
+            sources.append((None, take))
+            need -= take
+        donors = sorted((t for t in self.tasks.values() if t.priority > me.priority),
+                        key=lambda t: (-t.priority, t.name))
+        for donor in donors:
+            if not need:
+                break
+            spare = self.pool.allocation(resource, donor.name) - donor.limit(resource).min_units
+            if spare > 0:
+                take = min(spare, need)
+                sources.append((donor.name, take))
+                need -= take
+        return sources
+
+    def swap_resources(self, task: str, resource: ResourceType, units: int,
+                       source_task: str | None = None) -> list[Change]:
+        """Give ``task`` ``units`` more, from the free pool or from ``source_task``.
+
+        A source of a higher tier than ``task`` is refused, and so is taking a source below its
+        minimum; nothing changes then.
+        """
+        units = check_units(units)
+        me = self._task(task)
+        new_total = self.pool.allocation(resource, task) + units
+        lim = me.limit(resource)
+        if lim.max_units is not None and new_total > lim.max_units:
+            raise ResourceError(f"{task}: {new_total} {resource.unit} of {resource.key} "
+                                f"would exceed its max {lim.max_units}")
+        old_me = self.pool.allocation(resource, task)
+        if source_task is None:
+            self.pool.set_allocation(resource, task, new_total)
+            return [Change(task, resource, old_me, new_total, "swap")]
+        src = self._task(source_task)
+        if src.priority < me.priority:
+            raise ResourceError(f"{source_task} ({src.priority.name.lower()}) is a higher tier "
+                                f"than {task} ({me.priority.name.lower()}); not taking from it")
+        old_src = self.pool.allocation(resource, source_task)
+        if old_src - units < src.limit(resource).min_units:
+            raise ResourceError(f"{source_task} holds {old_src} {resource.unit}; giving {units} "
+                                f"would take it below its minimum {src.limit(resource).min_units}")
+        self.pool.transfer(resource, source_task, task, units)
+        return [Change(source_task, resource, old_src, old_src - units, "swap"),
+                Change(task, resource, old_me, new_total, "swap")]
+
+    def deallocate_resources(self, task: str, resource: ResourceType | None = None) -> list[Change]:
+        changes = []
+        for r in [resource] if resource else self.pool.types():
+            old = self.pool.allocation(r, task)
+            if old:
+                self.pool.set_allocation(r, task, 0)
+                changes.append(Change(task, r, old, 0, "release"))
+        return changes
+
+    def observed_demand(self, task: str, resource: ResourceType, used: float) -> float:
+        """What the task would have used had it not been capped: the sample to learn from.
+
+        A task held at its allocation cannot show more use than that (its demand is censored).
+        When it uses ``saturation`` of what it holds, its demand is taken as ``growth`` times its
+        allocation, so both the forecaster and the next allocation see it climb until the cap no
+        longer binds.
+        """
+        held = self.pool.allocation(resource, task) if resource in self.pool else 0
+        if held > 0 and used >= self.saturation * held:
+            limit = self.tasks[task].limit(resource).max_units if task in self.tasks else None
+            grown = min(held * self.growth, self.pool.total(resource))
+            return max(used, min(grown, limit) if limit is not None else grown)
+        return used
+
+    def demand(self, task: str, resource: ResourceType, forecast: float,
+               used: float | None = None) -> int:
+        """Forecast plus headroom, at least the observed demand, clamped to the task's limits."""
+        t = self._task(task)
+        want = max(0.0, forecast)
+        if used is not None:
+            want = max(want, self.observed_demand(task, resource, used))
+        return t.limit(resource).clamp(math.ceil(want * (1.0 + self.headroom)))
+
+    def proactive_allocation(self, forecasts: Mapping[str, Mapping[ResourceType, float]],
+                             usage: Mapping[str, Mapping[ResourceType, float]] | None = None
+                             ) -> AllocationResult:
+        """Allocate every resource from the forecasts; return the changes in the order to apply."""
+        usage = usage or {}
+        result = AllocationResult()
+        for r in self.pool.types():
+            demands: dict[str, int] = {}
+            for name in self.tasks:
+                f = forecasts.get(name, {}).get(r)
+                if f is None and r not in self.tasks[name].limits:
+                    continue
+                demands[name] = self.demand(name, r, f or 0.0, usage.get(name, {}).get(r))
+            targets = self._share(r, demands)
+            self._apply_targets(r, demands, targets, result)
+        if result.shortfalls and self.overflow_hook:
+            try:
+                self.overflow_hook(result.shortfalls)
+            except Exception as err:  # the hook is the operator's; never stop the tick for it
+                log.warning("overflow hook failed: %s", err)
+        self.pool.check()
+        return result
+
+    # -- internals ---------------------------------------------------------------------
+    def _share(self, r: ResourceType, demands: dict[str, int]) -> dict[str, int]:
+        total = self.pool.total(r)
+        # Guaranteed minimums first (tier order if even they do not fit).
+        grant: dict[str, int] = {}
+        left = total
+        for name in sorted(demands, key=lambda n: (self.tasks[n].priority, n)):
+            m = min(self.tasks[name].limit(r).min_units, left)
+            grant[name] = m
+            left -= m
+        for tier in Priority:
+            members = [n for n in demands if self.tasks[n].priority == tier]
+            extra = {n: demands[n] - grant[n] for n in members if demands[n] > grant[n]}
+            if not extra:
+                continue
+            if sum(extra.values()) <= left:
+                for n, e in extra.items():
+                    grant[n] += e
+                left -= sum(extra.values())
+                continue
+            # Max-min fair water-filling inside the tier.
+            pending = dict(extra)
+            while pending and left > 0:
+                share = left // len(pending)
+                if share == 0:
+                    for n in sorted(pending)[:left]:
+                        grant[n] += 1
+                    left = 0
+                    break
+                for n in sorted(pending, key=lambda n: pending[n]):
+                    give = min(share, pending[n])
+                    grant[n] += give
+                    left -= give
+                    pending[n] -= give
+                    if pending[n] == 0:
+                        del pending[n]
+            # This tier took everything that was left: lower tiers keep their minimums only.
+            break
+        return grant
+
+    def _apply_targets(self, r: ResourceType, demands: dict[str, int], targets: dict[str, int],
+                       result: AllocationResult) -> None:
+        current = {n: self.pool.allocation(r, n) for n in targets}
+        down = [n for n in targets if targets[n] < current[n]]
+        up = [n for n in targets if targets[n] > current[n]]
+        for n in demands:
+            result.demands[(n, r)] = demands[n]
+            if targets[n] < demands[n]:
+                result.shortfalls.append(Shortfall(n, r, demands[n], targets[n]))
+        freed: list[list] = []
+        for n in down:
+            reason = "priority" if targets[n] < demands[n] else "reclaim"
+            self.pool.set_allocation(r, n, targets[n])
+            result.changes.append(Change(n, r, current[n], targets[n], reason))
+            if reason == "priority":
+                freed.append([n, current[n] - targets[n]])
+        free_before = self.pool.available(r) - sum(u for _, u in freed)
+        for n in sorted(up, key=lambda n: (self.tasks[n].priority, n)):
+            need = targets[n] - current[n]
+            from_free = min(max(free_before, 0), need)
+            free_before -= from_free
+            need -= from_free
+            for item in freed:
+                if not need:
+                    break
+                take = min(item[1], need)
+                if take and self.tasks[item[0]].priority > self.tasks[n].priority:
+                    result.swaps.append(Swap(r, item[0], n, take, "priority"))
+                    item[1] -= take
+                    need -= take
+            held = self.pool.allocation(r, n)
+            self.pool.set_allocation(r, n, targets[n])
+            used_reason = "forecast"
+            result.changes.append(Change(n, r, held, targets[n], used_reason))
+
+    def _task(self, name: str) -> ManagedTask:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise ResourceError(f"no task named {name!r}; add it first") from None
