@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -77,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     rs = sub.add_parser("restore", help="undo what a killed rswap left behind")
     rs.add_argument("--state-dir", metavar="DIR", help=f"journal location (default {paths.STATE_DIR})")
+
+    for module in COMMAND_MODULES:
+        for name, handler in importlib.import_module(module).register(sub).items():
+            _HANDLERS[name] = handler
     return p
+
+
+#: Modules adding subcommands: each has ``register(subparsers) -> {name: handler(args) -> int}``.
+COMMAND_MODULES: tuple[str, ...] = ()
+_HANDLERS: dict = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"run": cmd_run, "status": cmd_status, "doctor": cmd_doctor,
-                "restore": cmd_restore}[args.command](args)
+        handlers = {"run": cmd_run, "status": cmd_status, "doctor": cmd_doctor,
+                    "restore": cmd_restore, **_HANDLERS}
+        return handlers[args.command](args)
     except RswapError as err:
         print(f"rswap: error: {err}", file=sys.stderr)
         return err.exit_status

@@ -21,7 +21,8 @@ from typing import IO, Any
 
 from . import paths
 from .config import Config
-from .driver import CpuDriver, ResourceDriver
+from . import drivers as drivermod
+from .drivers import DriverContext, ResourceDriver
 from .enforce.cgroup import CgroupManager, FileApplier, TaskCgroup, detect_mounts
 from .enforce.journal import Journal
 from .errors import AlreadyRunning, RswapError
@@ -164,16 +165,12 @@ class Daemon:
             mounts = self._mounts or detect_mounts()
             self.cgroups = CgroupManager(self.journal, mounts)
             applier = FileApplier(self.journal, dry_run=self.dry_run)
-            drivers = self._drivers_given
-            if drivers is None:
-                drivers = [CpuDriver(mounts, applier)]
-            wanted = self.config.resources
-            for d in drivers:
-                if d.resource in wanted or not wanted:
-                    self.drivers[d.resource] = d
-            for r, total in self.config.totals.items():
-                if r not in self.drivers:
-                    raise RswapError(f"resources.{r.key}: rswap has no driver for it on this host")
+            wanted = self.config.resources or {ResourceType.PROCESSOR_CYCLES}
+            if self._drivers_given is not None:
+                self.drivers = {d.resource: d for d in self._drivers_given}
+            else:
+                ctx = DriverContext(mounts, self.journal, applier, self.config, self.dry_run)
+                self.drivers = {r: drivermod.build(r, ctx) for r in sorted(wanted, key=lambda r: r.key)}
             for r, d in self.drivers.items():
                 total = self.config.totals.get(r) or d.total()
                 self.pool.register_resource(r, total)

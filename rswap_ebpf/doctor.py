@@ -6,7 +6,7 @@ import platform
 from collections.abc import Iterable
 
 from . import paths
-from .driver import FeatureCheck
+from .drivers.base import FeatureCheck
 from .errors import FeatureMissing
 from .resources import ResourceType
 

@@ -35,8 +35,8 @@ def root(name: str) -> str:
 
 
 def pin_dir() -> str:
-    """Where rswap pins its maps: ``/sys/fs/bpf/rswap``."""
-    return os.path.join(root("BPFFS_ROOT"), RSWAP_BPF_DIR)
+    """Where rswap pins its maps: ``/sys/fs/bpf/rswap`` ($RSWAP_PIN_DIR overrides, for tests)."""
+    return os.environ.get("RSWAP_PIN_DIR") or os.path.join(root("BPFFS_ROOT"), RSWAP_BPF_DIR)
 
 
 def confine(path: str, base: str, what: str = "path") -> str:

@@ -179,7 +179,7 @@ class CgroupManager:
         for hier, d in cg.dirs.items():
             parent = os.path.dirname(d)
             if not os.path.isdir(parent):
-                self.journal.record_mkdir(parent)
+                self.journal.record_mkdir(parent, shared=True)
                 _mkdir(parent)
             if os.path.isdir(d):
                 continue

@@ -8,7 +8,8 @@ twice is harmless.
 Entry kinds (``op``):
 
 ``write``   a file rswap is about to write for the first time; ``original`` is its content.
-``mkdir``   a directory rswap created (cgroups); restore empties it into its parent and removes it.
+``mkdir``   a directory rswap created (cgroups); restore empties it into its parent and removes it
+            (a ``shared`` parent, such as ``rswap/``, is removed only when nothing else is in it).
 ``move``    a pid rswap moved between cgroups; restore moves it back to ``procs`` (its old
             cgroup's ``cgroup.procs``).
 ``custom``  an entry owned by an enforcer that registered an undo handler for ``kind``
@@ -85,8 +86,9 @@ class Journal:
         self._seen_writes.add(path)
         return True
 
-    def record_mkdir(self, path: str) -> None:
-        self._append({"op": "mkdir", "path": path})
+    def record_mkdir(self, path: str, shared: bool = False) -> None:
+        """``shared``: a parent other runs may also use; restore removes it only when empty."""
+        self._append({"op": "mkdir", "path": path, "shared": shared})
 
     def record_move(self, pid: int, procs: str) -> None:
         self._append({"op": "move", "pid": pid, "procs": procs})
@@ -170,6 +172,16 @@ def _undo(entry: dict, done_writes: set[str]) -> bool:
         write_file(path, entry["original"])
         return True
     if op == "mkdir":
+        if entry.get("shared"):
+            try:
+                os.rmdir(entry["path"])
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError as err:
+                if err.errno in (errno.ENOTEMPTY, errno.EBUSY):
+                    return False
+                raise
         return remove_cgroup_dir(entry["path"])
     if op == "move":
         try:

@@ -1,0 +1,29 @@
+"""Resource drivers, one module per resource family, each exposing ``make(ctx)``.
+
+To add a resource: write ``drivers/<name>.py`` with a :class:`ResourceDriver` subclass and a
+``make(ctx: DriverContext)`` factory, and add it to ``FACTORIES``.  The daemon builds only the
+drivers whose resource the configuration uses (CPU when it names none).
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..resources import ResourceType
+from .base import DriverContext, FeatureCheck, ResourceDriver
+
+__all__ = ["DriverContext", "FeatureCheck", "ResourceDriver", "FACTORIES", "build"]
+
+#: resource -> "module:function" building its driver.
+FACTORIES: dict[ResourceType, str] = {
+    ResourceType.PROCESSOR_CYCLES: "cpu:make",
+}
+
+
+def build(resource: ResourceType, ctx: DriverContext) -> ResourceDriver:
+    from ..errors import FeatureMissing
+
+    spec = FACTORIES.get(resource)
+    if spec is None:
+        raise FeatureMissing(f"{resource.key} driver", "rswap has no driver for this resource yet")
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), func)(ctx)

@@ -1,0 +1,61 @@
+"""Resource drivers: the narrow interface between the control plane and the kernel.
+
+A driver pairs one collector (sense) with one enforcer (enforce) for one :class:`ResourceType`.
+The daemon only knows this interface, so the same control plane runs on real hooks, on a fake tree
+in tests, or on a recorded trace.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..enforce.cgroup import CgroupMounts, FileApplier, TaskCgroup, Write
+from ..enforce.journal import Journal
+from ..resources import ResourceType
+
+
+@dataclass(frozen=True)
+class FeatureCheck:
+    """One line of ``rswap doctor``."""
+
+    feature: str
+    status: str  # ok | missing | fallback
+    detail: str = ""
+    fix: str = ""
+    needed_by: tuple[ResourceType, ...] = ()
+
+
+@dataclass(frozen=True)
+class DriverContext:
+    """What a driver factory gets: the host's cgroup layout, the journal and the file writer."""
+
+    mounts: CgroupMounts
+    journal: Journal
+    applier: FileApplier
+    config: object  # rswap_ebpf.config.Config
+    dry_run: bool = False
+
+
+class ResourceDriver:
+    """One resource: ``total()`` (monitor), ``measure()`` (sense), ``apply()`` (enforce)."""
+
+    resource: ResourceType
+
+    def total(self) -> int:
+        raise NotImplementedError
+
+    def open(self) -> None:
+        pass
+
+    def measure(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
+        """Units each task used over the last tick."""
+        raise NotImplementedError
+
+    def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
+        raise NotImplementedError
+
+    def apply(self, cg: TaskCgroup, units: int) -> list[Write]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

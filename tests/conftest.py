@@ -1,0 +1,71 @@
+"""Shared fixtures and the rule that kernel tests may not silently skip.
+
+Tests that need root and the real kernel carry ``@pytest.mark.kernel`` (or live under
+``tests/kernel/``); they skip with a reason when not root.  With ``RSWAP_REQUIRE_KERNEL=1`` (set by
+``tools/test``, hence by ``.ci/run``) a skipped kernel test fails the session instead.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+ROOT = os.geteuid() == 0
+_kernel_skips: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "/tests/kernel/" in str(item.fspath):
+            item.add_marker(pytest.mark.kernel)
+        if item.get_closest_marker("kernel") and not ROOT:
+            item.add_marker(pytest.mark.skip(reason="needs root (kernel test)"))
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "kernel" in report.keywords:
+        _kernel_skips.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("RSWAP_REQUIRE_KERNEL") == "1" and _kernel_skips:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr:
+            tr.write_line(f"\nRSWAP_REQUIRE_KERNEL=1 but {len(_kernel_skips)} kernel test(s) skipped:", red=True)
+            for s in _kernel_skips:
+                tr.write_line(f"  {s}", red=True)
+        session.exitstatus = 1
+
+
+@pytest.fixture
+def rswap_env(tmp_path, monkeypatch):
+    """Private state and run directories for one test (journal, lock, status file)."""
+    state = tmp_path / "state"
+    run = tmp_path / "run"
+    monkeypatch.setenv("RSWAP_STATE_DIR", str(state))
+    monkeypatch.setenv("RSWAP_RUN_DIR", str(run))
+    return {"state": str(state), "run": str(run), "RSWAP_STATE_DIR": str(state),
+            "RSWAP_RUN_DIR": str(run)}
+
+
+@pytest.fixture
+def unique_name():
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def rswap_cmd() -> list[str]:
+    """The installed console script when present, else ``python -m rswap_ebpf.cli``."""
+    exe = shutil.which("rswap", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "rswap_ebpf.cli"]
+
+
+def run_rswap(*args, env=None, timeout=120, **kw) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    return subprocess.run(rswap_cmd() + list(args), capture_output=True, text=True,
+                          timeout=timeout, env=full_env, **kw)
