@@ -147,7 +147,7 @@ def _task(raw: Any, where: str) -> TaskConfig:
     name = check_task_name(raw.get("name"), f"{where}.name")
     where = f"task {name}" if name else where
     priority = Priority.parse(raw.get("priority", "normal"), f"{where}.priority")
-    command = raw.get("command", ())
+    command = raw.get("command", [])
     if isinstance(command, str):
         raise ConfigError(f"{where}.command", "must be a list of arguments, e.g. [\"nginx\", \"-g\", ...]")
     if not isinstance(command, list) or not all(isinstance(a, str) and "\x00" not in a for a in command):

@@ -1,0 +1,157 @@
+"""The swap manager: tiers, minimums, headroom, swaps and the seed's API."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rswap_ebpf.errors import ResourceError
+from rswap_ebpf.resources import ResourcePool, ResourceType
+from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
+
+CPU = ResourceType.PROCESSOR_CYCLES
+
+
+def make(total=2000, headroom=0.0, **kw):
+    pool = ResourcePool()
+    pool.register_resource(CPU, total)
+    return SwapManager(pool, headroom=headroom, **kw)
+
+
+def add(m, name, prio, lo=0, hi=None):
+    m.add_task(ManagedTask(name, Priority.parse(prio), {CPU: Limits(lo, hi)}))
+
+
+def test_critical_is_served_first_and_batch_gets_the_rest():
+    m = make()
+    add(m, "web", "critical")
+    add(m, "batch", "batch", lo=100)
+    res = m.proactive_allocation({"web": {CPU: 1500}, "batch": {CPU: 2000}})
+    assert m.pool.allocation(CPU, "web") == 1500
+    assert m.pool.allocation(CPU, "batch") == 500
+    assert [s.task for s in res.shortfalls] == ["batch"]
+
+
+def test_headroom_is_added_and_max_respected():
+    m = make(headroom=0.2)
+    add(m, "a", "normal", hi=1100)
+    add(m, "b", "normal")
+    m.proactive_allocation({"a": {CPU: 1000}, "b": {CPU: 500}})
+    assert m.pool.allocation(CPU, "a") == 1100
+    assert m.pool.allocation(CPU, "b") == 600
+
+
+def test_minimum_is_a_guarantee_even_for_batch():
+    m = make()
+    add(m, "web", "critical")
+    add(m, "batch", "batch", lo=300)
+    m.proactive_allocation({"web": {CPU: 5000}, "batch": {CPU: 1000}})
+    assert m.pool.allocation(CPU, "batch") == 300
+    assert m.pool.allocation(CPU, "web") == 1700
+
+
+def test_short_pool_is_shared_max_min_fairly_within_a_tier():
+    m = make(total=1000)
+    for n, want in (("a", 100), ("b", 800), ("c", 800)):
+        add(m, n, "normal")
+    m.proactive_allocation({"a": {CPU: 100}, "b": {CPU: 800}, "c": {CPU: 800}})
+    assert m.pool.allocation(CPU, "a") == 100
+    assert m.pool.allocation(CPU, "b") == m.pool.allocation(CPU, "c") == 450
+
+
+def test_rising_forecast_takes_units_from_batch_as_a_swap():
+    m = make()
+    add(m, "web", "critical")
+    add(m, "batch", "batch")
+    m.proactive_allocation({"web": {CPU: 200}, "batch": {CPU: 1800}})
+    res = m.proactive_allocation({"web": {CPU: 1200}, "batch": {CPU: 1800}})
+    assert m.pool.allocation(CPU, "web") == 1200
+    assert m.pool.allocation(CPU, "batch") == 800
+    assert [(s.source, s.target, s.units) for s in res.swaps] == [("batch", "web", 1000)]
+    reasons = {c.task: c.reason for c in res.changes}
+    assert reasons == {"batch": "priority", "web": "forecast"}
+
+
+def test_unused_units_are_reclaimed():
+    m = make()
+    add(m, "a", "normal")
+    m.proactive_allocation({"a": {CPU: 1500}})
+    res = m.proactive_allocation({"a": {CPU: 100}})
+    assert m.pool.allocation(CPU, "a") == 100
+    assert res.changes[0].reason == "reclaim"
+    assert m.pool.available(CPU) == 1900
+
+
+def test_saturated_task_is_offered_more_than_it_could_show():
+    m = make(growth=2.0)
+    add(m, "a", "normal")
+    m.proactive_allocation({"a": {CPU: 300}})
+    assert m.observed_demand("a", CPU, 295) == 600
+    assert m.observed_demand("a", CPU, 100) == 100
+
+
+def test_swap_resources_never_takes_from_a_higher_tier():
+    m = make()
+    add(m, "web", "critical")
+    add(m, "batch", "batch")
+    m.swap_resources("web", CPU, 1000)
+    with pytest.raises(ResourceError, match="higher tier"):
+        m.swap_resources("batch", CPU, 500, source_task="web")
+    assert m.pool.allocation(CPU, "web") == 1000
+    m.swap_resources("batch", CPU, 1000)
+    changes = m.swap_resources("web", CPU, 400, source_task="batch")
+    assert [c.new for c in changes] == [600, 1400]
+
+
+def test_swap_refuses_to_take_a_source_below_its_minimum():
+    m = make()
+    add(m, "web", "critical")
+    add(m, "batch", "batch", lo=500)
+    m.swap_resources("batch", CPU, 600)
+    with pytest.raises(ResourceError, match="minimum"):
+        m.swap_resources("web", CPU, 200, source_task="batch")
+
+
+def test_find_available_swap_lists_free_pool_then_lowest_tier():
+    m = make()
+    add(m, "web", "critical")
+    add(m, "svc", "normal")
+    add(m, "batch", "batch", lo=100)
+    m.swap_resources("svc", CPU, 800)
+    m.swap_resources("batch", CPU, 1000)
+    assert m.find_available_swap("web", CPU, 1500) == [(None, 200), ("batch", 900), ("svc", 400)]
+
+
+def test_overflow_hook_hears_shortfalls():
+    heard = []
+    m = make(overflow_hook=heard.extend)
+    add(m, "a", "critical")
+    m.proactive_allocation({"a": {CPU: 3000}})
+    assert heard and heard[0].missing == 1000
+
+
+def test_deallocate_returns_units_to_the_pool():
+    m = make()
+    add(m, "a", "normal")
+    m.swap_resources("a", CPU, 700)
+    assert [c.new for c in m.deallocate_resources("a")] == [0]
+    assert m.pool.available(CPU) == 2000
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(100, 8000),
+       tasks=st.lists(st.tuples(st.sampled_from(list(Priority)), st.integers(0, 500),
+                                st.integers(0, 6000)), min_size=1, max_size=8),
+       rounds=st.integers(1, 3))
+def test_no_higher_tier_shortfall_while_lower_tier_holds_more_than_its_minimum(total, tasks, rounds):
+    m = make(total=total)
+    forecasts = {}
+    for i, (prio, lo, want) in enumerate(tasks):
+        m.add_task(ManagedTask(f"t{i}", prio, {CPU: Limits(lo, None)}))
+        forecasts[f"t{i}"] = {CPU: want}
+    for _ in range(rounds):
+        res = m.proactive_allocation(forecasts)
+        m.pool.check()
+    short_tiers = {m.tasks[s.task].priority for s in res.shortfalls}
+    for name, t in m.tasks.items():
+        held = m.pool.allocation(CPU, name)
+        if held > t.limit(CPU).min_units:
+            assert not any(p < t.priority for p in short_tiers), (name, held, res.shortfalls)
