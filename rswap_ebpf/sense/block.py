@@ -1,0 +1,225 @@
+"""Block requests per process, per cgroup and per device, from ``bpf/block.bpf.c``.
+
+One collector = one BPF program + one class with ``open()``, ``drain()``, ``close()``.  Requests are
+charged when they are issued (completion runs in interrupt context, with no meaningful ``current``);
+the completion adds the service time to the owner remembered at issue.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..errors import FeatureMissing
+from . import bpf
+
+MAPS = ("rswap_io_task", "rswap_io_cgroup", "rswap_io_stats")
+#: Issue and completion hooks, probed in order (the way bcc's biolatency picks its attach point).
+#: Raw tracepoints are not offered: they hand over ``struct request *``, whose fields rswap must not
+#: read with headers from another kernel.
+ISSUE_POINTS = (("block", "block_rq_issue"),)
+COMPLETE_POINTS = (("block", "block_rq_complete"),)
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def kdev(major: int, minor: int) -> int:
+    """The kernel's internal dev_t (``MAJOR << 20 | MINOR``), as tracepoints report it."""
+    return (major << 20) | minor
+
+
+def kdev_split(dev: int) -> tuple[int, int]:
+    return dev >> 20, dev & ((1 << 20) - 1)
+
+
+@dataclass(frozen=True)
+class IoCounts:
+    """Requests and bytes issued, and service time of those completed, over one interval."""
+
+    reads: int = 0
+    writes: int = 0
+    other: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    completed: int = 0
+    service_ns: int = 0
+
+    @property
+    def requests(self) -> int:
+        """Data requests (reads + writes): what an IOPS limit counts."""
+        return self.reads + self.writes
+
+    def __add__(self, o: IoCounts) -> IoCounts:
+        return IoCounts(*(a + b for a, b in zip(_fields(self), _fields(o))))
+
+
+def _fields(c: IoCounts) -> tuple[int, ...]:
+    return (c.reads, c.writes, c.other, c.read_bytes, c.write_bytes, c.completed, c.service_ns)
+
+
+@dataclass(frozen=True)
+class IoDelta:
+    """Counts since the previous drain, keyed ``(tgid, dev)`` and ``(cgroup id, dev)``.
+
+    ``dev`` is the kernel dev_t (see :func:`kdev`).
+    """
+
+    interval_ns: int
+    task: dict[tuple[int, int], IoCounts] = field(default_factory=dict)
+    cgroup: dict[tuple[int, int], IoCounts] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def per_device(self) -> dict[int, IoCounts]:
+        out: dict[int, IoCounts] = {}
+        for (_, dev), c in self.cgroup.items():
+            out[dev] = out.get(dev, IoCounts()) + c
+        return out
+
+    def for_cgroups(self, ids: set[int], dev: int | None = None) -> IoCounts:
+        total = IoCounts()
+        for (cg, d), c in self.cgroup.items():
+            if cg in ids and (dev is None or d == dev):
+                total = total + c
+        return total
+
+    def for_task(self, tgid: int, dev: int | None = None) -> IoCounts:
+        total = IoCounts()
+        for (t, d), c in self.task.items():
+            if t == tgid and (dev is None or d == dev):
+                total = total + c
+        return total
+
+    def iops(self, counts: IoCounts) -> float:
+        return counts.requests * 1e9 / self.interval_ns if self.interval_ns > 0 else 0.0
+
+
+def tracepoint_has_field(category: str, event: str, name: str) -> bool:
+    """Like bcc's ``kernel_struct_has_field``, for a tracepoint's format file."""
+    for d in TRACEFS_DIRS:
+        fmt = os.path.join(d, "events", category, event, "format")
+        try:
+            with open(fmt) as f:
+                text = f.read()
+        except OSError:
+            continue
+        return any(line.strip().startswith("field:") and
+                   line.split(";")[0].split()[-1].split("[")[0] == name
+                   for line in text.splitlines())
+    return False
+
+
+class BlockCollector:
+    """block_rq_issue / block_rq_complete accounting."""
+
+    def __init__(self, pin: bool = True):
+        self.pin = pin
+        self.attach_points: tuple[str, str] = ("", "")
+        self.pinned: list[str] = []
+        self._bpf = None
+        self._last = 0
+
+    def program_text(self) -> str:
+        return (bpf.bpf_source_dir() / "block.bpf.c").read_text()
+
+    @staticmethod
+    def probe() -> tuple[tuple[str, str], tuple[str, str], list[str]]:
+        """The issue and completion tracepoints to use, and the cflags they need."""
+        issue = next((p for p in ISSUE_POINTS if bpf.tracepoint_exists(*p)), None)
+        complete = next((p for p in COMPLETE_POINTS if bpf.tracepoint_exists(*p)), None)
+        if issue is None or complete is None:
+            missing = ", ".join(":".join(p) for p in (ISSUE_POINTS + COMPLETE_POINTS)
+                                if not bpf.tracepoint_exists(*p))
+            raise FeatureMissing("block tracepoints", f"{missing} not available",
+                                 "mount tracefs (mount -t tracefs tracefs /sys/kernel/tracing); "
+                                 "the kernel needs CONFIG_BLK_DEV_IO_TRACE or CONFIG_TRACEPOINTS")
+        flags = []
+        if not tracepoint_has_field(*issue, "bytes"):
+            flags.append("-DRSWAP_RQ_NO_BYTES")  # kernels before 4.x: bytes = nr_sector * 512
+        return issue, complete, flags
+
+    def open(self) -> BlockCollector:
+        issue, complete, flags = self.probe()
+        self.attach_points = (f"tracepoint:{':'.join(issue)}", f"tracepoint:{':'.join(complete)}")
+        self._bpf = bpf.load("block.bpf.c", flags)
+        if self.pin:
+            try:
+                for name in MAPS:
+                    self.pinned.append(bpf.pin_map(self._bpf.get_table(name), name))
+            except BaseException:
+                self.close()
+                raise
+        self._last = time.monotonic_ns()
+        return self
+
+    def drain(self) -> IoDelta:
+        if self._bpf is None:
+            raise RuntimeError("collector is not open")
+        now = time.monotonic_ns()
+        task = _drain(self._bpf.get_table("rswap_io_task"))
+        cgroup = _drain(self._bpf.get_table("rswap_io_cgroup"))
+        stats = self._bpf.get_table("rswap_io_stats")
+        dropped = {}
+        for idx, label in enumerate(("task_map_full", "cgroup_map_full", "stale_request")):
+            v = sum(stats[stats.Key(idx)])
+            if v:
+                dropped[label] = v
+        delta = IoDelta(now - self._last, task, cgroup, dropped)
+        self._last = now
+        return delta
+
+    def prog_ids(self) -> list[int]:
+        """Kernel ids of the loaded programs (for ``bpftool prog show id``)."""
+        return _prog_ids(self._bpf)
+
+    def close(self) -> None:
+        for path in self.pinned:
+            bpf.unpin(path)
+        self.pinned = []
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> BlockCollector:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _counts(percpu) -> IoCounts:
+    return IoCounts(sum(v.reads for v in percpu), sum(v.writes for v in percpu),
+                    sum(v.other for v in percpu), sum(v.read_bytes for v in percpu),
+                    sum(v.write_bytes for v in percpu), sum(v.completed for v in percpu),
+                    sum(v.service_ns for v in percpu))
+
+
+def _drain(table) -> dict[tuple[int, int], IoCounts]:
+    out: dict[tuple[int, int], IoCounts] = {}
+    try:
+        items = list(table.items_lookup_and_delete_batch())
+    except Exception:
+        items = list(table.items())
+        for k, _ in items:
+            try:
+                del table[k]
+            except KeyError:
+                pass
+    for k, v in items:
+        key = (int(k.id), int(k.dev))
+        out[key] = out.get(key, IoCounts()) + _counts(v)
+    return out
+
+
+def _prog_ids(b) -> list[int]:
+    """Ids of every program bcc loaded into ``b`` (from its fds, via /proc/self/fdinfo)."""
+    ids = []
+    if b is None:
+        return ids
+    for fn in getattr(b, "funcs", {}).values():
+        try:
+            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.append(int(line.split()[1]))
+        except OSError:
+            pass
+    return ids
