@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Modules adding subcommands: each has ``register(subparsers) -> {name: handler(args) -> int}``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "rswap_ebpf.cli_ops",
+)
 _HANDLERS: dict = {}
 
 
