@@ -1,0 +1,278 @@
+"""A resctrl mount in a temporary directory, validating writes the way the kernel does.
+
+Layout and rules follow Documentation/arch/x86/resctrl.rst and the kernel's
+fs/resctrl (rdtgroup.c, ctrlmondata.c):
+
+- ``info/L3/{cbm_mask,min_cbm_bits,num_closids,shareable_bits,bit_usage,sparse_masks}``,
+  ``info/MB/{bandwidth_gran,delay_linear,min_bandwidth,num_closids,thread_throttle_mode}``,
+  ``info/L3_MON/{max_threshold_occupancy,mon_features,num_rmids}``, ``info/last_cmd_status``;
+- the root and every control group hold ``schemata``, ``tasks``, ``cpus``, ``cpus_list``,
+  ``mode``, ``size``, ``mon_data/mon_L3_<id>/{llc_occupancy,mbm_total_bytes,mbm_local_bytes}``
+  and ``mon_groups/``;
+- ``schemata`` is shown as the kernel's ``show_doms()`` prints it: cache masks zero-padded to the
+  mask width (``%0*x``), MB percentages space-padded to three columns (``%*u``).
+
+How honest it is: the files are real files on disk (readers see them with open()), but the
+kernel's *validation on write* can only happen in code, so writes must go through
+:meth:`FakeResctrl.write` (the :class:`ResctrlFS` seam the enforcer uses).  It reproduces
+``rdtgroup_schemata_write()`` (buffer must end in a newline; unknown resource or domain, a
+non-hex or out-of-range mask, non-consecutive 1-bits unless sparse_masks, fewer than min_cbm_bits
+bits, an MB value outside [min_bandwidth, 100] -> EINVAL with the kernel's last_cmd_status text;
+MB rounded *up* to bandwidth_gran; a failed write changes nothing), ``rdtgroup_tasks_write()``
+(unknown pid -> ESRCH; a thread is in exactly one group), ``mkdir`` (ENOSPC when CLOSIDs run out;
+the new group gets the full mask and 100 %) and ``rmdir`` (its threads return to the default group).
+Not reproduced: exclusive/pseudo-locked modes, CDP, cpus masks, monitoring-group RMID limits.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+from rswap_ebpf.enforce.resctrl import ResctrlFS, register_fs
+
+_GROUP_FILES = ("schemata", "tasks", "cpus", "cpus_list", "mode", "size")
+
+
+class FakeResctrl(ResctrlFS):
+    def __init__(self, root: str, cbm_mask: str = "fffff", min_cbm_bits: int = 1,
+                 num_closids: int = 16, l3_domains=(0, 1), bw_gran: int = 10,
+                 min_bandwidth: int = 10, mb: bool = True, sparse_masks: bool = False,
+                 pids=(1,), ncpus: int = 2):
+        self.root = os.path.realpath(root)
+        self.cbm_mask = int(cbm_mask, 16)
+        self.cbm_len = self.cbm_mask.bit_length()
+        self.width = (self.cbm_len + 3) // 4
+        self.min_cbm_bits = min_cbm_bits
+        self.num_closids = num_closids
+        self.domains = tuple(l3_domains)
+        self.bw_gran = bw_gran
+        self.min_bw = min_bandwidth
+        self.mb = mb
+        self.sparse = sparse_masks
+        self.ncpus = ncpus
+        self.pids: set[int] = set(pids)
+        # group name ("" = default) -> state
+        self.groups: dict[str, dict] = {}
+        self.mbm: dict[tuple[str, int], int] = {}
+        self.occupancy: dict[tuple[str, int], int] = {}
+        self.last_cmd_status = "ok"
+        os.makedirs(self.root, exist_ok=True)
+        self._build_info()
+        self._new_group("")
+        register_fs(self.root, self)
+
+    def close(self) -> None:
+        register_fs(self.root, None)
+
+    # -- test helpers --------------------------------------------------------------------
+    def spawn(self, pid: int) -> None:
+        """A new thread appears in the default group, as after fork() from a default thread."""
+        self.pids.add(pid)
+        self._render("")
+
+    def add_traffic(self, group: str, domain: int, nbytes: int) -> None:
+        """Memory traffic of the group's threads on one L3 domain (MBM counts up)."""
+        self.mbm[(group, domain)] = self.mbm.get((group, domain), 0) + nbytes
+        self._render(group)
+
+    def set_occupancy(self, group: str, domain: int, nbytes: int) -> None:
+        self.occupancy[(group, domain)] = nbytes
+        self._render(group)
+
+    def group_of(self, pid: int) -> str:
+        for name, g in self.groups.items():
+            if pid in g["tasks"]:
+                return name
+        return ""
+
+    # -- the ResctrlFS seam ----------------------------------------------------------------
+    def write(self, path: str, text: str) -> None:
+        group, fname = self._locate(path)
+        if fname == "schemata":
+            self._write_schemata(group, text)
+        elif fname == "tasks":
+            self._write_tasks(group, text)
+        else:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+        self._write_file(os.path.join(self.root, "info", "last_cmd_status"), self.last_cmd_status + "\n")
+
+    def mkdir(self, path: str) -> None:
+        parent, name = os.path.split(os.path.realpath(path))
+        if parent != self.root or name in ("info", "mon_data", "mon_groups"):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
+        if name in self.groups:
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+        if len(self.groups) >= self.num_closids:
+            self._status("Out of CLOSIDs")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        self._status("ok")
+        self._new_group(name)
+
+    def rmdir(self, path: str) -> None:
+        parent, name = os.path.split(os.path.realpath(path))
+        if parent != self.root or name not in self.groups or not name:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
+        g = self.groups.pop(name)
+        self.groups[""]["tasks"] |= g["tasks"]
+        shutil.rmtree(path)
+        self._render("")
+
+    # -- kernel behaviour -----------------------------------------------------------------
+    def _status(self, text: str) -> None:
+        self.last_cmd_status = text
+        self._write_file(os.path.join(self.root, "info", "last_cmd_status"), text + "\n")
+
+    def _fail(self, text: str, err: int = errno.EINVAL):
+        self._status(text)
+        raise OSError(err, os.strerror(err))
+
+    def _write_schemata(self, group: str, buf: str) -> None:
+        if not buf or not buf.endswith("\n"):  # rdtgroup_schemata_write(): -EINVAL, no message
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        staged = {"L3": dict(self.groups[group]["L3"]), "MB": dict(self.groups[group]["MB"])}
+        for line in buf.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            name, sep, doms = line.partition(":")
+            name = name.strip()
+            if not sep or name not in staged or (name == "MB" and not self.mb):
+                self._fail(f"Unknown or unsupported resource name '{name}'")
+            for item in doms.split(";"):
+                item = item.strip()
+                dom, eq, value = item.partition("=")
+                try:
+                    dom_id = int(dom, 10)
+                except ValueError:
+                    dom_id = None
+                if not eq or dom_id is None:
+                    self._fail("Missing '=' or non-numeric domain")
+                if dom_id not in self.domains:
+                    self._fail(f"Unknown domain {dom_id}")  # parse_line(): -EINVAL
+                staged[name][dom_id] = (self._cbm_validate(value.strip()) if name == "L3"
+                                        else self._bw_validate(value.strip()))
+        self.groups[group]["L3"], self.groups[group]["MB"] = staged["L3"], staged["MB"]
+        self._status("ok")
+        self._render(group)
+
+    def _cbm_validate(self, buf: str) -> int:
+        try:
+            val = int(buf, 16)
+        except ValueError:
+            self._fail(f"Non-hex character in the mask {buf}")
+        if (self.min_cbm_bits > 0 and val == 0) or val > self.cbm_mask:
+            self._fail("Mask out of range")
+        if val == 0:
+            return val
+        first = (val & -val).bit_length() - 1
+        run = val >> first
+        zero = first + ((~run & (run + 1)).bit_length() - 1)
+        if not self.sparse and val >> zero:
+            self._fail(f"The mask {val:x} has non-consecutive 1-bits")
+        if zero - first < self.min_cbm_bits:
+            self._fail(f"Need at least {self.min_cbm_bits} bits in the mask")
+        return val
+
+    def _bw_validate(self, buf: str) -> int:
+        try:
+            bw = int(buf, 10)
+        except ValueError:
+            self._fail(f"Invalid MB value {buf}")
+        if bw < self.min_bw or bw > 100:
+            self._fail(f"MB value {bw} out of range [{self.min_bw},100]")
+        return -(-bw // self.bw_gran) * self.bw_gran  # roundup(bw, bw_gran)
+
+    def _write_tasks(self, group: str, buf: str) -> None:
+        for item in buf.strip().split(","):
+            item = item.strip()
+            try:
+                pid = int(item)
+            except ValueError:
+                self._fail(f"Invalid pid {item!r}")
+            if pid not in self.pids:
+                self._fail(f"No task {pid}", errno.ESRCH)
+            for g in self.groups.values():
+                g["tasks"].discard(pid)
+            self.groups[group]["tasks"].add(pid)
+        self._status("ok")
+        for name in self.groups:
+            self._render(name)
+
+    # -- the tree on disk -----------------------------------------------------------------
+    def _locate(self, path: str) -> tuple[str, str]:
+        d, fname = os.path.split(os.path.realpath(path))
+        if d == self.root:
+            return "", fname
+        parent, name = os.path.split(d)
+        if parent == self.root and name in self.groups:
+            return name, fname
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+    def _dir(self, group: str) -> str:
+        return os.path.join(self.root, group) if group else self.root
+
+    def _write_file(self, path: str, text: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+
+    def _build_info(self) -> None:
+        info = os.path.join(self.root, "info")
+        files = {
+            "last_cmd_status": "ok\n",
+            "L3/cbm_mask": f"{self.cbm_mask:x}\n",
+            "L3/min_cbm_bits": f"{self.min_cbm_bits}\n",
+            "L3/num_closids": f"{self.num_closids}\n",
+            "L3/shareable_bits": "0\n",
+            "L3/bit_usage": ";".join(f"{d}=" + "X" * self.cbm_len for d in self.domains) + "\n",
+            "L3/sparse_masks": f"{int(self.sparse)}\n",
+            "L3_MON/max_threshold_occupancy": "1048576\n",
+            "L3_MON/mon_features": "llc_occupancy\nmbm_total_bytes\nmbm_local_bytes\n",
+            "L3_MON/num_rmids": "224\n",
+        }
+        if self.mb:
+            files.update({
+                "MB/bandwidth_gran": f"{self.bw_gran}\n",
+                "MB/delay_linear": "1\n",
+                "MB/min_bandwidth": f"{self.min_bw}\n",
+                "MB/num_closids": f"{self.num_closids}\n",
+                "MB/thread_throttle_mode": "max\n",
+            })
+        for rel, text in files.items():
+            path = os.path.join(info, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._write_file(path, text)
+
+    def _new_group(self, name: str) -> None:
+        self.groups[name] = {"L3": {d: self.cbm_mask for d in self.domains},
+                             "MB": {d: 100 for d in self.domains} if self.mb else {},
+                             "tasks": set(self.pids) if not name else set()}
+        d = self._dir(name)
+        os.makedirs(os.path.join(d, "mon_groups"), exist_ok=True)
+        for dom in self.domains:
+            os.makedirs(os.path.join(d, "mon_data", f"mon_L3_{dom:02d}"), exist_ok=True)
+        self._write_file(os.path.join(d, "mode"), "shareable\n")
+        self._write_file(os.path.join(d, "cpus"), f"{(1 << self.ncpus) - 1:x}\n")
+        self._write_file(os.path.join(d, "cpus_list"), f"0-{self.ncpus - 1}\n")
+        self._render(name)
+
+    def _render(self, name: str) -> None:
+        g = self.groups[name]
+        d = self._dir(name)
+        lines = ["L3:" + ";".join(f"{dom}={v:0{self.width}x}" for dom, v in sorted(g["L3"].items()))]
+        if self.mb:
+            lines.append("MB:" + ";".join(f"{dom}={v:3d}" for dom, v in sorted(g["MB"].items())))
+        self._write_file(os.path.join(d, "schemata"), "\n".join(lines) + "\n")
+        tasks = g["tasks"] if name else self.pids - set().union(
+            *(x["tasks"] for n, x in self.groups.items() if n))
+        if not name:
+            g["tasks"] = set(tasks)
+        self._write_file(os.path.join(d, "tasks"), "".join(f"{p}\n" for p in sorted(tasks)))
+        size_lines = []
+        for dom in self.domains:
+            mon = os.path.join(d, "mon_data", f"mon_L3_{dom:02d}")
+            self._write_file(os.path.join(mon, "mbm_total_bytes"), f"{self.mbm.get((name, dom), 0)}\n")
+            self._write_file(os.path.join(mon, "mbm_local_bytes"), f"{self.mbm.get((name, dom), 0)}\n")
+            self._write_file(os.path.join(mon, "llc_occupancy"), f"{self.occupancy.get((name, dom), 0)}\n")
+            size_lines.append(f"{dom}={bin(g['L3'][dom]).count('1') * 1441792}")
+        self._write_file(os.path.join(d, "size"), "L3:" + ";".join(size_lines) + "\n")
