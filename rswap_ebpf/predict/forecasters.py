@@ -165,11 +165,122 @@ def snarimax(p: int = 2, d: int = 0, q: int = 1, m: int = 1, sp: int = 0, sd: in
     return f
 
 
+class QuantileLags(Base):
+    """Linear regression on lag features, trained with River's quantile (pinball) loss.
+
+    It forecasts the ``quantile`` of the next values rather than their mean, so the headroom an
+    allocation needs is learnt from how the series actually varies instead of being a fixed
+    percentage.  One model per step ahead (direct multi-horizon); features are the last values,
+    a recent mean and maximum, and, when ``period`` is known, the values at the same phase one
+    and two periods back (with their neighbours, so a burst that starts a tick early or late is
+    still covered).
+
+    >>> q = QuantileLags(quantile=0.9, period=4)
+    >>> for i in range(400):
+    ...     q.learn_one(10.0 if i % 4 == 0 else 1.0)
+    >>> [round(v) for v in q.forecast(4)]
+    [10, 2, 1, 1]
+    """
+
+    name = "quantile_lags"
+
+    def __init__(self, quantile: float = 0.9, period: int = 0, lags: int = 3,
+                 max_horizon: int = 8, lr: float = 0.02) -> None:
+        if not 0.0 < float(quantile) < 1.0:
+            raise ConfigError("forecaster.quantile", "must be between 0 and 1 (exclusive)")
+        if int(period) < 0 or int(lags) < 1 or int(max_horizon) < 1 or float(lr) <= 0:
+            raise ConfigError("forecaster", "period >= 0, lags >= 1, max_horizon >= 1, lr > 0")
+        self.quantile = float(quantile)
+        self.period = int(period)
+        self.lags = int(lags)
+        self.max_horizon = int(max_horizon)
+        self.lr = float(lr)
+        self._norm = 0.0  # running max of |y|: features and target stay in [0, 1]
+        keep = max(self.lags, 8, 2 * self.period + 2) + self.max_horizon
+        self._hist: deque[float] = deque(maxlen=keep)
+        self._models: list[Any] = []
+        # features computed at each of the last max_horizon steps, per step ahead
+        self._pending: deque[list[dict]] = deque(maxlen=self.max_horizon)
+
+    def _model(self, h: int):
+        from river import linear_model, optim
+
+        while len(self._models) < h:
+            self._models.append(linear_model.LinearRegression(
+                optimizer=optim.SGD(self.lr), loss=optim.losses.Quantile(self.quantile),
+                intercept_lr=self.lr))
+        return self._models[h - 1]
+
+    def _features(self, h: int) -> dict[str, float]:
+        hist = self._hist
+        n = len(hist)
+        x: dict[str, float] = {}
+        for k in range(min(self.lags, n)):
+            x[f"lag{k + 1}"] = hist[n - 1 - k]
+        recent = [hist[i] for i in range(max(0, n - 8), n)]
+        if recent:
+            x["mean8"] = sum(recent) / len(recent)
+            x["max8"] = max(recent)
+        p = self.period
+        if p >= 2:
+            for k in (1, 2):
+                back = k * p * ((h - 1) // p + 1) - h  # same phase, k periods before the target
+                i = n - 1 - back
+                if 0 <= i < n:
+                    x[f"season{k}"] = hist[i]
+                    x[f"season{k}_max"] = max(hist[j] for j in range(max(0, i - 1), min(n, i + 2)))
+        return x
+
+    def _renorm(self, y: float) -> None:
+        """Grow the normaliser; a linear model's weights are scale-free, only intercepts move."""
+        if y <= self._norm:
+            return
+        if self._norm > 0:
+            r = y / self._norm
+            self._hist = deque((v / r for v in self._hist), maxlen=self._hist.maxlen)
+            for m in self._models:
+                m.intercept /= r
+            for step in self._pending:
+                for feats in step:
+                    for k in feats:
+                        feats[k] /= r
+        self._norm = y
+
+    def learn_one(self, y: float, x: dict | None = None) -> None:
+        y = abs(float(y))
+        self._renorm(y)
+        y = y / self._norm if self._norm else 0.0
+        for h, feats in enumerate(reversed(self._pending), start=1):
+            if h <= len(feats):
+                self._model(h).learn_one(feats[h - 1], y)
+        self._hist.append(y)
+        self._pending.append([self._features(h) for h in range(1, self.max_horizon + 1)])
+
+    def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
+        if not self._hist:
+            return [0.0] * horizon
+        out = []
+        for h in range(1, horizon + 1):
+            hh = min(h, self.max_horizon)
+            v = self._model(hh).predict_one(self._features(h)) * self._norm
+            out.append(max(0.0, v) if math.isfinite(v) else max(0.0, self._hist[-1] * self._norm))
+        return out
+
+
+def auto(**params):
+    """Online model selection over every forecaster above (see :mod:`.selection`)."""
+    from .selection import AutoForecaster
+
+    return AutoForecaster(**params)
+
+
 _FACTORIES = {
     "last_value": LastValue,
     "seasonal_naive": SeasonalNaive,
     "holt_winters": holt_winters,
     "snarimax": snarimax,
+    "quantile_lags": QuantileLags,
+    "auto": auto,
 }
 
 
@@ -180,7 +291,7 @@ def available() -> list[str]:
 def make_forecaster(spec: str | dict | None, scale: float = 1.0, field: str = "forecaster"):
     """Build a forecaster from configuration: a name, or a table with ``name`` and parameters."""
     if spec is None:
-        spec = "holt_winters"
+        spec = "auto"
     if isinstance(spec, str):
         name, params = spec, {}
     elif isinstance(spec, dict):
@@ -193,7 +304,7 @@ def make_forecaster(spec: str | dict | None, scale: float = 1.0, field: str = "f
     factory = _FACTORIES.get(name)
     if factory is None:
         raise ConfigError(field, f"unknown forecaster {name!r} (known: {', '.join(available())})")
-    if factory in (holt_winters, snarimax):
+    if factory in (holt_winters, snarimax, auto):
         params.setdefault("scale", scale)
     try:
         return factory(**params)
@@ -201,3 +312,5 @@ def make_forecaster(spec: str | dict | None, scale: float = 1.0, field: str = "f
         raise ConfigError(field, f"bad parameters for {name}: {err}") from None
     except ValueError as err:
         raise ConfigError(field, f"bad parameters for {name}: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{field}.{err.field.rsplit('.', 1)[-1]}", err.message) from None

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import math
+import pickle
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,23 @@ class Prediction:
     model: str
     mae: float | None
     samples: int
+    quantile: float = 0.0          # the ``quantile_level`` quantile of ``series``
+    quantile_level: float = 0.9
+    loss: float | None = None      # the serving model's recent selection loss (model choice)
+
+    def over_window(self, how: str | float = "peak") -> float:
+        """What the allocator asks for: the window's peak, or a quantile of it."""
+        return self.peak if how == "peak" else _quantile(self.series, float(how))
+
+
+def _quantile(series, q: float) -> float:
+    xs = sorted(series)
+    if not xs:
+        return 0.0
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,15 @@ class TaskProfile:
 
     @property
     def model_name(self) -> str:
+        """The model that serves: for online selection, the candidate chosen now."""
+        serving = getattr(self.forecaster, "serving", None)
+        if serving:
+            return serving
         return getattr(self.forecaster, "name", type(self.forecaster).__name__)
+
+    @property
+    def loss(self) -> float | None:
+        return getattr(self.forecaster, "serving_loss", None)
 
     def learn_one(self, y: float) -> None:
         if self._next is not None:
@@ -77,22 +104,103 @@ class TaskProfiler:
     """The profiles of every task, and the seed's prediction functions."""
 
     def __init__(self, forecaster_factory: Callable[[str, ResourceType], Forecaster] | None = None,
-                 history: int = DEFAULT_HISTORY):
+                 history: int = DEFAULT_HISTORY, store=None, quantile_level: float = 0.9,
+                 checkpoint_every: int = 60):
         self._factory = forecaster_factory or (lambda task, r: make_forecaster("last_value"))
         self._history = history
         self.profiles: dict[tuple[str, ResourceType], TaskProfile] = {}
+        self.quantile_level = quantile_level
+        #: a :class:`~.store.ProfileStore`: samples written every flush, state every
+        #: ``checkpoint_every`` samples of a series, so a crash loses at most the unflushed tick.
+        self.store = store
+        self.checkpoint_every = max(1, int(checkpoint_every))
+        self._unflushed: list[tuple[str, ResourceType, float]] = []
+        self._since_checkpoint: dict[tuple[str, ResourceType], int] = {}
 
     def profile(self, task: str, resource: ResourceType) -> TaskProfile:
         key = (task, resource)
         prof = self.profiles.get(key)
         if prof is None:
-            prof = TaskProfile(task, resource, self._factory(task, resource), self._history)
+            prof = self._load(task, resource)
+            if prof is None:
+                prof = TaskProfile(task, resource, self._factory(task, resource), self._history)
             self.profiles[key] = prof
         return prof
 
     def update_prediction(self, task: str, resource: ResourceType, units: float) -> None:
         """Feed one observed sample (units used over the last tick)."""
         self.profile(task, resource).learn_one(units)
+        if self.store is not None:
+            self._unflushed.append((task, resource, float(units)))
+
+    # -- persistence ---------------------------------------------------------------------------
+    def restore(self, task: str) -> list[ResourceType]:
+        """Load every stored profile of ``task`` (its stable identity), before its first sample."""
+        if self.store is None:
+            return []
+        out = []
+        for key in self.store.resources_of(task):
+            try:
+                r = ResourceType.parse(key)
+            except Exception:
+                continue
+            if (task, r) not in self.profiles:
+                prof = self._load(task, r)
+                if prof is not None:
+                    self.profiles[(task, r)] = prof
+                    out.append(r)
+        return out
+
+    def _load(self, task: str, resource: ResourceType) -> TaskProfile | None:
+        if self.store is None:
+            return None
+        stored = self.store.load(task, resource.key)
+        if stored is None:
+            return None
+        if stored.state is not None:
+            try:
+                prof = pickle.loads(stored.state)
+            except Exception:  # an unreadable checkpoint: relearn from the samples we have
+                prof = None
+        else:
+            prof = None
+        if not isinstance(prof, TaskProfile):
+            prof = TaskProfile(task, resource, self._factory(task, resource), self._history)
+        for units in stored.samples:  # what happened after the checkpoint
+            prof.learn_one(units)
+        self._since_checkpoint[(task, resource)] = len(stored.samples)
+        return prof
+
+    def flush(self, now: float) -> None:
+        """Write this tick's samples (one transaction) and checkpoint the series that are due."""
+        if self.store is None:
+            return
+        rows, self._unflushed = self._unflushed, []
+        due = []
+        for task, r, _ in rows:
+            key = (task, r)
+            n = self._since_checkpoint.get(key, 0) + 1
+            self._since_checkpoint[key] = n
+            if n >= self.checkpoint_every:
+                due.append(key)
+        states = [(t, r.key, pickle.dumps(self.profiles[(t, r)], protocol=pickle.HIGHEST_PROTOCOL),
+                   self.profiles[(t, r)].model_name, self.profiles[(t, r)].mae)
+                  for t, r in due if (t, r) in self.profiles]
+        self.store.write_tick(now, [(t, r.key, u) for t, r, u in rows], states)
+        for key in due:
+            self._since_checkpoint[key] = 0
+
+    def checkpoint(self, now: float, task: str | None = None) -> None:
+        """Checkpoint every profile (of ``task``) now: on shutdown, or when a task exits."""
+        if self.store is None:
+            return
+        self.flush(now)
+        states = [(t, r.key, pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL), p.model_name, p.mae)
+                  for (t, r), p in self.profiles.items() if task is None or t == task]
+        self.store.write_tick(now, [], states)
+        for (t, r) in self.profiles:
+            if task is None or t == task:
+                self._since_checkpoint[(t, r)] = 0
 
     def get_predicted_needs(self, task: str, window: int) -> dict[ResourceType, Prediction]:
         """Forecast over the next ``window`` ticks for each resource the task has a profile for."""
@@ -102,7 +210,9 @@ class TaskProfiler:
                 continue
             series = prof.forecast(max(1, window))
             out[r] = Prediction(task, r, tuple(series), max(series), prof.model_name,
-                                prof.mae, len(prof.history))
+                                prof.mae, len(prof.history),
+                                _quantile(series, self.quantile_level), self.quantile_level,
+                                prof.loss)
         return out
 
     def analyze_task(self, task: str) -> dict[ResourceType, TaskAnalysis]:
@@ -116,6 +226,11 @@ class TaskProfiler:
         return out
 
     def forget(self, task: str) -> None:
+        """Drop ``task`` from memory; with a store its profile is checkpointed and kept there."""
+        if self.store is not None and any(t == task for t, _ in self.profiles):
+            import time
+
+            self.checkpoint(time.time(), task)
         for key in [k for k in self.profiles if k[0] == task]:
             del self.profiles[key]
 

@@ -1,0 +1,76 @@
+"""Online period detection: find the period of bursts that repeat (cron-like jobs, periodic batches).
+
+The autocorrelation of the recent samples is recomputed every ``every`` samples; the period is the
+first autocorrelation peak that is nearly as high as the highest one (so a period of 12 is not
+reported as 24), and it must be found twice in a row before it replaces the current one, so one
+noisy window does not rebuild every seasonal model.
+
+>>> d = PeriodDetector(max_period=30)
+>>> for i in range(200):
+...     _ = d.update(5.0 if i % 7 < 2 else 0.0)
+>>> d.period
+7
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+class PeriodDetector:
+    def __init__(self, max_period: int = 120, min_period: int = 2, every: int = 10,
+                 threshold: float = 0.3, window: int = 0):
+        self.max_period = int(max_period)
+        self.min_period = max(2, int(min_period))
+        self.every = max(1, int(every))
+        self.threshold = float(threshold)
+        self.window = int(window) or 4 * self.max_period
+        self.period = 0
+        self.strength = 0.0  # autocorrelation at the current period
+        self._buf: deque[float] = deque(maxlen=self.window)
+        self._n = 0
+        self._candidate = 0
+
+    def update(self, y: float) -> int:
+        """Add one sample; return the current period (0: none found)."""
+        self._buf.append(float(y))
+        self._n += 1
+        if self._n % self.every == 0:
+            found, strength = detect(list(self._buf), self.min_period, self.max_period,
+                                     self.threshold)
+            if found == self.period:
+                self.strength = strength
+            elif found and found == self._candidate or (found == 0 and self._candidate == 0):
+                self.period, self.strength = found, strength
+            self._candidate = found
+        return self.period
+
+
+def detect(samples: list[float], min_period: int = 2, max_period: int = 120,
+           threshold: float = 0.3) -> tuple[int, float]:
+    """(period, autocorrelation) of ``samples``, or (0, 0.0) when nothing repeats clearly.
+
+    Needs at least two full periods; a flat series has no period.
+    """
+    x = np.asarray(samples, dtype=float)
+    n = len(x)
+    hi = min(max_period, n // 2)
+    if hi < min_period:
+        return 0, 0.0
+    x = x - x.mean()
+    var = float(np.dot(x, x))
+    if var <= 1e-12 * max(1.0, n):
+        return 0, 0.0
+    acf = np.array([np.dot(x[:-k], x[k:]) / var * n / (n - k) for k in range(1, hi + 1)])
+    peaks = [k for k in range(min_period, hi + 1)
+             if acf[k - 1] >= threshold
+             and acf[k - 1] >= acf[k - 2]
+             and (k == hi or acf[k - 1] >= acf[k])]
+    if not peaks:
+        return 0, 0.0
+    best = max(acf[k - 1] for k in peaks)
+    for k in peaks:
+        if acf[k - 1] >= 0.85 * best:
+            return k, float(acf[k - 1])
+    return 0, 0.0
