@@ -29,6 +29,9 @@ class DaemonConfig:
     headroom: float = 0.2
     state_dir: str = ""
     history: int = 600
+    retention_days: float = 7.0    # profile history kept in state_dir/profiles.db
+    rollup_s: int = 300            # ...downsampled to buckets of this many seconds
+    checkpoint_every: int = 60     # ticks between forecaster checkpoints (samples every tick)
 
     @property
     def state_path(self) -> str:
@@ -116,7 +119,8 @@ def _number(value: Any, field_name: str, lo: float, hi: float | None = None) -> 
 
 
 def _daemon(d: Any) -> DaemonConfig:
-    _only(d, {"interval", "window", "headroom", "state_dir", "history"}, "daemon")
+    _only(d, {"interval", "window", "headroom", "state_dir", "history", "retention_days",
+              "rollup_s", "checkpoint_every"}, "daemon")
     interval = _number(d.get("interval", 1.0), "daemon.interval", 0.05, 3600)
     window = int(_number(d.get("window", 5), "daemon.window", 1, 10000))
     headroom = _number(d.get("headroom", 0.2), "daemon.headroom", 0.0, 10.0)
@@ -124,7 +128,12 @@ def _daemon(d: Any) -> DaemonConfig:
     state_dir = d.get("state_dir", "")
     if not isinstance(state_dir, str) or "\x00" in state_dir:
         raise ConfigError("daemon.state_dir", "must be a path")
-    return DaemonConfig(interval, window, headroom, state_dir, history)
+    retention_days = _number(d.get("retention_days", 7.0), "daemon.retention_days", 0.01, 3650)
+    rollup_s = int(_number(d.get("rollup_s", 300), "daemon.rollup_s", 1, 86400))
+    checkpoint_every = int(_number(d.get("checkpoint_every", 60), "daemon.checkpoint_every",
+                                   1, 1_000_000))
+    return DaemonConfig(interval, window, headroom, state_dir, history, retention_days, rollup_s,
+                        checkpoint_every)
 
 
 def _resources(d: Any) -> dict[ResourceType, int | None]:

@@ -151,6 +151,30 @@ class Daemon:
         total = self.pool.total(r) if r in self.pool else 1
         return make_forecaster(spec, scale=max(1, total))
 
+    def _open_profiles(self) -> None:
+        """Persistent profiles (state_dir/profiles.db): tasks start with what earlier runs learnt."""
+        from .predict.store import ProfileStore, Retention
+
+        d = self.config.daemon
+        try:
+            self.profiler.store = ProfileStore.in_dir(self.state_dir,
+                                                      Retention(d.retention_days, d.rollup_s))
+            self.profiler.checkpoint_every = d.checkpoint_every
+        except RswapError as err:
+            log.warning("profiles will not persist: %s", err)
+            self.profiler.store = None
+
+    def _close_profiles(self) -> None:
+        store = self.profiler.store
+        if store is None:
+            return
+        try:
+            self.profiler.checkpoint(time.time())
+        except RswapError as err:
+            log.warning("final profile checkpoint failed: %s", err)
+        self.profiler.store = None
+        store.close()
+
     def start(self) -> None:
         self.lock.acquire()
         try:
@@ -183,6 +207,7 @@ class Daemon:
                     self.cgroups.check_exists(cg)
                 resolved.append((t, cg))
             self._started = True
+            self._open_profiles()
             for t, cg in resolved:
                 self.manager.add_task(ManagedTask(t.name, t.priority, t.limits))
                 if cg.owned:
@@ -193,6 +218,7 @@ class Daemon:
                 if t.command:
                     rt.process = self._spawn(t.command, cg)
                 self.tasks[t.name] = rt
+                self.profiler.restore(t.name)
             for d in self.drivers.values():
                 d.open()
         except BaseException:
@@ -247,6 +273,7 @@ class Daemon:
             os.unlink(status_path())
         except FileNotFoundError:
             pass
+        self._close_profiles()
         self.lock.release()
         self.tasks.clear()
         self.drivers.clear()
@@ -272,6 +299,10 @@ class Daemon:
             self.tasks[name].usage = per_r
             preds = self.profiler.get_predicted_needs(name, self.config.daemon.window)
             forecasts[name] = {r: p.peak for r, p in preds.items()}
+        try:
+            self.profiler.flush(time.time())
+        except RswapError as err:  # a full disk must not stop allocation
+            log.warning("%s", err)
         result = self.manager.proactive_allocation(forecasts, usage)
         for ch in result.changes:
             rt = self.tasks.get(ch.task)

@@ -1,0 +1,266 @@
+"""Task profiles that survive restarts: an embedded SQLite database (stdlib ``sqlite3``, WAL).
+
+Layout, per series (a task's stable identity x a resource key):
+
+* ``sample``: every tick's units, one transaction per tick.  Rows are kept only until the series'
+  next checkpoint covers them; then they are folded into ``rollup`` and deleted.
+* ``state``: the pickled :class:`~.profile.TaskProfile` (history, forecaster, errors) at its last
+  checkpoint, with the serving model and its MAE in plain columns for inspection.
+* ``rollup``: the long-term history downsampled to ``rollup_s`` buckets (mean, max, count), kept
+  ``retention_days``.
+
+Loading a series gives its checkpoint plus the samples written after it; replaying them restores
+the profile exactly, so a restart or ``kill -9`` loses at most the tick that was being written.
+WAL with ``synchronous=NORMAL`` makes every committed tick survive a crash of the process (a
+power loss may lose the last few ticks; ``synchronous="FULL"`` trades speed for that).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..errors import ConfigError, RswapError
+
+DB_FILE = "profiles.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    identity TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    UNIQUE (identity, resource)
+);
+CREATE TABLE IF NOT EXISTS sample (
+    series INTEGER NOT NULL,
+    t REAL NOT NULL,
+    units REAL NOT NULL,
+    PRIMARY KEY (series, t)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (
+    series INTEGER PRIMARY KEY,
+    t REAL NOT NULL,
+    model TEXT,
+    mae REAL,
+    blob BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollup (
+    series INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    mean REAL NOT NULL,
+    max REAL NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (series, bucket)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class StoredProfile:
+    identity: str
+    resource: str
+    checkpoint_t: float | None
+    state: bytes | None
+    samples: tuple[float, ...]  # written after the checkpoint, oldest first
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much history the database keeps: ``rollup_s`` buckets for ``days`` days."""
+
+    days: float = 7.0
+    rollup_s: int = 300
+
+    def __post_init__(self):
+        if not self.days > 0:
+            raise ConfigError("daemon.retention_days", "must be positive")
+        if int(self.rollup_s) < 1:
+            raise ConfigError("daemon.rollup_s", "must be at least 1 second")
+
+
+def task_identity(name: str | None, command: Sequence[str] = ()) -> str:
+    """A task's stable identity: its configured name, else its command line.
+
+    The same identity next time means the profile of earlier runs is loaded before the first
+    sample.  Long command lines are shortened with a hash so the key stays small.
+    """
+    if name:
+        return name
+    if not command:
+        raise ConfigError("task", "needs a name or a command to be recognised across runs")
+    text = " ".join(command)
+    if len(text) <= 120:
+        return "cmd:" + text
+    return "cmd:" + text[:80] + "#" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ProfileStore:
+    def __init__(self, path: str, retention: Retention | None = None, synchronous: str = "NORMAL"):
+        self.path = path
+        self.retention = retention or Retention()
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ConfigError("synchronous", "NORMAL or FULL")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={synchronous}")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as err:
+            raise RswapError(f"{path}: cannot open the profile database: {err}") from err
+        self._ids: dict[tuple[str, str], int] = {}
+        self._last_prune = 0.0
+
+    @classmethod
+    def in_dir(cls, state_dir: str, retention: Retention | None = None) -> ProfileStore:
+        return cls(os.path.join(state_dir, DB_FILE), retention)
+
+    def close(self) -> None:
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+    def __enter__(self) -> ProfileStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing -------------------------------------------------------------------------------
+    def _series(self, identity: str, resource: str, now: float) -> int:
+        key = (identity, resource)
+        sid = self._ids.get(key)
+        if sid is None:
+            row = self.db.execute("SELECT id FROM series WHERE identity=? AND resource=?",
+                                  key).fetchone()
+            if row is None:
+                cur = self.db.execute("INSERT INTO series (identity, resource, first_seen, "
+                                      "last_seen) VALUES (?, ?, ?, ?)", (*key, now, now))
+                sid = cur.lastrowid
+            else:
+                sid = row[0]
+            self._ids[key] = sid
+        return sid
+
+    def write_tick(self, now: float, samples: Iterable[tuple[str, str, float]],
+                   states: Iterable[tuple[str, str, bytes, str, float | None]] = ()) -> None:
+        """One tick in one transaction: its samples, and the checkpoints that are due."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                seen = set()
+                rows = []
+                for identity, resource, units in samples:
+                    sid = self._series(identity, resource, now)
+                    seen.add(sid)
+                    rows.append((sid, now, float(units)))
+                self.db.executemany("INSERT OR REPLACE INTO sample VALUES (?, ?, ?)", rows)
+                states = list(states)
+                for identity, resource, blob, model, mae in states:
+                    sid = self._series(identity, resource, now)
+                    seen.add(sid)
+                    self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?)",
+                                    (sid, now, model, mae, blob))
+                if seen:
+                    self.db.executemany("UPDATE series SET last_seen=? WHERE id=?",
+                                        [(now, s) for s in seen])
+                if states:
+                    self._fold(now, [self._ids[(i, r)] for i, r, *_ in states])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as err:
+            raise RswapError(f"{self.path}: cannot write profiles: {err}") from err
+        if now - self._last_prune >= self.retention.rollup_s:
+            self.prune(now)
+
+    def _fold(self, now: float, sids: list[int]) -> None:
+        """Move samples a checkpoint now covers into the rollup buckets (inside the transaction)."""
+        b = int(self.retention.rollup_s)
+        for sid in sids:
+            rows = self.db.execute(
+                "SELECT CAST(t / ? AS INTEGER) * ?, SUM(units), MAX(units), COUNT(*) FROM sample "
+                "WHERE series=? AND t<=? GROUP BY 1", (b, b, sid, now)).fetchall()
+            for bucket, total, mx, n in rows:
+                old = self.db.execute("SELECT mean, max, n FROM rollup WHERE series=? AND bucket=?",
+                                      (sid, bucket)).fetchone()
+                if old:
+                    total += old[0] * old[2]
+                    mx = max(mx, old[1])
+                    n += old[2]
+                self.db.execute("INSERT OR REPLACE INTO rollup VALUES (?, ?, ?, ?, ?)",
+                                (sid, bucket, total / n, mx, n))
+            self.db.execute("DELETE FROM sample WHERE series=? AND t<=?", (sid, now))
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop rollups older than the retention, and series with nothing left; rows deleted."""
+        now = time.time() if now is None else now
+        self._last_prune = now
+        cutoff = now - self.retention.days * 86400
+        try:
+            with self.db:
+                n = self.db.execute("DELETE FROM rollup WHERE bucket < ?", (cutoff,)).rowcount
+                stale = [r[0] for r in self.db.execute(
+                    "SELECT id FROM series WHERE last_seen < ?", (cutoff,))]
+                for sid in stale:
+                    for table in ("sample", "rollup"):
+                        self.db.execute(f"DELETE FROM {table} WHERE series=?", (sid,))
+                    self.db.execute("DELETE FROM state WHERE series=?", (sid,))
+                    self.db.execute("DELETE FROM series WHERE id=?", (sid,))
+                self._ids = {k: v for k, v in self._ids.items() if v not in stale}
+        except sqlite3.Error as err:
+            raise RswapError(f"{self.path}: cannot prune profiles: {err}") from err
+        return n + len(stale)
+
+    # -- reading -------------------------------------------------------------------------------
+    def identities(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT identity FROM series ORDER BY 1")]
+
+    def resources_of(self, identity: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT resource FROM series WHERE identity=? ORDER BY 1", (identity,))]
+
+    def load(self, identity: str, resource: str) -> StoredProfile | None:
+        row = self.db.execute("SELECT id FROM series WHERE identity=? AND resource=?",
+                              (identity, resource)).fetchone()
+        if row is None:
+            return None
+        sid = row[0]
+        st = self.db.execute("SELECT t, blob FROM state WHERE series=?", (sid,)).fetchone()
+        t0 = st[0] if st else None
+        samples = self.db.execute("SELECT units FROM sample WHERE series=? AND t>? ORDER BY t",
+                                  (sid, t0 if t0 is not None else float("-inf"))).fetchall()
+        return StoredProfile(identity, resource, t0, st[1] if st else None,
+                             tuple(u for (u,) in samples))
+
+    def history(self, identity: str, resource: str) -> list[tuple[float, float, float, int]]:
+        """(time, mean, max, samples) oldest first: rollup buckets, then raw recent samples."""
+        row = self.db.execute("SELECT id FROM series WHERE identity=? AND resource=?",
+                              (identity, resource)).fetchone()
+        if row is None:
+            return []
+        out = [tuple(r) for r in self.db.execute(
+            "SELECT bucket, mean, max, n FROM rollup WHERE series=? ORDER BY bucket", (row[0],))]
+        out += [(t, u, u, 1) for t, u in self.db.execute(
+            "SELECT t, units FROM sample WHERE series=? ORDER BY t", (row[0],))]
+        return out
+
+    def size_bytes(self) -> int:
+        """Database plus its WAL, as it is on disk now."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
+
+    def vacuum(self) -> None:
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

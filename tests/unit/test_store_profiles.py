@@ -1,0 +1,132 @@
+"""Profiles in SQLite: restart, kill -9 and retention."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.predict.profile import TaskProfiler
+from rswap_ebpf.predict.store import ProfileStore, Retention, task_identity
+from rswap_ebpf.resources import ResourceType
+
+CPU = ResourceType.PROCESSOR_CYCLES
+IO = ResourceType.STORAGE_IOPS
+
+
+def y(i):
+    return 1500.0 if i % 12 < 4 else 50.0 + (i * 7919) % 37
+
+
+def profiler(store, **kw):
+    return TaskProfiler(lambda t, r: make_forecaster("auto", scale=2000), store=store, **kw)
+
+
+def test_restart_resumes_forecasts_exactly(tmp_path):
+    db = str(tmp_path / "p.db")
+    ref = profiler(None)
+    with ProfileStore(db) as st:
+        p = profiler(st, checkpoint_every=25)
+        for i in range(130):  # the last checkpoint is at 125: five samples replay on load
+            for prof in (p, ref):
+                prof.update_prediction("web", CPU, y(i))
+                prof.update_prediction("web", IO, y(i + 3) / 10)
+            p.flush(1000.0 + i)
+    with ProfileStore(db) as st:
+        p2 = profiler(st)
+        assert sorted(r.key for r in p2.restore("web")) == ["cpu", "io"]
+        got = p2.get_predicted_needs("web", 6)  # before any new sample
+        want = ref.get_predicted_needs("web", 6)
+        for r in (CPU, IO):
+            assert got[r].series == pytest.approx(want[r].series)
+            assert got[r].model == want[r].model
+            assert got[r].samples == want[r].samples
+
+
+def test_a_task_that_starts_again_has_its_earlier_profile(tmp_path):
+    with ProfileStore(str(tmp_path / "p.db")) as st:
+        p = profiler(st)
+        for i in range(100):
+            p.update_prediction("nightly", CPU, y(i))
+            p.flush(2000.0 + i)
+        p.forget("nightly")  # the task exited: checkpointed, dropped from memory
+        assert "nightly" not in p.tasks()
+        assert p.get_predicted_needs("nightly", 3) == {}
+        p.restore("nightly")
+        pred = p.get_predicted_needs("nightly", 12)[CPU]
+        assert pred.samples == 100
+        assert max(pred.series) > 1000  # it remembers the bursts
+
+
+def test_kill_9_loses_at_most_the_tick_in_flight(tmp_path):
+    db = str(tmp_path / "p.db")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from tests.unit.test_store_profiles import profiler, y, CPU
+        from rswap_ebpf.predict.store import ProfileStore
+        st = ProfileStore({db!r})
+        p = profiler(st, checkpoint_every=7)
+        i = 0
+        while True:
+            p.update_prediction("web", CPU, y(i))
+            p.flush(100.0 + i)
+            print(i, flush=True)
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        last = -1
+        for line in proc.stdout:
+            last = int(line)
+            if last >= 60:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    with ProfileStore(db) as st:
+        p = profiler(st)
+        p.restore("web")
+        n = p.profiles[("web", CPU)].history
+        kept = len(n)
+    assert last + 1 <= kept <= last + 2  # every reported tick, plus at most the one in flight
+    ref = profiler(None)
+    for i in range(kept):
+        ref.update_prediction("web", CPU, y(i))
+    assert p.get_predicted_needs("web", 5)[CPU].series == pytest.approx(
+        ref.get_predicted_needs("web", 5)[CPU].series)
+
+
+def test_samples_fold_into_rollups_and_retention_drops_old(tmp_path):
+    with ProfileStore(str(tmp_path / "p.db"), Retention(days=1, rollup_s=60)) as st:
+        p = profiler(st, checkpoint_every=10)
+        t0 = 1_000_000.0
+        for i in range(300):
+            p.update_prediction("a", CPU, 100.0 + i % 10)
+            p.flush(t0 + i)
+        raw = st.db.execute("SELECT COUNT(*) FROM sample").fetchone()[0]
+        assert raw < 10  # only what the last checkpoint does not cover
+        hist = st.history("a", "cpu")
+        assert sum(h[3] for h in hist) == 300
+        assert all(h[2] >= h[1] for h in hist)
+        assert len(hist) <= 6 + raw
+        st.prune(t0 + 2 * 86400)
+        assert st.history("a", "cpu") == []
+        assert st.identities() == []
+
+
+def test_task_identity():
+    assert task_identity("web", ("nginx",)) == "web"
+    assert task_identity(None, ("nginx", "-g", "daemon off;")) == "cmd:nginx -g daemon off;"
+    long = task_identity(None, ["x" * 200])
+    assert len(long) < 120 and long == task_identity(None, ["x" * 200])
+
+
+def test_wal_mode(tmp_path):
+    with ProfileStore(str(tmp_path / "p.db")) as st:
+        assert st.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
