@@ -284,26 +284,29 @@ class Daemon:
         self.tick_no += 1
         cgroups = {n: rt.cgroup for n, rt in self.tasks.items() if rt.exited is None}
         usage: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
+        observed: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
         for r, d in self.drivers.items():
             self.pool.monitor_resource(r)
-            for name, units in d.measure(cgroups).items():
+            measured = d.measure(cgroups)
+            capped = d.censored(cgroups)
+            for name, units in measured.items():
                 usage[name][r] = units
+                observed[name][r] = self.manager.observed_demand(name, r, units, capped.get(name))
         self._reap()
         forecasts: dict[str, dict[ResourceType, float]] = {}
-        for name, per_r in usage.items():
+        for name, per_r in observed.items():
             if self.tasks[name].exited is not None:
                 continue
             for r, units in per_r.items():
-                self.profiler.update_prediction(
-                    name, r, self.manager.observed_demand(name, r, units))
-            self.tasks[name].usage = per_r
+                self.profiler.update_prediction(name, r, units)
+            self.tasks[name].usage = usage[name]
             preds = self.profiler.get_predicted_needs(name, self.config.daemon.window)
             forecasts[name] = {r: p.peak for r, p in preds.items()}
         try:
             self.profiler.flush(time.time())
         except RswapError as err:  # a full disk must not stop allocation
             log.warning("%s", err)
-        result = self.manager.proactive_allocation(forecasts, usage)
+        result = self.manager.proactive_allocation(forecasts, observed)
         for ch in result.changes:
             rt = self.tasks.get(ch.task)
             driver = self.drivers.get(ch.resource)
@@ -312,7 +315,7 @@ class Daemon:
             driver.apply(rt.cgroup, ch.new)
         report = TickReport(self.tick_no, time.perf_counter() - t0, result, usage, forecasts)
         self.last_report = report
-        self._publish(report)
+        self._publish()
         if self.on_tick:
             self.on_tick(report)
         return report
@@ -339,6 +342,7 @@ class Daemon:
             signal.signal(s, on_signal)
         try:
             self.start()
+            self._publish()  # rswap status answers from the start, before the first tick
             self._print_header()
             next_at = time.monotonic() + interval
             while not self._stop and (count is None or self.tick_no < count):
@@ -390,7 +394,7 @@ class Daemon:
                 "shortfalls": [{"task": s.task, "resource": s.resource.key, "wanted": s.wanted,
                                 "granted": s.granted} for s in (rep.result.shortfalls if rep else [])]}
 
-    def _publish(self, report: TickReport) -> None:
+    def _publish(self) -> None:
         path = status_path()
         tmp = path + ".tmp"
         try:
@@ -404,12 +408,16 @@ class Daemon:
     def _say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
+    def _name_width(self) -> int:
+        return max([12] + [len(n) for n in self.tasks])
+
     def _print_header(self) -> None:
         totals = ", ".join(f"{r.key} {self.pool.total(r)} {r.unit}" for r in self.pool.types())
         mode = " (dry run: nothing is written)" if self.dry_run else ""
         self._say(f"rswap: {len(self.tasks)} task(s), pool: {totals}, every "
                   f"{self.config.daemon.interval:g}s{mode}; Ctrl-C stops and restores")
-        self._say(f"{'TICK':>5} {'TASK':<12} {'PRIO':<8} {'RES':<4} {'USED':>8} "
+        w = self._name_width()
+        self._say(f"{'TICK':>5} {'TASK':<{w}} {'PRIO':<8} {'RES':<4} {'USED':>8} "
                   f"{'FORECAST':>9} {'ALLOC':>8} {'FREE':>6}  EVENTS")
 
     def _print_tick(self, report: TickReport) -> None:
@@ -420,12 +428,13 @@ class Daemon:
             events.setdefault(s.target, []).append(f"took {s.units} from {s.source}")
         for sf in report.result.shortfalls:
             events.setdefault(sf.task, []).append(f"short {sf.missing}")
+        w = self._name_width()
         for name, rt in self.tasks.items():
             if rt.exited is not None:
                 continue
             for r in self.pool.types():
                 used = report.usage.get(name, {}).get(r, 0.0)
                 fc = report.forecasts.get(name, {}).get(r, 0.0)
-                self._say(f"{report.tick:>5} {name:<12.12} {rt.priority:<8} {r.key:<4} "
+                self._say(f"{report.tick:>5} {name:<{w}} {rt.priority:<8} {r.key:<4} "
                           f"{used:>7.0f}m {fc:>8.0f}m {self.pool.allocation(r, name):>7}m "
                           f"{self.pool.available(r):>5}m  " + "; ".join(events.get(name, [])))

@@ -51,6 +51,14 @@ class ResourceDriver:
         """Units each task used over the last tick."""
         raise NotImplementedError
 
+    def censored(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, bool]:
+        """Per task, whether its last measurement was held down by rswap's own limit.
+
+        A capped task cannot show its real demand; the manager then grows its allocation instead
+        of learning the capped figure.  Tasks left out are judged by usage/allocation alone.
+        """
+        return {}
+
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
         raise NotImplementedError
 

@@ -21,6 +21,7 @@ class CpuDriver(ResourceDriver):
         self.writer = cpu_writer(mounts)
         self.collector = collector or CpuCollector()
         self.last_dropped: dict[str, int] = {}
+        self._throttled: dict[str, int] = {}
 
     def total(self) -> int:
         return online_cpus() * 1000
@@ -35,6 +36,19 @@ class CpuDriver(ResourceDriver):
         for name, cg in tasks.items():
             ns = sum(delta.cgroup_ns.get(i, 0) for i in cg.cgroup_ids())
             out[name] = delta.millicores(ns)
+        return out
+
+    def censored(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, bool]:
+        """Throttled in the last tick (``nr_throttled`` went up) = its quota held it down."""
+        out = {}
+        for name, cg in tasks.items():
+            now = self.writer.throttled_count(cg)
+            if now is None:
+                continue
+            before = self._throttled.get(name)
+            self._throttled[name] = now
+            if before is not None:
+                out[name] = now > before
         return out
 
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:

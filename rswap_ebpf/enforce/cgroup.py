@@ -278,6 +278,22 @@ class CpuWriter:
         raise NotImplementedError
 
 
+    def throttled_count(self, cg: TaskCgroup) -> int | None:
+        """``nr_throttled`` from the task's ``cpu.stat``: periods in which its quota ran out."""
+        try:
+            with open(os.path.join(self._dir(cg), "cpu.stat")) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "nr_throttled":
+                        return int(value)
+        except (OSError, ValueError, FeatureMissing):
+            return None
+        return None
+
+    def _dir(self, cg: TaskCgroup) -> str:
+        raise NotImplementedError
+
+
 class CgroupV1CpuWriter(CpuWriter):
     """``cpu.cfs_quota_us`` over the existing ``cpu.cfs_period_us``, and ``cpu.shares``."""
 

@@ -69,7 +69,7 @@ class CpuCollector:
         if self.pin:
             try:
                 for name in MAPS:
-                    self.pinned.append(bpf.pin_map(self._bpf.get_table(name), name))
+                    self.pinned.append(bpf.pin_map(self._bpf.get_table(name.encode()), name))
             except BaseException:
                 self.close()
                 raise
@@ -81,9 +81,9 @@ class CpuCollector:
         if self._bpf is None:
             raise RuntimeError("collector is not open")
         now = time.monotonic_ns()
-        tasks = _drain(self._bpf.get_table("rswap_task_ns"))
-        cgroups = _drain(self._bpf.get_table("rswap_cgroup_ns"))
-        stats = self._bpf.get_table("rswap_stats")
+        tasks = _drain(self._bpf.get_table(b"rswap_task_ns"))
+        cgroups = _drain(self._bpf.get_table(b"rswap_cgroup_ns"))
+        stats = self._bpf.get_table(b"rswap_stats")
         dropped = {}
         for idx, label in enumerate(("task_map_full", "cgroup_map_full", "stale_delta")):
             v = sum(stats[stats.Key(idx)])

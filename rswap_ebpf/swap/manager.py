@@ -200,35 +200,41 @@ class SwapManager:
                 changes.append(Change(task, r, old, 0, "release"))
         return changes
 
-    def observed_demand(self, task: str, resource: ResourceType, used: float) -> float:
+    def observed_demand(self, task: str, resource: ResourceType, used: float,
+                        censored: bool | None = None) -> float:
         """What the task would have used had it not been capped: the sample to learn from.
 
         A task held at its allocation cannot show more use than that (its demand is censored).
-        When it uses ``saturation`` of what it holds, its demand is taken as ``growth`` times its
-        allocation, so both the forecaster and the next allocation see it climb until the cap no
-        longer binds.
+        ``censored`` comes from the kernel when the driver knows (CPU: the quota throttled it this
+        tick); otherwise a task using ``saturation`` of what it holds counts as censored.  A
+        censored task's demand is taken as ``growth`` times its allocation (at most the pool), so
+        the forecaster and the next allocation see it climb until the cap no longer binds.
         """
         held = self.pool.allocation(resource, task) if resource in self.pool else 0
-        if held > 0 and used >= self.saturation * held:
+        if censored is None:
+            censored = held > 0 and used >= self.saturation * held
+        if censored and held > 0:
             limit = self.tasks[task].limit(resource).max_units if task in self.tasks else None
             grown = min(held * self.growth, self.pool.total(resource))
             return max(used, min(grown, limit) if limit is not None else grown)
         return used
 
     def demand(self, task: str, resource: ResourceType, forecast: float,
-               used: float | None = None) -> int:
+               observed: float | None = None) -> int:
         """Forecast plus headroom, at least the observed demand, clamped to the task's limits."""
         t = self._task(task)
-        want = max(0.0, forecast)
-        if used is not None:
-            want = max(want, self.observed_demand(task, resource, used))
+        want = max(0.0, forecast, observed or 0.0)
         return t.limit(resource).clamp(math.ceil(want * (1.0 + self.headroom)))
 
     def proactive_allocation(self, forecasts: Mapping[str, Mapping[ResourceType, float]],
-                             usage: Mapping[str, Mapping[ResourceType, float]] | None = None
+                             observed: Mapping[str, Mapping[ResourceType, float]] | None = None
                              ) -> AllocationResult:
-        """Allocate every resource from the forecasts; return the changes in the order to apply."""
-        usage = usage or {}
+        """Allocate every resource from the forecasts; return the changes in the order to apply.
+
+        ``observed`` is this tick's demand per task (``observed_demand``): an allocation never
+        drops below what a task was just seen to need, whatever the forecast says.
+        """
+        usage = observed or {}
         result = AllocationResult()
         for r in self.pool.types():
             demands: dict[str, int] = {}

@@ -86,6 +86,10 @@ def test_saturated_task_is_offered_more_than_it_could_show():
     m.proactive_allocation({"a": {CPU: 300}})
     assert m.observed_demand("a", CPU, 295) == 600
     assert m.observed_demand("a", CPU, 100) == 100
+    # The kernel's word (throttled or not) overrides the usage ratio.
+    assert m.observed_demand("a", CPU, 100, censored=True) == 600
+    assert m.observed_demand("a", CPU, 295, censored=False) == 295
+    assert m.observed_demand("a", CPU, 295, censored=True) <= m.pool.total(CPU)
 
 
 def test_swap_resources_never_takes_from_a_higher_tier():
