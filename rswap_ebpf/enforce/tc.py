@@ -1,0 +1,360 @@
+"""Traffic control through pyroute2: the clsact BPF hook and the per-task HTB tree.
+
+Layout rswap builds on a task's egress interface::
+
+    clsact  ffff:    ingress + egress cls_bpf (direct-action) filters, prio RSWAP_PRIO
+    htb     1:       root, ``default 0``: traffic of no task goes out unshaped (HTB direct)
+      class 1:1      rate = ceil = interface total
+        class 1:<n>  one per task: rate = allocation, ceil = allocation + spare
+
+The egress BPF program writes the task's class id into ``skb->priority`` (HTB classifies by it),
+looking it up by the socket's cgroup in the ``rswap_net_class`` map (a :class:`ClassMap`).
+
+Every change is journalled first as a ``custom`` entry with an undo handler registered here, so
+``rswap restore`` in a fresh process removes the filters, the clsact qdisc rswap added, and puts the
+interface's original root qdisc back.  Original root qdiscs are restored by kind and handle; a root
+qdisc whose options rswap cannot recreate (htb, tbf, ...) is refused before anything changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import ConfigError, EnforceError, FeatureMissing
+from .journal import Journal, register_undo
+
+log = logging.getLogger(__name__)
+
+RSWAP_PRIO = 0xC0DE          # filter priority marking rswap's cls_bpf filters
+HTB_MAJOR = 0x1
+ROOT_CLASS = 0x10001         # 1:1
+FIRST_TASK_MINOR = 0x10
+MIN_RATE_BYTES = 125         # HTB needs a rate > 0: 1 kbit/s
+#: Root qdiscs rswap may replace: they carry no configuration worth keeping, so recreating them by
+#: kind (or letting the kernel reinstate its default) restores the interface exactly.
+RESTORABLE_ROOTS = {"noqueue", "pfifo_fast", "fq_codel", "fq", "sfq", "pfifo", "bfifo", "mq", "cake"}
+_IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
+CLSACT_KIND = "tc-clsact"
+FILTER_KIND = "tc-bpf-filter"
+ROOT_KIND = "tc-root"
+
+
+@dataclass(frozen=True)
+class Iface:
+    """An interface, optionally inside a named network namespace (``ip netns``)."""
+
+    name: str
+    netns: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.netns}:{self.name}" if self.netns else self.name
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "netns": self.netns}
+
+
+def pyroute2():
+    try:
+        import pyroute2 as mod
+    except ImportError as err:
+        raise FeatureMissing("pyroute2", str(err), "pip install pyroute2 (tools/setup does)") from None
+    return mod
+
+
+@contextlib.contextmanager
+def ipr(iface: Iface) -> Iterator:
+    mod = pyroute2()
+    try:
+        ip = mod.IPRoute(netns=iface.netns) if iface.netns else mod.IPRoute()
+    except Exception as err:
+        raise ConfigError("net.interface", f"cannot open network namespace {iface.netns!r}: {err}") from None
+    try:
+        yield ip
+    finally:
+        ip.close()
+
+
+def ifindex(ip, iface: Iface) -> int:
+    idx = ip.link_lookup(ifname=iface.name)
+    if not idx:
+        raise ConfigError("net.interface", f"no interface {iface}")
+    return idx[0]
+
+
+def parse_iface(text: object, field_name: str = "net.interface") -> Iface:
+    """``eth0`` or ``netns:eth0`` -> :class:`Iface`, checked to exist (ConfigError otherwise)."""
+    if not isinstance(text, str) or not text:
+        raise ConfigError(field_name, f"{text!r} is not an interface name")
+    netns, _, name = text.rpartition(":")
+    if not _IFNAME_RE.match(name) or (netns and not _IFNAME_RE.match(netns.replace(".", "x"))):
+        raise ConfigError(field_name, f"{text!r} is not an interface name ([netns:]ifname)")
+    iface = Iface(name, netns or None)
+    import os
+
+    if netns and not os.path.exists(os.path.join("/var/run/netns", netns)):
+        raise ConfigError(field_name, f"no network namespace {netns!r} (ip netns list)")
+    with ipr(iface) as ip:
+        ifindex(ip, iface)
+    return iface
+
+
+def _nl_error(err: Exception, iface: Iface, what: str) -> Exception:
+    code = getattr(err, "code", None)
+    if code in (errno.EOPNOTSUPP, errno.ENOENT) and "bpf" in what:
+        return FeatureMissing(f"tc {what}", f"{iface}: {err}", "the kernel needs CONFIG_NET_CLS_BPF "
+                              "and CONFIG_NET_SCH_INGRESS (clsact)")
+    return EnforceError(f"tc:{iface}", f"{what}: {err}")
+
+
+def _qdiscs(ip, idx: int) -> list:
+    return [q for q in ip.get_qdiscs(index=idx)]
+
+
+def _kind(msg) -> str:
+    return msg.get_attr("TCA_KIND")
+
+
+# -- clsact + cls_bpf --------------------------------------------------------------------------
+def attach_bpf(journal: Journal | None, iface: Iface, ingress_fd: int | None, egress_fd: int | None,
+               name: str = "rswap") -> None:
+    """Add clsact (when absent) and rswap's direct-action filters on ingress and egress."""
+    with ipr(iface) as ip:
+        idx = ifindex(ip, iface)
+        has_clsact = any(_kind(q) == "clsact" for q in _qdiscs(ip, idx))
+        if not has_clsact:
+            if journal is not None:
+                journal.record_custom(CLSACT_KIND, iface.as_dict())
+            try:
+                ip.tc("add", "clsact", idx)
+            except Exception as err:
+                raise _nl_error(err, iface, "clsact qdisc") from None
+        for parent, fd in (("ffff:fff2", ingress_fd), ("ffff:fff3", egress_fd)):
+            if fd is None:
+                continue
+            data = {**iface.as_dict(), "parent": parent}
+            if journal is not None:
+                journal.record_custom(FILTER_KIND, data)
+            try:
+                ip.tc("add-filter", "bpf", idx, ":1", fd=fd, name=f"{name}_{parent[-1]}",
+                      parent=parent, prio=RSWAP_PRIO, direct_action=True, classid=1)
+            except Exception as err:
+                raise _nl_error(err, iface, "cls_bpf filter") from None
+
+
+def detach_bpf(iface: Iface, remove_clsact: bool) -> None:
+    for parent in ("ffff:fff2", "ffff:fff3"):
+        _undo_filter({**iface.as_dict(), "parent": parent})
+    if remove_clsact:
+        _undo_clsact(iface.as_dict())
+
+
+def _undo_filter(data: dict) -> None:
+    iface = Iface(data["name"], data.get("netns"))
+    try:
+        with ipr(iface) as ip:
+            idx = ip.link_lookup(ifname=iface.name)
+            if not idx:
+                return
+            try:
+                ip.tc("del-filter", "bpf", idx[0], ":1", parent=data["parent"], prio=RSWAP_PRIO)
+            except Exception as err:
+                if getattr(err, "code", None) not in (errno.ENOENT, errno.EINVAL):
+                    raise
+    except ConfigError:
+        return  # the namespace is gone, and the filter with it
+
+
+def _undo_clsact(data: dict) -> None:
+    iface = Iface(data["name"], data.get("netns"))
+    try:
+        with ipr(iface) as ip:
+            idx = ip.link_lookup(ifname=iface.name)
+            if not idx:
+                return
+            try:
+                ip.tc("del", "clsact", idx[0])
+            except Exception as err:
+                if getattr(err, "code", None) not in (errno.ENOENT, errno.EINVAL):
+                    raise
+    except ConfigError:
+        return
+
+
+register_undo(FILTER_KIND, _undo_filter)
+register_undo(CLSACT_KIND, _undo_clsact)
+
+
+# -- HTB ------------------------------------------------------------------------------------------
+class ClassMap(Protocol):
+    """cgroup2 id -> HTB class id, read by the egress BPF program (``rswap_net_class``)."""
+
+    def set(self, cgroup_id: int, classid: int) -> None: ...
+
+    def remove(self, cgroup_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class HtbClass:
+    classid: int
+    rate_bytes_per_s: int
+    ceil_bytes_per_s: int
+
+
+class HtbEnforcer:
+    """One HTB class per task on one interface: apply()/current()/restore()."""
+
+    def __init__(self, journal: Journal, iface: Iface, total_bytes_per_s: int,
+                 class_map: ClassMap | None = None, dry_run: bool = False):
+        self.journal = journal
+        self.iface = iface
+        self.total = max(MIN_RATE_BYTES, int(total_bytes_per_s))
+        self.class_map = class_map
+        self.dry_run = dry_run
+        self.classes: dict[str, int] = {}
+        self.rates: dict[str, int] = {}
+        self._cgroups: dict[str, set[int]] = {}
+        self._ready = False
+        self.planned: list[tuple[str, HtbClass]] = []
+
+    def setup(self) -> None:
+        """Journal the original root qdisc, then put rswap's HTB root and its 1:1 class there."""
+        if self._ready or self.dry_run:
+            self._ready = True
+            return
+        with ipr(self.iface) as ip:
+            idx = ifindex(ip, self.iface)
+            root = next((q for q in _qdiscs(ip, idx) if q["parent"] == 0xFFFFFFFF), None)
+            kind = _kind(root) if root is not None else "noqueue"
+            handle = root["handle"] if root is not None else 0
+            if kind == "htb" and handle == HTB_MAJOR << 16 and self._journalled_root():
+                pass  # ours, from this run's journal (a restart after restore failed)
+            elif kind not in RESTORABLE_ROOTS:
+                raise EnforceError(f"tc:{self.iface}", f"root qdisc {kind} {handle >> 16:x}: has a "
+                                   "configuration rswap cannot restore; remove it or choose another "
+                                   "interface")
+            self.journal.record_custom(ROOT_KIND, {**self.iface.as_dict(), "kind": kind,
+                                                   "handle": handle})
+            try:
+                ip.tc("replace", "htb", idx, HTB_MAJOR << 16, default=0)
+                ip.tc("replace-class", "htb", idx, ROOT_CLASS, parent=HTB_MAJOR << 16,
+                      rate=self.total, ceil=self.total)
+            except Exception as err:
+                raise _nl_error(err, self.iface, "htb qdisc") from None
+        self._ready = True
+
+    def _journalled_root(self) -> bool:
+        return any(e.get("kind") == ROOT_KIND and e["data"].get("name") == self.iface.name
+                   for e in self.journal.entries() if e.get("op") == "custom")
+
+    def classid(self, task: str) -> int:
+        if task not in self.classes:
+            self.classes[task] = (HTB_MAJOR << 16) | (FIRST_TASK_MINOR + len(self.classes))
+        return self.classes[task]
+
+    def spare(self) -> int:
+        return max(0, self.total - sum(self.rates.values()))
+
+    def apply(self, task: str, cgroup_ids: set[int], bytes_per_s: int) -> list[HtbClass]:
+        """Set ``task``'s rate, refresh every class's ceil to rate + spare, map its cgroups."""
+        self.setup()
+        self.rates[task] = max(MIN_RATE_BYTES, int(bytes_per_s))
+        cid = self.classid(task)
+        spare = self.spare()
+        done = []
+        for name, rate in self.rates.items():
+            cls = HtbClass(self.classid(name), rate, min(self.total, rate + spare))
+            if self.dry_run:
+                self.planned.append((name, cls))
+                continue
+            with ipr(self.iface) as ip:
+                idx = ifindex(ip, self.iface)
+                try:
+                    ip.tc("replace-class", "htb", idx, cls.classid, parent=ROOT_CLASS,
+                          rate=cls.rate_bytes_per_s, ceil=cls.ceil_bytes_per_s)
+                except Exception as err:
+                    raise _nl_error(err, self.iface, "htb class") from None
+            done.append(cls)
+        if self.class_map is not None and not self.dry_run:
+            old = self._cgroups.get(task, set())
+            for cg in old - cgroup_ids:
+                self.class_map.remove(cg)
+            for cg in cgroup_ids:
+                self.class_map.set(cg, cid)
+            self._cgroups[task] = set(cgroup_ids)
+        return done
+
+    def current(self) -> dict[int, HtbClass]:
+        """Class id -> rate and ceil as the kernel has them now."""
+        out = {}
+        with ipr(self.iface) as ip:
+            idx = ifindex(ip, self.iface)
+            for c in ip.get_classes(index=idx):
+                if _kind(c) != "htb":
+                    continue
+                parms = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
+                rate64 = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_RATE64")
+                ceil64 = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_CEIL64")
+                out[c["handle"]] = HtbClass(c["handle"], rate64 or parms["rate"],
+                                            ceil64 or parms["ceil"])
+        return out
+
+    def forget(self, task: str) -> None:
+        """A task left: its class stays until restore, its cgroups are unmapped."""
+        for cg in self._cgroups.pop(task, set()):
+            if self.class_map is not None:
+                self.class_map.remove(cg)
+        self.rates.pop(task, None)
+
+    def restore(self) -> None:
+        """Put the original root qdisc back (this enforcer's journal entries, newest first)."""
+        for cgs in self._cgroups.values():
+            for cg in cgs:
+                if self.class_map is not None:
+                    self.class_map.remove(cg)
+        self._cgroups.clear()
+        for entry in reversed(self.journal.entries()):
+            if entry.get("op") == "custom" and entry.get("kind") == ROOT_KIND and \
+                    entry["data"].get("name") == self.iface.name and \
+                    entry["data"].get("netns") == self.iface.netns:
+                _undo_root(entry["data"])
+        self._ready = False
+        self.rates.clear()
+        self.classes.clear()
+
+
+def _undo_root(data: dict) -> None:
+    iface = Iface(data["name"], data.get("netns"))
+    try:
+        with ipr(iface) as ip:
+            idx = ip.link_lookup(ifname=iface.name)
+            if not idx:
+                return
+            idx = idx[0]
+            root = next((q for q in _qdiscs(ip, idx) if q["parent"] == 0xFFFFFFFF), None)
+            if root is not None and _kind(root) == "htb":
+                try:
+                    ip.tc("del", "htb", idx, root["handle"])
+                except Exception as err:
+                    if getattr(err, "code", None) not in (errno.ENOENT, errno.EINVAL):
+                        raise
+            # Deleting the root reinstates the kernel's default; recreate the original if differs.
+            root = next((q for q in _qdiscs(ip, idx) if q["parent"] == 0xFFFFFFFF), None)
+            now = _kind(root) if root is not None else "noqueue"
+            want = data["kind"]
+            if now != want and want != "noqueue":
+                ip.tc("replace", want, idx, data.get("handle") or 0)
+    except ConfigError:
+        return
+
+
+register_undo(ROOT_KIND, _undo_root)
+
+
+def rates_text(classes: Mapping[int, HtbClass]) -> str:
+    return ", ".join(f"{c >> 16:x}:{c & 0xffff:x} rate {h.rate_bytes_per_s * 8 / 1e6:.1f}Mbit "
+                     f"ceil {h.ceil_bytes_per_s * 8 / 1e6:.1f}Mbit" for c, h in sorted(classes.items()))

@@ -1,0 +1,231 @@
+"""tc clsact accounting and HTB caps, in two network namespaces joined by veth (made here)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rswap_ebpf.enforce.cgroup import CgroupManager, detect_mounts
+from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.enforce.tc import HtbEnforcer, Iface, parse_iface
+from rswap_ebpf.errors import ConfigError
+from rswap_ebpf.sense.net import EGRESS, INGRESS, NetCollector
+
+MBIT = 1_000_000 // 8  # bytes/s
+
+# Receiver in the peer namespace: counts bytes per source port over [skip, seconds] and prints JSON.
+RECEIVER = r"""
+import json, select, socket, sys, time
+port, conns, seconds, skip = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port)); srv.listen(8); srv.settimeout(15)
+print("ready", flush=True)
+socks = {}
+for _ in range(conns):
+    c, (_, p) = srv.accept(); c.setblocking(False); socks[c] = [p, 0, 0]
+start = time.monotonic(); end = start + seconds
+while time.monotonic() < end:
+    r, _, _ = select.select(list(socks), [], [], 0.1)
+    in_window = time.monotonic() - start >= skip
+    for c in r:
+        n = len(c.recv(1 << 20) or b"")
+        socks[c][1 if in_window else 2] += n
+out = {str(v[0]): v[1] / (seconds - skip) for v in socks.values()}
+print(json.dumps(out), flush=True)
+"""
+# Sender: connects from a given source port and writes for `seconds` (bounded).
+SENDER = r"""
+import socket, sys, time
+host, port, sport, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", sport)); s.connect((host, port)); s.settimeout(2)
+buf = b"x" * 65536; end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        s.send(buf)
+    except (socket.timeout, BlockingIOError):
+        pass
+    except OSError:
+        break
+s.close()
+"""
+
+
+def sh(*argv, check=True):
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
+
+
+@pytest.fixture
+def netpair(unique_name):
+    """nsA (veth a, 10.77.0.1) <-> nsB (veth b, 10.77.0.2)."""
+    a, b = f"{unique_name}a", f"{unique_name}b"
+    sh("ip", "netns", "add", a)
+    try:
+        sh("ip", "netns", "add", b)
+        sh("ip", "link", "add", "va", "netns", a, "type", "veth", "peer", "name", "vb", "netns", b)
+        for ns, dev, addr in ((a, "va", "10.77.0.1/24"), (b, "vb", "10.77.0.2/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield Iface("va", a), a, b
+    finally:
+        sh("ip", "netns", "del", b, check=False)
+        sh("ip", "netns", "del", a, check=False)
+
+
+@pytest.fixture
+def pin_dir(unique_name, monkeypatch):
+    d = f"/sys/fs/bpf/rswap-test-{unique_name}"
+    monkeypatch.setenv("RSWAP_PIN_DIR", d)
+    yield d
+    assert not os.path.exists(d), f"pins left behind in {d}"
+
+
+@pytest.fixture
+def journal(rswap_env):
+    j = Journal(os.path.join(rswap_env["state"], "journal.jsonl"))
+    yield j
+    report = j.restore()
+    assert not report.failed, report.failed
+
+
+@pytest.fixture
+def two_cgroups(journal, unique_name):
+    mgr = CgroupManager(journal, detect_mounts())
+    cgs = [mgr.resolve(f"net{i}-{unique_name}", None) for i in (1, 2)]
+    for cg in cgs:
+        mgr.create(cg)
+    return cgs
+
+
+def spawn_in(cg, argv, **kw):
+    procs = [os.path.join(d, "cgroup.procs") for d in cg.dirs.values()]
+
+    def enter():
+        for p in procs:
+            with open(p, "w") as f:
+                f.write(str(os.getpid()))
+
+    return subprocess.Popen(argv, preexec_fn=enter, **kw)
+
+
+def streams(ns_a, ns_b, cgs, seconds=4.0, skip=1.0, port=5201):
+    """One TCP stream per cgroup from nsA to nsB; bytes/s each received in [skip, seconds]."""
+    recv = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-c", RECEIVER, str(port),
+                             str(len(cgs)), str(seconds), str(skip)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    senders = []
+    try:
+        assert recv.stdout.readline().strip() == "ready"
+        for i, cg in enumerate(cgs):
+            senders.append(spawn_in(cg, ["ip", "netns", "exec", ns_a, sys.executable, "-c", SENDER,
+                                         "10.77.0.2", str(port), str(40000 + i), str(seconds + 0.5)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        out, err = recv.communicate(timeout=seconds + 20)
+        assert recv.returncode == 0, err
+        rates = json.loads(out.strip().splitlines()[-1])
+        return [rates[str(40000 + i)] for i in range(len(cgs))]
+    finally:
+        for p in senders + [recv]:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+
+
+def tc_show(ns, what, dev="va"):
+    """``tc qdisc|class show``, or ``tc filter show ... ingress|egress`` ("" when no clsact)."""
+    obj, *where = what.split()
+    return sh("ip", "netns", "exec", ns, "tc", obj, "show", "dev", dev, *where, check=False).stdout
+
+
+def test_net_counts_egress_per_cgroup_ingress_per_interface(netpair, pin_dir, journal, two_cgroups):
+    iface, ns_a, ns_b = netpair
+    with NetCollector([iface], journal=journal) as col:
+        assert sorted(os.listdir(pin_dir)) == sorted(["rswap_net_bytes", "rswap_net_class",
+                                                      "rswap_net_stats"])
+        assert "rswap_" in tc_show(ns_a, "filter egress") and "rswap_" in tc_show(ns_a, "filter ingress")
+        col.drain()
+        r1, r2 = streams(ns_a, ns_b, two_cgroups, seconds=2.0, skip=0.0)
+        delta = col.drain()
+        idx = col.ifindex[iface]
+        sent = [delta.for_cgroups(cg.cgroup_ids(), idx, EGRESS).bytes for cg in two_cgroups]
+        # Egress (payload + headers) is at least what the receiver got, within 5% overhead.
+        for s, r in zip(sent, (r1, r2)):
+            assert r * 2.0 <= s <= r * 2.0 * 1.05 + 100_000
+        assert delta.ingress(idx).packets > 0  # the receiver's ACKs, per interface
+        assert not delta.for_cgroups({c for cg in two_cgroups for c in cg.cgroup_ids()}, idx,
+                                     INGRESS).packets
+    # Detached: no clsact, no filter, no pins.
+    assert "clsact" not in tc_show(ns_a, "qdisc")
+    assert tc_show(ns_a, "filter ingress") == tc_show(ns_a, "filter egress") == ""
+
+
+def test_net_htb_caps_one_task_and_swap_moves_the_cap(netpair, pin_dir, journal, two_cgroups):
+    iface, ns_a, ns_b = netpair
+    cg1, cg2 = two_cgroups
+    # The operator set pfifo_fast as root (veth default: noqueue): it must come back exactly.
+    sh("ip", "netns", "exec", ns_a, "tc", "qdisc", "replace", "dev", "va", "root", "handle", "5:",
+       "pfifo_fast")
+    before = tc_show(ns_a, "qdisc").split(" refcnt")[0]
+    total = 210 * MBIT
+    with NetCollector([iface], journal=journal) as col:
+        htb = HtbEnforcer(journal, iface, total, col.class_map())
+        htb.apply("t1", cg1.cgroup_ids(), 10 * MBIT)
+        htb.apply("t2", cg2.cgroup_ids(), 200 * MBIT)
+        classes = htb.current()
+        assert classes[htb.classid("t1")].rate_bytes_per_s == 10 * MBIT
+        assert classes[htb.classid("t1")].ceil_bytes_per_s == 10 * MBIT  # no spare left
+        r1, r2 = streams(ns_a, ns_b, [cg1, cg2])
+        assert r1 == pytest.approx(10 * MBIT, rel=0.10)
+        assert r2 > 3 * 10 * MBIT  # the other task is not held at 10 Mbit/s
+        # Swap: one tick's apply() moves the cap to the other task.
+        htb.apply("t1", cg1.cgroup_ids(), 200 * MBIT)
+        htb.apply("t2", cg2.cgroup_ids(), 10 * MBIT)
+        r1, r2 = streams(ns_a, ns_b, [cg1, cg2], port=5202)
+        assert r2 == pytest.approx(10 * MBIT, rel=0.10)
+        assert r1 > 3 * 10 * MBIT
+        htb.restore()
+        assert "htb" not in tc_show(ns_a, "qdisc")
+        assert tc_show(ns_a, "class") == ""
+        assert col.class_map().items() == {}
+    after = tc_show(ns_a, "qdisc").split(" refcnt")[0]
+    assert after == before == "qdisc pfifo_fast 5: root"
+    assert tc_show(ns_a, "filter ingress") == tc_show(ns_a, "filter egress") == ""
+    pinned = sh("bpftool", "-j", "map", "show").stdout
+    assert pin_dir not in pinned and not os.path.exists(pin_dir)
+
+
+def test_net_journal_restore_in_fresh_process_removes_everything(netpair, pin_dir, journal,
+                                                                 two_cgroups):
+    """A killed rswap: the journal alone takes the HTB tree, filters and clsact away."""
+    iface, ns_a, _ = netpair
+    col = NetCollector([iface], journal=journal).open()
+    htb = HtbEnforcer(journal, iface, 100 * MBIT, col.class_map())
+    htb.apply("t1", two_cgroups[0].cgroup_ids(), 5 * MBIT)
+    assert "htb" in tc_show(ns_a, "qdisc") and "clsact" in tc_show(ns_a, "qdisc")
+    assert "rswap" in tc_show(ns_a, "filter egress")
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; from rswap_ebpf.enforce.journal import Journal; "
+                          "r = Journal(sys.argv[1]).restore(); print(r.failed)", journal.path],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    qd = tc_show(ns_a, "qdisc")
+    assert "htb" not in qd and "clsact" not in qd and "noqueue" in qd
+    assert tc_show(ns_a, "filter egress") == "" and tc_show(ns_a, "class") == ""
+    col.pinned, col._attached = col.pinned, []  # already restored; only unpin and unload
+    col.close()
+
+
+def test_net_bad_interface_is_config_error(netpair):
+    _, ns_a, _ = netpair
+    with pytest.raises(ConfigError, match="no interface"):
+        parse_iface(f"{ns_a}:nosuch0")
+    with pytest.raises(ConfigError, match="no network namespace"):
+        parse_iface("nosuchns-rswap:va")
+    with pytest.raises(ConfigError, match="not an interface name"):
+        parse_iface("a/b")
+    assert parse_iface(f"{ns_a}:va") == Iface("va", ns_a)
