@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--count", type=_count, metavar="N", help="stop after N ticks")
     run.add_argument("--dry-run", action="store_true", help="plan and print, write no limit")
     run.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
+    from .cli_ops import add_run_options
+
+    add_run_options(run)  # --metrics-port, --metrics-address, --history
 
     st = sub.add_parser("status", help="show the running daemon's pool and tasks")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -132,7 +135,11 @@ def cmd_run(args) -> int:
     _need_root("run")
     from .daemon import Daemon
 
-    return Daemon(cfg, dry_run=args.dry_run).run(args.count)
+    from .cli_ops import observe
+
+    daemon = Daemon(cfg, dry_run=args.dry_run)
+    with observe(daemon, args):
+        return daemon.run(args.count)
 
 
 def cmd_status(args) -> int:

@@ -102,7 +102,7 @@ def cmd_plot(args) -> int:
 def cmd_maps(args) -> int:
     import json
 
-    from .maps import list_pinned
+    from .bpfinfo import list_pinned
 
     pins = list_pinned()
     if args.json:
@@ -118,3 +118,79 @@ def cmd_maps(args) -> int:
         print(f"{p.name:<24} {p.map_type:<16} key {p.key_size:>3}B value {p.value_size:>5}B "
               f"max {p.max_entries:>7}  {p.dump_command}")
     return 0
+
+
+def add_run_options(run) -> None:
+    """``rswap run`` options for watching the daemon (called by cli.build_parser)."""
+    def port(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a TCP port, got {text!r}") from None
+        if not 0 <= v <= 65535:
+            raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {text}")
+        return v
+
+    run.add_argument("--metrics-port", type=port, metavar="PORT",
+                     help="serve Prometheus metrics on http://ADDRESS:PORT/metrics")
+    run.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                     help="address the metrics server binds (default 127.0.0.1; 0.0.0.0 for "
+                     "a Prometheus on another host)")
+    run.add_argument("--history", metavar="FILE",
+                     help="append each tick's status (JSON lines) to FILE, for rswap plot")
+
+
+class Observers:
+    """What ``rswap run`` feeds each tick besides its own output: exporter, history file."""
+
+    def __init__(self, daemon, metrics_port: int | None = None, metrics_address: str = "127.0.0.1",
+                 history: str | None = None):
+        from .errors import ConfigError
+
+        self.daemon = daemon
+        self.exporter = None
+        self.history = None
+        self.port = None
+        if history:
+            try:
+                self.history = open(history, "a", encoding="utf-8")
+            except OSError as err:
+                raise ConfigError("--history", f"cannot open {history}: {err.strerror}") from None
+        if metrics_port is not None:
+            from .metrics import MetricsExporter
+
+            self.exporter = MetricsExporter()
+            self.port = self.exporter.serve(metrics_port, metrics_address)
+            print(f"rswap: metrics on http://{metrics_address}:{self.port}/metrics", flush=True)
+        self._previous = daemon.on_tick
+        daemon.on_tick = self.on_tick
+
+    def on_tick(self, report) -> None:
+        import json
+
+        if self._previous:
+            self._previous(report)
+        status = self.daemon.status() if (self.exporter or self.history) else None
+        if self.exporter:
+            self.exporter.update(status, report.duration_s)
+        if self.history:
+            self.history.write(json.dumps(status, separators=(",", ":")) + "\n")
+            self.history.flush()
+
+    def close(self) -> None:
+        self.daemon.on_tick = self._previous
+        if self.exporter:
+            self.exporter.close()
+        if self.history:
+            self.history.close()
+
+    def __enter__(self) -> Observers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def observe(daemon, args) -> Observers:
+    return Observers(daemon, getattr(args, "metrics_port", None),
+                     getattr(args, "metrics_address", "127.0.0.1"), getattr(args, "history", None))
