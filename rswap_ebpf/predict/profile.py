@@ -205,8 +205,9 @@ class TaskProfiler:
     def get_predicted_needs(self, task: str, window: int) -> dict[ResourceType, Prediction]:
         """Forecast over the next ``window`` ticks for each resource the task has a profile for."""
         out = {}
-        for (t, r), prof in self.profiles.items():
-            if t != task:
+        for r in ResourceType:  # keyed lookups: a scan of every profile is O(tasks) per task
+            prof = self.profiles.get((task, r))
+            if prof is None:
                 continue
             series = prof.forecast(max(1, window))
             out[r] = Prediction(task, r, tuple(series), max(series), prof.model_name,
@@ -217,8 +218,9 @@ class TaskProfiler:
 
     def analyze_task(self, task: str) -> dict[ResourceType, TaskAnalysis]:
         out = {}
-        for (t, r), prof in self.profiles.items():
-            if t != task or not prof.history:
+        for r in ResourceType:
+            prof = self.profiles.get((task, r))
+            if prof is None or not prof.history:
                 continue
             h = prof.history
             out[r] = TaskAnalysis(r, len(h), h[-1], sum(h) / len(h), max(h),
