@@ -47,6 +47,8 @@ class TaskConfig:
     pids: tuple[int, ...] = ()
     forecaster: Any = None
     limits: dict[ResourceType, Limits] = field(default_factory=dict)
+    #: what a per-device resource applies to: io -> BlockDevice, net -> Iface (TASK_TARGETS)
+    targets: dict[ResourceType, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class Config:
     totals: dict[ResourceType, int | None]
     tasks: tuple[TaskConfig, ...]
     source: str = "<embedded default>"
+    #: per-resource settings besides ``total`` (RESOURCE_OPTIONS), e.g. the co-processor's probe
+    options: dict[ResourceType, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def resources(self) -> set[ResourceType]:
@@ -97,7 +101,8 @@ def parse(text: str, source: str = "<string>") -> Config:
             raise ConfigError(f"task[{i}].name", f"{t.name!r} is used twice")
         names.add(t.name)
         tasks.append(t)
-    return Config(daemon, totals, tuple(tasks), source)
+    return Config(daemon, totals, tuple(tasks), source,
+                  _resource_options(data.get("resources", {})))
 
 
 def _only(table: dict, allowed: set[str], where: str) -> None:
@@ -142,9 +147,63 @@ def _resources(d: Any) -> dict[ResourceType, int | None]:
     out: dict[ResourceType, int | None] = {}
     for key, table in d.items():
         r = ResourceType.parse(key, f"resources.{key}")
-        _only(table, {"total"}, f"resources.{key}")
+        _only(table, {"total"} | set(RESOURCE_OPTIONS.get(r, {})), f"resources.{key}")
         total = table.get("total", "auto")
         out[r] = None if total == "auto" else check_units(total, f"resources.{key}.total")
+    return out
+
+
+def _bool_option(value: Any, field_name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(field_name, f"expected true or false, got {value!r}")
+    return value
+
+
+def _argv_option(value: Any, field_name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ConfigError(field_name, "must be a list of arguments, e.g. [\"/usr/bin/probe\", \"--all\"]")
+    if not isinstance(value, list) or not value or not all(
+            isinstance(a, str) and a and "\x00" not in a for a in value):
+        raise ConfigError(field_name, "must be a non-empty list of strings")
+    return tuple(a.replace("{python}", sys.executable) for a in value)
+
+
+def _name_option(value: Any, field_name: str) -> str:
+    return check_task_name(value, field_name)
+
+
+def _indices_option(value: Any, field_name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise ConfigError(field_name, "must be a list of device indices (0, 1, ...)")
+    return tuple(value)
+
+
+#: settings a ``[resources.<key>]`` table may carry besides ``total``, and their validators.
+RESOURCE_OPTIONS: dict[ResourceType, dict[str, Any]] = {
+    ResourceType.CACHE: {"isolate_default": _bool_option},
+    ResourceType.MEMORY_BANDWIDTH: {
+        "peak_bytes_per_s": lambda v, f: _number(v, f, 1.0)},
+    ResourceType.GPU_MEMORY: {"devices": _indices_option},
+    ResourceType.SPECIALIZED_COPROC: {
+        "name": _name_option, "probe": _argv_option, "apply": _argv_option,
+        "timeout": lambda v, f: _number(v, f, 0.1, 600)},
+}
+
+
+def _resource_options(d: Any) -> dict[ResourceType, dict[str, Any]]:
+    out: dict[ResourceType, dict[str, Any]] = {}
+    for key, table in d.items():
+        r = ResourceType.parse(key, f"resources.{key}")
+        for opt, check in RESOURCE_OPTIONS.get(r, {}).items():
+            if opt in table:
+                out.setdefault(r, {})[opt] = check(table[opt], f"resources.{key}.{opt}")
+        if r is ResourceType.SPECIALIZED_COPROC:
+            if "probe" not in out.get(r, {}):
+                raise ConfigError(f"resources.{key}.probe", "a co-processor needs a probe command "
+                                  "that prints its usage per task")
+            if table.get("total", "auto") == "auto":
+                raise ConfigError(f"resources.{key}.total", "give the co-processor's total units")
     return out
 
 
@@ -179,14 +238,40 @@ def _task(raw: Any, where: str) -> TaskConfig:
     forecaster = raw.get("forecaster")
     make_forecaster(forecaster, field=f"{where}.forecaster")  # validate now, build later
     limits: dict[ResourceType, Limits] = {}
+    targets: dict[ResourceType, Any] = {}
     for key in resource_keys & set(raw):
         r = ResourceType.parse(key)
         table = raw[key]
-        _only(table, {"min", "max"}, f"{where}.{key}")
+        target_key = TASK_TARGETS.get(r)
+        _only(table, {"min", "max"} | ({target_key} if target_key else set()), f"{where}.{key}")
+        if target_key:
+            targets[r] = _task_target(r, table.get(target_key), f"{where}.{key}.{target_key}")
         lo = check_units(table.get("min", 0), f"{where}.{key}.min")
         hi = table.get("max")
         hi = None if hi is None else check_units(hi, f"{where}.{key}.max")
         if hi is not None and hi < lo:
             raise ConfigError(f"{where}.{key}.max", f"{hi} is below min {lo}")
         limits[r] = Limits(lo, hi)
-    return TaskConfig(name, priority, command, cgroup, tuple(pids), forecaster, limits)
+    return TaskConfig(name, priority, command, cgroup, tuple(pids), forecaster, limits, targets)
+
+
+#: per-device resources: the key naming what a task's limit applies to.
+TASK_TARGETS: dict[ResourceType, str] = {
+    ResourceType.STORAGE_IOPS: "device",
+    ResourceType.NETWORK_BANDWIDTH: "interface",
+}
+
+
+def _task_target(r: ResourceType, value: Any, field_name: str) -> Any:
+    """Resolve io.device / net.interface now, so a bad name stops the run before any change."""
+    if value is None:
+        what = "block device (/dev/sdb, sdb or 8:16)" if r is ResourceType.STORAGE_IOPS else \
+            "interface (eth0, or netns:eth0)"
+        raise ConfigError(field_name, f"name the {what} this limit applies to")
+    if r is ResourceType.STORAGE_IOPS:
+        from .enforce.blkio import resolve_device
+
+        return resolve_device(value, field_name)
+    from .enforce.tc import parse_iface
+
+    return parse_iface(value, field_name)

@@ -1,0 +1,189 @@
+"""Cache: L3 ways per task through resctrl (CAT / AMD L3 QoS), sensed by CMT occupancy.
+
+Usage in ways = the group's ``llc_occupancy`` over the bytes one way holds (the default group's
+``size`` over the number of ways).  Per-task cache misses from the PMU collector, where the host has
+a PMU, are kept in ``last_misses`` as a pressure signal beside it; in per-tier mode they also split
+a tier's occupancy between its tasks (by allocation when there is no PMU).
+
+The cache and memory-bandwidth drivers share one :class:`ResctrlEnforcer` (one group per task
+carries both the ``L3`` and the ``MB`` line).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from ..enforce.cgroup import TaskCgroup, Write
+from ..enforce.resctrl import ResctrlEnforcer, ensure_mounted, parse_schemata, read_info
+from ..errors import FeatureMissing
+from ..resources import ResourceType
+from ..sense.resctrl_mon import MbmCollector
+from .base import DriverContext, ResourceDriver
+
+log = logging.getLogger(__name__)
+
+_SHARED: dict[int, "ResctrlShared"] = {}
+
+
+class ResctrlShared:
+    """One enforcer and one monitor for every resctrl-backed driver of a daemon."""
+
+    def __init__(self, ctx: DriverContext, root: str | None = None, fs=None):
+        opts = _options(ctx, ResourceType.CACHE)
+        if not ctx.dry_run:
+            root = ensure_mounted(ctx.journal, root)
+        self.enforcer = ResctrlEnforcer(ctx.journal, root=root, fs=fs,
+                                        isolate_default=bool(opts.get("isolate_default", True)),
+                                        dry_run=ctx.dry_run)
+        self.info = read_info(self.enforcer.root, self.enforcer.fs)
+        self.tasks = {t.name: t.priority.name.lower() for t in getattr(ctx.config, "tasks", ())}
+        self.monitor: MbmCollector | None = None
+        self.monitor_missing: FeatureMissing | None = None
+        self._opened = False
+        self._users = 0
+        self._delta = None
+        self._tick_key: object = None
+
+    def open(self) -> None:
+        self._users += 1
+        if self._opened:
+            return
+        self.enforcer.open(self.tasks, mount=False)
+        groups = {t: g for t, g in self.enforcer.group_of_task.items()}
+        try:
+            self.monitor = MbmCollector(groups, self.enforcer.root, self.enforcer.fs).open()
+        except FeatureMissing as err:
+            self.monitor_missing = err
+            log.warning("%s", err)
+        self._opened = True
+
+    def sample(self, tick_key: object):
+        """One drain per tick, shared by the cache and membw drivers.
+
+        ``tick_key`` is the task mapping the daemon passes to every driver in one tick: the same
+        object means the same tick.
+        """
+        if self.monitor is None:
+            return None
+        if tick_key is not self._tick_key:
+            self._delta = self.monitor.drain()
+            self._tick_key = tick_key
+        return self._delta
+
+    def place(self, tasks: Mapping[str, TaskCgroup]) -> None:
+        for name, cg in tasks.items():
+            if name in self.enforcer.group_of_task:
+                self.enforcer.place(name, cg.pids())
+
+    def way_bytes(self) -> float:
+        """Bytes one L3 way holds in one domain, from the default group's ``size``."""
+        fs, root = self.enforcer.fs, self.enforcer.root
+        try:
+            sizes = parse_schemata(fs.read(os.path.join(root, "size"))).get("L3", {})
+            masks = parse_schemata(fs.read(os.path.join(root, "schemata"))).get("L3", {})
+            dom = next(iter(sizes))
+            return int(sizes[dom]) / max(1, bin(int(masks[dom], 16)).count("1"))
+        except (OSError, StopIteration, KeyError, ValueError):
+            return 0.0
+
+    def close(self) -> None:
+        self._users -= 1
+        if self._users > 0:
+            return
+        if self.monitor is not None:
+            self.monitor.close()
+        self._opened = False
+
+
+def shared(ctx: DriverContext) -> ResctrlShared:
+    key = id(ctx.journal)
+    s = _SHARED.get(key)
+    if s is None:
+        s = _SHARED[key] = ResctrlShared(ctx)
+    return s
+
+
+def _options(ctx: DriverContext, r: ResourceType) -> dict:
+    return dict(getattr(ctx.config, "options", {}).get(r, {}))
+
+
+class CacheDriver(ResourceDriver):
+    """Ways per task: CAT masks written to ``schemata``, occupancy read from ``mon_data``."""
+
+    resource = ResourceType.CACHE
+
+    def __init__(self, rs: ResctrlShared, pmu=None):
+        if not rs.info.has_l3:
+            raise FeatureMissing("resctrl L3 allocation", "info/L3 is missing",
+                                 "the CPU has no cache allocation (Intel CAT / AMD L3 QoS)")
+        self.rs = rs
+        self.pmu = pmu
+        self.last_misses: dict[str, int] = {}
+
+    def total(self) -> int:
+        return self.rs.info.ways
+
+    def open(self) -> None:
+        self.rs.open()
+        if self.pmu is not None:
+            self.pmu.open()
+
+    def measure(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
+        """Ways each task held; {} (not zeros) when the host cannot monitor occupancy."""
+        self.rs.place(tasks)
+        if self.pmu is not None:
+            delta = self.pmu.drain()
+            self.last_misses = {n: sum(delta.cgroup_misses.get(i, 0) for i in cg.cgroup_ids())
+                                for n, cg in tasks.items()}
+        sample = self.rs.sample(tasks)
+        way = self.rs.way_bytes()
+        if sample is None or way <= 0:
+            return {}
+        ndom = max(1, len(self.rs.info.l3_domains))
+        out = {}
+        for name in tasks:
+            held = sample.occupancy_bytes.get(name)
+            if held is None:
+                continue
+            share = _tier_share(self.rs.enforcer, name, self.rs.enforcer.ways, self.last_misses)
+            out[name] = held * share / ndom / way
+        return out
+
+    def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
+        return self.rs.enforcer.plan(ways={cg.name: units})
+
+    def apply(self, cg: TaskCgroup, units: int) -> list[Write]:
+        return self.rs.enforcer.apply(ways={cg.name: units})
+
+    def close(self) -> None:
+        if self.pmu is not None:
+            self.pmu.close()
+        self.rs.close()
+
+
+def _tier_share(enf: ResctrlEnforcer, task: str, alloc: Mapping[str, int],
+                weights: Mapping[str, int]) -> float:
+    """The task's part of its group's counters: 1 per task; in per-tier mode split by weight."""
+    group = enf.group_of_task[task]
+    members = [t for t, g in enf.group_of_task.items() if g == group]
+    if len(members) == 1:
+        return 1.0
+    w = {t: weights.get(t, 0) for t in members}
+    if not sum(w.values()):
+        w = {t: alloc.get(t, 0) for t in members}
+    if not sum(w.values()):
+        return 1.0 / len(members)
+    return w[task] / sum(w.values())
+
+
+def make(ctx: DriverContext) -> CacheDriver:
+    pmu = None
+    try:
+        from ..sense.pmu import PmuCollector, pmu_available
+
+        if pmu_available():
+            pmu = PmuCollector()
+    except FeatureMissing as err:
+        log.info("%s", err)
+    return CacheDriver(shared(ctx), pmu)

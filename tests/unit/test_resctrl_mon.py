@@ -1,0 +1,122 @@
+"""MBM/CMT sensing and the cache / membw drivers, against the fake resctrl mount
+(tests/fakes/resctrl.py: Documentation/arch/x86/resctrl.rst, "Reading monitored data")."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from rswap_ebpf import config as configmod
+from rswap_ebpf.drivers import DriverContext
+from rswap_ebpf.drivers import cache as cachemod
+from rswap_ebpf.drivers import membw as membwmod
+from rswap_ebpf.enforce.cgroup import CgroupMounts, FileApplier, TaskCgroup
+from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.errors import FeatureMissing
+from rswap_ebpf.sense.resctrl_mon import MbmCollector
+from tests.fakes.resctrl import FakeResctrl
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    f = FakeResctrl(str(tmp_path / "resctrl"), cbm_mask="7ff", min_cbm_bits=1, l3_domains=(0, 1),
+                    pids=(1, 500, 600))
+    monkeypatch.setenv("RSWAP_RESCTRL_ROOT", f.root)
+    yield f
+    f.close()
+
+
+def test_mbm_delta_sums_domains_and_skips_unavailable(fake):
+    fake.mkdir(os.path.join(fake.root, "g"))
+    col = MbmCollector({"web": "g", "host": ""}).open()
+    fake.add_traffic("g", 0, 3_000_000)
+    fake.add_traffic("g", 1, 1_000_000)
+    fake.add_traffic("", 0, 500)
+    d = col.drain()
+    assert d.total_bytes == {"web": 4_000_000, "host": 500}
+    assert d.bytes_per_s("web") > 0
+    # A domain whose RMID is not usable reads "Unavailable": no sample, not a zero.
+    with open(os.path.join(fake.root, "g", "mon_data", "mon_L3_01", "mbm_total_bytes"), "w") as f:
+        f.write("Unavailable\n")
+    d = col.drain()
+    assert "web" not in d.total_bytes and "web" in d.unavailable
+    col.close()
+
+
+def test_mbm_missing_without_monitoring(tmp_path):
+    root = tmp_path / "r"
+    (root / "info" / "L3").mkdir(parents=True)
+    with pytest.raises(FeatureMissing):
+        MbmCollector({"a": ""}, root=str(root)).open()
+
+
+def _ctx(tmp_path, text):
+    cfg = configmod.parse(text)
+    j = Journal(str(tmp_path / "state" / "journal.jsonl"))
+    return DriverContext(CgroupMounts("unified", None), j, FileApplier(j), cfg)
+
+
+def _cgroup(tmp_path, name, pids):
+    d = tmp_path / "cg" / name
+    d.mkdir(parents=True)
+    (d / "cgroup.procs").write_text("".join(f"{p}\n" for p in pids))
+    return TaskCgroup(name, name, {"unified": str(d)}, False)
+
+
+CONFIG = """
+[resources.cache]
+total = "auto"
+isolate_default = true
+[resources.membw]
+total = 100
+peak_bytes_per_s = 1000000000
+[[task]]
+name = "web"
+priority = "critical"
+pids = [1]
+cache = { min = 2 }
+[[task]]
+name = "batch"
+priority = "batch"
+pids = [1]
+"""
+
+
+def test_cache_and_membw_drivers_share_one_group_per_task(fake, tmp_path):
+    ctx = _ctx(tmp_path, CONFIG)
+    cache = cachemod.make(ctx)
+    membw = membwmod.make(ctx)
+    try:
+        cache.open()
+        membw.open()
+        assert cache.total() == 11 and membw.total() == 100
+        tasks = {"web": _cgroup(tmp_path, "web", [500]), "batch": _cgroup(tmp_path, "batch", [600])}
+        fake.set_occupancy("rswap-web", 0, 4 * 1441792)  # 4 ways' worth on each domain
+        fake.set_occupancy("rswap-web", 1, 4 * 1441792)
+        fake.add_traffic("rswap-batch", 0, 10)
+        used = cache.measure(tasks)
+        bw = membw.measure(tasks)
+        assert fake.group_of(500) == "rswap-web" and fake.group_of(600) == "rswap-batch"
+        assert used["web"] == pytest.approx(4.0)
+        assert set(bw) == {"web", "batch"} and bw["batch"] >= 0.0
+        cache.apply(tasks["web"], 6)
+        membw.apply(tasks["web"], 45)
+        with open(os.path.join(fake.root, "rswap-web", "schemata")) as f:
+            assert f.read() == "L3:0=03f;1=03f\nMB:0= 50;1= 50\n"
+    finally:
+        cache.close()
+        membw.close()
+        ctx.journal.restore()
+    assert not any(n.startswith("rswap-") for n in os.listdir(fake.root))
+    assert fake.group_of(500) == ""
+
+
+def test_missing_resctrl_makes_the_driver_missing(tmp_path, monkeypatch):
+    ctx = _ctx(tmp_path, CONFIG)
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "filesystems").write_text("nodev\tbpf\n")
+    monkeypatch.setenv("RSWAP_PROCFS_ROOT", str(proc))
+    monkeypatch.setenv("RSWAP_RESCTRL_ROOT", str(tmp_path / "none"))
+    with pytest.raises(FeatureMissing):
+        cachemod.make(ctx)
