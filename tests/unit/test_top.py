@@ -1,0 +1,102 @@
+"""``rswap top`` renders frames from the daemon's status file in a test terminal."""
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from rich.console import Console
+
+from rswap_ebpf import config
+from rswap_ebpf.daemon import Daemon
+from rswap_ebpf.enforce.cgroup import CgroupMounts
+from rswap_ebpf.top import fmt_units, render, run_top
+from tests.conftest import run_rswap
+from tests.unit.test_metrics import CONFIG, TRACE, ReplayDriver
+
+
+@pytest.fixture
+def replayed(tmp_path, rswap_env):
+    """A daemon (real control plane, replayed CPU trace) that has published 6 ticks."""
+    cgroot = tmp_path / "cgroup"
+    for name in ("web", "batch"):
+        (cgroot / name).mkdir(parents=True)
+        (cgroot / name / "cgroup.procs").write_text("")
+    d = Daemon(config.parse(CONFIG), drivers=[ReplayDriver(TRACE)],
+               mounts=CgroupMounts("unified", str(cgroot)), out=io.StringIO())
+    d.start()
+    try:
+        for _ in range(6):
+            d.tick()
+        yield d
+    finally:
+        d.stop()
+
+
+def terminal(width: int = 110) -> Console:
+    return Console(file=io.StringIO(), width=width, force_terminal=True, color_system="standard",
+                   record=True)
+
+
+def test_frame_shows_tasks_by_resource_with_usage_forecast_allocation(replayed):
+    st = replayed.status()
+    con = terminal()
+    con.print(render(st, now=st["time"] + 2))
+    text = con.export_text()
+    assert f"tick 6" in text and "updated 2.0s ago" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("web", "batch"))}
+    web = st["tasks"]["web"]["resources"]["cpu"]
+    assert rows["web"][:6] == ["web", "critical", "cpu", f"{web['usage']:.0f}m",
+                               f"{web['forecast']:.0f}m", f"{web['allocation']}m"]
+    assert rows["batch"][1] == "batch"
+    assert "pool: cpu 0m free of 2000m" in text
+    assert "swaps this tick" in text or not st["swaps"]
+
+
+def test_rows_are_coloured_when_allocation_did_not_lead_demand():
+    status = {"pid": 1, "tick": 3, "time": 100.0, "interval": 1.0,
+              "pool": {"cpu": {"unit": "millicores", "total": 2000, "available": 0}},
+              "tasks": {"late": {"priority": "critical", "exited": None, "resources": {"cpu": {
+                            "usage": 1500.0, "forecast": 1500.0, "allocation": 1000, "model": "last_value", "mae": 10.0}}},
+                        "short": {"priority": "normal", "exited": None, "resources": {"cpu": {
+                            "usage": 500.0, "forecast": 1200.0, "allocation": 1000, "model": None, "mae": None}}},
+                        "fine": {"priority": "batch", "exited": None, "resources": {"cpu": {
+                            "usage": 100.0, "forecast": 100.0, "allocation": 200, "model": None, "mae": None}}}},
+              "swaps": [], "shortfalls": [{"task": "short", "resource": "cpu", "wanted": 1320, "granted": 1000}]}
+    con = terminal()
+    con.print(render(status, now=100.0))
+    colour = {}
+    for raw in con.file.getvalue().splitlines():
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", raw).split()
+        if plain and plain[0] in status["tasks"]:
+            colour[plain[0]] = raw
+    assert "\x1b[31m" in colour["late"]    # red: used more than allocated
+    assert "\x1b[33m" in colour["short"]   # yellow: forecast above allocation
+    assert "\x1b[31m" not in colour["fine"] and "\x1b[33m" not in colour["fine"]
+    assert "320m" in colour["short"]       # the shortfall column
+
+
+def test_run_top_prints_count_frames(replayed):
+    con = terminal()
+    assert run_top(0.05, 2, live=False, console=con) == 0
+    assert con.export_text().count("rswap pid") == 2
+
+
+def test_cli_top_interval_count_positionals(replayed, rswap_env):
+    res = run_rswap("top", "0.1", "2", "--no-live", env=rswap_env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("rswap pid") == 2
+    assert "web" in res.stdout and "critical" in res.stdout
+
+
+def test_cli_top_without_daemon_says_so(rswap_env):
+    res = run_rswap("top", "0.1", "1", env=rswap_env)
+    assert res.returncode == 1
+    assert "no rswap daemon is running" in res.stderr
+
+
+@pytest.mark.parametrize("value,unit,text", [
+    (1500, "millicores", "1500m"), (40, "percent", "40%"), (1536, "bytes", "1.5KiB"),
+    (12 * 1024 * 1024, "bytes_per_s", "12.0MiB/s"), (20000, "iops", "20.0k iops"), (4, "ways", "4 ways")])
+def test_units_read_the_way_operators_expect(value, unit, text):
+    assert fmt_units(value, unit) == text
