@@ -16,6 +16,8 @@ __all__ = ["DriverContext", "FeatureCheck", "ResourceDriver", "FACTORIES", "buil
 #: resource -> "module:function" building its driver.
 FACTORIES: dict[ResourceType, str] = {
     ResourceType.PROCESSOR_CYCLES: "cpu:make",
+    ResourceType.STORAGE_IOPS: "io:make",
+    ResourceType.NETWORK_BANDWIDTH: "net:make",
 }
 
 

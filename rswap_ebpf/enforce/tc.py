@@ -79,10 +79,10 @@ def ipr(iface: Iface) -> Iterator:
         ip.close()
 
 
-def ifindex(ip, iface: Iface) -> int:
+def ifindex(ip, iface: Iface, field_name: str = "net.interface") -> int:
     idx = ip.link_lookup(ifname=iface.name)
     if not idx:
-        raise ConfigError("net.interface", f"no interface {iface}")
+        raise ConfigError(field_name, f"no interface {iface}")
     return idx[0]
 
 
@@ -99,8 +99,20 @@ def parse_iface(text: object, field_name: str = "net.interface") -> Iface:
     if netns and not os.path.exists(os.path.join("/var/run/netns", netns)):
         raise ConfigError(field_name, f"no network namespace {netns!r} (ip netns list)")
     with ipr(iface) as ip:
-        ifindex(ip, iface)
+        ifindex(ip, iface, field_name)
     return iface
+
+
+def link_speed_bytes_per_s(iface: Iface) -> int | None:
+    """The link's speed from sysfs (host namespace only), or None when it reports none."""
+    if iface.netns:
+        return None
+    try:
+        with open(f"/sys/class/net/{iface.name}/speed") as f:
+            mbit = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return mbit * 1_000_000 // 8 if mbit > 0 else None
 
 
 def _nl_error(err: Exception, iface: Iface, what: str) -> Exception:
