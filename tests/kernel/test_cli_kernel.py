@@ -1,0 +1,76 @@
+"""The CLI as root: doctor's verdicts on this kernel, dry runs that write nothing."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..conftest import run_rswap
+
+
+def test_doctor_reports_every_feature_and_passes_for_cpu(rswap_env, unique_name):
+    env = {**rswap_env, "RSWAP_PIN_DIR": f"/sys/fs/bpf/test-{unique_name}"}
+    out = run_rswap("doctor", "--json", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    checks = {c["feature"]: c for c in json.loads(out.stdout)}
+    for feature in ("root", "bcc", "bpffs", "sched_switch hook", "BPF program load", "map pinning",
+                    "cpu controller"):
+        assert checks[feature]["status"] in ("ok", "fallback"), checks[feature]
+    for c in checks.values():
+        assert c["status"] in ("ok", "missing", "fallback")
+        if c["status"] == "missing":
+            assert c["detail"], c  # says why
+    assert not os.path.exists(env["RSWAP_PIN_DIR"])
+
+
+def test_doctor_fails_when_the_config_needs_something_missing(tmp_path, rswap_env, unique_name):
+    if os.path.exists("/sys/fs/resctrl/schemata"):
+        import pytest
+
+        pytest.skip("this host has resctrl: nothing is missing for a cache task")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[task]]\nname = "x"\ncommand = ["true"]\ncache = {{ min = 1 }}\n')
+    env = {**rswap_env, "RSWAP_PIN_DIR": f"/sys/fs/bpf/test-{unique_name}"}
+    out = run_rswap("doctor", "--config", str(cfg), env=env)
+    assert out.returncode == 1, out.stdout
+    assert "missing" in out.stdout and "resctrl" in out.stdout
+
+
+def test_dry_run_plans_but_writes_no_limit(tmp_path, rswap_env, unique_name):
+    import subprocess
+    import time
+
+    from rswap_ebpf.enforce.cgroup import detect_mounts
+
+    from ..conftest import rswap_cmd
+
+    name = f"dry-{unique_name}"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\ninterval = 0.3\n[[task]]\nname = "{name}"\n'
+                   f'command = ["{sys.executable}", "-m", "rswap_ebpf.demo", "spin", "--seconds", "20"]\n'
+                   f'cpu = {{ max = 300 }}\n')
+    env = {**os.environ, **rswap_env, "RSWAP_PIN_DIR": f"/sys/fs/bpf/test-{unique_name}"}
+    cpu_dir = os.path.join(detect_mounts().v1.get("cpu") or detect_mounts().unified, "rswap", name)
+    limit_file = "cpu.cfs_quota_us" if os.path.exists(os.path.join(os.path.dirname(cpu_dir), "cpu.cfs_quota_us")) else "cpu.max"
+    p = subprocess.Popen(rswap_cmd() + ["run", "--dry-run", "--config", str(cfg), "--count", "8"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 20
+        while p.poll() is None and time.monotonic() < deadline:
+            try:
+                st = json.loads(run_rswap("status", "--json", env=rswap_env).stdout or "{}")
+                with open(os.path.join(cpu_dir, limit_file)) as f:
+                    seen.append((st.get("tick", 0), st["tasks"][name]["resources"]["cpu"]["allocation"],
+                                 f.read().strip()))
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.2)
+    finally:
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "dry run" in out
+    planned = [s for s in seen if s[0] >= 2 and s[1] > 0]
+    assert planned, seen  # it planned an allocation ...
+    assert all(v in ("-1", "max 100000") for _, _, v in planned), planned  # ... and wrote none
+    assert not os.path.exists(cpu_dir)
