@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Modules adding subcommands: each has ``register(subparsers) -> {name: handler(args) -> int}``.
 COMMAND_MODULES: tuple[str, ...] = (
     "rswap_ebpf.cli_ops",
+    "rswap_ebpf.cli_trace",
 )
 _HANDLERS: dict = {}
 

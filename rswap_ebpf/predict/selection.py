@@ -7,6 +7,11 @@ nine times worse than holding too much.  ``loss="mae"`` ranks by plain accuracy.
 forecasts for every step of ``horizon`` are scored when the value they were about arrives, and the
 scores are averaged with an exponential decay of ``half_life`` samples.
 
+With the pinball loss the forecaster serves an upper quantile, and the headroom comes from the
+data: every candidate's point forecast is raised by the ``quantile`` of its own recent errors at
+that step ahead (split-conformal style, over the last ``calibration`` samples), and candidates are
+ranked on those raised forecasts.  With ``loss="mae"`` the point forecasts serve as they are.
+
 Seasonal candidates get the period found online by :class:`~.period.PeriodDetector`; when it
 changes they are rebuilt and replayed over the kept history, so nothing starts cold.
 
@@ -52,7 +57,8 @@ class AutoForecaster(Base):
     def __init__(self, candidates: tuple[str, ...] | list[str] = CANDIDATES, loss: str = "pinball",
                  quantile: float = 0.9, horizon: int = 5, half_life: float = 50.0,
                  scale: float = 1.0, max_period: int = 120, period: int = 0,
-                 history: int = 600, min_scored: int = 10, hysteresis: float = 0.05):
+                 history: int = 600, min_scored: int = 10, hysteresis: float = 0.05,
+                 calibration: int = 100):
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
             raise ConfigError("forecaster.candidates",
@@ -72,12 +78,14 @@ class AutoForecaster(Base):
         self.history = max(int(history), 4 * self.max_period)
         self.min_scored = int(min_scored)
         self.hysteresis = float(hysteresis)
+        self.calibration = max(5, int(calibration))
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
-        self._detector = PeriodDetector(max_period=self.max_period)
+        self._detector = PeriodDetector(max_period=self.max_period, every=3)
         self._hist: deque[float] = deque(maxlen=self.history)
         self._models: dict[str, Base] = {}
-        self._pending: dict[str, deque[list[float]]] = {}
+        self._pending: dict[str, deque[tuple[list[float], list[float]]]] = {}
+        self._resid: dict[str, list[deque[float]]] = {}
         self._loss: dict[str, float] = {}
         self._mae: dict[str, float] = {}
         self._scored: dict[str, int] = {}
@@ -109,15 +117,24 @@ class AutoForecaster(Base):
                 m.learn_one(y)
             self._models[name] = m
             self._pending[name] = deque(maxlen=self.horizon)
+            self._resid[name] = [deque(maxlen=self.calibration) for _ in range(self.horizon)]
+            # a rebuilt model is a new model: it earns its place again
+            self._loss.pop(name, None)
+            self._mae.pop(name, None)
+            self._scored.pop(name, None)
 
     # -- protocol ------------------------------------------------------------------------------
     def learn_one(self, y: float, x: dict | None = None) -> None:
         y = float(y)
         for name, pend in self._pending.items():
             total, n = 0.0, 0
-            for age, fc in enumerate(reversed(pend), start=1):
-                f = fc[age - 1]
-                total += pinball(y, f, self.quantile) if self.loss == "pinball" else abs(y - f)
+            for age, (point, upper) in enumerate(reversed(pend), start=1):
+                f = point[age - 1]
+                self._resid[name][age - 1].append(y - f)
+                if self.loss == "pinball":
+                    total += pinball(y, upper[age - 1], self.quantile)
+                else:
+                    total += abs(y - f)
                 n += 1
                 if age == 1:
                     err = abs(y - f)
@@ -138,8 +155,21 @@ class AutoForecaster(Base):
                 seasonal = [c for c in self.candidates if c != "last_value"]
                 self._build(seasonal)
         for name, m in self._models.items():
-            self._pending[name].append(m.forecast(self.horizon))
+            point = m.forecast(self.horizon)
+            self._pending[name].append((point, self._raise(name, point)))
         self._choose()
+
+    def _raise(self, name: str, point: list[float]) -> list[float]:
+        if self.loss != "pinball":
+            return point
+        out = []
+        for h, f in enumerate(point):
+            res = self._resid[name][min(h, self.horizon - 1)]
+            if len(res) >= 5:
+                xs = sorted(res)
+                f = f + xs[min(len(xs) - 1, int(self.quantile * len(xs)))]
+            out.append(max(0.0, f))
+        return out
 
     def _choose(self) -> None:
         ready = {n: l for n, l in self._loss.items() if self._scored.get(n, 0) >= self.min_scored}
@@ -153,7 +183,11 @@ class AutoForecaster(Base):
     def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
         pend = self._pending.get(self.serving)
         if pend and horizon <= self.horizon:
-            return list(pend[-1][:horizon])
+            return list(pend[-1][1][:horizon])
+        return self._raise(self.serving, self._models[self.serving].forecast(horizon))
+
+    def point_forecast(self, horizon: int) -> list[float]:
+        """The serving model's own forecast, before any raise to the quantile."""
         return self._models[self.serving].forecast(horizon)
 
     # -- reporting -----------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""Replay a recorded trace through the swap manager and the forecasters, without root.
+
+Each policy gets its own pool and :class:`~rswap_ebpf.swap.manager.SwapManager` (the daemon's),
+and every tick goes the daemon's way: the allocation decided at tick *t* is what the task has
+during tick *t + 1*, and is scored against the demand recorded then.
+
+* ``static``: equal shares of the pool, never changed (what a fixed quota gives).
+* ``reactive``: last value + headroom (what a threshold autoscaler gives).
+* ``vpa``: the 90th percentile of the last ``vpa_window`` samples + 15% (Kubernetes' VPA
+  recommender, which uses a decaying histogram's P90 and a 15% safety margin).
+* ``proactive``: the forecaster (default: online model selection on the pinball loss), its
+  forecast for the next ``window`` ticks, peak taken, plus ``proactive_headroom``.
+
+The trace's demand is taken as what each task would have used had it been given enough (record
+with ``rswap record``, which caps nothing), so shortfall is what a policy would have withheld.
+Figures per task x resource: MAE and MAPE of the 1-tick-ahead forecast (MAPE over ticks with
+demand >= 1 unit), shortfall and slack in unit*seconds, allocation changes, and swaps (units moved
+from a lower tier) the task took part in.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .predict.forecasters import make_forecaster
+from .predict.profile import TaskProfiler
+from .resources import ResourcePool, ResourceType
+from .swap.manager import Limits, ManagedTask, Priority, SwapManager
+from .trace import Trace
+
+POLICIES = ("static", "reactive", "vpa", "proactive")
+
+
+@dataclass
+class Score:
+    policy: str
+    task: str
+    resource: ResourceType
+    abs_err: float = 0.0
+    pct_err: float = 0.0
+    n_err: int = 0
+    n_pct: int = 0
+    shortfall: float = 0.0  # unit * s
+    slack: float = 0.0      # unit * s
+    changes: int = 0
+    swaps: int = 0
+    model: str = ""
+    forecasts: bool = True
+
+    @property
+    def mae(self) -> float | None:
+        return self.abs_err / self.n_err if self.forecasts and self.n_err else None
+
+    @property
+    def mape(self) -> float | None:
+        return 100.0 * self.pct_err / self.n_pct if self.forecasts and self.n_pct else None
+
+
+@dataclass
+class ReplayResult:
+    trace: Trace
+    totals: dict[ResourceType, int]
+    scores: list[Score] = field(default_factory=list)
+
+    def by_policy(self, policy: str) -> list[Score]:
+        return [s for s in self.scores if s.policy == policy]
+
+    def total(self, policy: str, what: str) -> float:
+        return sum(getattr(s, what) for s in self.by_policy(policy))
+
+
+def default_totals(trace: Trace) -> dict[ResourceType, int]:
+    """The pool a trace needs at least: its highest tick of summed demand, per resource."""
+    out = {}
+    for r in trace.resources:
+        series = [v for (t, rr), v in trace.demand.items() if rr is r]
+        out[r] = max(1, math.ceil(max(sum(col) for col in zip(*series))))
+    return out
+
+
+def replay(trace: Trace, policies: Sequence[str] = POLICIES, forecaster: str | dict | None = None,
+           totals: dict[ResourceType, int] | None = None, headroom: float = 0.2,
+           proactive_headroom: float = 0.0, window: int = 1, vpa_window: int = 300,
+           priorities: dict[str, Priority] | None = None) -> ReplayResult:
+    for p in policies:
+        if p not in POLICIES:
+            raise ConfigError("--policy", f"{p!r} is not one of {', '.join(POLICIES)}")
+    pool_totals = dict(default_totals(trace))
+    pool_totals.update(totals or {})
+    result = ReplayResult(trace, pool_totals)
+    for p in policies:
+        result.scores += _run(trace, p, forecaster, pool_totals, headroom, proactive_headroom,
+                              window, vpa_window, priorities or {})
+    return result
+
+
+def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_window,
+         priorities) -> list[Score]:
+    pool = ResourcePool()
+    for r, total in totals.items():
+        pool.register_resource(r, total)
+    h = {"reactive": headroom, "vpa": 0.15, "proactive": proactive_headroom}.get(policy, 0.0)
+    mgr = SwapManager(pool, headroom=h)
+    for task in trace.tasks:
+        mgr.add_task(ManagedTask(task, priorities.get(task, Priority.NORMAL),
+                                 {r: Limits() for (t, r) in trace.demand if t == task}))
+    scores = {k: Score(policy, k[0], k[1], forecasts=policy != "static") for k in trace.demand}
+    profiler = TaskProfiler(lambda t, r: make_forecaster(spec, scale=totals[r]))
+    recent: dict[tuple[str, ResourceType], deque] = {k: deque(maxlen=vpa_window)
+                                                     for k in trace.demand}
+    dt = trace.interval
+    if policy == "static":
+        for r in trace.resources:
+            members = [t for (t, rr) in trace.demand if rr is r]
+            for t in members:
+                pool.set_allocation(r, t, totals[r] // len(members))
+    predicted: dict[tuple[str, ResourceType], float] = {}
+    for i in range(len(trace.times)):
+        for k, series in trace.demand.items():
+            d = series[i]
+            s = scores[k]
+            alloc = pool.allocation(k[1], k[0])
+            s.shortfall += max(0.0, d - alloc) * dt
+            s.slack += max(0.0, alloc - d) * dt
+            f = predicted.get(k)
+            if f is not None:
+                s.abs_err += abs(d - f)
+                s.n_err += 1
+                if d >= 1.0:
+                    s.pct_err += abs(d - f) / d
+                    s.n_pct += 1
+            recent[k].append(d)
+        if policy == "static":
+            continue
+        forecasts: dict[str, dict[ResourceType, float]] = {}
+        for (t, r), series in trace.demand.items():
+            d = series[i]
+            if policy == "reactive":
+                f = d
+            elif policy == "vpa":
+                f = _percentile(recent[(t, r)], 0.9)
+            else:
+                profiler.update_prediction(t, r, d)
+                continue
+            predicted[(t, r)] = f
+            forecasts.setdefault(t, {})[r] = f
+        if policy == "proactive":
+            for t in trace.tasks:
+                for r, p in profiler.get_predicted_needs(t, window).items():
+                    predicted[(t, r)] = p.series[0]
+                    forecasts.setdefault(t, {})[r] = p.peak
+                    scores[(t, r)].model = p.model
+        res = mgr.proactive_allocation(forecasts)
+        for ch in res.changes:
+            if (ch.task, ch.resource) in scores:
+                scores[(ch.task, ch.resource)].changes += 1
+        for sw in res.swaps:
+            for name in (sw.source, sw.target):
+                if (name, sw.resource) in scores:
+                    scores[(name, sw.resource)].swaps += 1
+    if policy == "reactive":
+        for s in scores.values():
+            s.model = "last_value"
+    elif policy == "vpa":
+        for s in scores.values():
+            s.model = "p90"
+    return list(scores.values())
+
+
+def _percentile(values, q: float) -> float:
+    xs = sorted(values)
+    if not xs:
+        return 0.0
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _fmt(v: float | None, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(result: ReplayResult) -> str:
+    """The per task x resource table, then one total line per policy with ratios vs reactive."""
+    lines = [f"{'POLICY':<10} {'TASK':<12} {'RES':<5} {'MODEL':<15} {'MAE':>7} {'MAPE%':>6} "
+             f"{'SHORT(u*s)':>11} {'SLACK(u*s)':>11} {'CHANGES':>7} {'SWAPS':>5}"]
+    policies = list(dict.fromkeys(s.policy for s in result.scores))
+    for p in policies:
+        for s in sorted(result.by_policy(p), key=lambda s: (s.task, s.resource.key)):
+            lines.append(f"{p:<10} {s.task:<12.12} {s.resource.key:<5} {s.model or '-':<15.15} "
+                         f"{_fmt(s.mae):>7} {_fmt(s.mape):>6} {s.shortfall:>11.0f} "
+                         f"{s.slack:>11.0f} {s.changes:>7} {s.swaps:>5}")
+    lines.append("")
+    ref = "reactive" if "reactive" in policies else None
+    lines.append(f"{'POLICY':<10} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11}"
+                 + (f" {'SHORT/reactive':>15} {'SLACK/reactive':>15}" if ref else ""))
+    for p in policies:
+        short, slack = result.total(p, "shortfall"), result.total(p, "slack")
+        line = f"{p:<10} {short:>11.0f} {slack:>11.0f}"
+        if ref:
+            rs, rl = result.total(ref, "shortfall"), result.total(ref, "slack")
+            line += f" {_ratio(short, rs):>15} {_ratio(slack, rl):>15}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"

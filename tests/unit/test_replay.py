@@ -1,0 +1,120 @@
+"""Record format and replay: the same SwapManager and forecasters over a trace, without root."""
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+
+from rswap_ebpf.cli import main
+from rswap_ebpf.cli_trace import parse_spec
+from rswap_ebpf.errors import ConfigError
+from rswap_ebpf.replay import default_totals, format_table, replay
+from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.trace import Trace, TraceWriter, read_trace
+
+CPU = ResourceType.PROCESSOR_CYCLES
+
+
+def _periodic_trace(n=240, seed=1):
+    rnd = random.Random(seed)
+    web = tuple(max(0.0, (1400 if i % 12 < 4 else 60) + rnd.gauss(0, 60)) for i in range(n))
+    batch = tuple(max(0.0, 600 + rnd.gauss(0, 30)) for _ in range(n))
+    return Trace(tuple(float(i) for i in range(n)), {("web", CPU): web, ("batch", CPU): batch})
+
+
+def _write(path, trace):
+    with open(path, "w") as f:
+        w = TraceWriter(f)
+        for i, t in enumerate(trace.times):
+            w.write_tick(t, [(task, r, s[i]) for (task, r), s in trace.demand.items()])
+
+
+def test_trace_round_trip_and_pandas_readable_header(tmp_path):
+    tr = _periodic_trace(30)
+    path = tmp_path / "t.csv"
+    _write(path, tr)
+    assert path.read_text().splitlines()[0] == "time,task,resource,units"
+    back = read_trace(str(path))
+    assert back.times == tr.times
+    assert back.interval == 1.0
+    for k, s in tr.demand.items():
+        assert back.demand[k] == pytest.approx(s, abs=0.06)
+
+
+@pytest.mark.parametrize("body,where", [
+    ("time,task,units\n", ":1"),
+    ("time,task,resource,units\n1,a,cpu\n", ":2"),
+    ("time,task,resource,units\n1,a,cpu,-4\n", ":2"),
+    ("time,task,resource,units\n1,a,quarks,4\n", ":2"),
+    ("time,task,resource,units\n", "t.csv"),
+])
+def test_bad_traces_name_the_line(tmp_path, body, where):
+    p = tmp_path / "t.csv"
+    p.write_text(body)
+    with pytest.raises(ConfigError) as e:
+        read_trace(str(p))
+    assert where in e.value.field
+
+
+def test_missing_task_ticks_count_as_zero(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("time,task,resource,units\n1,a,cpu,5\n2,a,cpu,6\n2,b,cpu,7\n")
+    tr = read_trace(str(p))
+    assert tr.demand[("b", CPU)] == (0.0, 7.0)
+    assert default_totals(tr) == {CPU: 13}
+
+
+def test_static_policy_is_equal_shares_and_accounting_adds_up():
+    tr = _periodic_trace(50)
+    res = replay(tr, ["static"], totals={CPU: 2000})
+    for s in res.by_policy("static"):
+        d = tr.demand[(s.task, CPU)]
+        assert s.shortfall == pytest.approx(sum(max(0, v - 1000) for v in d))
+        assert s.slack == pytest.approx(sum(max(0, 1000 - v) for v in d))
+        assert s.changes == 0 and s.mae is None
+
+
+def test_proactive_beats_reactive_on_a_periodic_trace():
+    res = replay(_periodic_trace(), totals={CPU: 2500})
+    short = {p: res.total(p, "shortfall") for p in ("reactive", "proactive")}
+    slack = {p: res.total(p, "slack") for p in ("reactive", "proactive")}
+    assert short["proactive"] <= 0.5 * short["reactive"]
+    assert slack["proactive"] <= slack["reactive"]
+    web = next(s for s in res.by_policy("proactive") if s.task == "web")
+    assert web.model != "last_value" and web.mae is not None
+    table = format_table(res)
+    for p in ("static", "reactive", "vpa", "proactive"):
+        assert p in table
+
+
+def test_priorities_make_swaps_from_batch():
+    from rswap_ebpf.swap.manager import Priority
+
+    tr = _periodic_trace(120)
+    tight = replay(tr, ["reactive"], totals={CPU: 1500},
+                   priorities={"web": Priority.CRITICAL, "batch": Priority.BATCH})
+    assert sum(s.swaps for s in tight.scores) > 0
+
+
+def test_parse_spec():
+    assert parse_spec("auto") == "auto"
+    assert parse_spec("holt_winters:seasonality=12,alpha=0.3,x=y") == {
+        "name": "holt_winters", "seasonality": 12, "alpha": 0.3, "x": "y"}
+
+
+def test_cli_replay_prints_the_table(tmp_path, capsys):
+    p = tmp_path / "t.csv"
+    _write(p, _periodic_trace(80))
+    assert main(["replay", str(p), "--policy", "reactive", "--policy", "proactive",
+                 "--forecaster", "seasonal_naive:period=12"]) == 0
+    out = capsys.readouterr().out
+    assert "SHORT/reactive" in out and "seasonal_naive" in out
+
+
+def test_cli_replay_bad_input_exits_2(tmp_path, capsys):
+    p = tmp_path / "t.csv"
+    _write(p, _periodic_trace(10))
+    assert main(["replay", str(p), "--forecaster", "oracle"]) == 2
+    assert main(["replay", str(p), "--total", "cpu"]) == 2
+    assert main(["replay", str(tmp_path / "none.csv")]) == 2
