@@ -16,6 +16,10 @@ __all__ = ["DriverContext", "FeatureCheck", "ResourceDriver", "FACTORIES", "buil
 #: resource -> "module:function" building its driver.
 FACTORIES: dict[ResourceType, str] = {
     ResourceType.PROCESSOR_CYCLES: "cpu:make",
+    ResourceType.CACHE: "cache:make",
+    ResourceType.MEMORY_BANDWIDTH: "membw:make",
+    ResourceType.GPU_MEMORY: "gpu:make",
+    ResourceType.SPECIALIZED_COPROC: "coproc:make",
     ResourceType.STORAGE_IOPS: "io:make",
     ResourceType.NETWORK_BANDWIDTH: "net:make",
 }
