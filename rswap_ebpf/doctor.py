@@ -181,12 +181,44 @@ def check_nvml() -> FeatureCheck:
     return _ok("NVML", f"{n} GPU(s)", [ResourceType.GPU_MEMORY])
 
 
+def check_block_tracepoints() -> FeatureCheck:
+    from .sense.block import BlockCollector
+
+    io = [ResourceType.STORAGE_IOPS]
+    try:
+        issue, complete, flags = BlockCollector.probe()
+    except FeatureMissing as err:
+        return _missing("block tracepoints", err.why, err.fix, io)
+    detail = f"tracepoint:{':'.join(issue)} + tracepoint:{':'.join(complete)}"
+    if flags:
+        return _fallback("block tracepoints", detail + " (no bytes field: nr_sector * 512)", needed=io)
+    return _ok("block tracepoints", detail, io)
+
+
+def check_clsact() -> FeatureCheck:
+    """The qdisc kinds the net driver needs, from the kernel's list (no interface is touched)."""
+    net = [ResourceType.NETWORK_BANDWIDTH]
+    try:
+        with open("/proc/net/psched"):
+            pass
+    except OSError:
+        return _missing("tc", "no /proc/net/psched (CONFIG_NET_SCHED off?)", "a kernel with tc", net)
+    mods = "/proc/modules"
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        return _missing("tc clsact + cls_bpf", "pyroute2 is not installed", "run tools/setup", net)
+    return _ok("tc clsact + cls_bpf", "pyroute2 present; attach is checked when rswap starts "
+               f"(see {mods} or CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_BPF, CONFIG_NET_SCH_HTB)", net)
+
+
 def run_checks() -> list[FeatureCheck]:
     out = [check_root(), check_bcc(), check_headers(), check_bpffs(), check_tracefs(),
            check_sched_switch()]
     out += list(check_cpu_program())
     out += list(check_cgroups())
     out += [check_pmu(), check_resctrl(), check_nvml()]
+    out += [check_block_tracepoints(), check_clsact()]
     return out
 
 
