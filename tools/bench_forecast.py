@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Forecast quality, policy quality and profile-store size: printed tables, ratios in one run.
+
+1. Accuracy: 1-tick-ahead MAE of every forecaster on each shipped trace, and of online selection
+   (loss=mae), as a ratio to seasonal-naive (given the period found on the whole trace, its best
+   case).
+2. Allocation: `rswap replay` totals per trace; proactive vs the reactive baseline.
+3. Store: the SQLite profile database after TASKS x 6 resources x HOURS of ticks every
+   INTERVAL seconds (samples every tick, a checkpoint of a real trained profile every
+   checkpoint_every ticks, 300 s rollups), its size on disk, and the write time per tick.
+
+Usage: .venv/bin/python tools/bench_forecast.py [--tasks 1000] [--hours 24] [--interval 60]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import pickle
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
+from rswap_ebpf.predict.period import detect  # noqa: E402
+from rswap_ebpf.predict.profile import TaskProfile  # noqa: E402
+from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
+from rswap_ebpf.replay import default_totals, replay  # noqa: E402
+from rswap_ebpf.resources import ResourceType  # noqa: E402
+from rswap_ebpf.trace import read_trace  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
+MODELS = ("last_value", "seasonal_naive", "holt_winters", "snarimax", "quantile_lags")
+
+
+def mae(spec, series, scale) -> float:
+    f = make_forecaster(spec, scale=scale)
+    err, n = 0.0, 0
+    for i, y in enumerate(series):
+        if i:
+            err += abs(y - f.forecast(1)[0])
+            n += 1
+        f.learn_one(y)
+    return err / max(1, n)
+
+
+def accuracy(traces) -> None:
+    print("== 1-tick-ahead MAE (units), whole trace ==")
+    cols = ["period"] + list(MODELS) + ["auto(mae)", "auto/SN"]
+    print(f"{'TRACE':<16} {'TASK':<10} {'RES':<4} " + " ".join(f"{c:>14}" for c in cols))
+    for tr in traces:
+        totals = default_totals(tr)
+        for (task, r), series in tr.demand.items():
+            p = detect(list(series), max_period=60)[0]
+            row = {}
+            for m in MODELS:
+                spec = {"name": m}
+                if m == "seasonal_naive":
+                    spec["period"] = max(1, p)
+                elif m == "holt_winters" and p >= 2:
+                    spec.update(alpha=0.3, beta=0.01, gamma=0.5, seasonality=p)
+                elif m == "snarimax" and p >= 2:
+                    spec.update(p=2, d=0, q=1, m=p, sp=1)
+                elif m == "quantile_lags":
+                    spec.update(period=p, quantile=0.5)
+                row[m] = mae(spec, series, totals[r])
+            row["auto(mae)"] = mae({"name": "auto", "loss": "mae"}, series, totals[r])
+            ratio = row["auto(mae)"] / row["seasonal_naive"] if row["seasonal_naive"] else 0
+            name = os.path.basename(tr.source)[:16]
+            print(f"{name:<16} {task:<10.10} {r.key:<4} {p:>14} "
+                  + " ".join(f"{row[c]:>14.0f}" for c in list(MODELS) + ["auto(mae)"])
+                  + f" {ratio:>14.2f}")
+    print()
+
+
+def allocation(traces) -> None:
+    print("== replay totals (unit*s), pool = trace's peak summed demand ==")
+    print(f"{'TRACE':<18} {'POLICY':<10} {'SHORT':>9} {'SLACK':>9} {'SHORT/react':>12} {'SLACK/react':>12}")
+    for tr in traces:
+        res = replay(tr)
+        rs, rl = res.total("reactive", "shortfall"), res.total("reactive", "slack")
+        for p in ("static", "reactive", "vpa", "proactive"):
+            s, l = res.total(p, "shortfall"), res.total(p, "slack")
+            print(f"{os.path.basename(tr.source):<18.18} {p:<10} {s:>9.0f} {l:>9.0f} "
+                  f"{s / rs if rs else 0:>12.2f} {l / rl if rl else 0:>12.2f}")
+    print()
+
+
+def store(tasks: int, hours: float, interval: float, checkpoint_every: int) -> None:
+    resources = [ResourceType.PROCESSOR_CYCLES, ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH,
+                 ResourceType.STORAGE_IOPS, ResourceType.NETWORK_BANDWIDTH,
+                 ResourceType.GPU_MEMORY]
+    # A real profile (auto selection, 600 samples of history) gives the checkpoint size.
+    prof = TaskProfile("x", resources[0], make_forecaster("auto", scale=2000), 600)
+    rnd = random.Random(1)
+    for i in range(700):
+        prof.learn_one((1500 if i % 12 < 4 else 50) + rnd.gauss(0, 50))
+    blob = pickle.dumps(prof, protocol=pickle.HIGHEST_PROTOCOL)
+    ticks = int(hours * 3600 / interval)
+    series = [(f"task{i:04d}", r.key) for i in range(tasks) for r in resources]
+    with tempfile.TemporaryDirectory() as tmp:
+        st = ProfileStore(os.path.join(tmp, "profiles.db"), Retention(days=7, rollup_s=300))
+        t0 = 1_700_000_000.0
+        write_s = []
+        phase = {s: i % checkpoint_every for i, s in enumerate(series)}  # spread checkpoints
+        start = time.perf_counter()
+        for k in range(ticks):
+            now = t0 + k * interval
+            samples = [(i, r, rnd.random() * 1000) for i, r in series]
+            due = [(i, r, blob, "seasonal_naive", 12.0) for (i, r) in series
+                   if (k - phase[(i, r)]) % checkpoint_every == 0]
+            a = time.perf_counter()
+            st.write_tick(now, samples, due)
+            write_s.append(time.perf_counter() - a)
+        st.vacuum()
+        size = st.size_bytes()
+        counts = {t: st.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                  for t in ("sample", "rollup", "state")}
+        st.close()
+    write_s.sort()
+    print(f"== profile store: {tasks} tasks x {len(resources)} resources x {hours:g} h, "
+          f"tick {interval:g}s, checkpoint every {checkpoint_every} ticks ==")
+    print(f"checkpoint blob (auto selection, 600-sample history): {len(blob) / 1024:.1f} KiB")
+    print(f"database on disk: {size / 2**20:.1f} MiB  (rows: {counts})")
+    print(f"write_tick: median {1000 * write_s[len(write_s) // 2]:.1f} ms, "
+          f"p99 {1000 * write_s[int(0.99 * len(write_s))]:.1f} ms for {len(series)} series; "
+          f"total {time.perf_counter() - start:.0f}s")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, default=1000)
+    p.add_argument("--hours", type=float, default=24)
+    p.add_argument("--interval", type=float, default=60.0)
+    p.add_argument("--checkpoint-every", type=int, default=60)
+    p.add_argument("--skip-store", action="store_true")
+    a = p.parse_args()
+    traces = [read_trace(f) for f in sorted(glob.glob(os.path.join(DATA, "*.csv")))]
+    accuracy(traces)
+    allocation(traces)
+    if not a.skip_store:
+        store(a.tasks, a.hours, a.interval, a.checkpoint_every)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
