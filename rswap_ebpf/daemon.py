@@ -25,7 +25,7 @@ from . import drivers as drivermod
 from .drivers import DriverContext, ResourceDriver
 from .enforce.cgroup import CgroupManager, FileApplier, TaskCgroup, detect_mounts
 from .enforce.journal import Journal
-from .errors import AlreadyRunning, RswapError
+from .errors import AlreadyRunning, FeatureMissing, RswapError
 from .predict.forecasters import make_forecaster
 from .predict.profile import TaskProfiler
 from .resources import ResourcePool, ResourceType
@@ -135,6 +135,8 @@ class Daemon:
         self._mounts = mounts
         self._drivers_given = drivers
         self.drivers: dict[ResourceType, ResourceDriver] = {}
+        #: resources the configuration names but this host lacks (drivers.MAY_BE_ABSENT): why
+        self.missing: dict[ResourceType, str] = {}
         self.pool = ResourcePool()
         self.profiler = TaskProfiler(self._forecaster_for, history=config.daemon.history)
         self.manager = SwapManager(self.pool, headroom=config.daemon.headroom)
@@ -194,7 +196,15 @@ class Daemon:
                 self.drivers = {d.resource: d for d in self._drivers_given}
             else:
                 ctx = DriverContext(mounts, self.journal, applier, self.config, self.dry_run)
-                self.drivers = {r: drivermod.build(r, ctx) for r in sorted(wanted, key=lambda r: r.key)}
+                for r in sorted(wanted, key=lambda r: r.key):
+                    try:
+                        self.drivers[r] = drivermod.build(r, ctx)
+                    except FeatureMissing as err:
+                        if r not in drivermod.MAY_BE_ABSENT:
+                            raise
+                        # Reported as missing (status, doctor), never as zero usage.
+                        self.missing[r] = str(err)
+                        self._say(f"rswap: {r.key} is missing, the other resources go on: {err}")
             for r, d in self.drivers.items():
                 total = self.config.totals.get(r) or d.total()
                 self.pool.register_resource(r, total)
@@ -388,6 +398,7 @@ class Daemon:
         return {"pid": os.getpid(), "tick": self.tick_no, "time": time.time(),
                 "interval": self.config.daemon.interval, "dry_run": self.dry_run,
                 "pool": pool, "tasks": tasks,
+                "missing": {r.key: why for r, why in self.missing.items()},
                 "swaps": [{"resource": s.resource.key, "from": s.source, "to": s.target,
                            "units": s.units, "reason": s.reason}
                           for s in (rep.result.swaps if rep else [])],

@@ -142,11 +142,12 @@ def check_cgroups() -> Iterable[FeatureCheck]:
 
 
 def check_pmu() -> FeatureCheck:
-    ev = "/sys/bus/event_source/devices/cpu/events/cache-misses"
-    if os.path.exists(ev):
-        return _ok("hardware PMU", "cache-misses counter present", [ResourceType.CACHE])
-    return _missing("hardware PMU", "no cache-miss counters (a VM without a virtual PMU?)",
-                    "run on bare metal or enable the vPMU", [ResourceType.CACHE])
+    from .sense.pmu import PMU_EVENTS_DIR, pmu_available, pmu_missing
+
+    if pmu_available():
+        return _ok("hardware PMU", f"{PMU_EVENTS_DIR}/cache-misses present", [ResourceType.CACHE])
+    err = pmu_missing()
+    return _missing("hardware PMU", err.why, err.fix, [ResourceType.CACHE])
 
 
 def check_resctrl() -> FeatureCheck:
@@ -164,21 +165,16 @@ def check_resctrl() -> FeatureCheck:
     return _missing("resctrl", why, fix, [ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH])
 
 
-def check_nvml() -> FeatureCheck:
+def check_nvml(nvml=None) -> FeatureCheck:
+    from .sense.nvml import NvmlCollector
+
     try:
-        import pynvml
-    except ImportError:
-        return _missing("NVML", "pynvml is not installed", "pip install pynvml", [ResourceType.GPU_MEMORY])
-    try:
-        pynvml.nvmlInit()
-    except Exception as err:
-        return _missing("NVML", f"no NVIDIA driver ({err})", "install the NVIDIA driver",
-                        [ResourceType.GPU_MEMORY])
-    try:
-        n = pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
-    return _ok("NVML", f"{n} GPU(s)", [ResourceType.GPU_MEMORY])
+        with NvmlCollector(nvml) as col:
+            devs = col.drain().devices
+    except FeatureMissing as err:
+        return _missing("NVML", err.why, err.fix, [ResourceType.GPU_MEMORY])
+    names = ", ".join(f"{d.index}: {d.name} {d.total_bytes >> 20} MiB" for d in devs)
+    return _ok("NVML", f"{len(devs)} GPU(s): {names}", [ResourceType.GPU_MEMORY])
 
 
 def check_block_tracepoints() -> FeatureCheck:

@@ -24,6 +24,11 @@ FACTORIES: dict[ResourceType, str] = {
     ResourceType.NETWORK_BANDWIDTH: "net:make",
 }
 
+#: resources whose hardware many hosts lack (no RDT, no PMU, no GPU): when their driver raises
+#: FeatureMissing the daemon reports them as missing and runs the others.
+MAY_BE_ABSENT: frozenset[ResourceType] = frozenset({
+    ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH, ResourceType.GPU_MEMORY})
+
 
 def build(resource: ResourceType, ctx: DriverContext) -> ResourceDriver:
     from ..errors import FeatureMissing
