@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -105,11 +107,26 @@ class AllocationResult:
 OverflowHook = Callable[[list[Shortfall]], None]
 
 
+@dataclass(frozen=True)
+class SwapRecord:
+    """One line of the swap log: a change or a swap, when, and why."""
+
+    time: float
+    kind: str  # change | swap
+    resource: ResourceType
+    task: str
+    old: int
+    new: int
+    reason: str
+    source: str | None = None
+
+
 class SwapManager:
     """Holds the tasks and moves the pool's units between them."""
 
     def __init__(self, pool: ResourcePool, headroom: float = 0.2, saturation: float = 0.9,
-                 growth: float = 2.0, overflow_hook: OverflowHook | None = None):
+                 growth: float = 2.0, overflow_hook: OverflowHook | None = None,
+                 policy=None, log_size: int = 1000):
         if headroom < 0:
             raise ConfigError("headroom", "must not be negative")
         self.pool = pool
@@ -118,6 +135,11 @@ class SwapManager:
         self.growth = growth
         self.overflow_hook = overflow_hook
         self.tasks: dict[str, ManagedTask] = {}
+        #: optional anti-thrashing policy (swap.policy.StabilityPolicy): adjusts demands only,
+        #: so tiers, minimums and fairness still hold whatever it decides
+        self.policy = policy
+        #: the last ``log_size`` changes and swaps, each with its reason (status, tests)
+        self.swap_log: deque[SwapRecord] = deque(maxlen=log_size)
 
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, task: ManagedTask) -> None:
@@ -130,6 +152,9 @@ class SwapManager:
     def remove_task(self, name: str) -> list[Change]:
         changes = self.deallocate_resources(name)
         self.tasks.pop(name, None)
+        if self.policy is not None:
+            self.policy.forget(name)
+        self._record(AllocationResult(changes=changes))
         return changes
 
     # -- the seed's API ----------------------------------------------------------------
@@ -243,7 +268,11 @@ class SwapManager:
                 if f is None and r not in self.tasks[name].limits:
                     continue
                 demands[name] = self.demand(name, r, f or 0.0, usage.get(name, {}).get(r))
-            targets = self._share(r, demands)
+            shared = demands
+            if self.policy is not None:
+                shared = self.policy.adjust(r, self.pool.total(r), demands,
+                                            {n: self.pool.allocation(r, n) for n in demands})
+            targets = self._share(r, shared)
             self._apply_targets(r, demands, targets, result)
         if result.shortfalls and self.overflow_hook:
             try:
@@ -251,7 +280,20 @@ class SwapManager:
             except Exception as err:  # the hook is the operator's; never stop the tick for it
                 log.warning("overflow hook failed: %s", err)
         self.pool.check()
+        self._record(result)
         return result
+
+    def _record(self, result: AllocationResult) -> None:
+        now = time.time()
+        for ch in result.changes:
+            self.swap_log.append(SwapRecord(now, "change", ch.resource, ch.task, ch.old, ch.new,
+                                            ch.reason))
+            log.info("%s %s %d->%d (%s)", ch.task, ch.resource.key, ch.old, ch.new, ch.reason)
+        for sw in result.swaps:
+            self.swap_log.append(SwapRecord(now, "swap", sw.resource, sw.target, 0, sw.units,
+                                            sw.reason, sw.source))
+            log.info("%s took %d %s from %s (%s)", sw.target, sw.units, sw.resource.key,
+                     sw.source, sw.reason)
 
     # -- internals ---------------------------------------------------------------------
     def _share(self, r: ResourceType, demands: dict[str, int]) -> dict[str, int]:
