@@ -127,7 +127,11 @@ class CacheDriver(ResourceDriver):
     def open(self) -> None:
         self.rs.open()
         if self.pmu is not None:
-            self.pmu.open()
+            try:
+                self.pmu.open()
+            except FeatureMissing as err:  # e.g. perf_event_paranoid: enforce without misses
+                log.warning("cache misses not sensed: %s", err)
+                self.pmu = None
 
     def measure(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
         """Ways each task held; {} (not zeros) when the host cannot monitor occupancy."""
