@@ -39,7 +39,11 @@ class PeriodDetector:
         if self._n % self.every == 0:
             found, strength = detect(list(self._buf), self.min_period, self.max_period,
                                      self.threshold)
-            if found == self.period:
+            if found and self.period and found % self.period == 0:
+                # a multiple of the period we have: same rhythm, keep the models
+                self.strength = strength
+                found = self.period
+            elif found == self.period:
                 self.strength = strength
             elif found and found == self._candidate or (found == 0 and self._candidate == 0):
                 self.period, self.strength = found, strength

@@ -108,58 +108,68 @@ class AutoForecaster(Base):
             if p >= 2:
                 return snarimax(p=2, d=0, q=1, m=p, sp=1, scale=self.scale)
             return snarimax(p=2, d=0, q=1, scale=self.scale)
-        return QuantileLags(quantile=self.quantile, period=p, max_horizon=max(8, self.horizon))
+        # for MAE the right quantile is the median
+        q = self.quantile if self.loss == "pinball" else 0.5
+        return QuantileLags(quantile=q, period=p, max_horizon=max(8, self.horizon))
 
     def _build(self, names) -> None:
+        """(Re)build candidates and replay the kept history through them, scoring as they go,
+        so a model rebuilt for a new period competes on its record, not from zero."""
         for name in names:
-            m = self._make(name)
-            for y in self._hist:
-                m.learn_one(y)
-            self._models[name] = m
+            self._models[name] = m = self._make(name)
             self._pending[name] = deque(maxlen=self.horizon)
             self._resid[name] = [deque(maxlen=self.calibration) for _ in range(self.horizon)]
-            # a rebuilt model is a new model: it earns its place again
-            self._loss.pop(name, None)
-            self._mae.pop(name, None)
-            self._scored.pop(name, None)
+            for key in (self._loss, self._mae, self._scored):
+                key.pop(name, None)
+            for y in self._hist:
+                self._score(name, y)
+                m.learn_one(y)
+                self._push(name)
+
+    def _score(self, name: str, y: float) -> None:
+        total, n = 0.0, 0
+        for age, (point, upper) in enumerate(reversed(self._pending[name]), start=1):
+            f = point[age - 1]
+            self._resid[name][age - 1].append(y - f)
+            total += pinball(y, upper[age - 1], self.quantile) if self.loss == "pinball" \
+                else abs(y - f)
+            n += 1
+            if age == 1:
+                err = abs(y - f)
+                old = self._mae.get(name)
+                self._mae[name] = err if old is None else self._decay * old + (1 - self._decay) * err
+        if n:
+            sample = total / n
+            old = self._loss.get(name)
+            self._loss[name] = sample if old is None else self._decay * old + (1 - self._decay) * sample
+            self._scored[name] = self._scored.get(name, 0) + 1
+
+    def _push(self, name: str) -> None:
+        point = self._models[name].forecast(self.horizon)
+        self._pending[name].append((point, self._raise(name, point)))
 
     # -- protocol ------------------------------------------------------------------------------
     def learn_one(self, y: float, x: dict | None = None) -> None:
         y = float(y)
-        for name, pend in self._pending.items():
-            total, n = 0.0, 0
-            for age, (point, upper) in enumerate(reversed(pend), start=1):
-                f = point[age - 1]
-                self._resid[name][age - 1].append(y - f)
-                if self.loss == "pinball":
-                    total += pinball(y, upper[age - 1], self.quantile)
-                else:
-                    total += abs(y - f)
-                n += 1
-                if age == 1:
-                    err = abs(y - f)
-                    old = self._mae.get(name)
-                    self._mae[name] = err if old is None else self._decay * old + (1 - self._decay) * err
-            if n:
-                sample = total / n
-                old = self._loss.get(name)
-                self._loss[name] = sample if old is None else self._decay * old + (1 - self._decay) * sample
-                self._scored[name] = self._scored.get(name, 0) + 1
+        for name in self._models:
+            self._score(name, y)
         self._hist.append(y)
         for m in self._models.values():
             m.learn_one(y)
+        rebuilt: list[str] = []
         if not self._fixed_period:
             p = self._detector.update(y)
             if p != self.period:
                 self.period = p
-                seasonal = [c for c in self.candidates if c != "last_value"]
-                self._build(seasonal)
-        for name, m in self._models.items():
-            point = m.forecast(self.horizon)
-            self._pending[name].append((point, self._raise(name, point)))
+                rebuilt = [c for c in self.candidates if c != "last_value"]
+                self._build(rebuilt)  # replays the history, y included
+        for name in self._models:
+            if name not in rebuilt:
+                self._push(name)
         self._choose()
 
     def _raise(self, name: str, point: list[float]) -> list[float]:
+        """With the pinball loss: the point forecast plus the quantile of this model's errors."""
         if self.loss != "pinball":
             return point
         out = []
