@@ -32,6 +32,12 @@ class DaemonConfig:
     retention_days: float = 7.0    # profile history kept in state_dir/profiles.db
     rollup_s: int = 300            # ...downsampled to buckets of this many seconds
     checkpoint_every: int = 60     # ticks between forecaster checkpoints (samples every tick)
+    hold_ticks: int = 2            # a falling demand is applied after this many low ticks
+    deadband: float = 0.1          # ...and only when it falls by more than this fraction
+    max_step_down: float = 0.25    # ...by at most this (fraction of the pool if < 1) per tick
+    overflow_command: tuple[str, ...] = ()  # told the shortfall (JSON on stdin)
+    overflow_url: str = ""         # ...or POSTed it
+    overflow_interval: float = 60.0  # seconds between reports of an unchanged shortfall
 
     @property
     def state_path(self) -> str:
@@ -125,7 +131,8 @@ def _number(value: Any, field_name: str, lo: float, hi: float | None = None) -> 
 
 def _daemon(d: Any) -> DaemonConfig:
     _only(d, {"interval", "window", "headroom", "state_dir", "history", "retention_days",
-              "rollup_s", "checkpoint_every"}, "daemon")
+              "rollup_s", "checkpoint_every", "hold_ticks", "deadband", "max_step_down",
+              "overflow_command", "overflow_url", "overflow_interval"}, "daemon")
     interval = _number(d.get("interval", 1.0), "daemon.interval", 0.05, 3600)
     window = int(_number(d.get("window", 5), "daemon.window", 1, 10000))
     headroom = _number(d.get("headroom", 0.2), "daemon.headroom", 0.0, 10.0)
@@ -137,8 +144,21 @@ def _daemon(d: Any) -> DaemonConfig:
     rollup_s = int(_number(d.get("rollup_s", 300), "daemon.rollup_s", 1, 86400))
     checkpoint_every = int(_number(d.get("checkpoint_every", 60), "daemon.checkpoint_every",
                                    1, 1_000_000))
+    hold_ticks = int(_number(d.get("hold_ticks", 2), "daemon.hold_ticks", 0, 1000))
+    deadband = _number(d.get("deadband", 0.1), "daemon.deadband", 0.0, 0.99)
+    max_step_down = _number(d.get("max_step_down", 0.25), "daemon.max_step_down", 0.001)
+    overflow_command = (_argv_option(d["overflow_command"], "daemon.overflow_command")
+                        if "overflow_command" in d else ())
+    overflow_url = d.get("overflow_url", "")
+    if overflow_url:
+        from .overflow import check_url
+
+        check_url(overflow_url)
+    overflow_interval = _number(d.get("overflow_interval", 60.0), "daemon.overflow_interval",
+                                0.0, 86400)
     return DaemonConfig(interval, window, headroom, state_dir, history, retention_days, rollup_s,
-                        checkpoint_every)
+                        checkpoint_every, hold_ticks, deadband, max_step_down, overflow_command,
+                        overflow_url, overflow_interval)
 
 
 def _resources(d: Any) -> dict[ResourceType, int | None]:
