@@ -66,6 +66,20 @@ class TickReport:
     forecasts: dict[str, dict[ResourceType, float]]
 
 
+_SUFFIX = {"millicores": "m", "iops": "/s", "ways": "w", "percent": "%"}
+
+
+def fmt_units(value: float, r: ResourceType) -> str:
+    """A figure in its resource's unit, short enough for the live table (1500m, 1.2MB/s)."""
+    if r.unit in ("bytes", "bytes_per_s"):
+        tail = "B/s" if r.unit == "bytes_per_s" else "B"
+        for prefix in ("", "K", "M", "G", "T"):
+            if abs(value) < 1000 or prefix == "T":
+                return f"{value:.0f}{prefix}{tail}" if not prefix else f"{value:.1f}{prefix}{tail}"
+            value /= 1000
+    return f"{value:.0f}{_SUFFIX.get(r.unit, '')}"
+
+
 class Lock:
     """An flock on ``RUN_DIR/rswap.lock``: released by the kernel when the holder dies."""
 
@@ -447,5 +461,7 @@ class Daemon:
                 used = report.usage.get(name, {}).get(r, 0.0)
                 fc = report.forecasts.get(name, {}).get(r, 0.0)
                 self._say(f"{report.tick:>5} {name:<{w}} {rt.priority:<8} {r.key:<4} "
-                          f"{used:>7.0f}m {fc:>8.0f}m {self.pool.allocation(r, name):>7}m "
-                          f"{self.pool.available(r):>5}m  " + "; ".join(events.get(name, [])))
+                          f"{fmt_units(used, r):>8} {fmt_units(fc, r):>9} "
+                          f"{fmt_units(self.pool.allocation(r, name), r):>8} "
+                          f"{fmt_units(self.pool.available(r), r):>6}  "
+                          + "; ".join(events.get(name, [])))
