@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES: tuple[str, ...] = (
     "rswap_ebpf.cli_ops",
     "rswap_ebpf.cli_trace",
+    "rswap_ebpf.cli_sched",
 )
 _HANDLERS: dict = {}
 
@@ -146,11 +147,21 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from .daemon import Lock, status_path
 
+    from .control import NotRunning, request
+
+    st = None
+    try:  # the daemon's own answer, through the control socket (root)...
+        st = request("status", timeout=5)["status"]
+    except NotRunning:
+        pass
+    except RswapError:  # ...else (not root) the status file it writes every tick
+        pass
     path = status_path()
-    if not Lock.held() or not os.path.exists(path):
+    if st is None and (not Lock.held() or not os.path.exists(path)):
         raise RswapError("no rswap daemon is running (start one with: sudo rswap run)")
-    with open(path) as f:
-        st = json.load(f)
+    if st is None:
+        with open(path) as f:
+            st = json.load(f)
     if args.json:
         json.dump(st, sys.stdout, indent=2)
         print()

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from .predict.profile import TaskProfiler
 from .resources import ResourcePool, ResourceType
 from .sense import bpf as bpfmod
 from .swap.manager import AllocationResult, ManagedTask, SwapManager
+from .swap.policy import StabilityPolicy
+from .errors import EnforceError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ class TaskRuntime:
     process: subprocess.Popen | None = None
     usage: dict[ResourceType, float] = field(default_factory=dict)
     exited: int | None = None
+    source: str = "config"          # config | socket (task.add) | exec (rswap exec)
+    owner_pid: int | None = None    # the rswap exec that asked for it (SO_PEERCRED)
+    had_pids: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,15 @@ class Daemon:
         self.pool = ResourcePool()
         self.profiler = TaskProfiler(self._forecaster_for, history=config.daemon.history)
         self.manager = SwapManager(self.pool, headroom=config.daemon.headroom)
+        dc = config.daemon
+        self.manager.policy = StabilityPolicy(dc.hold_ticks, dc.deadband, dc.max_step_down)
+        #: held by each tick and by every control-socket request (they run between ticks)
+        self.mutex = threading.RLock()
+        self.runtime_forecasters: dict[str, Any] = {}
+        self.applier: FileApplier | None = None
+        self.control = None    # control.ControlServer while run() serves the socket
+        self.scheduler = None  # sched.Scheduler
+        self.overflow = None   # overflow.OverflowHook when configured
         self.tasks: dict[str, TaskRuntime] = {}
         self.tick_no = 0
         self._stop = False
@@ -164,6 +179,8 @@ class Daemon:
     # -- life cycle ----------------------------------------------------------------------
     def _forecaster_for(self, task: str, r: ResourceType):
         spec = next((t.forecaster for t in self.config.tasks if t.name == task), None)
+        if spec is None:
+            spec = self.runtime_forecasters.get(task)
         total = self.pool.total(r) if r in self.pool else 1
         return make_forecaster(spec, scale=max(1, total))
 
@@ -205,6 +222,7 @@ class Daemon:
             mounts = self._mounts or detect_mounts()
             self.cgroups = CgroupManager(self.journal, mounts)
             applier = FileApplier(self.journal, dry_run=self.dry_run)
+            self.applier = applier
             wanted = self.config.resources or {ResourceType.PROCESSOR_CYCLES}
             if self._drivers_given is not None:
                 self.drivers = {d.resource: d for d in self._drivers_given}
@@ -306,6 +324,7 @@ class Daemon:
     def tick(self) -> TickReport:
         t0 = time.perf_counter()
         self.tick_no += 1
+        self._reap_vanished()
         cgroups = {n: rt.cgroup for n, rt in self.tasks.items() if rt.exited is None}
         usage: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
         observed: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
@@ -336,7 +355,12 @@ class Daemon:
             driver = self.drivers.get(ch.resource)
             if rt is None or driver is None or rt.exited is not None:
                 continue
-            driver.apply(rt.cgroup, ch.new)
+            try:
+                driver.apply(rt.cgroup, ch.new)
+            except EnforceError as err:  # its cgroup vanished mid-tick: reaped next tick
+                if rt.cgroup.exists():
+                    raise
+                log.info("task %s: cgroup gone while applying (%s)", ch.task, err)
         report = TickReport(self.tick_no, time.perf_counter() - t0, result, usage, forecasts)
         self.last_report = report
         self._publish()
@@ -367,6 +391,7 @@ class Daemon:
         try:
             self.start()
             self._publish()  # rswap status answers from the start, before the first tick
+            self._serve_control()
             self._print_header()
             next_at = time.monotonic() + interval
             while not self._stop and (count is None or self.tick_no < count):
@@ -379,14 +404,158 @@ class Daemon:
                 next_at += interval
                 if next_at < time.monotonic():  # we fell behind: do not try to catch up
                     next_at = time.monotonic() + interval
-                report = self.tick()
-                self._print_tick(report)
+                with self.mutex:
+                    report = self.tick()
+                    self._print_tick(report)
+                    if self.scheduler is not None:
+                        self.scheduler.serve_queue()
         finally:
+            self._close_control()
             self.stop()
             for s, h in old.items():
                 signal.signal(s, h)
         self._say("rswap: stopped; host restored")
         return 0
+
+    # -- tasks at run time (control socket, rswap exec) ------------------------------------
+    def add_task(self, tc, source: str = "socket", owner_pid: int | None = None,
+                 allocate: bool = True) -> TaskRuntime:
+        """Start managing ``tc`` (a config.TaskConfig) now; bad input applies nothing."""
+        with self.mutex:
+            old = self.tasks.get(tc.name)
+            if old is not None and old.exited is None:
+                raise RswapError(f"a task named {tc.name!r} is already running")
+            cg = self.cgroups.resolve(tc.name, tc.cgroup)
+            if tc.cgroup is not None:
+                self.cgroups.check_exists(cg)
+            self.manager.add_task(ManagedTask(tc.name, tc.priority, tc.limits))
+            self.tasks.pop(tc.name, None)
+            if tc.forecaster is not None:
+                self.runtime_forecasters[tc.name] = tc.forecaster
+            rt = TaskRuntime(tc.name, tc.priority.name.lower(), cg, source=source,
+                             owner_pid=owner_pid)
+            try:
+                if cg.owned:
+                    self.cgroups.create(cg)
+                for pid in tc.pids:
+                    self.cgroups.move(cg, pid)
+                if tc.command:
+                    rt.process = self._spawn(tc.command, cg)
+            except BaseException:
+                self.manager.remove_task(tc.name)
+                self.cgroups.remove(cg)
+                raise
+            self.tasks[tc.name] = rt
+            self.profiler.restore(tc.name)
+            if allocate:  # its minimums now; its forecast from the next tick
+                for r in self.pool.types():
+                    lo = tc.limits[r].min_units if r in tc.limits else 0
+                    if lo:
+                        self.pool.set_allocation(r, tc.name, min(lo, self.pool.available(r)))
+                        self.apply_allocation(tc.name, r)
+            self._say(f"rswap: task {tc.name} ({rt.priority}) added ({source})")
+            return rt
+
+    def apply_allocation(self, name: str, r: ResourceType) -> None:
+        rt, driver = self.tasks.get(name), self.drivers.get(r)
+        if rt is not None and driver is not None and rt.exited is None:
+            driver.apply(rt.cgroup, self.pool.allocation(r, name))
+
+    def remove_task(self, name: str, why: str = "removed") -> dict[ResourceType, int]:
+        """Stop managing ``name``: release its units, undo its limits, drop its cgroup."""
+        with self.mutex:
+            rt = self.tasks.pop(name, None)
+            if rt is None:
+                raise RswapError(f"no task named {name!r}")
+            released = {r: self.pool.allocation(r, name) for r in self.pool.types()}
+            if name in self.manager.tasks:
+                self.manager.remove_task(name)
+            self.profiler.forget(name)  # checkpointed: NAME's next start is predicted from it
+            self.runtime_forecasters.pop(name, None)
+            if rt.process is not None and rt.process.poll() is None:
+                self.cgroups.kill(rt.cgroup, signal.SIGTERM)
+                try:
+                    rt.process.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    self.cgroups.kill(rt.cgroup, signal.SIGKILL)
+                    rt.process.wait(timeout=2)
+            self._undo_task_files(rt.cgroup)
+            self.cgroups.remove(rt.cgroup)
+            self._say(f"rswap: task {name} {why}; its units are released")
+            return {r: u for r, u in released.items() if u}
+
+    def _undo_task_files(self, cg: TaskCgroup) -> None:
+        """Put back what rswap wrote in the task's directories, and send moved pids home."""
+        from .enforce.journal import write_file
+
+        prefixes = tuple(d.rstrip("/") + "/" for d in cg.dirs.values())
+        pids = {str(p) for p in cg.pids()}
+        seen: set[str] = set()
+        try:
+            entries = self.journal.entries()
+        except RswapError:
+            entries = []
+        for e in entries:
+            try:
+                if e.get("op") == "write" and e["path"].startswith(prefixes) \
+                        and e["path"] not in seen and not cg.owned:
+                    seen.add(e["path"])
+                    write_file(e["path"], e["original"])
+                elif e.get("op") == "move" and str(e.get("pid")) in pids:
+                    write_file(e["procs"], str(e["pid"]))
+            except OSError:
+                pass
+        if self.applier is not None:
+            for path in [p for p in self.applier._last if p.startswith(prefixes)]:
+                del self.applier._last[path]
+            self.applier.overridden = {p for p in self.applier.overridden
+                                       if not p.startswith(prefixes)}
+
+    def _reap_vanished(self) -> None:
+        """Tasks whose cgroup was removed, or whose processes are all gone, are let go."""
+        for name, rt in list(self.tasks.items()):
+            if rt.exited is not None:
+                continue
+            if not rt.cgroup.exists():
+                self.remove_task(name, "vanished (its cgroup was removed)")
+                continue
+            if rt.process is not None or not rt.cgroup.owned:
+                continue
+            if rt.cgroup.pids():
+                rt.had_pids = True
+            elif rt.had_pids:
+                self.remove_task(name, "exited (no process left in its cgroup)")
+            elif rt.owner_pid is not None and not _alive(rt.owner_pid):
+                self.remove_task(name, f"abandoned (rswap exec pid {rt.owner_pid} is gone)")
+
+    def _serve_control(self) -> None:
+        from .control import ControlServer
+        from .sched import Scheduler
+
+        dc = self.config.daemon
+        if dc.overflow_command or dc.overflow_url:
+            from .overflow import OverflowHook
+
+            self.overflow = OverflowHook(dc.overflow_command, dc.overflow_url,
+                                         interval_s=dc.overflow_interval,
+                                         priority_of=lambda t: self.tasks[t].priority
+                                         if t in self.tasks else None)
+            self.manager.overflow_hook = self.overflow
+        self.scheduler = Scheduler(self, self.overflow)
+        self.control = ControlServer(self.scheduler.dispatch)
+        self.control.start()
+
+    def _close_control(self) -> None:
+        if self.scheduler is not None:
+            with self.mutex:
+                self.scheduler.close()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.overflow is not None:
+            self.overflow.close()
+            self.manager.overflow_hook = None
+            self.overflow = None
 
     # -- output ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -465,3 +634,13 @@ class Daemon:
                           f"{fmt_units(self.pool.allocation(r, name), r):>8} "
                           f"{fmt_units(self.pool.available(r), r):>6}  "
                           + "; ".join(events.get(name, [])))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -83,8 +83,10 @@ class OverflowHook:
         if shortfalls:
             self.submit("tick", shortfalls)
 
-    def submit(self, event: str, shortfalls: Sequence[Shortfall]) -> None:
-        prios = {s.task: self.priority_of(s.task) for s in shortfalls}
+    def submit(self, event: str, shortfalls: Sequence[Shortfall],
+               priorities: dict[str, str] | None = None) -> None:
+        prios = {s.task: (priorities or {}).get(s.task) or self.priority_of(s.task)
+                 for s in shortfalls}
         with self._cv:
             self._pending = ShortfallReport(event, tuple(shortfalls), prios)
             self._cv.notify()
