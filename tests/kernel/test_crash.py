@@ -1,0 +1,286 @@
+"""Crash safety: SIGKILL ``rswap run`` anywhere, then ``rswap restore`` puts the host back exactly.
+
+The daemon runs as a real subprocess (``rswap run``) on real cgroups (an existing cgroup with a
+known CFS quota and shares, holding a process, plus rswap-owned command tasks), a root qdisc on a
+veth in a network namespace made here, with its BPF programs loaded and maps pinned in a private
+``RSWAP_PIN_DIR``.  Each round kills it either at a random time or, through the journal's fault
+hook (``RSWAP_FAULT_KILL_AFTER_JOURNAL=N``), right after its Nth journal entry is fsynced and before
+the change it announces is made.  Then the round runs ``rswap restore`` (or, every few rounds, a
+fresh ``rswap run`` that restores on start) and compares the cgroup files, the qdiscs, classes and
+filters and the pins with what they were before the first start.
+
+resctrl is covered in-process (tests/unit/test_crash_resctrl.py): the fake resctrl mount validates
+writes in the test process's memory (tests/fakes/resctrl.py), so a separate ``rswap run`` process
+could not use it.
+
+``RSWAP_CRASH_ROUNDS`` sets the number of rounds (default 100, about 3 minutes on a 2-core VM);
+``RSWAP_CRASH_LONG=1`` runs 500 rounds with kill times up to 6 s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rswap_ebpf.enforce.cgroup import detect_mounts
+from tests.conftest import rswap_cmd, run_rswap
+from tests.kernel.helpers import scratch_cgroup
+
+LONG = os.environ.get("RSWAP_CRASH_LONG") == "1"
+ROUNDS = int(os.environ.get("RSWAP_CRASH_ROUNDS") or (500 if LONG else 100))
+MAX_KILL_S = 6.0 if LONG else 2.0
+QUOTA_US, SHARES = "50000", "512"
+#: cgroup files whose content the kernel changes by itself (counters, pressure, accounting).
+VOLATILE = re.compile(r"stat|usage|pressure|io_serv|io_wait|io_merged|io_queued|time|sectors|"
+                      r"reset_stats|events|release_agent|sane_behavior")
+
+
+def sh(*argv, check=True):
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
+
+
+def read_dir_files(d: str) -> dict[str, str]:
+    out = {}
+    for name in sorted(os.listdir(d)):
+        path = os.path.join(d, name)
+        if os.path.isdir(path):
+            out[name + "/"] = "dir"
+            continue
+        if VOLATILE.search(name):
+            continue
+        try:
+            with open(path, "rb") as f:
+                out[name] = f.read().decode(errors="replace")
+        except OSError:
+            continue  # write-only files
+    return out
+
+
+class Host:
+    """What the test made, and a snapshot of everything rswap may touch there."""
+
+    def __init__(self, cg_dirs, ns, pin_dir, task_names, sleeper_pid):
+        self.cg_dirs = cg_dirs
+        self.ns = ns
+        self.pin_dir = pin_dir
+        self.task_names = task_names
+        self.sleeper_pid = sleeper_pid
+        self.mounts = detect_mounts()
+
+    def snapshot(self) -> dict:
+        snap = {f"cgroup {h}": read_dir_files(d) for h, d in sorted(self.cg_dirs.items())}
+        with open(f"/proc/{self.sleeper_pid}/cgroup") as f:
+            snap["sleeper /proc/pid/cgroup"] = f.read()
+        for h, mnt in self.mounts.hierarchies.items():
+            for t in self.task_names:
+                snap[f"owned {h}/{t}"] = os.path.exists(os.path.join(mnt, "rswap", t))
+        for what in ("qdisc show dev va", "class show dev va", "filter show dev va ingress",
+                     "filter show dev va egress", "filter show dev va"):
+            snap[f"tc {what}"] = sh("tc", "-n", self.ns, *what.split(), check=False).stdout
+        snap["pins"] = sorted(os.listdir(self.pin_dir)) if os.path.exists(self.pin_dir) else None
+        return snap
+
+
+@pytest.fixture
+def host(unique_name, rswap_env, monkeypatch, tmp_path):
+    ns = f"{unique_name}c"
+    pin_dir = f"/sys/fs/bpf/rswap-test-{unique_name}"
+    monkeypatch.setenv("RSWAP_PIN_DIR", pin_dir)
+    sh("ip", "netns", "add", ns)
+    sleeper = None
+    try:
+        sh("ip", "-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+        for dev in ("va", "vb", "lo"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        # An operator's root qdisc: it must come back with its handle.
+        sh("tc", "-n", ns, "qdisc", "replace", "dev", "va", "root", "handle", "5:", "pfifo_fast")
+        with scratch_cgroup(f"crash-{unique_name}") as dirs:
+            with open(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"), "w") as f:
+                f.write(QUOTA_US)
+            with open(os.path.join(dirs["cpu"], "cpu.shares"), "w") as f:
+                f.write(SHARES)
+            procs = [os.path.join(d, "cgroup.procs") for d in dirs.values()]
+
+            def enter():
+                for p in procs:
+                    with open(p, "w") as fh:
+                        fh.write(str(os.getpid()))
+
+            sleeper = subprocess.Popen(["sleep", "600"], preexec_fn=enter)
+            marker = f"{random.randint(10**6, 10**7 - 1)}"
+            tasks = [f"cr1-{unique_name}", f"cr2-{unique_name}"]
+            spin = ("import sys, time\\nend = time.monotonic() + 15\\n"
+                    "while time.monotonic() < end:\\n"
+                    "    t = time.monotonic()\\n"
+                    "    while time.monotonic() < t + 0.03: pass\\n"
+                    "    time.sleep(0.07)")
+            cfg = tmp_path / "crash.toml"
+            cfg.write_text(f"""
+[daemon]
+interval = 0.1
+window = 2
+hold_ticks = 0
+checkpoint_every = 5
+[resources.cpu]
+total = 2000
+[resources.net]
+total = 12500000
+
+[[task]]
+name = "adopted-{unique_name}"
+priority = "batch"
+cgroup = "crash-{unique_name}"
+cpu = {{ min = 50 }}
+
+[[task]]
+name = "{tasks[0]}"
+priority = "critical"
+command = ["{{python}}", "-c", "{spin}", "{marker}"]
+cpu = {{ min = 100 }}
+net = {{ min = 125000, interface = "{ns}:va" }}
+
+[[task]]
+name = "{tasks[1]}"
+command = ["{{python}}", "-c", "{spin}", "{marker}"]
+cpu = {{ min = 100, max = 1500 }}
+net = {{ min = 125000, interface = "{ns}:va" }}
+""")
+            h = Host(dirs, ns, pin_dir, tasks, sleeper.pid)
+            h.config = str(cfg)
+            h.marker = marker
+            h.env = {**rswap_env, "RSWAP_PIN_DIR": pin_dir}
+            yield h
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        kill_marked(locals().get("marker"))
+        run_rswap("restore", env={**rswap_env, "RSWAP_PIN_DIR": pin_dir}, timeout=60)
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def kill_marked(marker: str | None) -> int:
+    """Kill the command tasks a killed daemon left running (they carry ``marker`` in argv)."""
+    if not marker:
+        return 0
+    n = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in argv and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                n += 1
+            except ProcessLookupError:
+                pass
+    return n
+
+
+def rswap_prog_ids() -> dict[int, str]:
+    """Loaded BPF programs that use a map named rswap_* (how bcc names ours), id -> name."""
+    maps = json.loads(sh("bpftool", "-j", "map", "show").stdout or "[]")
+    ours = {m["id"] for m in maps if m.get("name", "").startswith("rswap_")}
+    progs = json.loads(sh("bpftool", "-j", "prog", "show").stdout or "[]")
+    return {p["id"]: p.get("name", "?") for p in progs if ours & set(p.get("map_ids", []))}
+
+
+def prog_ids_held_by_processes() -> set[int]:
+    held = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("prog_id:"):
+                            held.add(int(line.split()[1]))
+            except OSError:
+                pass
+    return held
+
+
+def start(host, extra_env=None, count=200) -> subprocess.Popen:
+    env = {**os.environ, **host.env, **(extra_env or {})}
+    return subprocess.Popen(rswap_cmd() + ["run", "--config", host.config, "--count", str(count)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_dead(p: subprocess.Popen, timeout: float) -> str:
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate(timeout=30)
+    return err or ""
+
+
+def test_sigkill_anywhere_then_restore_puts_host_back(host):
+    rng = random.Random(int(os.environ.get("RSWAP_CRASH_SEED", "0")) or None)
+    baseline = host.snapshot()
+    assert baseline["cgroup cpu"]["cpu.cfs_quota_us"].strip() == QUOTA_US
+    assert "pfifo_fast 5:" in baseline["tc qdisc show dev va"]
+    first_prog_id = max(rswap_prog_ids() or {0: ""})
+    progs_before = set(prog_ids_held_by_processes())
+    journal = os.path.join(host.env["RSWAP_STATE_DIR"], "journal.jsonl")
+    seen = {"hook": 0, "timer": 0, "changed": 0, "restart": 0, "max_entries": 0}
+    t_start = time.monotonic()
+    for round_no in range(ROUNDS):
+        hook = round_no % 2 == 0
+        extra = {"RSWAP_FAULT_KILL_AFTER_JOURNAL": str(rng.randint(1, 20))} if hook else {}
+        p = start(host, extra)
+        # The hook kills it mid-apply; a timer kills it anywhere (also a hook whose N is past
+        # the last entry of this run).
+        delay = MAX_KILL_S + 1 if hook else rng.uniform(0, MAX_KILL_S)
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+        err = wait_dead(p, timeout=30)
+        seen["hook" if hook else "timer"] += 1
+        assert p.returncode == -signal.SIGKILL, err[-2000:]
+        if os.path.exists(journal):
+            with open(journal) as f:
+                seen["max_entries"] = max(seen["max_entries"], len(f.readlines()))
+        if host.snapshot() != baseline:
+            seen["changed"] += 1  # the kill left something to undo
+        if round_no % 20 == 19:
+            # A restart after a crash: the stale lock does not block it; it restores first.
+            seen["restart"] += 1
+            r = run_rswap("run", "--config", host.config, "--count", "2", env=host.env, timeout=90)
+            assert r.returncode == 0, (round_no, r.stderr)
+        else:
+            r = run_rswap("restore", env=host.env, timeout=60)
+            assert r.returncode == 0, (round_no, r.stdout, r.stderr)
+        kill_marked(host.marker)
+        after = host.snapshot()
+        diff = {k: (baseline[k], after.get(k)) for k in baseline if after.get(k) != baseline[k]}
+        assert not diff, (round_no, "hook" if hook else "timer", extra, diff, err[-2000:])
+        assert not os.path.exists(journal), round_no
+    # Nothing of ours stays loaded: every rswap program loaded since the start is gone or still
+    # held by a live process (another test's).
+    held = prog_ids_held_by_processes()
+    orphans = {i: n for i, n in rswap_prog_ids().items()
+               if i > first_prog_id and i not in held and i not in progs_before}
+    assert not orphans, orphans
+    elapsed = time.monotonic() - t_start
+    print(f"\n{ROUNDS} rounds in {elapsed:.0f}s: {seen}")
+    # The rounds exercised both kinds of kill, and most left something for restore to undo.
+    assert seen["hook"] and seen["timer"]
+    assert seen["changed"] >= ROUNDS // 4, seen
