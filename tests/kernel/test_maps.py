@@ -103,9 +103,15 @@ def test_run_serves_metrics_and_history_while_running(tmp_path, pin_env, unique_
         samples: dict = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                           for fam in text_string_to_metric_families(resp.read().decode()) for s in fam.samples}
+            try:
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    text = resp.read().decode()
+            except OSError as err:
+                if p.poll() is not None:  # the daemon died: say why, not just "connection reset"
+                    pytest.fail(f"rswap run exited {p.returncode} while scraped: {p.stderr.read()[-2000:]}")
+                raise err
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for fam in text_string_to_metric_families(text) for s in fam.samples}
             if samples.get(("rswap_tick", ()), 0) >= 4:
                 break
             time.sleep(0.5)
