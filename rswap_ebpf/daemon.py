@@ -108,6 +108,11 @@ class Lock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    @property
+    def acquired(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -286,6 +291,10 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop what rswap started and put the host back; safe to call more than once."""
+        if not self.lock.acquired:
+            # Never started (another daemon holds the lock) or already stopped: the journal,
+            # status file and pins belong to someone else now; touch nothing.
+            return
         for rt in self.tasks.values():
             if rt.process is not None and rt.process.poll() is None:
                 self.cgroups.kill(rt.cgroup, signal.SIGTERM)
