@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 
 from .. import paths
 from ..errors import ConfigError, EnforceError, FeatureMissing
-from .journal import Journal, remove_cgroup_dir, write_file
+from .journal import Journal, register_undo, remove_cgroup_dir, write_file
 
 log = logging.getLogger(__name__)
 
 RSWAP_SUBTREE = "rswap"
 #: v1 controllers a task is placed in on hybrid/legacy hosts, when mounted.
 V1_CONTROLLERS = ("cpu", "cpuacct", "blkio")
+#: cgroup2 controllers rswap enables for its tasks on a unified host.
+V2_CONTROLLERS = ("cpu", "io", "memory")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 Write = tuple[str, str]
@@ -181,10 +183,51 @@ class CgroupManager:
             if not os.path.isdir(parent):
                 self.journal.record_mkdir(parent, shared=True)
                 _mkdir(parent)
+            if hier == "unified" and self.mounts.mode == "unified":
+                self.enable_controllers(parent)
             if os.path.isdir(d):
                 continue
             self.journal.record_mkdir(d)
             _mkdir(d)
+
+    def enable_controllers(self, parent: str) -> list[str]:
+        """On a unified host, switch on cpu/io/memory for ``parent``'s children, root down.
+
+        cgroup2 creates ``cpu.max``/``io.max``/``memory.high`` in a child only when its parent's
+        ``cgroup.subtree_control`` enables the controller.  Each controller rswap enables is
+        journalled (``cgroup_controllers``) and switched off again on restore.
+        """
+        root = self.mounts.unified
+        if not root:
+            return []
+        wanted = self.mounts.v2_controllers() & set(V2_CONTROLLERS)
+        if not wanted:
+            return []
+        chain = [root]
+        rel = os.path.relpath(parent, root)
+        if rel != ".":
+            for part in rel.split(os.sep):
+                chain.append(os.path.join(chain[-1], part))
+        done: list[str] = []
+        for d in chain:
+            ctl = os.path.join(d, "cgroup.subtree_control")
+            try:
+                with open(ctl) as f:
+                    on = set(f.read().split())
+            except OSError as err:
+                raise EnforceError(ctl, f"cannot read: {err.strerror}") from err
+            missing = sorted(wanted - on)
+            if not missing:
+                continue
+            self.journal.record_custom("cgroup_controllers", {"path": ctl, "enabled": missing})
+            try:
+                write_file(ctl, " ".join(f"+{c}" for c in missing))
+            except OSError as err:
+                hint = (" (it has processes of its own: cgroup2 allows controllers only in "
+                        "cgroups without them; move them into a child)") if err.errno == errno.EBUSY else ""
+                raise EnforceError(ctl, f"cannot enable {', '.join(missing)}: {err.strerror}{hint}") from err
+            done.extend(f"{d}:{c}" for c in missing)
+        return done
 
     def check_exists(self, cg: TaskCgroup) -> None:
         for hier, d in cg.dirs.items():
@@ -416,3 +459,17 @@ def online_cpus() -> int:
 
 def iter_writes(writes: Iterable[Write]) -> str:
     return "\n".join(f"{p} <- {v}" for p, v in writes)
+
+
+def _undo_controllers(data: dict) -> None:
+    """Switch off what ``enable_controllers`` switched on; a controller still in use stays."""
+    for c in data["enabled"]:
+        try:
+            write_file(data["path"], f"-{c}")
+        except OSError as err:
+            if err.errno not in (errno.EBUSY, errno.ENOENT, errno.EINVAL):
+                raise
+            log.warning("%s: leaving %s on (%s)", data["path"], c, err.strerror)
+
+
+register_undo("cgroup_controllers", _undo_controllers)
