@@ -20,11 +20,11 @@ EPILOG_RUN = """examples:
   sudo rswap run --dry-run            # sense and plan, write no limit
 """
 
-EPILOG = """commands:
-  run       sense, predict, swap and enforce, every interval, until Ctrl-C or --count
-  status    the pool and, per task, usage, forecast and allocation of the running daemon
-  doctor    every kernel feature rswap uses: ok, missing (why, how to fix) or fallback
-  restore   undo everything a killed rswap left (cgroup values, its cgroups, pinned maps)
+EPILOG = """examples:
+  sudo rswap run                      # the demo: a bursty critical task beside a batch job
+  sudo rswap doctor                   # what this kernel offers rswap
+  rswap status                        # the running daemon's pool and tasks
+  sudo rswap restore                  # after a crash: put the host back
 
 Bad input exits with status 2 and changes nothing. Run 'rswap COMMAND --help' for details.
 """
