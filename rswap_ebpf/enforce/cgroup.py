@@ -103,7 +103,7 @@ def detect_mounts(mounts_file: str | None = None) -> CgroupMounts:
 
 
 def check_task_name(name: object, field_name: str = "name") -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(field_name, f"{name!r} is not a valid task name "
                                       "(letters, digits, '.', '_', '-'; at most 64)")
     return name
