@@ -247,6 +247,9 @@ def _task(raw: Any, where: str) -> TaskConfig:
             raise ConfigError(f"{where}.cgroup", f"{cgroup!r} is not a cgroup path")
         if any(part == ".." for part in cgroup.split("/")):
             raise ConfigError(f"{where}.cgroup", f"{cgroup!r} climbs out of the cgroup mount")
+        if os.path.normpath(cgroup.strip("/")) == ".":
+            raise ConfigError(f"{where}.cgroup", f"{cgroup!r} is the root cgroup: limiting it "
+                              "would limit the whole host; name the task's own cgroup")
     pids = raw.get("pids", [])
     if not isinstance(pids, list) or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in pids):
         raise ConfigError(f"{where}.pids", "must be a list of positive process ids")
