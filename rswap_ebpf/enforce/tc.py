@@ -70,7 +70,8 @@ def pyroute2():
 def ipr(iface: Iface) -> Iterator:
     mod = pyroute2()
     try:
-        ip = mod.IPRoute(netns=iface.netns) if iface.netns else mod.IPRoute()
+        # flags=0: open an existing namespace only (pyroute2's default, O_CREAT, would make one).
+        ip = mod.IPRoute(netns=iface.netns, flags=0) if iface.netns else mod.IPRoute()
     except Exception as err:
         raise ConfigError("net.interface", f"cannot open network namespace {iface.netns!r}: {err}") from None
     try:
