@@ -73,25 +73,13 @@ def read_trace(path: str) -> Trace:
         f = open(path, newline="", encoding="utf-8")
     except OSError as err:
         raise ConfigError("TRACE", f"cannot read {path}: {err.strerror}") from None
-    rows: dict[float, dict[tuple[str, ResourceType], float]] = {}
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != HEADER:
-            raise ConfigError(f"{path}:1", f"expected the header {','.join(HEADER)}")
-        for lineno, row in enumerate(reader, start=2):
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if len(row) != 4:
-                raise ConfigError(f"{path}:{lineno}", f"expected 4 fields, got {len(row)}")
-            try:
-                t, units = float(row[0]), float(row[3])
-            except ValueError:
-                raise ConfigError(f"{path}:{lineno}", "time and units must be numbers") from None
-            if not (math.isfinite(t) and math.isfinite(units)) or units < 0:
-                raise ConfigError(f"{path}:{lineno}", "time and units must be finite, units >= 0")
-            r = ResourceType.parse(row[2], f"{path}:{lineno}.resource")
-            rows.setdefault(t, {})[(row[1], r)] = units
+    try:
+        with f:
+            rows = _read_rows(path, csv.reader(f))
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, f"not UTF-8 text (byte {err.start} of a read block)") from None
+    except csv.Error as err:  # a field over csv's limit, a NUL byte...
+        raise ConfigError(path, f"not a CSV trace: {err}") from None
     if not rows:
         raise ConfigError(path, "the trace has no samples")
     times = tuple(sorted(rows))
@@ -99,3 +87,25 @@ def read_trace(path: str) -> Trace:
     # A task absent from a tick (not started yet, or gone) used nothing then.
     demand = {k: tuple(rows[t].get(k, 0.0) for t in times) for k in keys}
     return Trace(times, demand, path)
+
+
+def _read_rows(path: str, reader) -> dict[float, dict[tuple[str, ResourceType], float]]:
+    """Time -> (task, resource) -> units; a bad line is a ConfigError naming ``path:line``."""
+    rows: dict[float, dict[tuple[str, ResourceType], float]] = {}
+    header = next(reader, None)
+    if header is None or tuple(h.strip() for h in header) != HEADER:
+        raise ConfigError(f"{path}:1", f"expected the header {','.join(HEADER)}")
+    for lineno, row in enumerate(reader, start=2):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != 4:
+            raise ConfigError(f"{path}:{lineno}", f"expected 4 fields, got {len(row)}")
+        try:
+            t, units = float(row[0]), float(row[3])
+        except ValueError:
+            raise ConfigError(f"{path}:{lineno}", "time and units must be numbers") from None
+        if not (math.isfinite(t) and math.isfinite(units)) or units < 0:
+            raise ConfigError(f"{path}:{lineno}", "time and units must be finite, units >= 0")
+        r = ResourceType.parse(row[2], f"{path}:{lineno}.resource")
+        rows.setdefault(t, {})[(row[1], r)] = units
+    return rows
