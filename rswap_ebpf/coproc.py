@@ -98,8 +98,9 @@ class Coproc:
     def probe(self, tasks: Mapping[str, Sequence[int]]) -> dict[str, float]:
         cmd = self.spec.probe
         try:
+            # errors="replace": bytes that are not UTF-8 become a ProbeError on their line.
             proc = subprocess.run(list(cmd), input=_stdin(tasks), capture_output=True, text=True,
-                                  timeout=self.spec.timeout_s, close_fds=True)
+                                  errors="replace", timeout=self.spec.timeout_s, close_fds=True)
         except FileNotFoundError:
             raise ProbeError(cmd, f"{cmd[0]} does not exist") from None
         except PermissionError:
@@ -119,8 +120,8 @@ class Coproc:
         cmd = list(self.spec.apply) + [task, str(int(units))]
         try:
             proc = subprocess.run(cmd, input=" ".join(str(p) for p in pids) + "\n",
-                                  capture_output=True, text=True, timeout=self.spec.timeout_s,
-                                  close_fds=True)
+                                  capture_output=True, text=True, errors="replace",
+                                  timeout=self.spec.timeout_s, close_fds=True)
         except (OSError, subprocess.TimeoutExpired) as err:
             raise EnforceError(cmd[0], f"co-processor apply for {task} failed: {err}") from None
         if proc.returncode != 0:
