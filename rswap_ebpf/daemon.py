@@ -162,6 +162,8 @@ class Daemon:
         self.drivers: dict[ResourceType, ResourceDriver] = {}
         #: resources the configuration names but this host lacks (drivers.MAY_BE_ABSENT): why
         self.missing: dict[ResourceType, str] = {}
+        #: resource key -> overflow counter -> events its collector dropped (a BPF map was full)
+        self.bpf_overflow: dict[str, dict[str, int]] = {}
         self.pool = ResourcePool()
         self.profiler = TaskProfiler(self._forecaster_for, history=config.daemon.history)
         self.manager = SwapManager(self.pool, headroom=config.daemon.headroom)
@@ -340,6 +342,7 @@ class Daemon:
         for r, d in self.drivers.items():
             self.pool.monitor_resource(r)
             measured = d.measure(cgroups)
+            self._note_overflow(r, getattr(d, "last_dropped", None))
             capped = d.censored(cgroups)
             for name, units in measured.items():
                 usage[name][r] = units
@@ -376,6 +379,18 @@ class Daemon:
         if self.on_tick:
             self.on_tick(report)
         return report
+
+    def _note_overflow(self, r: ResourceType, dropped: dict[str, int] | None) -> None:
+        """BPF maps are bounded: say when a full map made a collector drop events (the counters
+        in its stats map only grow), and keep the totals for ``status``."""
+        if not dropped:
+            return
+        seen = self.bpf_overflow.setdefault(r.key, {})
+        for label, n in dropped.items():
+            if n > seen.get(label, 0):
+                self._say(f"rswap: {r.key} BPF {label}: {n - seen.get(label, 0)} event(s) not "
+                          f"counted this tick ({n} in all); usage reads low until the map drains")
+                seen[label] = n
 
     def _reap(self) -> None:
         for name, rt in self.tasks.items():
@@ -591,6 +606,7 @@ class Daemon:
                 "interval": self.config.daemon.interval, "dry_run": self.dry_run,
                 "pool": pool, "tasks": tasks,
                 "missing": {r.key: why for r, why in self.missing.items()},
+                "bpf_overflow": {k: dict(v) for k, v in self.bpf_overflow.items()},
                 "swaps": [{"resource": s.resource.key, "from": s.source, "to": s.target,
                            "units": s.units, "reason": s.reason}
                           for s in (rep.result.swaps if rep else [])],
