@@ -9,7 +9,7 @@ the change it announces is made.  Then the round runs ``rswap restore`` (or, eve
 fresh ``rswap run`` that restores on start) and compares the cgroup files, the qdiscs, classes and
 filters and the pins with what they were before the first start.
 
-resctrl is covered in-process (tests/unit/test_crash_resctrl.py): the fake resctrl mount validates
+resctrl is covered in-process (tests/kernel/test_crash_resctrl.py): the fake resctrl mount validates
 writes in the test process's memory (tests/fakes/resctrl.py), so a separate ``rswap run`` process
 could not use it.
 
