@@ -143,12 +143,14 @@ def cmd_exec(args) -> int:
     alloc = ", ".join(f"{k} {v}" for k, v in reply["allocation"].items())
     pred = ", ".join(f"{k} {'unknown' if v is None else v}" for k, v in reply["predicted"].items())
     extra = f" after {reply['waited_s']}s in the queue" if reply.get("waited_s") else ""
+    if reply.get("gpu_device") is not None:
+        extra += f", on GPU {reply['gpu_device']}"
     print(f"rswap: {args.name} ({args.priority}) allocated {alloc} (forecast {pred}){extra}",
           file=sys.stderr)
-    return _run_in(reply["procs"], argv, args.name)
+    return _run_in(reply["procs"], argv, args.name, reply.get("env") or {})
 
 
-def _run_in(procs: list[str], argv: list[str], name: str) -> int:
+def _run_in(procs: list[str], argv: list[str], name: str, env: dict | None = None) -> int:
     """Fork; the child joins the task's cgroup before exec; the parent waits and releases."""
     from .control import request
     from .errors import RswapError
@@ -162,6 +164,7 @@ def _run_in(procs: list[str], argv: list[str], name: str) -> int:
             for p in procs:
                 with open(p, "w") as f:
                     f.write(me)
+            os.environ.update({str(k): str(v) for k, v in (env or {}).items()})  # the GPU placed
             os.execvp(argv[0], argv)
         except OSError as err:
             os.write(2, f"rswap: cannot run {argv[0]!r}: {err.strerror}\n".encode())

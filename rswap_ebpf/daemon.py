@@ -61,6 +61,8 @@ class TaskRuntime:
     source: str = "config"          # config | socket (task.add) | exec (rswap exec)
     owner_pid: int | None = None    # the rswap exec that asked for it (SO_PEERCRED)
     had_pids: bool = False
+    gpu_device: int | None = None   # where GPU admission placed it (NVML index)
+    env: dict[str, str] = field(default_factory=dict)  # given to its processes (CUDA_VISIBLE_DEVICES)
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,8 @@ class Daemon:
         self.scheduler = None  # sched.Scheduler
         self.overflow = None   # overflow.OverflowHook when configured
         self.tasks: dict[str, TaskRuntime] = {}
+        #: configured tasks waiting for GPU admission: name -> (TaskConfig, cgroup, why)
+        self.pending: dict[str, tuple[Any, TaskCgroup, str]] = {}
         self.tick_no = 0
         self._stop = False
         self._started = False
@@ -258,23 +262,77 @@ class Daemon:
             self._started = True
             self._open_profiles()
             for t, cg in resolved:
-                self.manager.add_task(ManagedTask(t.name, t.priority, t.limits))
-                if cg.owned:
-                    self.cgroups.create(cg)
-                rt = TaskRuntime(t.name, t.priority.name.lower(), cg)
-                for pid in t.pids:
-                    self.cgroups.move(cg, pid)
-                if t.command:
-                    rt.process = self._spawn(t.command, cg)
-                self.tasks[t.name] = rt
-                self.profiler.restore(t.name)
+                gp = self.gpu_placement(t.name, t.limits.get(ResourceType.GPU_MEMORY), place=True)
+                if gp is not None and not gp.fits and t.command:
+                    # Not started until its forecast fits a GPU: retried every tick.
+                    self.pending[t.name] = (t, cg, gp.refusal())
+                    self._say(f"rswap: task {t.name} waits for a GPU: {gp.refusal()}")
+                    continue
+                self._start_configured(t, cg, gp)
             for d in self.drivers.values():
                 d.open()
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, command: tuple[str, ...], cg: TaskCgroup) -> subprocess.Popen:
+    def _start_configured(self, t, cg: TaskCgroup, gp=None) -> TaskRuntime:
+        self.manager.add_task(ManagedTask(t.name, t.priority, t.limits))
+        if cg.owned:
+            self.cgroups.create(cg)
+        rt = TaskRuntime(t.name, t.priority.name.lower(), cg)
+        if gp is not None and gp.fits:
+            rt.gpu_device, rt.env = gp.device, gp.env()
+        elif gp is not None:  # already running (cgroup/pids): placed nowhere, said out loud
+            self._say(f"rswap: task {t.name} runs without a GPU reservation: {gp.refusal()}")
+        for pid in t.pids:
+            self.cgroups.move(cg, pid)
+        if t.command:
+            rt.process = self._spawn(t.command, cg, rt.env)
+        self.tasks[t.name] = rt
+        self.profiler.restore(t.name)
+        return rt
+
+    def gpu_placement(self, name: str, limits=None, place: bool = False):
+        """GPU admission for ``name`` (a drivers.gpu.GpuPlacement), or None when no GPU is
+        managed or the task asks for none.  ``place`` reserves the device when it fits."""
+        drv = self.drivers.get(ResourceType.GPU_MEMORY)
+        if drv is None or not hasattr(drv, "place"):
+            return None
+        from .drivers.gpu import gpu_need
+
+        need = gpu_need(self.profiler, name, limits, self.config.daemon.window,
+                        self.config.daemon.headroom)
+        if need is None:
+            return None
+        return (drv.place if place else drv.fit)(name, need[0], need[1])
+
+    def _start_pending(self) -> None:
+        """Start configured tasks that waited for a GPU, in configuration order, once they fit."""
+        for name, (t, cg, why) in list(self.pending.items()):
+            gp = self.gpu_placement(name, t.limits.get(ResourceType.GPU_MEMORY), place=True)
+            if gp is None or gp.fits:
+                del self.pending[name]
+                self._start_configured(t, cg, gp)
+                self._say(f"rswap: task {name} started on GPU {gp.device if gp else '-'}")
+            else:
+                self.pending[name] = (t, cg, gp.refusal())
+                self._report_gpu_shortfall(name, t.priority, gp)
+
+    def _report_gpu_shortfall(self, name: str, priority, gp) -> None:
+        if self.overflow is not None:
+            from .swap.manager import Shortfall
+
+            self.overflow.submit("admission", [Shortfall(name, ResourceType.GPU_MEMORY,
+                                                         gp.need_bytes, max(0, gp.room_bytes))],
+                                 {name: priority.name.lower()})
+
+    def _release_gpu(self, name: str) -> None:
+        drv = self.drivers.get(ResourceType.GPU_MEMORY)
+        if drv is not None and hasattr(drv, "release"):
+            drv.release(name)
+
+    def _spawn(self, command: tuple[str, ...], cg: TaskCgroup,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         procs = [os.path.join(d, "cgroup.procs") for d in cg.dirs.values()]
 
         def enter_cgroup() -> None:  # runs in the child, before exec: no instant outside
@@ -287,7 +345,8 @@ class Daemon:
         try:
             return subprocess.Popen(list(command), preexec_fn=enter_cgroup,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, close_fds=True)
+                                    stderr=subprocess.DEVNULL, close_fds=True,
+                                    env={**os.environ, **env} if env else None)
         except (OSError, subprocess.SubprocessError) as err:
             raise RswapError(f"task {cg.name}: cannot start {command[0]!r}: {err}") from err
 
@@ -329,6 +388,7 @@ class Daemon:
         self._close_profiles()
         self.lock.release()
         self.tasks.clear()
+        self.pending.clear()
         self.drivers.clear()
 
     # -- the loop -------------------------------------------------------------------------
@@ -336,6 +396,8 @@ class Daemon:
         t0 = time.perf_counter()
         self.tick_no += 1
         self._reap_vanished()
+        if self.pending:
+            self._start_pending()
         cgroups = {n: rt.cgroup for n, rt in self.tasks.items() if rt.exited is None}
         usage: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
         observed: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
@@ -400,6 +462,7 @@ class Daemon:
             if code is not None and not rt.cgroup.pids():
                 rt.exited = code
                 self.manager.remove_task(name)
+                self._release_gpu(name)
                 self.profiler.forget(name)
                 self._say(f"rswap: task {name} exited with status {code}; its units are released")
 
@@ -458,15 +521,24 @@ class Daemon:
                 self.runtime_forecasters[tc.name] = tc.forecaster
             rt = TaskRuntime(tc.name, tc.priority.name.lower(), cg, source=source,
                              owner_pid=owner_pid)
+            gp = self.gpu_placement(tc.name, tc.limits.get(ResourceType.GPU_MEMORY), place=True)
+            if gp is not None and not gp.fits:
+                self.manager.remove_task(tc.name)
+                self._report_gpu_shortfall(tc.name, tc.priority, gp)
+                raise RswapError(f"task {tc.name} not started, no GPU has room: {gp.refusal()} "
+                                 "(wait, lower its gpu_memory max, or free a GPU)")
+            if gp is not None:
+                rt.gpu_device, rt.env = gp.device, gp.env()
             try:
                 if cg.owned:
                     self.cgroups.create(cg)
                 for pid in tc.pids:
                     self.cgroups.move(cg, pid)
                 if tc.command:
-                    rt.process = self._spawn(tc.command, cg)
+                    rt.process = self._spawn(tc.command, cg, rt.env)
             except BaseException:
                 self.manager.remove_task(tc.name)
+                self._release_gpu(tc.name)
                 self.cgroups.remove(cg)
                 raise
             self.tasks[tc.name] = rt
@@ -494,6 +566,7 @@ class Daemon:
             released = {r: self.pool.allocation(r, name) for r in self.pool.types()}
             if name in self.manager.tasks:
                 self.manager.remove_task(name)
+            self._release_gpu(name)
             self.profiler.forget(name)  # checkpointed: NAME's next start is predicted from it
             self.runtime_forecasters.pop(name, None)
             if rt.process is not None and rt.process.poll() is None:
@@ -601,11 +674,13 @@ class Daemon:
                     "mae": round(prof.mae, 1) if prof and prof.mae is not None else None,
                 }
             tasks[name] = {"priority": rt.priority, "cgroup": rt.cgroup.rel,
-                           "pids": len(rt.cgroup.pids()), "exited": rt.exited, "resources": per}
+                           "pids": len(rt.cgroup.pids()), "exited": rt.exited, "resources": per,
+                           "gpu_device": rt.gpu_device}
         return {"pid": os.getpid(), "tick": self.tick_no, "time": time.time(),
                 "interval": self.config.daemon.interval, "dry_run": self.dry_run,
                 "pool": pool, "tasks": tasks,
                 "missing": {r.key: why for r, why in self.missing.items()},
+                "pending": {n: why for n, (_, _, why) in self.pending.items()},
                 "bpf_overflow": {k: dict(v) for k, v in self.bpf_overflow.items()},
                 "swaps": [{"resource": s.resource.key, "from": s.source, "to": s.target,
                            "units": s.units, "reason": s.reason}

@@ -211,6 +211,8 @@ class Scheduler:
         need, grant, predicted, short = {}, {}, {}, []
         admitted = True
         for r in pool.types():
+            if r is ResourceType.GPU_MEMORY:
+                continue  # admitted per device, below
             lim = er.limits.get(r, Limits())
             p = preds.get(r)
             prof = d.profiler.profiles.get((er.name, r))
@@ -240,6 +242,16 @@ class Scheduler:
                     admitted = False
             if grant[r] < units:
                 short.append(Shortfall(er.name, r, units, grant[r]))
+        # GPU memory cannot be taken back from a running process: every tier waits for a device
+        # whose free memory covers the forecast (drivers/gpu.py), none preempts.
+        gp = d.gpu_placement(er.name, er.limits.get(ResourceType.GPU_MEMORY))
+        if gp is not None:
+            r = ResourceType.GPU_MEMORY
+            need[r], predicted[r] = gp.need_bytes, gp.predicted_bytes
+            grant[r] = gp.need_bytes if gp.fits else max(0, gp.room_bytes)
+            if not gp.fits:
+                admitted = False
+                short.append(Shortfall(er.name, r, gp.need_bytes, grant[r]))
         return Admission(admitted, need, grant, tuple(short), predicted)
 
     def _admit(self, er: ExecRequest, peer: Peer, plan: Admission, waited_s: float) -> dict:
@@ -268,14 +280,18 @@ class Scheduler:
                 "allocation": alloc,
                 "predicted": {r.key: v for r, v in plan.predicted.items()},
                 "shortfall": _shortfall_json(plan.shortfalls),
-                "preempted": preempted, "waited_s": round(waited_s, 2)}
+                "preempted": preempted, "waited_s": round(waited_s, 2),
+                "gpu_device": rt.gpu_device, "env": dict(rt.env)}
 
     def _refusal(self, er: ExecRequest, plan: Admission) -> str:
         parts = []
         for s in plan.shortfalls:
             free = self.daemon.pool.available(s.resource)
+            where = ""
+            if s.resource is ResourceType.GPU_MEMORY:
+                free, where = s.granted, " on the roomiest GPU"
             parts.append(f"{s.resource.key}: predicted to need {s.wanted} {s.resource.unit}, "
-                         f"{free} free")
+                         f"{free} free{where}")
         how = ("its minimum cannot be covered even from lower tiers" if er.priority is
                Priority.CRITICAL else "the pool cannot cover it")
         return (f"task {er.name} ({er.priority.name.lower()}) not started, {how}: "

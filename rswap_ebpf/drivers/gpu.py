@@ -10,11 +10,13 @@ restart with a smaller batch); ``apply`` writes nothing.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..enforce.cgroup import TaskCgroup, Write
 from ..resources import ResourceType
+from ..swap.manager import Limits
 from ..sense.nvml import GpuSample, NvmlCollector
 from .base import DriverContext, ResourceDriver
 
@@ -30,6 +32,56 @@ class GpuAdvice:
     old_bytes: int
     new_bytes: int
     fits: bool
+
+
+@dataclass(frozen=True)
+class GpuPlacement:
+    """Where ``task`` may start: ``device`` has ``room_bytes`` >= ``need_bytes`` free, or (device
+    None) no device has room and ``room_bytes`` is the most any device has."""
+
+    task: str
+    need_bytes: int
+    device: int | None
+    room_bytes: int
+    predicted_bytes: float | None = None   # the forecast behind ``need_bytes`` (None: limits)
+
+    @property
+    def fits(self) -> bool:
+        return self.device is not None
+
+    def env(self) -> dict[str, str]:
+        """What the task's processes get: NVML numbers devices in PCI bus order, CUDA only when
+        told to, so both variables are set."""
+        if self.device is None:
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": str(self.device), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+    def refusal(self) -> str:
+        return (f"gpu_memory: predicted to need {self.need_bytes} bytes, the roomiest GPU has "
+                f"{max(0, self.room_bytes)} free")
+
+
+def gpu_need(profiler, task: str, limits: Limits | None, window: int,
+             headroom: float) -> tuple[int, float | None] | None:
+    """Bytes ``task`` should find free on one GPU before it starts, and the forecast behind it.
+
+    Like the scheduler's admission: the stored profile's forecast peak or the 90th percentile of
+    its history (whichever is higher) plus headroom, clamped to the limits; a task never seen on a
+    GPU needs its ``max`` (else its ``min``).  None: the task asks for no GPU (no gpu_memory limit
+    and no GPU memory in its history), so it is not placed at all.
+    """
+    r = ResourceType.GPU_MEMORY
+    profiler.restore(task)
+    prof = profiler.profiles.get((task, r))
+    lim = limits if limits is not None else Limits()
+    if prof is not None and any(prof.history):
+        peak = profiler.get_predicted_needs(task, window)[r].peak
+        past = sorted(prof.history)
+        predicted = max(peak, past[int(0.9 * (len(past) - 1))])
+        return lim.clamp(math.ceil(predicted * (1 + headroom))), round(predicted, 1)
+    if limits is None:
+        return None
+    return lim.clamp(lim.max_units if lim.max_units is not None else lim.min_units), None
 
 
 class GpuDriver(ResourceDriver):
@@ -68,20 +120,31 @@ class GpuDriver(ResourceDriver):
                       for t, d in self.placement.items() if d == device and t != exclude)
         return self.last.device(device).free_bytes - pending
 
-    def admit(self, task: str, forecast_bytes: int) -> int | None:
-        """The device ``task`` may start on (most headroom first), or None if none fits."""
-        if self.last is None:
-            self.open()
-        best = None
+    def fit(self, task: str, need_bytes: int, predicted: float | None = None) -> GpuPlacement:
+        """The device with the most headroom, on fresh NVML figures; records nothing."""
+        self.open()
+        self.last = self.collector.drain()
+        best: tuple[int, int] | None = None
         for d in self.last.devices:
             room = self.headroom(d.index, exclude=task)
-            if room >= forecast_bytes and (best is None or room > best[1]):
+            if best is None or room > best[1]:
                 best = (d.index, room)
-        if best is None:
-            return None
-        self.placement[task] = best[0]
-        self.reserved[task] = int(forecast_bytes)
-        return best[0]
+        if best is None:  # every device fell off the bus since open()
+            return GpuPlacement(task, int(need_bytes), None, 0, predicted)
+        device = best[0] if best[1] >= need_bytes else None
+        return GpuPlacement(task, int(need_bytes), device, best[1], predicted)
+
+    def place(self, task: str, need_bytes: int, predicted: float | None = None) -> GpuPlacement:
+        """:meth:`fit`, and when it fits, reserve ``need_bytes`` on that device for ``task``."""
+        p = self.fit(task, need_bytes, predicted)
+        if p.fits:
+            self.placement[task] = p.device
+            self.reserved[task] = p.need_bytes
+        return p
+
+    def admit(self, task: str, forecast_bytes: int) -> int | None:
+        """The device ``task`` may start on (most headroom first), or None if none fits."""
+        return self.place(task, forecast_bytes).device
 
     def release(self, task: str) -> None:
         self.placement.pop(task, None)
