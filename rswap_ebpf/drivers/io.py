@@ -14,7 +14,13 @@ IO = ResourceType.STORAGE_IOPS
 
 
 class IoDriver(ResourceDriver):
-    """IO/s per task on ``device``; the pool's total is the device's configured IOPS capacity."""
+    """IO/s per task on ``device``; the pool's total is the device's configured IOPS capacity.
+
+    A task's use is what the BPF program charged to its cgroups, or the kernel's own per-cgroup
+    count when that is higher: a bio held back by the throttle is issued later from a kworker,
+    which block_rq_issue charges to the kworker, so a capped task would read low (half its cap in
+    a test) and never look capped enough to be given more.
+    """
 
     resource = IO
 
@@ -27,6 +33,7 @@ class IoDriver(ResourceDriver):
         self.collector = collector or BlockCollector()
         self.kdev = kdev(device.major, device.minor)
         self.last_dropped: dict[str, int] = {}
+        self._serviced: dict[str, int] = {}
 
     def total(self) -> int:
         if not self.configured_total:
@@ -41,8 +48,18 @@ class IoDriver(ResourceDriver):
     def measure(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
         delta = self.collector.drain()
         self.last_dropped = delta.dropped
-        return {name: delta.iops(delta.for_cgroups(cg.cgroup_ids(), self.kdev))
-                for name, cg in tasks.items() if name in self.tasks}
+        out = {}
+        for name, cg in tasks.items():
+            if name not in self.tasks:
+                continue
+            out[name] = delta.iops(delta.for_cgroups(cg.cgroup_ids(), self.kdev))
+            now = self.enforcer.writer.serviced(cg, self.device)
+            before = self._serviced.get(name)
+            if now is not None:
+                self._serviced[name] = now
+            if now is not None and before is not None and now >= before and delta.interval_ns > 0:
+                out[name] = max(out[name], (now - before) * 1e9 / delta.interval_ns)
+        return out
 
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
         return self.enforcer.writer.plan(cg, self.device, IoLimit.iops(units))

@@ -103,6 +103,14 @@ class IoWriter:
     def current(self, cg: TaskCgroup, dev: BlockDevice) -> IoLimit:
         raise NotImplementedError
 
+    def serviced(self, cg: TaskCgroup, dev: BlockDevice) -> int | None:
+        """Reads + writes the kernel has counted for the cgroup on ``dev`` so far (None: unknown).
+
+        The kernel charges each bio to its cgroup whoever submits it; a BPF program at
+        block_rq_issue cannot, for a throttled bio is issued later from a kworker.
+        """
+        raise NotImplementedError
+
 
 class CgroupV1IoWriter(IoWriter):
     """``blkio.throttle.{read,write}_{iops,bps}_device``: "MAJ:MIN N", N = 0 removes the rule."""
@@ -130,6 +138,16 @@ class CgroupV1IoWriter(IoWriter):
         d = self._dir(cg)
         return IoLimit(**{k: _v1_value(os.path.join(d, f), dev) for k, f in V1_FILES.items()})
 
+    def serviced(self, cg: TaskCgroup, dev: BlockDevice) -> int | None:
+        """``blkio.throttle.io_serviced``: "MAJ:MIN Read N" / "MAJ:MIN Write N" lines."""
+        try:
+            with open(os.path.join(self._dir(cg), "blkio.throttle.io_serviced")) as f:
+                lines = [line.split() for line in f]
+        except OSError:
+            return None
+        return sum(int(p[2]) for p in lines if len(p) == 3 and p[0] == dev.majmin
+                   and p[1] in ("Read", "Write"))
+
 
 class CgroupV2IoWriter(IoWriter):
     """``io.max``: "MAJ:MIN rbps=max wbps=max riops=N wiops=N"."""
@@ -153,6 +171,14 @@ class CgroupV2IoWriter(IoWriter):
     def current(self, cg: TaskCgroup, dev: BlockDevice) -> IoLimit:
         got = _v2_values(os.path.join(self._dir(cg), "io.max"), dev)
         return IoLimit(**{k: got.get(k) for k in V2_KEYS})
+
+    def serviced(self, cg: TaskCgroup, dev: BlockDevice) -> int | None:
+        """``io.stat``: "MAJ:MIN rbytes=.. wbytes=.. rios=N wios=N ..." (no line: nothing yet)."""
+        try:
+            got = _v2_values(os.path.join(self._dir(cg), "io.stat"), dev)
+        except (OSError, ValueError):
+            return None
+        return (got.get("rios") or 0) + (got.get("wios") or 0)
 
 
 def _v1_value(path: str, dev: BlockDevice) -> int | None:

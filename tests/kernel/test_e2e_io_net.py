@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from rswap_ebpf.daemon import Daemon
 from rswap_ebpf.enforce.blkio import io_writer, resolve_device
 from rswap_ebpf.enforce.cgroup import detect_mounts
 from rswap_ebpf.resources import ResourceType
+
+from ..conftest import run_rswap
 
 from .test_block import loopdev  # noqa: F401  (fixture)
 from .test_net import RECEIVER, netpair, sh, tc_show  # noqa: F401  (fixtures)
@@ -84,3 +87,129 @@ net = {{ interface = "{ns_a}:va", min = 125000, max = 10000000 }}
     assert "htb" not in qd and "clsact" not in qd
     assert not os.path.exists(f"/sys/fs/bpf/rswap-test-{unique_name}")
     assert not os.path.exists(cg.dirs["blkio"])
+
+
+# -- bursts forecast ahead ------------------------------------------------------------------------
+# Both workloads are phase-locked to the wall clock (like ``rswap_ebpf.demo burst``): busy for
+# ``busy`` seconds of every ``period``, idle otherwise, and both stop after ``seconds``.
+IO_BURST = r"""
+import subprocess, sys, time
+dev, period, busy, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+stop = time.monotonic() + seconds
+while time.monotonic() < stop:
+    phase = time.time() % period
+    if phase < busy:
+        subprocess.run(["dd", "if=/dev/zero", "of=" + dev, "bs=4k", "count=8", "oflag=direct"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        time.sleep(min(period - phase, max(0.0, stop - time.monotonic())))
+"""
+NET_BURST = r"""
+import socket, sys, time
+host, port, period, busy, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+s = socket.create_connection((host, port), timeout=5); s.settimeout(0.2)
+buf = b"x" * 65536; stop = time.monotonic() + seconds
+while time.monotonic() < stop:
+    phase = time.time() % period
+    if phase < busy:
+        try:
+            s.send(buf)
+        except socket.timeout:
+            pass
+        except OSError:
+            break
+    else:
+        time.sleep(min(period - phase, max(0.0, stop - time.monotonic())))
+s.close()
+"""
+# Receiver in the peer namespace: drains one connection until EOF or its own deadline.
+DRAIN = r"""
+import socket, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port)); srv.listen(1); srv.settimeout(seconds)
+print("ready", flush=True)
+c, _ = srv.accept(); c.settimeout(0.5); stop = time.monotonic() + seconds
+while time.monotonic() < stop:
+    try:
+        if not c.recv(1 << 20):
+            break
+    except socket.timeout:
+        pass
+"""
+ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+\S+\s+(io|net)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)")
+_SCALE = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def units(text: str) -> float:
+    """``123/s`` (IO/s) or ``1.2MB/s`` / ``500B/s`` (bytes/s) as printed by ``rswap run``."""
+    m = re.fullmatch(r"([\d.]+)([KMGT]?)(?:B/s|/s)", text)
+    assert m, text
+    return float(m.group(1)) * _SCALE[m.group(2)]
+
+
+def raised_ahead(series: dict[int, tuple[float, float]], burst: float, low: float,
+                 raised: float) -> list[int]:
+    """Ticks ``t`` where the allocation went from below ``raised`` (at t-1) to at least
+    ``raised`` while use stayed ``low`` (at t-1 and t), and the burst came in t+1 or t+2: the
+    units arrived before they were needed, and not because the last burst left them there."""
+    return [t for t, (used, alloc) in series.items()
+            if t > 9 and t - 1 in series and t + 2 in series
+            and used < low and series[t - 1][0] < low
+            and series[t - 1][1] < raised <= alloc
+            and max(series[t + 1][0], series[t + 2][0]) >= burst]
+
+
+def test_run_raises_io_and_net_allocation_before_their_bursts(tmp_path, loopdev, netpair,  # noqa: F811
+                                                              rswap_env, unique_name):
+    iface, ns_a, ns_b = netpair
+    period, busy, ticks, interval = 4, 2, 28, 0.5
+    seconds = ticks * interval + 8
+    pin = f"/sys/fs/bpf/rswap-test-{unique_name}"
+    (tmp_path / "io_burst.py").write_text(IO_BURST)
+    (tmp_path / "net_burst.py").write_text(NET_BURST)
+    disk, net = f"disk-{unique_name}", f"net-{unique_name}"
+    cfg = tmp_path / "rswap.toml"
+    cfg.write_text(f"""
+[daemon]
+interval = {interval}
+window = 2
+headroom = 0.2
+hold_ticks = 0        # give back at once between bursts, so the rise before each one shows
+max_step_down = 0.99
+[resources.io]
+total = 1000
+[resources.net]
+total = 25000000
+[[task]]
+name = "{disk}"
+command = ["{sys.executable}", "{tmp_path / 'io_burst.py'}", "{loopdev}", "{period}", "{busy}", "{seconds}"]
+forecaster = {{ name = "seasonal_naive", period = {int(period / interval)} }}
+io = {{ device = "{loopdev}", min = 50, max = 400 }}
+[[task]]
+name = "{net}"
+command = ["ip", "netns", "exec", "{ns_a}", "{sys.executable}", "{tmp_path / 'net_burst.py'}",
+           "10.77.0.2", "5302", "{period}", "{busy}", "{seconds}"]
+forecaster = {{ name = "seasonal_naive", period = {int(period / interval)} }}
+net = {{ interface = "{ns_a}:va", min = 50000, max = 20000000 }}
+""")
+    recv = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-c", DRAIN, "5302",
+                             str(seconds + 5)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert recv.stdout.readline().strip() == "ready"
+        out = run_rswap("run", "--config", str(cfg), "--count", str(ticks),
+                        env={**rswap_env, "RSWAP_PIN_DIR": pin}, timeout=120)
+    finally:
+        recv.kill()
+        recv.wait(timeout=10)
+    assert out.returncode == 0, out.stderr + out.stdout
+    rows = [m.groups() for m in map(ROW.match, out.stdout.splitlines()) if m]
+    series = {r: {int(t): (units(u), units(a)) for t, name, res, u, _, a, _ in rows
+                  if (name, res) == (task, r)} for task, r in ((disk, "io"), (net, "net"))}
+    assert len(series["io"]) == len(series["net"]) == ticks, out.stdout
+    assert raised_ahead(series["io"], burst=100, low=30, raised=100), out.stdout
+    assert raised_ahead(series["net"], burst=1e6, low=100e3, raised=1e6), out.stdout
+    assert "host restored" in out.stdout
+    assert "htb" not in tc_show(ns_a, "qdisc") and "clsact" not in tc_show(ns_a, "qdisc")
+    assert not os.path.exists(pin)

@@ -75,6 +75,27 @@ def test_v1_plan_covers_iops_and_bps(tmp_path):
     assert writes[str(tmp_path / "blkio.throttle.write_bps_device")] == "7:3 4096"
 
 
+def test_serviced_reads_the_kernels_per_cgroup_counts(tmp_path, v2_tree):
+    """v1 ``blkio.throttle.io_serviced`` ("MAJ:MIN Read|Write|Sync|Async|Discard|Total N" lines,
+    then "Total N"); v2 ``io.stat`` ("MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=.. dbytes=..
+    dios=..", cgroup-v2.rst): reads + writes on the device, None when the file is unreadable."""
+    v1 = TaskCgroup("t", "rswap/t", {"blkio": str(tmp_path)}, True)
+    assert CgroupV1IoWriter().serviced(v1, DEV) is None
+    (tmp_path / "blkio.throttle.io_serviced").write_text(
+        "7:3 Read 5\n7:3 Write 100\n7:3 Sync 100\n7:3 Async 5\n7:3 Discard 2\n7:3 Total 107\n"
+        "8:0 Read 9\n8:0 Write 9\nTotal 125\n")
+    assert CgroupV1IoWriter().serviced(v1, DEV) == 105
+    cg, _ = v2_tree
+    w = CgroupV2IoWriter()
+    assert w.serviced(cg, DEV) is None  # no io.stat
+    with open(os.path.join(cg.dirs["unified"], "io.stat"), "w") as f:
+        f.write("8:0 rbytes=4096 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n")
+    assert w.serviced(cg, DEV) == 0  # no line yet for this device: nothing issued
+    with open(os.path.join(cg.dirs["unified"], "io.stat"), "a") as f:
+        f.write("7:3 rbytes=8192 wbytes=409600 rios=2 wios=100 dbytes=0 dios=3\n")
+    assert w.serviced(cg, DEV) == 102
+
+
 @pytest.mark.parametrize("name,msg", [("", "not a block device name"), ("7:x", "not MAJ:MIN"),
                                       ("/etc/passwd", "not a block device"),
                                       ("nosuchdisk0", "No such file")])
