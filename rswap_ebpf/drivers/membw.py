@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..enforce.cgroup import TaskCgroup, Write
-from ..enforce.resctrl import MB_MAX_PERCENT
-from ..errors import FeatureMissing
+import logging
+
+from ..enforce.resctrl import MB_AMD_EIGHTH_GBPS, MB_MAX_PERCENT, MB_MIBPS
+from ..errors import ConfigError, FeatureMissing
 from ..resources import ResourceType
 from .base import DriverContext, ResourceDriver
 from .cache import ResctrlShared, _options, _tier_share, shared
+
+log = logging.getLogger(__name__)
 
 
 class MemBwDriver(ResourceDriver):
@@ -27,6 +31,18 @@ class MemBwDriver(ResourceDriver):
         self.rs = rs
         self.peak_bytes_per_s = peak_bytes_per_s
         self.seen_peak = 0.0
+        # Percent is rswap's unit everywhere; the enforcer turns it into this host's MB unit.
+        unit = rs.info.mb_unit
+        if unit == MB_MIBPS and not peak_bytes_per_s:
+            raise ConfigError("resources.membw.peak_bytes_per_s", "resctrl is mounted with "
+                              "mba_MBps, so MB values are MiB/s: give the domain's peak rate so "
+                              "rswap can turn percent into MiB/s")
+        if unit == MB_AMD_EIGHTH_GBPS and not peak_bytes_per_s:
+            log.warning("AMD MBA takes 1/8 GB/s: percent is of the hardware maximum %d (%g GB/s); "
+                        "set [resources.membw] peak_bytes_per_s for percent of your memory's rate",
+                        rs.info.mb_max, rs.info.mb_max / 8)
+        rs.enforcer.mb_peak_bytes_per_s = peak_bytes_per_s
+        self.mb_unit = unit
 
     def total(self) -> int:
         return MB_MAX_PERCENT

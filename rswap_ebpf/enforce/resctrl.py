@@ -13,6 +13,15 @@ default group) covers every task; otherwise one group per priority tier (``rswap
 ``rswap-normal``, ``rswap-batch``), each tier given the sum of its tasks' ways and percent.  The
 mode is chosen once in :meth:`ResctrlEnforcer.open` and reported in ``mode``.
 
+Memory-bandwidth units: rswap allocates percent of a domain everywhere, and converts to what the
+kernel's ``MB`` lines hold on this host (:attr:`ResctrlInfo.mb_unit`): Intel MBA takes percent
+(``min_bandwidth``..100, rounded up to ``bandwidth_gran``); AMD takes an absolute rate in multiples
+of 1/8 GB/s up to the hardware's maximum (``min_bandwidth`` 0, ``bandwidth_gran`` 1,
+``delay_linear`` 0, the default group holding the maximum, e.g. 2048 = 256 GB/s); a mount with
+``-o mba_MBps`` (the MBA software controller) takes MiB/s, default 4294967295.  Percent is of
+``[resources.membw] peak_bytes_per_s`` where given (required for mba_MBps), else on AMD of the
+hardware maximum; 100 % writes the unthrottled default.
+
 Cache layout: each group gets one contiguous mask (the kernel rejects non-contiguous ones unless
 ``sparse_masks`` says 1) of as many ways as it is allocated.  Critical groups are packed from bit
 0 upwards, then normal; batch groups are packed from the top bit downwards, so a change to a
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -47,6 +57,9 @@ log = logging.getLogger(__name__)
 GROUP_PREFIX = "rswap-"
 JOURNAL_KIND = "resctrl"
 MB_MAX_PERCENT = 100
+MBA_MAX_MBPS = 2**32 - 1   # the default MB value under mba_MBps (the kernel's MBA_MAX_MBPS)
+#: ``ResctrlInfo.mb_unit`` values: what a number on an ``MB:`` line means on this host
+MB_PERCENT, MB_AMD_EIGHTH_GBPS, MB_MIBPS = "percent", "1/8 GB/s (AMD)", "MiB/s (mba_MBps)"
 TIERS = ("critical", "normal", "batch")
 
 
@@ -124,6 +137,8 @@ class ResctrlInfo:
     min_bw: int = 10
     mb_domains: tuple[int, ...] = ()
     mon_features: tuple[str, ...] = ()
+    mb_unit: str = MB_PERCENT
+    mb_max: int = MB_MAX_PERCENT    # the largest MB value the kernel accepts (unthrottled)
 
     @property
     def has_l3(self) -> bool:
@@ -141,12 +156,30 @@ class ResctrlInfo:
     def ways(self) -> int:
         return bin(self.cbm_mask).count("1")
 
-    def mb_value(self, percent: int) -> int:
-        """What the kernel keeps for a written ``percent``: within [min_bw, 100], rounded up to
-        a multiple of the granularity (``bw_validate()`` does ``roundup(bw, bw_gran)``)."""
-        pct = min(MB_MAX_PERCENT, max(self.min_bw, int(percent)))
+    def mb_value(self, percent: int, peak_bytes_per_s: float | None = None) -> int:
+        """The ``MB`` value for ``percent`` of a domain, as the kernel keeps it: within
+        [min_bw, max], rounded up to the granularity (``bw_validate()``: ``roundup(bw, bw_gran)``).
+
+        On AMD and under mba_MBps the value is a rate: ``percent`` of ``peak_bytes_per_s`` (on AMD,
+        without a peak, of the hardware maximum); 100 % is the unthrottled maximum.
+        """
         gran = max(1, self.bw_gran)
-        return min(MB_MAX_PERCENT, -(-pct // gran) * gran)
+        if self.mb_unit == MB_PERCENT:
+            pct = min(MB_MAX_PERCENT, max(self.min_bw, int(percent)))
+            return min(MB_MAX_PERCENT, -(-pct // gran) * gran)
+        if percent >= MB_MAX_PERCENT:
+            return self.mb_max
+        if self.mb_unit == MB_AMD_EIGHTH_GBPS:
+            raw = (percent / 100 * peak_bytes_per_s * 8 / 1e9 if peak_bytes_per_s
+                   else percent / 100 * self.mb_max)
+        else:
+            if not peak_bytes_per_s:
+                raise EnforceError(self.root, "resctrl is mounted with mba_MBps (MB values are "
+                                   "MiB/s): set [resources.membw] peak_bytes_per_s")
+            # The software controller takes any rate: no range check, no rounding.
+            return min(self.mb_max, max(1, math.ceil(percent / 100 * peak_bytes_per_s / 2**20)))
+        value = -(-math.ceil(raw) // gran) * gran
+        return min(self.mb_max, max(self.min_bw, 1, value))
 
 
 def parse_schemata(text: str) -> dict[str, dict[int, str]]:
@@ -197,6 +230,8 @@ def read_info(root: str | None = None, fs: ResctrlFS | None = None) -> ResctrlIn
         kw.update(bw_gran=int(value("MB", "bandwidth_gran")),
                   min_bw=int(value("MB", "min_bandwidth")),
                   mb_domains=tuple(sorted(schemata.get("MB", {}))))
+        kw.update(_mb_unit(root, schemata.get("MB", {}), kw["min_bw"],
+                           value("MB", "delay_linear", default="1") == "1"))
         closids.append(int(value("MB", "num_closids")))
     if fs.isdir(os.path.join(root, "info", "L3_MON")):
         kw["mon_features"] = tuple(value("L3_MON", "mon_features", default="").split())
@@ -205,6 +240,32 @@ def read_info(root: str | None = None, fs: ResctrlFS | None = None) -> ResctrlIn
                              "the CPU has no cache or bandwidth allocation (CAT/MBA)")
     # The kernel offers the smallest num_closids of the enabled resources.
     return ResctrlInfo(root=root, num_closids=min(closids), **kw)
+
+
+def _mb_unit(root: str, default_mb: Mapping[int, str], min_bw: int, delay_linear: bool) -> dict:
+    """What ``MB`` values mean here.  The kernel keeps the default group at the largest value
+    (100, AMD's max_bw, or MBA_MAX_MBPS) unless someone lowered it; AMD also shows
+    ``min_bandwidth`` 0 and ``delay_linear`` 0, and mba_MBps is a mount option."""
+    values = [int(v) for v in default_mb.values() if v.strip().isdigit()]
+    top = max(values, default=MB_MAX_PERCENT)
+    if top == MBA_MAX_MBPS or _mount_has_option(root, "mba_MBps"):
+        return {"mb_unit": MB_MIBPS, "mb_max": MBA_MAX_MBPS}
+    if top > MB_MAX_PERCENT or (min_bw == 0 and not delay_linear):
+        return {"mb_unit": MB_AMD_EIGHTH_GBPS, "mb_max": top}
+    return {}
+
+
+def _mount_has_option(root: str, option: str) -> bool:
+    try:
+        with open(os.path.join(paths.root("PROCFS_ROOT"), "mounts")) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[2] == "resctrl" and \
+                        os.path.realpath(parts[1]) == os.path.realpath(root):
+                    return option in parts[3].split(",")
+    except OSError:
+        pass
+    return False
 
 
 def ensure_mounted(journal: Journal | None = None, root: str | None = None) -> str:
@@ -320,6 +381,8 @@ class ResctrlEnforcer:
         self.percent: dict[str, int] = {}
         self._journalled_schemata: set[str] = set()
         self._last_written: dict[str, str] = {}
+        #: what 100 % of a domain moves, for hosts whose MB values are rates (AMD, mba_MBps)
+        self.mb_peak_bytes_per_s: float | None = None
 
     # -- life cycle ------------------------------------------------------------------------
     def open(self, tasks: Mapping[str, str], mount: bool = True) -> str:
@@ -385,7 +448,7 @@ class ResctrlEnforcer:
             for task, p in percent.items():
                 gp[self.group_of_task[task]] += int(p)
             for g, p in gp.items():
-                v = info.mb_value(p)
+                v = info.mb_value(p, self.mb_peak_bytes_per_s)
                 out.setdefault(g, []).append("MB:" + ";".join(f"{d}={v}" for d in info.mb_domains))
         return {(self.root if g == "" else self.groups[g].path): "\n".join(lines) + "\n"
                 for g, lines in out.items()}

@@ -21,6 +21,12 @@ bits, an MB value outside [min_bandwidth, 100] -> EINVAL with the kernel's last_
 MB rounded *up* to bandwidth_gran; a failed write changes nothing), ``rdtgroup_tasks_write()``
 (unknown pid -> ESRCH; a thread is in exactly one group), ``mkdir`` (ENOSPC when CLOSIDs run out;
 the new group gets the full mask and 100 %) and ``rmdir`` (its threads return to the default group).
+Vendors and modes (``vendor="amd"``, ``mba_mbps=True``), as ``__rdt_get_mem_config_amd()`` and
+the MBA software controller set them up: on AMD, MB values are absolute rates in multiples of
+1/8 GB/s, ``min_bandwidth`` 0, ``bandwidth_gran`` 1, ``delay_linear`` 0, the range checked is
+[0, max_bw] (``amd_max_bw``, 2048 = 256 GB/s on current parts) and new groups start at max_bw;
+under ``mba_MBps`` any u32 is accepted (MiB/s, no range check, no rounding) and groups start at
+4294967295 (``MBA_MAX_MBPS``).
 Not reproduced: exclusive/pseudo-locked modes, CDP, cpus masks, monitoring-group RMID limits.
 """
 from __future__ import annotations
@@ -38,7 +44,8 @@ class FakeResctrl(ResctrlFS):
     def __init__(self, root: str, cbm_mask: str = "fffff", min_cbm_bits: int = 1,
                  num_closids: int = 16, l3_domains=(0, 1), bw_gran: int = 10,
                  min_bandwidth: int = 10, mb: bool = True, sparse_masks: bool = False,
-                 pids=(1,), ncpus: int = 2):
+                 pids=(1,), ncpus: int = 2, vendor: str = "intel", amd_max_bw: int = 2048,
+                 mba_mbps: bool = False):
         self.root = os.path.realpath(root)
         self.cbm_mask = int(cbm_mask, 16)
         self.cbm_len = self.cbm_mask.bit_length()
@@ -46,8 +53,12 @@ class FakeResctrl(ResctrlFS):
         self.min_cbm_bits = min_cbm_bits
         self.num_closids = num_closids
         self.domains = tuple(l3_domains)
-        self.bw_gran = bw_gran
-        self.min_bw = min_bandwidth
+        self.vendor = vendor
+        self.mba_sc = mba_mbps
+        self.bw_gran = 1 if vendor == "amd" else bw_gran
+        self.min_bw = 0 if vendor == "amd" else min_bandwidth
+        self.max_bw = amd_max_bw if vendor == "amd" else 100
+        self.mb_default = 2**32 - 1 if mba_mbps else self.max_bw
         self.mb = mb
         self.sparse = sparse_masks
         self.ncpus = ncpus
@@ -179,8 +190,12 @@ class FakeResctrl(ResctrlFS):
             bw = int(buf, 10)
         except ValueError:
             self._fail(f"Invalid MB value {buf}")
-        if bw < self.min_bw or bw > 100:
-            self._fail(f"MB value {bw} out of range [{self.min_bw},100]")
+        if self.mba_sc:  # "Nothing else to do if software controller is enabled."
+            if bw > 2**32 - 1:
+                self._fail(f"Invalid MB value {buf}")
+            return bw
+        if bw < self.min_bw or bw > self.max_bw:
+            self._fail(f"MB value {bw} out of range [{self.min_bw},{self.max_bw}]")
         return -(-bw // self.bw_gran) * self.bw_gran  # roundup(bw, bw_gran)
 
     def _write_tasks(self, group: str, buf: str) -> None:
@@ -233,7 +248,7 @@ class FakeResctrl(ResctrlFS):
         if self.mb:
             files.update({
                 "MB/bandwidth_gran": f"{self.bw_gran}\n",
-                "MB/delay_linear": "1\n",
+                "MB/delay_linear": "0\n" if self.vendor == "amd" else "1\n",
                 "MB/min_bandwidth": f"{self.min_bw}\n",
                 "MB/num_closids": f"{self.num_closids}\n",
                 "MB/thread_throttle_mode": "max\n",
@@ -245,7 +260,7 @@ class FakeResctrl(ResctrlFS):
 
     def _new_group(self, name: str) -> None:
         self.groups[name] = {"L3": {d: self.cbm_mask for d in self.domains},
-                             "MB": {d: 100 for d in self.domains} if self.mb else {},
+                             "MB": {d: self.mb_default for d in self.domains} if self.mb else {},
                              "tasks": set(self.pids) if not name else set()}
         d = self._dir(name)
         os.makedirs(os.path.join(d, "mon_groups"), exist_ok=True)
