@@ -1,9 +1,14 @@
 """Cache: L3 ways per task through resctrl (CAT / AMD L3 QoS), sensed by CMT occupancy.
 
 Usage in ways = the group's ``llc_occupancy`` over the bytes one way holds (the default group's
-``size`` over the number of ways).  Per-task cache misses from the PMU collector, where the host has
-a PMU, are kept in ``last_misses`` as a pressure signal beside it; in per-tier mode they also split
-a tier's occupancy between its tasks (by allocation when there is no PMU).
+``size`` over the number of ways).  Occupancy cannot exceed the ways a task's mask gives it, so it
+hides how many more the task wants.  Per-task cache misses from the PMU collector are the second
+signal: a task that fills its ways *and* misses more than its calm baseline (its miss rate, a
+moving average over the ticks it was not pressed) is reported censored, so the swap manager grows
+the demand the profile learns and the Cache forecast rises before occupancy could show it; a task
+that fills its ways at its usual miss rate is not (more ways would not help it).  Without CMT but
+with a PMU the sample is the ways held, judged the same way.  In per-tier mode misses also split a
+tier's occupancy between its tasks (by allocation when there is no PMU).
 
 The cache and memory-bandwidth drivers share one :class:`ResctrlEnforcer` (one group per task
 carries both the ``L3`` and the ``MB`` line).
@@ -108,6 +113,14 @@ def _options(ctx: DriverContext, r: ResourceType) -> dict:
     return dict(getattr(ctx.config, "options", {}).get(r, {}))
 
 
+#: misses/s this far above a task's calm baseline, while it fills its ways, = it wants more ways
+MISS_RISE = 0.25
+#: occupancy at this share of the ways held = the task fills them
+FILL = 0.9
+#: weight of a new calm tick in the baseline's moving average
+BASELINE_ALPHA = 0.2
+
+
 class CacheDriver(ResourceDriver):
     """Ways per task: CAT masks written to ``schemata``, occupancy read from ``mon_data``."""
 
@@ -120,6 +133,9 @@ class CacheDriver(ResourceDriver):
         self.rs = rs
         self.pmu = pmu
         self.last_misses: dict[str, int] = {}
+        self.miss_rate: dict[str, float] = {}       # misses/s over the last tick
+        self.miss_baseline: dict[str, float] = {}   # misses/s when not pressed (moving average)
+        self.pressed: dict[str, bool] = {}          # this tick: fills its ways and misses more
 
     def total(self) -> int:
         return self.rs.info.ways
@@ -138,12 +154,18 @@ class CacheDriver(ResourceDriver):
         self.rs.place(tasks)
         if self.pmu is not None:
             delta = self.pmu.drain()
-            self.last_misses = {n: sum(delta.cgroup_misses.get(i, 0) for i in cg.cgroup_ids())
-                                for n, cg in tasks.items()}
+            self.last_misses = {n: _misses(delta, cg) for n, cg in tasks.items()}
+            secs = delta.interval_ns / 1e9
+            self.miss_rate = {n: m / secs for n, m in self.last_misses.items()} if secs > 0 else {}
         sample = self.rs.sample(tasks)
         way = self.rs.way_bytes()
         if sample is None or way <= 0:
-            return {}
+            if not self.miss_rate:
+                return {}
+            # No occupancy monitor: the ways held, with misses telling whether they are enough.
+            held = {n: float(self.rs.enforcer.ways.get(n, 0)) for n in tasks if n in self.miss_rate}
+            self._judge(held)
+            return held
         ndom = max(1, len(self.rs.info.l3_domains))
         out = {}
         for name in tasks:
@@ -152,7 +174,26 @@ class CacheDriver(ResourceDriver):
                 continue
             share = _tier_share(self.rs.enforcer, name, self.rs.enforcer.ways, self.last_misses)
             out[name] = held * share / ndom / way
+        self._judge(out)
         return out
+
+    def _judge(self, used: Mapping[str, float]) -> None:
+        """Per task with a miss rate: pressed (fills its ways and misses above its baseline)?"""
+        self.pressed = {}
+        for name, rate in self.miss_rate.items():
+            held = self.rs.enforcer.ways.get(name, 0)
+            fills = held > 0 and used.get(name, 0.0) >= FILL * held
+            base = self.miss_baseline.get(name)
+            if base is not None and fills and rate > (1 + MISS_RISE) * base:
+                self.pressed[name] = True   # the baseline keeps its calm value meanwhile
+                continue
+            self.pressed[name] = False
+            self.miss_baseline[name] = rate if base is None else (
+                (1 - BASELINE_ALPHA) * base + BASELINE_ALPHA * rate)
+
+    def censored(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, bool]:
+        """Misses decide for the tasks the PMU measured; the others by occupancy alone."""
+        return {n: p for n, p in self.pressed.items() if n in tasks}
 
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
         return self.rs.enforcer.plan(ways={cg.name: units})
@@ -164,6 +205,15 @@ class CacheDriver(ResourceDriver):
         if self.pmu is not None:
             self.pmu.close()
         self.rs.close()
+
+
+def _misses(delta, cg: TaskCgroup) -> int:
+    """The task's misses: by its cgroup ids, else by its processes (a task whose cgroup2 id
+    BPF does not see, e.g. pids adopted on a host whose cgroup2 has no directory for them)."""
+    by_cgroup = sum(delta.cgroup_misses.get(i, 0) for i in cg.cgroup_ids())
+    if by_cgroup:
+        return by_cgroup
+    return sum(delta.task[p].misses for p in cg.pids() if p in delta.task)
 
 
 def _tier_share(enf: ResctrlEnforcer, task: str, alloc: Mapping[str, int],

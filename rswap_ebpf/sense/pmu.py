@@ -237,3 +237,29 @@ def _drain(table) -> dict[int, PmuCounts]:
             except KeyError:
                 pass
     return out
+
+
+class PmuReplay:
+    """Recorded drains played back through the collector's interface (``open``/``drain``/
+    ``close``), one :class:`PmuDelta` per drain: the cache driver's accounting and the
+    forecasts it feeds run on recorded counters where the host has no PMU.
+
+    ``rows``: per tick, ``{cgroup_id: (misses, refs)}`` over ``interval_ns``.
+    """
+
+    def __init__(self, rows, interval_ns: int = 1_000_000_000):
+        self.rows = list(rows)
+        self.interval_ns = int(interval_ns)
+
+    def open(self) -> PmuReplay:
+        return self
+
+    def drain(self) -> PmuDelta:
+        if not self.rows:
+            raise RuntimeError("the recorded counters are used up")
+        row = self.rows.pop(0)
+        return PmuDelta(self.interval_ns, {},
+                        {int(k): PmuCounts(int(m), int(r), 1) for k, (m, r) in row.items()})
+
+    def close(self) -> None:
+        pass
