@@ -11,8 +11,14 @@ during tick *t + 1*, and is scored against the demand recorded then.
 * ``proactive``: the forecaster (default: online model selection on the pinball loss), its
   forecast for the next ``window`` ticks, peak taken, plus ``proactive_headroom``.
 
-The trace's demand is taken as what each task would have used had it been given enough (record
-with ``rswap record``, which caps nothing), so shortfall is what a policy would have withheld.
+The trace's demand is what each task would have used had it been given enough (``rswap record``
+caps nothing).  Replay enforces each policy's allocation the way the daemon's drivers do: a task
+uses at most what it holds (never less than :data:`ENFORCED_FLOOR`, the least a cap lets
+through), uncapped only before its first allocation, and what the policies learn from is
+:meth:`SwapManager.observed_demand` of that capped use, with the kernel's "throttled" flag where
+the real driver reports one (:data:`KERNEL_CENSORS`) -- the same path as ``Daemon.tick``.  So a
+policy that under-allocates also under-observes, as it would on a host.  Shortfall is what a
+policy withheld from the recorded demand.
 Figures per task x resource: MAE and MAPE of the 1-tick-ahead forecast (MAPE over ticks with
 demand >= 1 unit), shortfall and slack in unit*seconds, allocation changes, and swaps (units moved
 from a lower tier) the task took part in.
@@ -32,6 +38,14 @@ from .swap.manager import Limits, ManagedTask, Priority, SwapManager
 from .trace import Trace
 
 POLICIES = ("static", "reactive", "vpa", "proactive")
+
+#: The least a cap lets a task use: the CPU driver never writes a quota under 1 ms per 100 ms
+#: period (``enforce/cgroup.py``: V1_MIN_QUOTA_US), so a task held at 0 still runs at 10
+#: millicores and is seen throttled; other resources are taken to pass at least one unit.
+ENFORCED_FLOOR = {ResourceType.PROCESSOR_CYCLES: 10.0}
+#: Resources whose driver tells the daemon when its cap held a task down (CPU: ``nr_throttled``
+#: went up); for the others the manager judges by use against allocation (``censored=None``).
+KERNEL_CENSORS = frozenset({ResourceType.PROCESSOR_CYCLES})
 
 
 @dataclass
@@ -108,6 +122,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
         mgr.add_task(ManagedTask(task, priorities.get(task, Priority.NORMAL),
                                  {r: Limits() for (t, r) in trace.demand if t == task}))
     scores = {k: Score(policy, k[0], k[1], forecasts=policy != "static") for k in trace.demand}
+    spec = _scored_over(spec, window)
     profiler = TaskProfiler(lambda t, r: make_forecaster(spec, scale=totals[r]))
     recent: dict[tuple[str, ResourceType], deque] = {k: deque(maxlen=vpa_window)
                                                      for k in trace.demand}
@@ -119,12 +134,20 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 pool.set_allocation(r, t, totals[r] // len(members))
     predicted: dict[tuple[str, ResourceType], float] = {}
     for i in range(len(trace.times)):
+        # Before the first allocation nothing is capped yet (the daemon's first tick).
+        capped = policy == "static" or i > 0
+        observed: dict[str, dict[ResourceType, float]] = {}
         for k, series in trace.demand.items():
             d = series[i]
             s = scores[k]
-            alloc = pool.allocation(k[1], k[0])
-            s.shortfall += max(0.0, d - alloc) * dt
-            s.slack += max(0.0, alloc - d) * dt
+            task, r = k
+            used, censored = d, False
+            if capped:
+                alloc = pool.allocation(r, task)
+                s.shortfall += max(0.0, d - alloc) * dt
+                s.slack += max(0.0, alloc - d) * dt
+                cap = max(float(alloc), ENFORCED_FLOOR.get(r, 1.0))
+                used, censored = min(d, cap), d > cap
             f = predicted.get(k)
             if f is not None:
                 s.abs_err += abs(d - f)
@@ -132,18 +155,20 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 if d >= 1.0:
                     s.pct_err += abs(d - f) / d
                     s.n_pct += 1
-            recent[k].append(d)
+            seen = mgr.observed_demand(task, r, used, censored if r in KERNEL_CENSORS else None)
+            observed.setdefault(task, {})[r] = seen
+            recent[k].append(seen)
         if policy == "static":
             continue
         forecasts: dict[str, dict[ResourceType, float]] = {}
-        for (t, r), series in trace.demand.items():
-            d = series[i]
+        for (t, r) in trace.demand:
+            seen = observed[t][r]
             if policy == "reactive":
-                f = d
+                f = seen
             elif policy == "vpa":
                 f = _percentile(recent[(t, r)], 0.9)
             else:
-                profiler.update_prediction(t, r, d)
+                profiler.update_prediction(t, r, seen)
                 continue
             predicted[(t, r)] = f
             forecasts.setdefault(t, {})[r] = f
@@ -153,7 +178,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                     predicted[(t, r)] = p.series[0]
                     forecasts.setdefault(t, {})[r] = p.peak
                     scores[(t, r)].model = p.model
-        res = mgr.proactive_allocation(forecasts)
+        res = mgr.proactive_allocation(forecasts, observed)
         for ch in res.changes:
             if (ch.task, ch.resource) in scores:
                 scores[(ch.task, ch.resource)].changes += 1
@@ -168,6 +193,16 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
         for s in scores.values():
             s.model = "p90"
     return list(scores.values())
+
+
+def _scored_over(spec, window: int):
+    """Model selection scores candidates over the ticks the allocation looks at: ``window``,
+    unless the spec says otherwise (a model that wins five ticks ahead may lose the next one)."""
+    if spec is None or spec == "auto":
+        return {"name": "auto", "horizon": window}
+    if isinstance(spec, dict) and spec.get("name") == "auto" and "horizon" not in spec:
+        return {**spec, "horizon": window}
+    return spec
 
 
 def _percentile(values, q: float) -> float:

@@ -76,11 +76,18 @@ def test_static_policy_is_equal_shares_and_accounting_adds_up():
 
 
 def test_proactive_beats_reactive_on_a_periodic_trace():
+    """Half the shortfall of the reactive baseline given the same slack budget: reactive's
+    headroom is raised until it spends at least the slack proactive spends."""
     res = replay(_periodic_trace(), totals={CPU: 2500})
-    short = {p: res.total(p, "shortfall") for p in ("reactive", "proactive")}
-    slack = {p: res.total(p, "slack") for p in ("reactive", "proactive")}
-    assert short["proactive"] <= 0.5 * short["reactive"]
-    assert slack["proactive"] <= slack["reactive"]
+    short, slack = res.total("proactive", "shortfall"), res.total("proactive", "slack")
+    assert short <= 0.5 * res.total("reactive", "shortfall")
+    for h in (0.2, 0.5, 1.0, 2.0, 3.0):
+        r = replay(_periodic_trace(), ["reactive"], totals={CPU: 2500}, headroom=h)
+        if r.total("reactive", "slack") >= slack:
+            assert short <= 0.5 * r.total("reactive", "shortfall")
+            break
+    else:
+        pytest.fail("no reactive headroom spent proactive's slack")
     web = next(s for s in res.by_policy("proactive") if s.task == "web")
     assert web.model != "last_value" and web.mae is not None
     table = format_table(res)
@@ -118,3 +125,38 @@ def test_cli_replay_bad_input_exits_2(tmp_path, capsys):
     assert main(["replay", str(p), "--forecaster", "oracle"]) == 2
     assert main(["replay", str(p), "--total", "cpu"]) == 2
     assert main(["replay", str(tmp_path / "none.csv")]) == 2
+
+
+def test_replay_learns_what_the_daemon_would_see(monkeypatch):
+    """A capped task shows at most its allocation: replay feeds every policy the manager's
+    observed_demand of that capped use (the daemon's path), so reactive ramps up by the
+    manager's growth factor instead of jumping to a demand it could not have seen."""
+    from rswap_ebpf.swap.manager import SwapManager
+
+    calls = []
+    real = SwapManager.observed_demand
+
+    def spy(self, task, r, used, censored=None):
+        calls.append((task, used, censored))
+        return real(self, task, r, used, censored)
+
+    monkeypatch.setattr(SwapManager, "observed_demand", spy)
+    step = Trace(tuple(float(i) for i in range(12)), {("a", CPU): (0.0,) * 2 + (1000.0,) * 10})
+    res = replay(step, ["reactive"], totals={CPU: 2000})
+    assert len(calls) == 12
+    assert calls[0] == ("a", 0.0, False)            # the first tick runs uncapped
+    assert calls[2] == ("a", 10.0, True)            # held at 0: the cpu quota floor, throttled
+    assert all(used < 1000 and censored for _, used, censored in calls[2:7])
+    (s,) = res.scores
+    assert s.shortfall > 3 * 1000                   # several ticks to ramp, not one
+    assert s.changes >= 5
+
+
+def test_auto_is_scored_over_the_replay_window():
+    from rswap_ebpf.replay import _scored_over
+
+    assert _scored_over(None, 3) == {"name": "auto", "horizon": 3}
+    assert _scored_over({"name": "auto", "quantile": 0.5}, 1) == {
+        "name": "auto", "quantile": 0.5, "horizon": 1}
+    assert _scored_over({"name": "auto", "horizon": 5}, 1)["horizon"] == 5
+    assert _scored_over("last_value", 1) == "last_value"
