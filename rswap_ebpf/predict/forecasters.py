@@ -89,6 +89,47 @@ class SeasonalNaive(Base):
         return [max(0.0, w[h % self.period]) for h in range(horizon)]
 
 
+class SeasonalEWMA(Base):
+    """A smoothed seasonal profile: per phase of the period, an exponential average of its values.
+
+    Where burst heights are noisy, the last period (seasonal-naive) repeats its noise; averaging
+    each phase over past periods (weight ``alpha`` on the newest) keeps the shape and drops the
+    noise.  Until a full period is seen it repeats the last value.
+
+    >>> s = SeasonalEWMA(period=3, alpha=0.5)
+    >>> for y in (0, 0, 8, 0, 0, 4):
+    ...     s.learn_one(y)
+    >>> s.forecast(horizon=3)
+    [0.0, 0.0, 6.0]
+    """
+
+    name = "seasonal_ewma"
+
+    def __init__(self, period: int = 10, alpha: float = 0.3) -> None:
+        if int(period) < 1:
+            raise ConfigError("forecaster.period", "must be at least 1")
+        if not 0.0 < float(alpha) <= 1.0:
+            raise ConfigError("forecaster.alpha", "must be in (0, 1]")
+        self.period = int(period)
+        self.alpha = float(alpha)
+        self._level: list[float | None] = [None] * self.period
+        self._n = 0
+        self._last = 0.0
+
+    def learn_one(self, y: float, x: dict | None = None) -> None:
+        y = float(y)
+        i = self._n % self.period
+        old = self._level[i]
+        self._level[i] = y if old is None else (1.0 - self.alpha) * old + self.alpha * y
+        self._n += 1
+        self._last = y
+
+    def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
+        if self._n < self.period:
+            return [max(0.0, self._last)] * horizon
+        return [max(0.0, self._level[(self._n + h) % self.period]) for h in range(horizon)]
+
+
 class RiverForecaster(Base):
     """A River time-series model, scaled to ~[0, 1], with last-value until it has warmed up.
 
@@ -277,6 +318,7 @@ def auto(**params):
 _FACTORIES = {
     "last_value": LastValue,
     "seasonal_naive": SeasonalNaive,
+    "seasonal_ewma": SeasonalEWMA,
     "holt_winters": holt_winters,
     "snarimax": snarimax,
     "quantile_lags": QuantileLags,

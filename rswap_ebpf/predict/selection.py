@@ -13,7 +13,10 @@ that step ahead (split-conformal style, over the last ``calibration`` samples), 
 ranked on those raised forecasts.  With ``loss="mae"`` the point forecasts serve as they are.
 
 Seasonal candidates get the period found online by :class:`~.period.PeriodDetector`; when it
-changes they are rebuilt and replayed over the kept history, so nothing starts cold.
+changes they are rebuilt and replayed over the kept history, so nothing starts cold.  The
+``median`` candidate combines the others (per step, the median of their point forecasts): on
+noisy periodic data no single model is reliably best, and a median of several is rarely far
+from the best of them.
 
 >>> a = AutoForecaster(candidates=("last_value", "seasonal_naive"), loss="mae", max_period=20)
 >>> for i in range(120):
@@ -25,15 +28,22 @@ changes they are rebuilt and replayed over the kept history, so nothing starts c
 """
 from __future__ import annotations
 
+import copy
 import math
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .forecasters import Base, LastValue, QuantileLags, SeasonalNaive, holt_winters, snarimax
+from .forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalNaive,
+                          holt_winters, snarimax)
 from .period import PeriodDetector
 
-CANDIDATES = ("last_value", "seasonal_naive", "holt_winters", "snarimax", "quantile_lags")
+CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "holt_winters", "snarimax",
+              "quantile_lags", "median")
+#: not a model of its own: the per-step median of the other candidates' point forecasts, scored
+#: like them, so selection can pick the combination where no single model is reliably best
+COMBINED = "median"
 LOSSES = ("pinball", "mae")
 
 
@@ -47,6 +57,12 @@ class CandidateError:
     samples: int
 
 
+def _median(xs) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 def pinball(y: float, f: float, q: float) -> float:
     return q * (y - f) if y >= f else (1.0 - q) * (f - y)
 
@@ -58,11 +74,13 @@ class AutoForecaster(Base):
                  quantile: float = 0.9, horizon: int = 5, half_life: float = 50.0,
                  scale: float = 1.0, max_period: int = 120, period: int = 0,
                  history: int = 600, min_scored: int = 10, hysteresis: float = 0.05,
-                 calibration: int = 100):
+                 calibration: int = 100, seasonal_raise: bool = False):
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
             raise ConfigError("forecaster.candidates",
                               f"unknown {unknown} (known: {', '.join(CANDIDATES)})")
+        if COMBINED in candidates and len(set(candidates) - {COMBINED}) < 2:
+            raise ConfigError("forecaster.candidates", f"{COMBINED!r} combines at least two others")
         if loss not in LOSSES:
             raise ConfigError("forecaster.loss", f"{loss!r} is not one of {', '.join(LOSSES)}")
         if not 0.0 < float(quantile) < 1.0:
@@ -79,16 +97,21 @@ class AutoForecaster(Base):
         self.min_scored = int(min_scored)
         self.hysteresis = float(hysteresis)
         self.calibration = max(5, int(calibration))
+        self.seasonal_raise = bool(seasonal_raise)
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
         self._detector = PeriodDetector(max_period=self.max_period, every=3)
         self._hist: deque[float] = deque(maxlen=self.history)
         self._models: dict[str, Base] = {}
         self._pending: dict[str, deque[tuple[list[float], list[float]]]] = {}
+        # per step ahead, actual - forecast for consecutive samples up to the latest (index
+        # _at - 1), so a residual's sample index is implied by its position, not stored
         self._resid: dict[str, list[deque[float]]] = {}
+        self._at = 0  # index of the next sample to arrive
         self._loss: dict[str, float] = {}
         self._mae: dict[str, float] = {}
         self._scored: dict[str, int] = {}
+        self._ewm_sums: dict[tuple[str, str], tuple[float, float]] = {}
         self.serving = self.candidates[0]
         self._build(self.candidates)
 
@@ -99,6 +122,8 @@ class AutoForecaster(Base):
             return LastValue()
         if name == "seasonal_naive":
             return SeasonalNaive(period=max(1, p))
+        if name == "seasonal_ewma":
+            return SeasonalEWMA(period=max(1, p), alpha=0.3)
         if name == "holt_winters":
             if p >= 2:
                 return holt_winters(alpha=0.3, beta=0.01, gamma=0.5, seasonality=p,
@@ -115,16 +140,32 @@ class AutoForecaster(Base):
     def _build(self, names) -> None:
         """(Re)build candidates and replay the kept history through them, scoring as they go,
         so a model rebuilt for a new period competes on its record, not from zero."""
+        names = [n for n in self.candidates if n in names]
         for name in names:
-            self._models[name] = m = self._make(name)
+            if name != COMBINED:
+                self._models[name] = self._make(name)
             self._pending[name] = deque(maxlen=self.horizon)
             self._resid[name] = [deque(maxlen=self.calibration) for _ in range(self.horizon)]
             for key in (self._loss, self._mae, self._scored):
                 key.pop(name, None)
-            for y in self._hist:
+            for kind in ("loss", "mae"):
+                self._ewm_sums.pop((kind, name), None)
+        self._at -= len(self._hist)
+        for y in self._hist:
+            for name in names:
                 self._score(name, y)
-                m.learn_one(y)
+                if name != COMBINED:
+                    self._models[name].learn_one(y)
+            self._at += 1
+            self._push_all(names)
+
+
+    def _push_all(self, names) -> None:
+        for name in names:
+            if name != COMBINED:
                 self._push(name)
+        if COMBINED in names:
+            self._push(COMBINED)
 
     def _score(self, name: str, y: float) -> None:
         total, n = 0.0, 0
@@ -135,49 +176,76 @@ class AutoForecaster(Base):
                 else abs(y - f)
             n += 1
             if age == 1:
-                err = abs(y - f)
-                old = self._mae.get(name)
-                self._mae[name] = err if old is None else self._decay * old + (1 - self._decay) * err
+                self._mae[name] = self._ewm(("mae", name), abs(y - f))
         if n:
-            sample = total / n
-            old = self._loss.get(name)
-            self._loss[name] = sample if old is None else self._decay * old + (1 - self._decay) * sample
+            self._loss[name] = self._ewm(("loss", name), total / n)
             self._scored[name] = self._scored.get(name, 0) + 1
 
+    def _ewm(self, key: tuple[str, str], sample: float) -> float:
+        """Exponentially weighted mean with the weights summed, not seeded with the first sample:
+        seeding gives that one sample (often a cold-start error) the weight of all the past, which
+        after 150 samples still moved a model's loss by a fifth and picked the wrong one."""
+        num, den = self._ewm_sums.get(key, (0.0, 0.0))
+        num, den = self._decay * num + sample, self._decay * den + 1.0
+        self._ewm_sums[key] = (num, den)
+        return num / den
+
+    def _point(self, name: str, horizon: int) -> list[float]:
+        if name != COMBINED:
+            return self._models[name].forecast(horizon)
+        if horizon <= self.horizon and all(self._pending[n] for n in self._models):
+            per_model = [self._pending[n][-1][0][:horizon] for n in self._models]
+        else:
+            per_model = [m.forecast(horizon) for m in self._models.values()]
+        return [_median(step) for step in zip(*per_model)]
+
     def _push(self, name: str) -> None:
-        point = self._models[name].forecast(self.horizon)
+        point = self._point(name, self.horizon)
         self._pending[name].append((point, self._raise(name, point)))
 
     # -- protocol ------------------------------------------------------------------------------
     def learn_one(self, y: float, x: dict | None = None) -> None:
         y = float(y)
-        for name in self._models:
+        for name in self.candidates:
             self._score(name, y)
         self._hist.append(y)
+        self._at += 1
         for m in self._models.values():
             m.learn_one(y)
-        rebuilt: list[str] = []
         if not self._fixed_period:
             p = self._detector.update(y)
             if p != self.period:
                 self.period = p
-                rebuilt = [c for c in self.candidates if c != "last_value"]
-                self._build(rebuilt)  # replays the history, y included
-        for name in self._models:
-            if name not in rebuilt:
-                self._push(name)
+                self._build(self.candidates)  # replays the history, y included
+                self._choose()
+                return
+        self._push_all(self.candidates)
         self._choose()
 
     def _raise(self, name: str, point: list[float]) -> list[float]:
-        """With the pinball loss: the point forecast plus the quantile of this model's errors."""
+        """With the pinball loss: the point forecast plus the quantile of this model's errors.
+
+        With a period (and ``seasonal_raise``), only the errors made at the same phase of the
+        period, give or take one tick, count: a burst's errors then raise the burst and not the
+        idle ticks between bursts, which a single quantile over all errors does (slack all the
+        time) while still under-raising the burst.  Too few errors at that phase yet: all count.
+        """
         if self.loss != "pinball":
             return point
+        p = self.period if self.seasonal_raise else 0
         out = []
         for h, f in enumerate(point):
             res = self._resid[name][min(h, self.horizon - 1)]
-            if len(res) >= 5:
-                xs = sorted(res)
-                f = f + xs[min(len(xs) - 1, int(self.quantile * len(xs)))]
+            errs = []
+            if p >= 3:
+                first = self._at - len(res)  # sample index of res[0]
+                target = self._at + h
+                errs = [e for j, e in enumerate(res) if (first + j - target + 1) % p <= 2]
+            if len(errs) < 5:
+                errs = list(res)
+            if len(errs) >= 5:
+                errs.sort()
+                f = f + errs[min(len(errs) - 1, int(self.quantile * len(errs)))]
             out.append(max(0.0, f))
         return out
 
@@ -194,11 +262,33 @@ class AutoForecaster(Base):
         pend = self._pending.get(self.serving)
         if pend and horizon <= self.horizon:
             return list(pend[-1][1][:horizon])
-        return self._raise(self.serving, self._models[self.serving].forecast(horizon))
+        return self._raise(self.serving, self._point(self.serving, horizon))
 
     def point_forecast(self, horizon: int) -> list[float]:
         """The serving model's own forecast, before any raise to the quantile."""
-        return self._models[self.serving].forecast(horizon)
+        return self._point(self.serving, horizon)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Compact: the period detector's window is the tail of the kept history (not stored
+        twice), and residuals, which only feed a quantile, are stored as float32 (7 digits,
+        far finer than any measurement) -- they were most of a checkpoint's bytes."""
+        state = dict(self.__dict__)
+        det = state["_detector"] = copy.copy(self._detector)
+        det._buf = None
+        state["_resid"] = {n: [array("f", d).tobytes() for d in per_step]
+                           for n, per_step in self._resid.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        det = self._detector
+        if det._buf is None:
+            det._buf = deque(list(self._hist)[-det.window:], maxlen=det.window)
+        for n, per_step in self._resid.items():
+            if per_step and isinstance(per_step[0], bytes):
+                self._resid[n] = [deque(array("f", b), maxlen=self.calibration)
+                                  for b in per_step]
 
     # -- reporting -----------------------------------------------------------------------------
     def errors(self) -> dict[str, CandidateError]:

@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from rswap_ebpf.predict.period import PeriodDetector, detect
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.selection import AutoForecaster, pinball
 from rswap_ebpf.resources import ResourceType
 
@@ -72,9 +75,48 @@ def test_predicted_needs_name_the_serving_model_and_error():
         p.update_prediction("web", CPU, y)
     pred = p.get_predicted_needs("web", 5)[CPU]
     assert pred.model == p.profiles[("web", CPU)].forecaster.serving
-    assert pred.model in ("seasonal_naive", "holt_winters", "snarimax", "quantile_lags")
+    assert pred.model in ("seasonal_naive", "seasonal_ewma", "holt_winters", "snarimax",
+                          "quantile_lags", "median")
     assert pred.mae is not None and pred.loss is not None
     assert len(pred.series) == 5 and pred.peak == max(pred.series)
     assert min(pred.series) <= pred.quantile <= pred.peak
     assert pred.over_window("peak") == pred.peak
     assert pred.over_window(0.0) == min(pred.series)
+
+
+def test_median_candidate_is_the_median_of_the_others():
+    a = AutoForecaster(candidates=("last_value", "seasonal_naive", "seasonal_ewma", "median"),
+                       loss="mae", period=6, horizon=3)
+    for y in _bursty(60):
+        a.learn_one(y)
+    per_model = [a._models[n].forecast(3) for n in ("last_value", "seasonal_naive",
+                                                     "seasonal_ewma")]
+    assert a._point("median", 3) == [sorted(step)[1] for step in zip(*per_model)]
+    with pytest.raises(ConfigError, match="median"):
+        AutoForecaster(candidates=("last_value", "median"))
+
+
+def test_recent_error_is_not_seeded_by_the_first_sample():
+    """One cold-start error of 1000 followed by 150 errors of 10: the weighted mean is near 10
+    (seeding the average with the first sample left it at 134)."""
+    a = AutoForecaster(candidates=("last_value",), half_life=50)
+    for e in [1000.0] + [10.0] * 150:
+        v = a._ewm(("loss", "x"), e)
+    assert 10 < v < 15
+
+
+def test_seasonal_raise_uses_the_errors_at_that_phase():
+    """Errors only in the burst phase raise the burst forecast, not the idle ticks."""
+    def run(seasonal_raise):
+        a = AutoForecaster(candidates=("last_value", "seasonal_naive"), period=8,
+                           quantile=0.95, seasonal_raise=seasonal_raise, horizon=1)
+        rnd = random.Random(2)
+        for i in range(300):
+            a.learn_one((1000.0 + rnd.uniform(-300, 300)) if i % 8 == 0 else 50.0)
+        return a
+    a = run(True)
+    assert a.period == 8 and a._at % 8 == 4          # next tick is idle, 4 from a burst
+    idle_raised = a._raise("seasonal_naive", [50.0])[0]
+    assert idle_raised == pytest.approx(50.0, abs=1)
+    b = run(False)
+    assert b._raise("seasonal_naive", [50.0])[0] > idle_raised + 50
