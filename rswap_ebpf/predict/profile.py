@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,22 @@ class TaskProfile:
         return self.forecaster.forecast(horizon)
 
 
+#: marks a zlib-compressed checkpoint; a plain pickle (written before compression) starts with
+#: pickle's PROTO opcode 0x80, so both load
+_ZLIB_MAGIC = b"RZ1"
+
+
+def freeze(profile: TaskProfile) -> bytes:
+    """A profile as a checkpoint blob: pickled, then zlib-compressed (about half the bytes)."""
+    return _ZLIB_MAGIC + zlib.compress(pickle.dumps(profile, protocol=pickle.HIGHEST_PROTOCOL), 6)
+
+
+def thaw(blob: bytes) -> TaskProfile:
+    if blob[:len(_ZLIB_MAGIC)] == _ZLIB_MAGIC:
+        blob = zlib.decompress(blob[len(_ZLIB_MAGIC):])
+    return pickle.loads(blob)
+
+
 class TaskProfiler:
     """The profiles of every task, and the seed's prediction functions."""
 
@@ -159,7 +176,7 @@ class TaskProfiler:
             return None
         if stored.state is not None:
             try:
-                prof = pickle.loads(stored.state)
+                prof = thaw(stored.state)
             except Exception:  # an unreadable checkpoint: relearn from the samples we have
                 prof = None
         else:
@@ -183,7 +200,7 @@ class TaskProfiler:
             self._since_checkpoint[key] = n
             if n >= self.checkpoint_every:
                 due.append(key)
-        states = [(t, r.key, pickle.dumps(self.profiles[(t, r)], protocol=pickle.HIGHEST_PROTOCOL),
+        states = [(t, r.key, freeze(self.profiles[(t, r)]),
                    self.profiles[(t, r)].model_name, self.profiles[(t, r)].mae)
                   for t, r in due if (t, r) in self.profiles]
         self.store.write_tick(now, [(t, r.key, u) for t, r, u in rows], states)
@@ -195,7 +212,7 @@ class TaskProfiler:
         if self.store is None:
             return
         self.flush(now)
-        states = [(t, r.key, pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL), p.model_name, p.mae)
+        states = [(t, r.key, freeze(p), p.model_name, p.mae)
                   for (t, r), p in self.profiles.items() if task is None or t == task]
         self.store.write_tick(now, [], states)
         for (t, r) in self.profiles:

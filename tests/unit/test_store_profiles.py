@@ -130,3 +130,21 @@ def test_task_identity():
 def test_wal_mode(tmp_path):
     with ProfileStore(str(tmp_path / "p.db")) as st:
         assert st.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_checkpoints_are_compact_and_old_plain_pickles_still_load(tmp_path):
+    import pickle
+
+    from rswap_ebpf.predict.profile import freeze, thaw
+
+    p = profiler(None)
+    for i in range(400):
+        p.update_prediction("web", CPU, y(i))
+    prof = p.profiles[("web", CPU)]
+    blob = freeze(prof)
+    plain = pickle.dumps(prof, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(blob) < 0.6 * len(plain)
+    for b in (blob, plain):  # a database written before compression still loads
+        back = thaw(b)
+        assert back.forecast(6) == pytest.approx(prof.forecast(6))
+        assert back.forecaster._detector._buf == prof.forecaster._detector._buf
