@@ -12,15 +12,21 @@ looking it up by the socket's cgroup in the ``rswap_net_class`` map (a :class:`C
 
 Every change is journalled first as a ``custom`` entry with an undo handler registered here, so
 ``rswap restore`` in a fresh process removes the filters, the clsact qdisc rswap added, and puts the
-interface's original root qdisc back.  Original root qdiscs are restored by kind and handle; a root
-qdisc whose options rswap cannot recreate (htb, tbf, ...) is refused before anything changes.
+interface's original root qdisc back.  The original root qdisc is journalled as the kernel dumped
+it: kind, handle and the raw ``TCA_OPTIONS`` payload (and, under ``mq``, each per-queue child the
+same way); restore recreates whatever differs with those very bytes, so a non-default setting
+(``fq_codel limit 1234``, ``pfifo limit 50``) comes back as it was, whatever the kind.  A root qdisc
+with classes or filters of its own (htb, tbf, prio...) cannot be captured that way and is refused
+before anything changes.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,9 +41,12 @@ HTB_MAJOR = 0x1
 ROOT_CLASS = 0x10001         # 1:1
 FIRST_TASK_MINOR = 0x10
 MIN_RATE_BYTES = 125         # HTB needs a rate > 0: 1 kbit/s
-#: Root qdiscs rswap may replace: they carry no configuration worth keeping, so recreating them by
-#: kind (or letting the kernel reinstate its default) restores the interface exactly.
+#: Root qdiscs rswap may replace: their whole configuration is their options (mq: its per-queue
+#: children, journalled too), so kind + handle + options recreate them exactly.
 RESTORABLE_ROOTS = {"noqueue", "pfifo_fast", "fq_codel", "fq", "sfq", "pfifo", "bfifo", "mq", "cake"}
+TC_H_ROOT = 0xFFFFFFFF
+_TCA_KIND, _TCA_OPTIONS = 1, 2
+_NLMSG_HDR, _TCMSG_LEN = 16, 20
 _IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 CLSACT_KIND = "tc-clsact"
 FILTER_KIND = "tc-bpf-filter"
@@ -130,6 +139,113 @@ def _qdiscs(ip, idx: int) -> list:
 
 def _kind(msg) -> str:
     return msg.get_attr("TCA_KIND")
+
+
+def raw_options(msg) -> bytes | None:
+    """The ``TCA_OPTIONS`` payload of a dumped qdisc, as the kernel sent it (None: none).
+
+    Read from the message bytes rather than pyroute2's decoding: pyroute2 decodes only the kinds
+    it has a plugin for (no fq, no mq), and the kernel takes back what it dumps.
+    """
+    data = bytes(msg.data[msg.offset:msg.offset + msg["header"]["length"]])
+    pos = _NLMSG_HDR + _TCMSG_LEN
+    while pos + 4 <= len(data):
+        length = int.from_bytes(data[pos:pos + 2], sys.byteorder)
+        kind = int.from_bytes(data[pos + 2:pos + 4], sys.byteorder) & 0x3FFF
+        if length < 4:
+            break
+        if kind == _TCA_OPTIONS:
+            return data[pos + 4:pos + length]
+        pos += (length + 3) & ~3
+    return None
+
+
+@dataclass(frozen=True)
+class QdiscState:
+    """One qdisc as journalled: enough to create it again exactly."""
+
+    kind: str
+    handle: int
+    parent: int = TC_H_ROOT
+    options: bytes | None = None
+
+    @classmethod
+    def of(cls, msg) -> QdiscState:
+        return cls(_kind(msg), msg["handle"], msg["parent"], raw_options(msg))
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "handle": self.handle, "parent": self.parent,
+                "options": self.options.hex() if self.options is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QdiscState:
+        opts = d.get("options")
+        return cls(d["kind"], d.get("handle") or 0, d.get("parent", TC_H_ROOT),
+                   bytes.fromhex(opts) if opts is not None else None)
+
+    def same_as(self, other: QdiscState | None, exact_options: bool = True) -> bool:
+        """Same kind, options and handle (a handle of 0 is the kernel's choice: any will do)."""
+        if other is None:
+            return self.kind == "noqueue" and self.handle == 0
+        return (self.kind == other.kind and (not self.handle or self.handle == other.handle)
+                and (not exact_options or self.options == other.options))
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_tcmsg():
+    from pyroute2.netlink import nla
+    from pyroute2.netlink.rtnl.tcmsg import tcmsg
+
+    class RawTcmsg(tcmsg):
+        """tcmsg whose TCA_OPTIONS are bytes passed through untouched."""
+
+        nla_map = (("TCA_UNSPEC", "none"), ("TCA_KIND", "asciiz"), ("TCA_OPTIONS", "raw_options"))
+        # pyroute2 compiles nla_map once per class into class attributes, which a subclass
+        # inherits: once tcmsg has decoded a dump, this class would encode with tcmsg's table
+        # (the pfifo plugin turned our bytes into "limit 0").  Make it compile its own.
+        _nlmsg_base__compiled_nla = False
+        _nlmsg_base__t_nla_map = None
+        _nlmsg_base__r_nla_map = None
+
+        class raw_options(nla):
+            fields = [("value", "s")]
+
+            def encode(self):
+                self["value"] = self.value
+                nla.encode(self)
+
+    return RawTcmsg
+
+
+def create_qdisc(ip, idx: int, q: QdiscState) -> None:
+    """Create (or replace) ``q`` at its parent with its journalled options, byte for byte."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
+    from pyroute2.netlink.rtnl import RTM_NEWQDISC
+
+    msg = _raw_tcmsg()()
+    msg["family"] = 0
+    msg["index"] = idx
+    msg["handle"] = q.handle
+    msg["parent"] = q.parent
+    msg["attrs"] = [["TCA_KIND", q.kind]] + ([["TCA_OPTIONS", q.options]] if q.options else [])
+    msg["header"]["type"] = RTM_NEWQDISC
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    # nlm_request_batch: pyroute2 0.9.7's synchronous nlm_request fails on its own status dict.
+    ip.nlm_request_batch([msg])
+
+
+def root_state(ip, idx: int) -> tuple[QdiscState | None, list[QdiscState]]:
+    """The root qdisc and, when it is ``mq``, the per-queue qdiscs under it."""
+    qs = _qdiscs(ip, idx)
+    root = next((q for q in qs if q["parent"] == TC_H_ROOT), None)
+    if root is None:
+        return None, []
+    state = QdiscState.of(root)
+    children = []
+    if state.kind == "mq" and state.handle:
+        children = [QdiscState.of(q) for q in qs
+                    if q["parent"] != TC_H_ROOT and q["parent"] >> 16 == state.handle >> 16]
+    return state, sorted(children, key=lambda c: c.parent)
 
 
 # -- clsact + cls_bpf --------------------------------------------------------------------------
@@ -241,17 +357,19 @@ class HtbEnforcer:
             return
         with ipr(self.iface) as ip:
             idx = ifindex(ip, self.iface)
-            root = next((q for q in _qdiscs(ip, idx) if q["parent"] == 0xFFFFFFFF), None)
-            kind = _kind(root) if root is not None else "noqueue"
-            handle = root["handle"] if root is not None else 0
+            root, children = root_state(ip, idx)
+            kind = root.kind if root is not None else "noqueue"
+            handle = root.handle if root is not None else 0
             if kind == "htb" and handle == HTB_MAJOR << 16 and self._journalled_root():
                 pass  # ours, from this run's journal (a restart after restore failed)
             elif kind not in RESTORABLE_ROOTS:
                 raise EnforceError(f"tc:{self.iface}", f"root qdisc {kind} {handle >> 16:x}: has a "
                                    "configuration rswap cannot restore; remove it or choose another "
                                    "interface")
-            self.journal.record_custom(ROOT_KIND, {**self.iface.as_dict(), "kind": kind,
-                                                   "handle": handle})
+            self.journal.record_custom(ROOT_KIND, {
+                **self.iface.as_dict(), "kind": kind, "handle": handle,
+                "options": root.as_dict()["options"] if root is not None else None,
+                "children": [c.as_dict() for c in children]})
             try:
                 ip.tc("replace", "htb", idx, HTB_MAJOR << 16, default=0)
                 ip.tc("replace-class", "htb", idx, ROOT_CLASS, parent=HTB_MAJOR << 16,
@@ -341,26 +459,41 @@ class HtbEnforcer:
 
 
 def _undo_root(data: dict) -> None:
+    """Take rswap's HTB root away and recreate the journalled root (and mq children) if the
+    kernel's default is not it.  Entries from before options were journalled compare by kind."""
     iface = Iface(data["name"], data.get("netns"))
+    exact = "options" in data
+    want = QdiscState(data["kind"], data.get("handle") or 0, TC_H_ROOT,
+                      bytes.fromhex(data["options"]) if data.get("options") is not None else None)
     try:
         with ipr(iface) as ip:
             idx = ip.link_lookup(ifname=iface.name)
             if not idx:
                 return
             idx = idx[0]
-            root = next((q for q in _qdiscs(ip, idx) if q["parent"] == 0xFFFFFFFF), None)
-            if root is not None and _kind(root) == "htb":
+            root, _ = root_state(ip, idx)
+            if root is not None and root.kind == "htb":
                 try:
-                    ip.tc("del", "htb", idx, root["handle"])
+                    ip.tc("del", "htb", idx, root.handle)
                 except Exception as err:
                     if getattr(err, "code", None) not in (errno.ENOENT, errno.EINVAL):
                         raise
             # Deleting the root reinstates the kernel's default; recreate the original if differs.
-            root = next((q for q in _qdiscs(ip, idx) if q["parent"] == 0xFFFFFFFF), None)
-            now = _kind(root) if root is not None else "noqueue"
-            want = data["kind"]
-            if now != want and want != "noqueue":
-                ip.tc("replace", want, idx, data.get("handle") or 0)
+            root, _ = root_state(ip, idx)
+            if not want.same_as(root, exact):
+                try:
+                    create_qdisc(ip, idx, want)
+                except Exception as err:
+                    # Same handle, other kind: the kernel will not replace across kinds.
+                    if getattr(err, "code", None) != errno.EINVAL or root is None or not root.handle:
+                        raise
+                    ip.tc("del", root.kind, idx, root.handle)
+                    create_qdisc(ip, idx, want)
+            _, now = root_state(ip, idx)
+            have = {c.parent: c for c in now}
+            for child in map(QdiscState.from_dict, data.get("children", [])):
+                if not child.same_as(have.get(child.parent)):
+                    create_qdisc(ip, idx, child)
     except ConfigError:
         return
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import io
-import re
 import os
+import re
 import subprocess
 import sys
 import time
