@@ -2,9 +2,12 @@
 """Forecast quality, policy quality and profile-store size: printed tables, ratios in one run.
 
 1. Accuracy: 1-tick-ahead MAE of every forecaster on each shipped trace, and of online selection
-   (loss=mae), as a ratio to seasonal-naive (given the period found on the whole trace, its best
-   case).
-2. Allocation: `rswap replay` totals per trace; proactive vs the reactive baseline.
+   (loss=mae, candidates scored one tick ahead, the horizon measured here), as a ratio to
+   seasonal-naive (given the period found on the whole trace, its best case).
+2. Allocation: `rswap replay` totals per trace (capped the daemon's way: policies learn from
+   SwapManager.observed_demand); proactive at several quantiles vs the reactive baseline, both at
+   its default headroom and at the least headroom in a grid whose slack is at least proactive's
+   (the same slack budget: the bar's "at equal or lower slack").
 3. Store: the SQLite profile database after TASKS x 6 resources x HOURS of ticks every
    INTERVAL seconds (samples every tick, a checkpoint of a real trained profile every
    checkpoint_every ticks, 300 s rollups), its size on disk, and the write time per tick.
@@ -26,14 +29,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
-from rswap_ebpf.predict.profile import TaskProfile  # noqa: E402
+from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
 from rswap_ebpf.replay import default_totals, replay  # noqa: E402
 from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
-MODELS = ("last_value", "seasonal_naive", "holt_winters", "snarimax", "quantile_lags")
+MODELS = ("last_value", "seasonal_naive", "seasonal_ewma", "holt_winters", "snarimax",
+          "quantile_lags")
+QUANTILES = (0.5, 0.75, 0.9)
+REACTIVE_HEADROOMS = (0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 WARMUP = 50  # ticks: the second MAE leaves out what every model needs to find the period
@@ -62,7 +68,7 @@ def accuracy(traces) -> None:
             row = {}
             for m in MODELS:
                 spec = {"name": m}
-                if m == "seasonal_naive":
+                if m in ("seasonal_naive", "seasonal_ewma"):
                     spec["period"] = max(1, p)
                 elif m == "holt_winters" and p >= 2:
                     spec.update(alpha=0.3, beta=0.01, gamma=0.5, seasonality=p)
@@ -71,7 +77,8 @@ def accuracy(traces) -> None:
                 elif m == "quantile_lags":
                     spec.update(period=p, quantile=0.5)
                 row[m] = mae(spec, series, totals[r])
-            row["auto(mae)"] = mae({"name": "auto", "loss": "mae"}, series, totals[r])
+            row["auto(mae)"] = mae({"name": "auto", "loss": "mae", "horizon": 1}, series,
+                                   totals[r])
             ratio = row["auto(mae)"][0] / row["seasonal_naive"][0] if row["seasonal_naive"][0] else 0
             name = os.path.basename(tr.source)[:16]
             late = row["auto(mae)"][1] / row["seasonal_naive"][1] if row["seasonal_naive"][1] else 0
@@ -82,16 +89,32 @@ def accuracy(traces) -> None:
     print()
 
 
-def allocation(traces) -> None:
+def allocation(traces, seasonal_raise: bool) -> None:
     print("== replay totals (unit*s), pool = trace's peak summed demand ==")
-    print(f"{'TRACE':<18} {'POLICY':<10} {'SHORT':>9} {'SLACK':>9} {'SHORT/react':>12} {'SLACK/react':>12}")
+    print(f"{'TRACE':<18} {'POLICY':<16} {'SHORT':>9} {'SLACK':>9} {'SHORT/react':>12} "
+          f"{'SLACK/react':>12} {'vs reactive at >= slack (headroom): SHORT ratio':>10}")
     for tr in traces:
-        res = replay(tr)
+        res = replay(tr, ("static", "reactive", "vpa"))
         rs, rl = res.total("reactive", "shortfall"), res.total("reactive", "slack")
-        for p in ("static", "reactive", "vpa", "proactive"):
-            s, l = res.total(p, "shortfall"), res.total(p, "slack")
-            print(f"{os.path.basename(tr.source):<18.18} {p:<10} {s:>9.0f} {l:>9.0f} "
-                  f"{s / rs if rs else 0:>12.2f} {l / rl if rl else 0:>12.2f}")
+        rows = [(p, res.total(p, "shortfall"), res.total(p, "slack")) for p in
+                ("static", "reactive", "vpa")]
+        for q in QUANTILES:
+            pr = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q,
+                                                        "seasonal_raise": seasonal_raise})
+            rows.append((f"proactive q={q:g}", pr.total("proactive", "shortfall"),
+                         pr.total("proactive", "slack")))
+        frontier = []
+        for h in REACTIVE_HEADROOMS:
+            rr = replay(tr, ("reactive",), headroom=h)
+            frontier.append((h, rr.total("reactive", "shortfall"), rr.total("reactive", "slack")))
+        for p, s, l in rows:
+            matched = ""
+            if p.startswith("proactive"):
+                m = next(((h, ms) for h, ms, ml in frontier if ml >= l), None)
+                matched = (f"{s / m[1]:.2f} (h={m[0]:g}: {m[1]:.0f})" if m and m[1]
+                           else "reactive never reaches this slack")
+            print(f"{os.path.basename(tr.source):<18.18} {p:<16} {s:>9.0f} {l:>9.0f} "
+                  f"{s / rs if rs else 0:>12.2f} {l / rl if rl else 0:>12.2f} {matched}")
     print()
 
 
@@ -104,7 +127,8 @@ def store(tasks: int, hours: float, interval: float, checkpoint_every: int) -> N
     rnd = random.Random(1)
     for i in range(700):
         prof.learn_one((1500 if i % 12 < 4 else 50) + rnd.gauss(0, 50))
-    blob = pickle.dumps(prof, protocol=pickle.HIGHEST_PROTOCOL)
+    plain = pickle.dumps(prof, protocol=pickle.HIGHEST_PROTOCOL)
+    blob = freeze(prof)
     ticks = int(hours * 3600 / interval)
     series = [(f"task{i:04d}", r.key) for i in range(tasks) for r in resources]
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +153,8 @@ def store(tasks: int, hours: float, interval: float, checkpoint_every: int) -> N
     write_s.sort()
     print(f"== profile store: {tasks} tasks x {len(resources)} resources x {hours:g} h, "
           f"tick {interval:g}s, checkpoint every {checkpoint_every} ticks ==")
-    print(f"checkpoint blob (auto selection, 600-sample history): {len(blob) / 1024:.1f} KiB")
+    print(f"checkpoint blob (auto selection, 600-sample history): {len(blob) / 1024:.1f} KiB "
+          f"(its pickle before zlib: {len(plain) / 1024:.1f} KiB)")
     print(f"database on disk: {size / 2**20:.1f} MiB  (rows: {counts})")
     print(f"write_tick: median {1000 * write_s[len(write_s) // 2]:.1f} ms, "
           f"p99 {1000 * write_s[int(0.99 * len(write_s))]:.1f} ms for {len(series)} series; "
@@ -143,10 +168,12 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=60.0)
     p.add_argument("--checkpoint-every", type=int, default=60)
     p.add_argument("--skip-store", action="store_true")
+    p.add_argument("--seasonal-raise", action="store_true",
+                   help="raise forecasts by the errors at the same phase of the period only")
     a = p.parse_args()
     traces = [read_trace(f) for f in sorted(glob.glob(os.path.join(DATA, "*.csv")))]
     accuracy(traces)
-    allocation(traces)
+    allocation(traces, a.seasonal_raise)
     if not a.skip_store:
         store(a.tasks, a.hours, a.interval, a.checkpoint_every)
     return 0
