@@ -54,7 +54,8 @@ def register(sub) -> dict:
 
 
 def parse_spec(text: str) -> str | dict:
-    """``name`` or ``name:key=value,key=value`` (numbers parsed) into make_forecaster's input."""
+    """``name`` or ``name:key=value,key=value`` (numbers and true/false parsed) into
+    make_forecaster's input."""
     if ":" not in text:
         return text
     name, _, rest = text.partition(":")
@@ -63,6 +64,9 @@ def parse_spec(text: str) -> str | dict:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError("--forecaster", f"expected key=value, got {item!r}")
+        if value.lower() in ("true", "false"):
+            spec[key] = value.lower() == "true"
+            continue
         for conv in (int, float):
             try:
                 spec[key] = conv(value)

@@ -97,7 +97,9 @@ class AutoForecaster(Base):
         self.min_scored = int(min_scored)
         self.hysteresis = float(hysteresis)
         self.calibration = max(5, int(calibration))
-        self.seasonal_raise = bool(seasonal_raise)
+        if not isinstance(seasonal_raise, bool):  # TOML gives a bool; "false" must not be true
+            raise ConfigError("forecaster.seasonal_raise", "must be true or false")
+        self.seasonal_raise = seasonal_raise
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
         self._detector = PeriodDetector(max_period=self.max_period, every=3)

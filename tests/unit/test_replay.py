@@ -108,6 +108,7 @@ def test_parse_spec():
     assert parse_spec("auto") == "auto"
     assert parse_spec("holt_winters:seasonality=12,alpha=0.3,x=y") == {
         "name": "holt_winters", "seasonality": 12, "alpha": 0.3, "x": "y"}
+    assert parse_spec("auto:seasonal_raise=false")["seasonal_raise"] is False
 
 
 def test_cli_replay_prints_the_table(tmp_path, capsys):
