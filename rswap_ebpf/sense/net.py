@@ -3,7 +3,8 @@
 One collector = one BPF program + one class with ``open()``, ``drain()``, ``close()``.  Egress is
 attributed to the sending socket's cgroup (``bpf_skb_cgroup_id``).  Ingress is attributed per
 interface only: at tc ingress the packet has not been matched to a socket yet, so it is counted
-under cgroup id 0.  The program also carries the HTB classification (``rswap_net_class``), which
+under cgroup id 0.  With ``flows=True`` (ifb ingress shaping) the program also learns each
+classified socket's flow at egress and gives incoming packets of that flow the task's HTB class.  The program also carries the HTB classification (``rswap_net_class``), which
 :meth:`NetCollector.class_map` hands to the tc enforcer.
 """
 from __future__ import annotations
@@ -75,11 +76,13 @@ class NetCollector:
     """clsact ingress/egress cls_bpf accounting on the given interfaces."""
 
     def __init__(self, interfaces: Sequence[tcmod.Iface], journal: Journal | None = None,
-                 pin: bool = True, ingress: bool = True):
+                 pin: bool = True, ingress: bool = True, flows: bool = False):
         self.interfaces = list(interfaces)
         self.journal = journal
         self.pin = pin
         self.ingress = ingress
+        #: learn flows at egress and classify ingress by them (ifb ingress shaping)
+        self.flows = flows
         self.pinned: list[str] = []
         self.ifindex: dict[tcmod.Iface, int] = {}
         self._attached: list[tuple[tcmod.Iface, bool]] = []
@@ -92,7 +95,7 @@ class NetCollector:
 
     def open(self) -> NetCollector:
         bcc = bpf.import_bcc()
-        self._bpf = bpf.load("net.bpf.c", [])
+        self._bpf = bpf.load("net.bpf.c", ["-DRSWAP_NET_FLOWS"] if self.flows else [])
         try:
             for fn in ("rswap_tc_egress", "rswap_tc_ingress"):
                 self._fns[fn] = self._bpf.load_func(fn.encode(), bcc.BPF.SCHED_CLS)
@@ -105,7 +108,7 @@ class NetCollector:
                                  self._fns["rswap_tc_ingress"].fd if self.ingress else None,
                                  self._fns["rswap_tc_egress"].fd)
             if self.pin:
-                for name in MAPS:
+                for name in MAPS + (("rswap_net_flow",) if self.flows else ()):
                     self.pinned.append(bpf.pin_map(self._bpf.get_table(name), name))
         except BaseException:
             self.close()

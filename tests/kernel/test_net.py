@@ -12,7 +12,7 @@ import pytest
 
 from rswap_ebpf.enforce.cgroup import CgroupManager, detect_mounts
 from rswap_ebpf.enforce.journal import Journal
-from rswap_ebpf.enforce.tc import HtbEnforcer, Iface, parse_iface
+from rswap_ebpf.enforce.tc import HtbEnforcer, Iface, IngressShaper, parse_iface
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.sense.net import EGRESS, INGRESS, NetCollector
 
@@ -305,3 +305,93 @@ def test_net_original_root_qdisc_comes_back_with_its_options(mq_netns, rswap_env
         covered.append(kind)
     print(f"root qdiscs restored exactly: {covered}; not in this kernel: {missing}")
     assert ALWAYS <= set(covered), (covered, missing)
+
+
+def ingress_streams(ns_a, ns_b, cgs, seconds=4.0, skip=1.0):
+    """One TCP stream per cgroup from nsB *to* a receiver in that cgroup in nsA; bytes/s each
+    receiver got in [skip, seconds]."""
+    recvs, senders = [], []
+    try:
+        for i, cg in enumerate(cgs):
+            r = spawn_in(cg, ["ip", "netns", "exec", ns_a, sys.executable, "-c", RECEIVER,
+                              str(5401 + i), "1", str(seconds), str(skip)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            recvs.append(r)
+            assert r.stdout.readline().strip() == "ready"
+        for i in range(len(cgs)):
+            senders.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns_b, sys.executable, "-c", SENDER, "10.77.0.1",
+                 str(5401 + i), str(41000 + i), str(seconds + 0.5)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        rates = []
+        for i, r in enumerate(recvs):
+            out, err = r.communicate(timeout=seconds + 20)
+            assert r.returncode == 0, err
+            rates.append(json.loads(out.strip().splitlines()[-1])[str(41000 + i)])
+        return rates
+    finally:
+        for p in senders + recvs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+
+
+def test_net_ingress_cap_through_ifb_and_restore_leaves_nothing(netpair, pin_dir, journal,
+                                                                 two_cgroups):
+    """Ingress of va is redirected to an ifb whose HTB holds one task's download at 10 Mbit/s
+    ± 10 % (classified per flow: the task's socket sent on it first) while the other task's is
+    not held; restore removes the ifb, the redirect and every qdisc and filter."""
+    iface, ns_a, ns_b = netpair
+    cg1, cg2 = two_cgroups
+    before = tc_show(ns_a, "qdisc").split(" refcnt")[0]
+    links_before = sh("ip", "-n", ns_a, "-o", "link", "show").stdout.count("\n")
+    with NetCollector([iface], journal=journal, flows=True) as col:
+        assert "rswap_net_flow" in os.listdir(pin_dir)
+        egress = HtbEnforcer(journal, iface, 210 * MBIT, col.class_map())
+        ingress = IngressShaper(journal, iface, 210 * MBIT, egress=egress)
+        for task, cg, down in (("t1", cg1, 10), ("t2", cg2, 200)):
+            egress.apply(task, cg.cgroup_ids(), 100 * MBIT)
+            ingress.apply(task, down * MBIT)
+        ifb = ingress.ifb
+        assert ifb is not None and ifb.name.startswith("rswifb")
+        assert "mirred" in tc_show(ns_a, "filter ingress") and "ifb" in sh(
+            "ip", "-n", ns_a, "-d", "link", "show", ifb.name).stdout
+        classes = ingress.current()
+        assert classes[egress.classid("t1")].rate_bytes_per_s == 10 * MBIT
+        r1, r2 = ingress_streams(ns_a, ns_b, [cg1, cg2])
+        print(f"ingress through ifb: capped task {r1 * 8 / 1e6:.2f} Mbit/s (cap 10), "
+              f"other {r2 * 8 / 1e6:.1f} Mbit/s (cap 200)")
+        assert r1 == pytest.approx(10 * MBIT, rel=0.10)
+        assert r2 > 3 * 10 * MBIT
+        assert col.class_map().items()  # the flows were classified through this map
+        ingress.restore()
+        egress.restore()
+        assert sh("ip", "-n", ns_a, "link", "show", ifb.name, check=False).returncode != 0
+        assert "mirred" not in tc_show(ns_a, "filter ingress")
+    assert tc_show(ns_a, "qdisc").split(" refcnt")[0] == before
+    assert tc_show(ns_a, "filter ingress") == tc_show(ns_a, "filter egress") == ""
+    assert tc_show(ns_a, "class") == ""
+    assert sh("ip", "-n", ns_a, "-o", "link", "show").stdout.count("\n") == links_before
+
+
+def test_net_ingress_journal_restore_in_fresh_process(netpair, pin_dir, journal, two_cgroups):
+    """A killed rswap with ingress shaping: the journal alone removes the ifb and the redirect."""
+    iface, ns_a, _ = netpair
+    col = NetCollector([iface], journal=journal, flows=True).open()
+    egress = HtbEnforcer(journal, iface, 100 * MBIT, col.class_map())
+    ingress = IngressShaper(journal, iface, 100 * MBIT, egress=egress)
+    egress.apply("t1", two_cgroups[0].cgroup_ids(), 5 * MBIT)
+    ingress.apply("t1", 5 * MBIT)
+    name = ingress.ifb.name
+    assert "htb" in tc_show(ns_a, "qdisc", dev=name)
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; from rswap_ebpf.enforce.journal import Journal; "
+                          "r = Journal(sys.argv[1]).restore(); print(r.failed)", journal.path],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    assert sh("ip", "-n", ns_a, "link", "show", name, check=False).returncode != 0
+    qd = tc_show(ns_a, "qdisc")
+    assert "htb" not in qd and "clsact" not in qd and "noqueue" in qd
+    assert tc_show(ns_a, "filter ingress") == tc_show(ns_a, "filter egress") == ""
+    col.pinned, col._attached = col.pinned, []  # already restored; only unpin and unload
+    col.close()
