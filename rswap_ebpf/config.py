@@ -202,6 +202,7 @@ def _indices_option(value: Any, field_name: str) -> tuple[int, ...]:
 #: settings a ``[resources.<key>]`` table may carry besides ``total``, and their validators.
 RESOURCE_OPTIONS: dict[ResourceType, dict[str, Any]] = {
     ResourceType.CACHE: {"isolate_default": _bool_option},
+    ResourceType.NETWORK_BANDWIDTH: {"ingress": _bool_option},  # drivers.net: shape via an ifb
     ResourceType.MEMORY_BANDWIDTH: {
         "peak_bytes_per_s": lambda v, f: _number(v, f, 1.0)},
     ResourceType.GPU_MEMORY: {"devices": _indices_option},

@@ -1,10 +1,15 @@
-"""Network bandwidth: tc clsact BPF accounting + one HTB class per task on one interface."""
+"""Network bandwidth: tc clsact BPF accounting + one HTB class per task on one interface.
+
+With ``[resources.net] ingress = true`` a task's allocation also caps what it receives: the
+interface's ingress goes through an ifb with the same class per task (classified per flow, see
+:class:`rswap_ebpf.enforce.tc.IngressShaper`).  Usage, and so the forecast, is egress bytes/s.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from ..enforce.cgroup import TaskCgroup
-from ..enforce.tc import HtbClass, HtbEnforcer, Iface, link_speed_bytes_per_s
+from ..enforce.tc import HtbClass, HtbEnforcer, Iface, IngressShaper, link_speed_bytes_per_s
 from ..errors import ConfigError
 from ..resources import ResourceType
 from ..sense.net import EGRESS, NetCollector
@@ -25,8 +30,11 @@ class NetDriver(ResourceDriver):
         self.dry_run = ctx.dry_run
         configured = ctx.config.totals.get(NET) if ctx.config is not None else None
         self._total = configured or link_speed_bytes_per_s(iface)
-        self.collector = NetCollector([iface], journal=ctx.journal)
+        options = ctx.config.options.get(NET, {}) if ctx.config is not None else {}
+        self.ingress = bool(options.get("ingress", False))
+        self.collector = NetCollector([iface], journal=ctx.journal, flows=self.ingress)
         self.htb: HtbEnforcer | None = None
+        self.ingress_shaper: IngressShaper | None = None
         self.last_dropped: dict[str, int] = {}
 
     def total(self) -> int:
@@ -39,6 +47,9 @@ class NetDriver(ResourceDriver):
         self.collector.open()
         self.htb = HtbEnforcer(self.journal, self.iface, self.total(), self.collector.class_map(),
                                dry_run=self.dry_run)
+        if self.ingress:
+            self.ingress_shaper = IngressShaper(self.journal, self.iface, self.total(),
+                                                egress=self.htb, dry_run=self.dry_run)
 
     def measure(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
         delta = self.collector.drain()
@@ -48,15 +59,23 @@ class NetDriver(ResourceDriver):
                 for name, cg in tasks.items() if name in self.tasks}
 
     def plan(self, cg: TaskCgroup, units: int) -> list:
-        return [(f"tc:{self.iface} class {cg.name}", str(units))]
+        out = [(f"tc:{self.iface} class {cg.name}", str(units))]
+        if self.ingress:
+            out.append((f"tc:{self.iface} ingress (ifb) class {cg.name}", str(units)))
+        return out
 
     def apply(self, cg: TaskCgroup, units: int) -> list[HtbClass]:
         if cg.name not in self.tasks or self.htb is None:
             return []
-        return self.htb.apply(cg.name, cg.cgroup_ids(), units)
+        done = self.htb.apply(cg.name, cg.cgroup_ids(), units)
+        if self.ingress_shaper is not None:
+            done += self.ingress_shaper.apply(cg.name, units)
+        return done
 
     def close(self) -> None:
         try:
+            if self.ingress_shaper is not None:
+                self.ingress_shaper.restore()
             if self.htb is not None:
                 self.htb.restore()
         finally:

@@ -42,6 +42,7 @@ headroom = 0.2
 total = 2000
 [resources.net]
 total = 12500000
+ingress = true
 [[task]]
 name = "disk-{unique_name}"
 priority = "normal"
@@ -72,6 +73,10 @@ net = {{ interface = "{ns_a}:va", min = 125000, max = 10000000 }}
         seen["io_limit"] = io_writer(detect_mounts()).current(cg, resolve_device(loopdev)).wiops
         htb = d.drivers[NET].htb
         seen["htb"] = htb.current()[htb.classid(net)].rate_bytes_per_s
+        shaper = d.drivers[NET].ingress_shaper
+        seen["ifb"] = shaper.ifb.name
+        seen["ifb_rate"] = shaper.current()[htb.classid(net)].rate_bytes_per_s
+        seen["ingress_filter"] = tc_show(ns_a, "filter ingress")
         seen["qdisc"] = tc_show(ns_a, "qdisc")
     finally:
         d.stop()
@@ -82,6 +87,10 @@ net = {{ interface = "{ns_a}:va", min = 125000, max = 10000000 }}
     assert seen["io_alloc"] > 50 and seen["io_limit"] == seen["io_alloc"]
     assert seen["net_alloc"] > 125000 and seen["htb"] == seen["net_alloc"]
     assert "htb" in seen["qdisc"] and "clsact" in seen["qdisc"]
+    # [resources.net] ingress = true: the same allocation caps the task's ingress on the ifb.
+    assert seen["ifb_rate"] == seen["net_alloc"] and "mirred" in seen["ingress_filter"]
+    assert sh("ip", "-n", ns_a, "link", "show", seen["ifb"], check=False).returncode != 0
+    assert tc_show(ns_a, "filter ingress") == ""
     # Stopped: everything is put back.
     qd = tc_show(ns_a, "qdisc")
     assert "htb" not in qd and "clsact" not in qd

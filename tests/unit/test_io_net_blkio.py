@@ -113,3 +113,13 @@ def test_config_names_the_field_and_applies_nothing():
     with pytest.raises(ConfigError) as err:
         config.parse('[[task]]\nname = "a"\ncgroup = "x"\nnet = { interface = "bad/name" }\n')
     assert err.value.field == "task a.net.interface"
+
+
+def test_net_ingress_option_is_a_boolean():
+    from rswap_ebpf import config as configmod
+    from rswap_ebpf.resources import ResourceType
+
+    cfg = configmod.parse("[resources.net]\ntotal = 1000000\ningress = true\n")
+    assert cfg.options[ResourceType.NETWORK_BANDWIDTH] == {"ingress": True}
+    with pytest.raises(ConfigError, match="resources.net.ingress"):
+        configmod.parse("[resources.net]\ntotal = 1000000\ningress = \"yes\"\n")
