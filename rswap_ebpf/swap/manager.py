@@ -238,9 +238,10 @@ class SwapManager:
         held = self.pool.allocation(resource, task) if resource in self.pool else 0
         if censored is None:
             censored = held > 0 and used >= self.saturation * held
-        if censored and held > 0:
+        if censored:
             limit = self.tasks[task].limit(resource).max_units if task in self.tasks else None
-            grown = min(held * self.growth, self.pool.total(resource))
+            # From a hold of 0 (the kernel's floor let it use a little) grow from what it used.
+            grown = min(max(held, used, 1) * self.growth, self.pool.total(resource))
             return max(used, min(grown, limit) if limit is not None else grown)
         return used
 

@@ -90,6 +90,8 @@ def test_saturated_task_is_offered_more_than_it_could_show():
     assert m.observed_demand("a", CPU, 100, censored=True) == 600
     assert m.observed_demand("a", CPU, 295, censored=False) == 295
     assert m.observed_demand("a", CPU, 295, censored=True) <= m.pool.total(CPU)
+    # A task held at 0 that the kernel says was throttled can still grow.
+    assert m.observed_demand("b", CPU, 10, censored=True) == 20
 
 
 def test_swap_resources_never_takes_from_a_higher_tier():
