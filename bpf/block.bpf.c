@@ -6,6 +6,16 @@
  * `current` means nothing: it only looks the request up and adds its service
  * time (issue -> complete) to the owner recorded at issue.
  *
+ * `current` at block_rq_issue is the submitter only when the request is issued
+ * directly.  Requests held in a plug that is flushed when the submitter sleeps
+ * (Debian 6.1's O_DIRECT writes to a block device: blkdev_write_iter plugs,
+ * then waits) are issued by kblockd, a kworker in the root cgroup.  So, where
+ * the kernel has it, block_getrq (request allocation, always in the
+ * submitter's context) records the owner by start sector, and block_rq_issue
+ * takes it from there (RSWAP_OWNER_AT_GETRQ).  The key is the sector alone:
+ * getrq reports a partition's dev_t, issue the whole disk's, and both carry
+ * the absolute sector.
+ *
  * Only tracepoint arguments (args->dev, ->sector, ->bytes, ->rwbs) are read;
  * bcc builds their layout from tracefs' format file of the running kernel.
  */
@@ -45,10 +55,21 @@ struct inflight_val {
     u32 pad;
 };
 
+struct owner_val {
+    u64 cgid;
+    u32 tgid;
+    u32 pad;
+};
+
 BPF_PERCPU_HASH(rswap_io_task, struct io_key, struct io_val, RSWAP_MAX_TASKS);
 BPF_PERCPU_HASH(rswap_io_cgroup, struct io_key, struct io_val, RSWAP_MAX_CGROUPS);
 BPF_HASH(rswap_io_inflight, struct inflight_key, struct inflight_val, RSWAP_MAX_INFLIGHT);
 BPF_PERCPU_ARRAY(rswap_io_stats, u64, RSWAP_STAT_MAX);
+#ifdef RSWAP_OWNER_AT_GETRQ
+/* LRU: a request whose start sector changed before issue (a front merge)
+ * leaves its entry behind, and the oldest such entries make room. */
+BPF_TABLE("lru_hash", u64, struct owner_val, rswap_io_owner, RSWAP_MAX_INFLIGHT);
+#endif
 
 static __always_inline void bump_stat(int idx)
 {
@@ -154,6 +175,15 @@ TRACEPOINT_PROBE(block, block_rq_issue)
 #endif
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 cgid = bpf_get_current_cgroup_id();
+#ifdef RSWAP_OWNER_AT_GETRQ
+    u64 start = args->sector;
+    struct owner_val *o = rswap_io_owner.lookup(&start);
+    if (o) {
+        tgid = o->tgid;
+        cgid = o->cgid;
+        rswap_io_owner.delete(&start);
+    }
+#endif
 
     struct io_key tk = {.id = tgid, .dev = dev};
     issue_task(&tk, kind, bytes);
@@ -165,6 +195,17 @@ TRACEPOINT_PROBE(block, block_rq_issue)
     rswap_io_inflight.update(&ik, &iv);
     return 0;
 }
+
+#ifdef RSWAP_OWNER_AT_GETRQ
+TRACEPOINT_PROBE(block, block_getrq)
+{
+    u64 start = args->sector;
+    struct owner_val o = {.cgid = bpf_get_current_cgroup_id(),
+                          .tgid = bpf_get_current_pid_tgid() >> 32};
+    rswap_io_owner.update(&start, &o);
+    return 0;
+}
+#endif
 
 TRACEPOINT_PROBE(block, block_rq_complete)
 {

@@ -182,12 +182,15 @@ def check_block_tracepoints() -> FeatureCheck:
 
     io = [ResourceType.STORAGE_IOPS]
     try:
-        issue, complete, flags = BlockCollector.probe()
+        issue, complete, owner, flags = BlockCollector.probe()
     except FeatureMissing as err:
         return _missing("block tracepoints", err.why, err.fix, io)
-    detail = f"tracepoint:{':'.join(issue)} + tracepoint:{':'.join(complete)}"
-    if flags:
+    detail = " + ".join(f"tracepoint:{':'.join(p)}" for p in (issue, complete, owner) if p)
+    if "-DRSWAP_RQ_NO_BYTES" in flags:
         return _fallback("block tracepoints", detail + " (no bytes field: nr_sector * 512)", needed=io)
+    if owner is None:
+        return _fallback("block tracepoints", detail + " (no block_getrq: requests kblockd issues "
+                         "are charged to it, not to their submitter)", needed=io)
     return _ok("block tracepoints", detail, io)
 
 

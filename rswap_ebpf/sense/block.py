@@ -19,6 +19,8 @@ MAPS = ("rswap_io_task", "rswap_io_cgroup", "rswap_io_stats")
 #: read with headers from another kernel.
 ISSUE_POINTS = (("block", "block_rq_issue"),)
 COMPLETE_POINTS = (("block", "block_rq_complete"),)
+#: Request allocation, in the submitter's context: who a request belongs to when kblockd issues it.
+OWNER_POINT = ("block", "block_getrq")
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 
@@ -112,7 +114,7 @@ class BlockCollector:
 
     def __init__(self, pin: bool = True):
         self.pin = pin
-        self.attach_points: tuple[str, str] = ("", "")
+        self.attach_points: tuple[str, ...] = ()
         self.pinned: list[str] = []
         self._bpf = None
         self._last = 0
@@ -121,8 +123,14 @@ class BlockCollector:
         return (bpf.bpf_source_dir() / "block.bpf.c").read_text()
 
     @staticmethod
-    def probe() -> tuple[tuple[str, str], tuple[str, str], list[str]]:
-        """The issue and completion tracepoints to use, and the cflags they need."""
+    def probe() -> tuple[tuple[str, str], tuple[str, str], tuple[str, str] | None, list[str]]:
+        """The issue, completion and owner tracepoints to use, and the cflags they need.
+
+        Fields are checked in tracefs' format files of the running kernel, not assumed: 6.1 and
+        6.18 differ (``rwbs[8]`` against ``rwbs[10]`` and ``ioprio``), and bcc builds ``args`` from
+        the same files.  Without ``block_getrq`` (dev, sector) requests are charged to ``current``
+        at issue, which is kblockd for requests flushed from a plug when the submitter slept.
+        """
         issue = next((p for p in ISSUE_POINTS if bpf.tracepoint_exists(*p)), None)
         complete = next((p for p in COMPLETE_POINTS if bpf.tracepoint_exists(*p)), None)
         if issue is None or complete is None:
@@ -134,11 +142,15 @@ class BlockCollector:
         flags = []
         if not tracepoint_has_field(*issue, "bytes"):
             flags.append("-DRSWAP_RQ_NO_BYTES")  # kernels before 4.x: bytes = nr_sector * 512
-        return issue, complete, flags
+        owner = OWNER_POINT if (bpf.tracepoint_exists(*OWNER_POINT) and
+                                tracepoint_has_field(*OWNER_POINT, "sector")) else None
+        if owner is not None:
+            flags.append("-DRSWAP_OWNER_AT_GETRQ")
+        return issue, complete, owner, flags
 
     def open(self) -> BlockCollector:
-        issue, complete, flags = self.probe()
-        self.attach_points = (f"tracepoint:{':'.join(issue)}", f"tracepoint:{':'.join(complete)}")
+        issue, complete, owner, flags = self.probe()
+        self.attach_points = tuple(f"tracepoint:{':'.join(p)}" for p in (issue, complete, owner) if p)
         self._bpf = bpf.load("block.bpf.c", flags)
         if self.pin:
             try:
