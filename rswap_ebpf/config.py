@@ -38,6 +38,8 @@ class DaemonConfig:
     overflow_command: tuple[str, ...] = ()  # told the shortfall (JSON on stdin)
     overflow_url: str = ""         # ...or POSTed it
     overflow_interval: float = 60.0  # seconds between reports of an unchanged shortfall
+    critical_floor: float = 0.9    # critical tasks keep this quantile of a season's forecast (0: off)
+    critical_season: int = 0       # ...a season of this many ticks (0: the forecaster's period)
 
     @property
     def state_path(self) -> str:
@@ -132,7 +134,8 @@ def _number(value: Any, field_name: str, lo: float, hi: float | None = None) -> 
 def _daemon(d: Any) -> DaemonConfig:
     _only(d, {"interval", "window", "headroom", "state_dir", "history", "retention_days",
               "rollup_s", "checkpoint_every", "hold_ticks", "deadband", "max_step_down",
-              "overflow_command", "overflow_url", "overflow_interval"}, "daemon")
+              "overflow_command", "overflow_url", "overflow_interval", "critical_floor",
+              "critical_season"}, "daemon")
     interval = _number(d.get("interval", 1.0), "daemon.interval", 0.05, 3600)
     window = int(_number(d.get("window", 5), "daemon.window", 1, 10000))
     headroom = _number(d.get("headroom", 0.2), "daemon.headroom", 0.0, 10.0)
@@ -156,9 +159,12 @@ def _daemon(d: Any) -> DaemonConfig:
         check_url(overflow_url)
     overflow_interval = _number(d.get("overflow_interval", 60.0), "daemon.overflow_interval",
                                 0.0, 86400)
+    critical_floor = _number(d.get("critical_floor", 0.9), "daemon.critical_floor", 0.0, 1.0)
+    critical_season = int(_number(d.get("critical_season", 0), "daemon.critical_season", 0, 100000))
     return DaemonConfig(interval, window, headroom, state_dir, history, retention_days, rollup_s,
                         checkpoint_every, hold_ticks, deadband, max_step_down, overflow_command,
-                        overflow_url, overflow_interval)
+                        overflow_url, overflow_interval, critical_floor=critical_floor,
+                        critical_season=critical_season)
 
 
 def _resources(d: Any) -> dict[ResourceType, int | None]:
@@ -201,6 +207,9 @@ def _indices_option(value: Any, field_name: str) -> tuple[int, ...]:
 
 #: settings a ``[resources.<key>]`` table may carry besides ``total``, and their validators.
 RESOURCE_OPTIONS: dict[ResourceType, dict[str, Any]] = {
+    ResourceType.PROCESSOR_CYCLES: {  # drivers.cpu.TIER_SHAPES: what each tier adds to its quota
+        "critical_burst": _bool_option, "batch_idle": _bool_option,
+        "critical_weight": lambda v, f: _number(v, f, 1.0, 1000.0)},
     ResourceType.CACHE: {"isolate_default": _bool_option},
     ResourceType.NETWORK_BANDWIDTH: {"ingress": _bool_option},  # drivers.net: shape via an ifb
     ResourceType.MEMORY_BANDWIDTH: {

@@ -28,7 +28,7 @@ from .enforce.cgroup import CgroupManager, FileApplier, TaskCgroup, detect_mount
 from .enforce.journal import Journal
 from .errors import AlreadyRunning, FeatureMissing, RswapError
 from .predict.forecasters import make_forecaster
-from .predict.profile import TaskProfiler
+from .predict.profile import Prediction, TaskProfiler
 from .resources import ResourcePool, ResourceType
 from .sense import bpf as bpfmod
 from .swap.manager import AllocationResult, ManagedTask, SwapManager
@@ -277,6 +277,7 @@ class Daemon:
 
     def _start_configured(self, t, cg: TaskCgroup, gp=None) -> TaskRuntime:
         self.manager.add_task(ManagedTask(t.name, t.priority, t.limits))
+        self._shape(t.name, t.priority.name.lower())
         if cg.owned:
             self.cgroups.create(cg)
         rt = TaskRuntime(t.name, t.priority.name.lower(), cg)
@@ -330,6 +331,13 @@ class Daemon:
         drv = self.drivers.get(ResourceType.GPU_MEMORY)
         if drv is not None and hasattr(drv, "release"):
             drv.release(name)
+
+    def _shape(self, name: str, priority: str) -> None:
+        """Tell drivers that shape a task by tier (CPU: burst, weight, idle) which tier it is."""
+        for d in self.drivers.values():
+            hook = getattr(d, "set_priority", None)
+            if hook is not None:
+                hook(name, priority)
 
     def _spawn(self, command: tuple[str, ...], cg: TaskCgroup,
                env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -417,8 +425,7 @@ class Daemon:
             for r, units in per_r.items():
                 self.profiler.update_prediction(name, r, units)
             self.tasks[name].usage = usage[name]
-            preds = self.profiler.get_predicted_needs(name, self.config.daemon.window)
-            forecasts[name] = {r: p.peak for r, p in preds.items()}
+            forecasts[name] = self._forecast(name)
         try:
             self.profiler.flush(time.time())
         except RswapError as err:  # a full disk must not stop allocation
@@ -441,6 +448,31 @@ class Daemon:
         if self.on_tick:
             self.on_tick(report)
         return report
+
+    def _forecast(self, name: str) -> dict[ResourceType, float]:
+        """Each resource's need over the window; a critical task's is at least its floor.
+
+        Between bursts a critical task's forecast falls to its idle level, and the tick that
+        raises it can land after the burst began: the first requests are throttled.  So a
+        critical task keeps the ``critical_floor`` quantile of its forecast over a whole season
+        (the forecaster's period, or ``critical_season`` ticks): a service busy a quarter of the
+        time keeps about its burst level, one that bursts rarely keeps little more than idle.
+        """
+        dc = self.config.daemon
+        rt = self.tasks[name]
+        if rt.priority != "critical" or not dc.critical_floor:
+            preds = self.profiler.get_predicted_needs(name, dc.window)
+            return {r: p.peak for r, p in preds.items()}
+        out = {}
+        for r in self.pool.types():
+            prof = self.profiler.profiles.get((name, r))
+            if prof is None:
+                continue
+            season = dc.critical_season or getattr(prof.forecaster, "period", 0) or dc.window
+            series = prof.forecast(max(dc.window, int(season)))
+            floor = Prediction(name, r, tuple(series), 0.0, "", None, 0).over_window(dc.critical_floor)
+            out[r] = max(max(series[:dc.window]), floor)
+        return out
 
     def _note_overflow(self, r: ResourceType, dropped: dict[str, int] | None) -> None:
         """BPF maps are bounded: say when a full map made a collector drop events (the counters
@@ -516,6 +548,7 @@ class Daemon:
             if tc.cgroup is not None:
                 self.cgroups.check_exists(cg)
             self.manager.add_task(ManagedTask(tc.name, tc.priority, tc.limits))
+            self._shape(tc.name, tc.priority.name.lower())
             self.tasks.pop(tc.name, None)
             if tc.forecaster is not None:
                 self.runtime_forecasters[tc.name] = tc.forecaster

@@ -138,7 +138,21 @@ def check_cgroups() -> Iterable[FeatureCheck]:
         out.append(_ok("cpu controller", f"cgroup {w.version} ({files})", [CPU]))
     except FeatureMissing as err:
         out.append(_missing("cpu controller", err.why, err.fix, [CPU]))
+        return out
+    out.append(check_cfs_burst(m))
     return out
+
+
+def check_cfs_burst(mounts) -> FeatureCheck:
+    """CFS burst lets a critical task spend quota it saved at a burst's edge (drivers.cpu)."""
+    from .enforce.cgroup import burst_supported, cpu_writer
+
+    found = burst_supported(mounts)
+    if found:
+        return _ok("cfs burst", f"{found}: critical tasks carry one quota of unused CPU time", [CPU])
+    return _fallback("cfs burst", f"no {cpu_writer(mounts).burst_file} (kernel before 5.14 or "
+                     "CONFIG_CFS_BANDWIDTH off): critical tasks get quota without burst credit, "
+                     "so a burst's first period can be throttled", "a 5.14+ kernel", [CPU])
 
 
 def check_pmu() -> FeatureCheck:

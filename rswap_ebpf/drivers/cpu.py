@@ -3,10 +3,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..enforce.cgroup import CgroupMounts, FileApplier, TaskCgroup, Write, cpu_writer, online_cpus
+from ..enforce.cgroup import (CgroupMounts, CpuShape, FileApplier, TaskCgroup, Write, cpu_writer,
+                              online_cpus)
 from ..resources import ResourceType
 from ..sense.cpu import CpuCollector
 from .base import DriverContext, ResourceDriver
+
+
+#: What each tier adds to its quota (enforce.cgroup.CpuShape): a critical task keeps unused quota
+#: for a burst's edge and outweighs the others 8:1 per unit.  ``[resources.cpu]`` critical_burst,
+#: critical_weight and batch_idle change them.  batch_idle (SCHED_IDLE batch: preempted as soon
+#: as anything wakes) is off by default: on a shared host it also loses to every unmanaged
+#: process, nice 19 included, so its minimum would no longer mean anything (README, co-location).
+TIER_SHAPES = {"critical": CpuShape(burst=True, weight=8.0), "normal": CpuShape(),
+               "batch": CpuShape()}
+
+
+def tier_shapes(options: Mapping[str, object]) -> dict[str, CpuShape]:
+    crit, batch = TIER_SHAPES["critical"], TIER_SHAPES["batch"]
+    return {"critical": CpuShape(burst=bool(options.get("critical_burst", crit.burst)),
+                                 weight=float(options.get("critical_weight", crit.weight))),
+            "normal": TIER_SHAPES["normal"],
+            "batch": CpuShape(idle=bool(options.get("batch_idle", batch.idle)))}
 
 
 class CpuDriver(ResourceDriver):
@@ -15,13 +33,20 @@ class CpuDriver(ResourceDriver):
     resource = ResourceType.PROCESSOR_CYCLES
 
     def __init__(self, mounts: CgroupMounts, applier: FileApplier,
-                 collector: CpuCollector | None = None):
+                 collector: CpuCollector | None = None,
+                 tiers: Mapping[str, CpuShape] | None = None):
         self.mounts = mounts
         self.applier = applier
         self.writer = cpu_writer(mounts)
         self.collector = collector or CpuCollector()
         self.last_dropped: dict[str, int] = {}
         self._throttled: dict[str, int] = {}
+        self.tiers = dict(tiers or TIER_SHAPES)
+        self.shapes: dict[str, CpuShape] = {}
+
+    def set_priority(self, task: str, priority: str) -> None:
+        """The task's tier decides its :class:`CpuShape` (burst, weight, idle) from now on."""
+        self.shapes[task] = self.tiers.get(str(priority).lower(), CpuShape())
 
     def total(self) -> int:
         return online_cpus() * 1000
@@ -52,7 +77,7 @@ class CpuDriver(ResourceDriver):
         return out
 
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
-        return self.writer.plan(cg, units)
+        return self.writer.plan(cg, units, self.shapes.get(cg.name, CpuShape()))
 
     def apply(self, cg: TaskCgroup, units: int) -> Sequence[Write]:
         return self.applier.apply(self.plan(cg, units))
@@ -62,4 +87,5 @@ class CpuDriver(ResourceDriver):
 
 
 def make(ctx: DriverContext) -> CpuDriver:
-    return CpuDriver(ctx.mounts, ctx.applier)
+    opts = getattr(ctx.config, "options", {}).get(ResourceType.PROCESSOR_CYCLES, {})
+    return CpuDriver(ctx.mounts, ctx.applier, tiers=tier_shapes(opts))

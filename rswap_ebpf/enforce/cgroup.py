@@ -308,12 +308,30 @@ V1_MIN_SHARES, V1_MAX_SHARES = 2, 262144
 V2_MIN_WEIGHT, V2_MAX_WEIGHT = 1, 10000
 
 
+@dataclass(frozen=True)
+class CpuShape:
+    """What a task's tier adds to its quota (latency against throughput).
+
+    ``burst``: let up to one quota of unused run time carry over between CFS periods
+    (``cpu.cfs_burst_us`` / ``cpu.max.burst``), so a critical task that idled between bursts
+    spends its savings at a burst's edge instead of being throttled until the next tick raises
+    its quota.  ``weight``: multiplies shares/weight, so a critical task that wakes wins the CPU
+    from runnable batch work.  ``idle``: ``cpu.idle`` = 1, the group runs as SCHED_IDLE: it still
+    fills every idle CPU, but any other task that wakes preempts it at once.
+    """
+
+    burst: bool = False
+    weight: float = 1.0
+    idle: bool = False
+
+
 class CpuWriter:
     """Turns a millicore allocation into cgroup file writes for one cgroup version."""
 
     version = ""
+    burst_file = ""
 
-    def plan(self, cg: TaskCgroup, millicores: int) -> list[Write]:
+    def plan(self, cg: TaskCgroup, millicores: int, shape: CpuShape = CpuShape()) -> list[Write]:
         raise NotImplementedError
 
     def current(self, cg: TaskCgroup) -> int | None:
@@ -338,9 +356,11 @@ class CpuWriter:
 
 
 class CgroupV1CpuWriter(CpuWriter):
-    """``cpu.cfs_quota_us`` over the existing ``cpu.cfs_period_us``, and ``cpu.shares``."""
+    """``cpu.cfs_quota_us`` over the existing ``cpu.cfs_period_us``, ``cpu.shares``, and where the
+    tier asks and the kernel has them, ``cpu.cfs_burst_us`` and ``cpu.idle``."""
 
     version = "v1"
+    burst_file = "cpu.cfs_burst_us"
 
     def _dir(self, cg: TaskCgroup) -> str:
         try:
@@ -351,13 +371,18 @@ class CgroupV1CpuWriter(CpuWriter):
     def period_us(self, cg: TaskCgroup) -> int:
         return int(_read(os.path.join(self._dir(cg), "cpu.cfs_period_us")))
 
-    def plan(self, cg: TaskCgroup, millicores: int) -> list[Write]:
+    def plan(self, cg: TaskCgroup, millicores: int, shape: CpuShape = CpuShape()) -> list[Write]:
         d = self._dir(cg)
         period = self.period_us(cg)
         quota = max(V1_MIN_QUOTA_US, millicores * period // 1000)
-        shares = min(V1_MAX_SHARES, max(V1_MIN_SHARES, millicores * 1024 // 1000))
-        return [(os.path.join(d, "cpu.cfs_quota_us"), str(quota)),
-                (os.path.join(d, "cpu.shares"), str(shares))]
+        writes = _with_burst(d, self.burst_file, [(os.path.join(d, "cpu.cfs_quota_us"), str(quota))],
+                             quota, shape)
+        if shape.idle and os.path.exists(os.path.join(d, "cpu.idle")):
+            # An idle group has no shares of its own (the kernel refuses the write).
+            return writes + [(os.path.join(d, "cpu.idle"), "1")]
+        shares = min(V1_MAX_SHARES, max(V1_MIN_SHARES,
+                                        int(millicores * 1024 * shape.weight) // 1000))
+        return writes + [(os.path.join(d, "cpu.shares"), str(shares))]
 
     def current(self, cg: TaskCgroup) -> int | None:
         d = self._dir(cg)
@@ -368,9 +393,11 @@ class CgroupV1CpuWriter(CpuWriter):
 
 
 class CgroupV2CpuWriter(CpuWriter):
-    """``cpu.max`` ("quota period") and ``cpu.weight``."""
+    """``cpu.max`` ("quota period"), ``cpu.weight``, and ``cpu.max.burst``/``cpu.idle`` where the
+    tier asks and the kernel has them."""
 
     version = "v2"
+    burst_file = "cpu.max.burst"
 
     def _dir(self, cg: TaskCgroup) -> str:
         d = cg.dirs.get("unified")
@@ -378,19 +405,56 @@ class CgroupV2CpuWriter(CpuWriter):
             raise FeatureMissing("cgroup v2", "not mounted")
         return d
 
-    def plan(self, cg: TaskCgroup, millicores: int) -> list[Write]:
+    def plan(self, cg: TaskCgroup, millicores: int, shape: CpuShape = CpuShape()) -> list[Write]:
         d = self._dir(cg)
         period = int(_read(os.path.join(d, "cpu.max")).split()[1])
         quota = max(V1_MIN_QUOTA_US, millicores * period // 1000)
-        weight = min(V2_MAX_WEIGHT, max(V2_MIN_WEIGHT, millicores // 10))
-        return [(os.path.join(d, "cpu.max"), f"{quota} {period}"),
-                (os.path.join(d, "cpu.weight"), str(weight))]
+        writes = _with_burst(d, self.burst_file, [(os.path.join(d, "cpu.max"), f"{quota} {period}")],
+                             quota, shape)
+        if shape.idle and os.path.exists(os.path.join(d, "cpu.idle")):
+            return writes + [(os.path.join(d, "cpu.idle"), "1")]
+        weight = min(V2_MAX_WEIGHT, max(V2_MIN_WEIGHT, int(millicores * shape.weight) // 10))
+        return writes + [(os.path.join(d, "cpu.weight"), str(weight))]
 
     def current(self, cg: TaskCgroup) -> int | None:
         quota, period = _read(os.path.join(self._dir(cg), "cpu.max")).split()
         if quota == "max":
             return None
         return int(quota) * 1000 // int(period)
+
+
+def _with_burst(d: str, name: str, quota_write: list[Write], quota_us: int,
+                shape: CpuShape) -> list[Write]:
+    """Add the burst file (one quota: the kernel's bound is burst <= quota) in an order the kernel
+    accepts: it checks the pair on every write, so a burst that shrinks goes before the quota."""
+    path = os.path.join(d, name)
+    if not shape.burst or not os.path.exists(path):
+        return quota_write
+    try:
+        now = int(_read(path))
+    except (OSError, ValueError):
+        now = 0
+    burst = [(path, str(quota_us))]
+    return burst + quota_write if quota_us < now else quota_write + burst
+
+
+def burst_supported(mounts: CgroupMounts) -> str | None:
+    """The CFS burst file this host's CPU writer would use, or None when the kernel lacks it
+    (before 5.14, or CONFIG_CFS_BANDWIDTH off): probed on the hierarchy's root."""
+    try:
+        w = cpu_writer(mounts)
+    except FeatureMissing:
+        return None
+    root = mounts.unified if w.version == "v2" else mounts.v1.get("cpu")
+    if not root:
+        return None
+    if os.path.exists(os.path.join(root, w.burst_file)):
+        return w.burst_file
+    # cgroup2's root has no cpu.* files: look one level down.
+    for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if os.path.exists(os.path.join(root, entry, w.burst_file)):
+            return w.burst_file
+    return None
 
 
 def cpu_writer(mounts: CgroupMounts) -> CpuWriter:
