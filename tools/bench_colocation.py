@@ -108,7 +108,7 @@ def wait_port(port: int, timeout: float = 15) -> None:
 
 
 def load(port: int, seconds: float, period: float, burst: float, high: float, low: float,
-         measure_from: float, senders: int = 24) -> list[float]:
+         measure_from: float, senders: int = 24, trace: list | None = None) -> list[float]:
     """Open-loop requests on a timetable; latencies (s) of those scheduled after measure_from."""
     start = time.monotonic() + 0.2
     times = []
@@ -145,6 +145,8 @@ def load(port: int, seconds: float, period: float, burst: float, high: float, lo
             if times[i] >= measure_from:
                 with lock:
                     lat.append(time.monotonic() - due)
+                    if trace is not None:
+                        trace.append((times[i], lat[-1]))
 
     th = [threading.Thread(target=sender, daemon=True) for _ in range(senders)]
     for x in th:
@@ -210,12 +212,16 @@ def run_regime(mode: str, a, tmp: str) -> dict:
             with open(cfg, "w") as f:
                 f.write(f"""[daemon]
 interval = {a.interval}
-window = 2
+window = {a.window}
 headroom = 0.3
 hold_ticks = 1
+critical_floor = {a.critical_floor}
 
 [resources.cpu]
 total = 2000
+critical_burst = {str(a.burst_quota).lower()}
+critical_weight = {a.critical_weight}
+batch_idle = {str(a.batch_idle).lower()}
 
 [[task]]
 name = "{tag}-svc"
@@ -236,7 +242,9 @@ cpu = {{ min = 100 }}
                        RSWAP_PIN_DIR=f"/sys/fs/bpf/{tag}")
             daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli", "run", "--config", cfg,
                                        "--count", str(int((a.seconds + 10) / a.interval))],
-                                      env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      env=env, cwd=ROOT,
+                                      stdout=open(os.path.join(a.log_dir, f"{mode}.log"), "w")
+                                      if a.log_dir else subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
         try:
             wait_port(port, 90)  # rswap compiles its BPF program first
@@ -254,7 +262,11 @@ cpu = {{ min = 100 }}
 
         marker = threading.Thread(target=mark, daemon=True)
         marker.start()
-        lat = load(port, a.seconds, a.period, a.burst, a.high, a.low, measure_from)
+        trace: list | None = [] if a.log_dir else None
+        lat = load(port, a.seconds, a.period, a.burst, a.high, a.low, measure_from, trace=trace)
+        if trace:
+            with open(os.path.join(a.log_dir, f"{mode}.lat"), "w") as f:
+                f.writelines(f"{t:.3f} {x * 1000:.1f}\n" for t, x in sorted(trace))
         marker.join()
         n1, t1 = batch_count(prefix, 2), time.monotonic()
         rate = (n1 - c0.get("n", 0)) / max(1e-9, t1 - c0.get("t", t1)) if mode != "alone" else 0.0
@@ -296,6 +308,16 @@ def main() -> int:
     p.add_argument("--static-service", type=int, default=1200,
                    help="static partitioning: the service's millicores (batch gets the rest of 2000)")
     p.add_argument("--modes", default="alone,static,reactive,proactive")
+    p.add_argument("--window", type=int, default=2, help="rswap forecast window (ticks)")
+    p.add_argument("--critical-floor", type=float, default=0.9,
+                   help="rswap: the service keeps this quantile of a season's forecast (0: off)")
+    p.add_argument("--critical-weight", type=float, default=8.0,
+                   help="rswap: the service's shares per millicore, relative to others")
+    p.add_argument("--no-burst", dest="burst_quota", action="store_false",
+                   help="rswap: no CFS burst (cpu.cfs_burst_us) for the service")
+    p.add_argument("--batch-idle", action="store_true",
+                   help="rswap: the batch group runs SCHED_IDLE (cpu.idle = 1)")
+    p.add_argument("--log-dir", help="keep each rswap regime's tick table here (MODE.log)")
     a = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (cgroups, BPF)", file=sys.stderr)
