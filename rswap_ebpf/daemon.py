@@ -204,6 +204,7 @@ class Daemon:
             self.profiler.store = ProfileStore.in_dir(self.state_dir,
                                                       Retention(d.retention_days, d.rollup_s))
             self.profiler.checkpoint_every = d.checkpoint_every
+            self.profiler.interval = d.interval
         except RswapError as err:
             log.warning("profiles will not persist: %s", err)
             self.profiler.store = None

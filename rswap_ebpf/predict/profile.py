@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -100,6 +101,19 @@ class TaskProfile:
             return [0.0] * horizon
         return self.forecaster.forecast(horizon)
 
+    def bridge(self, ticks: int) -> None:
+        """Carry the forecaster across ``ticks`` unobserved ticks (rswap was not running).
+
+        A seasonal model counts phase in samples: resumed after a gap as if no time had passed,
+        it would expect each burst at the wrong tick.  Feeding it its own forecasts for the gap
+        keeps the phase; the error statistics and the history of real samples are left alone.
+        """
+        if ticks <= 0 or not self.history:
+            return
+        for y in self.forecaster.forecast(ticks):
+            self.forecaster.learn_one(y)
+        self._next = self.forecaster.forecast(1)[0]
+
 
 #: marks a zlib-compressed checkpoint; a plain pickle (written before compression) starts with
 #: pickle's PROTO opcode 0x80, so both load
@@ -133,6 +147,8 @@ class TaskProfiler:
         self.checkpoint_every = max(1, int(checkpoint_every))
         self._unflushed: list[tuple[str, ResourceType, float]] = []
         self._since_checkpoint: dict[tuple[str, ResourceType], int] = {}
+        #: seconds per tick; with it, a restored profile is carried across the time rswap was down
+        self.interval: float | None = None
 
     def profile(self, task: str, resource: ResourceType) -> TaskProfile:
         key = (task, resource)
@@ -185,6 +201,10 @@ class TaskProfiler:
             prof = TaskProfile(task, resource, self._factory(task, resource), self._history)
         for units in stored.samples:  # what happened after the checkpoint
             prof.learn_one(units)
+        if self.interval and stored.last_t is not None:
+            # the next sample comes one interval after now: the ticks in between were missed
+            missed = int(round((time.time() - stored.last_t) / self.interval))
+            prof.bridge(min(missed, self._history))
         self._since_checkpoint[(task, resource)] = len(stored.samples)
         return prof
 

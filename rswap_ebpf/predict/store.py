@@ -67,6 +67,7 @@ class StoredProfile:
     checkpoint_t: float | None
     state: bytes | None
     samples: tuple[float, ...]  # written after the checkpoint, oldest first
+    last_t: float | None = None  # time of the newest sample (or of the checkpoint)
 
 
 @dataclass(frozen=True)
@@ -235,10 +236,11 @@ class ProfileStore:
         sid = row[0]
         st = self.db.execute("SELECT t, blob FROM state WHERE series=?", (sid,)).fetchone()
         t0 = st[0] if st else None
-        samples = self.db.execute("SELECT units FROM sample WHERE series=? AND t>? ORDER BY t",
+        samples = self.db.execute("SELECT t, units FROM sample WHERE series=? AND t>? ORDER BY t",
                                   (sid, t0 if t0 is not None else float("-inf"))).fetchall()
+        last_t = samples[-1][0] if samples else t0
         return StoredProfile(identity, resource, t0, st[1] if st else None,
-                             tuple(u for (u,) in samples))
+                             tuple(u for (_, u) in samples), last_t)
 
     def history(self, identity: str, resource: str) -> list[tuple[float, float, float, int]]:
         """(time, mean, max, samples) oldest first: rollup buckets, then raw recent samples."""

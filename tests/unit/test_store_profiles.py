@@ -148,3 +148,35 @@ def test_checkpoints_are_compact_and_old_plain_pickles_still_load(tmp_path):
         back = thaw(b)
         assert back.forecast(6) == pytest.approx(prof.forecast(6))
         assert back.forecaster._detector._buf == prof.forecaster._detector._buf
+
+
+def test_a_restart_after_a_gap_keeps_the_seasonal_phase(tmp_path, monkeypatch):
+    """Down for 5 ticks of a 10-tick period: the restored model expects the burst 5 ticks sooner."""
+    import time as _time
+
+    from rswap_ebpf.predict.forecasters import make_forecaster
+    from rswap_ebpf.predict.profile import TaskProfiler
+    from rswap_ebpf.predict.store import ProfileStore
+    from rswap_ebpf.resources import ResourceType
+
+    cpu = ResourceType.PROCESSOR_CYCLES
+    clock = [1000.0]
+    monkeypatch.setattr(_time, "time", lambda: clock[0])
+    factory = lambda t, r: make_forecaster({"name": "seasonal_naive", "period": 10})  # noqa: E731
+    store = ProfileStore.in_dir(str(tmp_path))
+    p = TaskProfiler(factory, store=store)
+    p.interval = 1.0
+    for i in range(30):  # bursts at phases 0..2 of every 10 ticks
+        p.update_prediction("web", cpu, 1000.0 if i % 10 < 3 else 0.0)
+        clock[0] += 1.0
+        p.flush(clock[0])
+    p.checkpoint(clock[0])
+    store.close()
+    # next tick would be i=30 (a burst); rswap is down for ticks 30..34 and back at i=35
+    clock[0] += 5.0
+    q = TaskProfiler(factory, store=ProfileStore.in_dir(str(tmp_path)))
+    q.interval = 1.0
+    q.restore("web")
+    ahead = q.get_predicted_needs("web", 10)[cpu].series
+    # i=35..44: the burst is at i=40..42, i.e. 5..7 ticks ahead, not at once
+    assert [round(v) for v in ahead] == [0, 0, 0, 0, 0, 1000, 1000, 1000, 0, 0]
