@@ -74,6 +74,8 @@ class TaskProfile:
         self.error_alpha = error_alpha
         self.mae: float | None = None
         self._next: float | None = None
+        #: set when restored from the store: the first sample bridges the ticks since then
+        self.resumed_at: float | None = None
 
     @property
     def model_name(self) -> str:
@@ -162,7 +164,12 @@ class TaskProfiler:
 
     def update_prediction(self, task: str, resource: ResourceType, units: float) -> None:
         """Feed one observed sample (units used over the last tick)."""
-        self.profile(task, resource).learn_one(units)
+        prof = self.profile(task, resource)
+        resumed = getattr(prof, "resumed_at", None)
+        if resumed is not None and self.interval:
+            prof.resumed_at = None
+            prof.bridge(min(int(round((time.time() - resumed) / self.interval)) - 1, self._history))
+        prof.learn_one(units)
         if self.store is not None:
             self._unflushed.append((task, resource, float(units)))
 
@@ -205,6 +212,8 @@ class TaskProfiler:
             # the next sample comes one interval after now: the ticks in between were missed
             missed = int(round((time.time() - stored.last_t) / self.interval))
             prof.bridge(min(missed, self._history))
+            # start-up (loading BPF...) may take ticks more: the first sample bridges those
+            prof.resumed_at = time.time()
         self._since_checkpoint[(task, resource)] = len(stored.samples)
         return prof
 

@@ -180,3 +180,8 @@ def test_a_restart_after_a_gap_keeps_the_seasonal_phase(tmp_path, monkeypatch):
     ahead = q.get_predicted_needs("web", 10)[cpu].series
     # i=35..44: the burst is at i=40..42, i.e. 5..7 ticks ahead, not at once
     assert [round(v) for v in ahead] == [0, 0, 0, 0, 0, 1000, 1000, 1000, 0, 0]
+    # Start-up took 2 ticks more: the first sample (i=37) is learnt at its own phase.
+    clock[0] += 3.0
+    q.update_prediction("web", cpu, 0.0)
+    ahead = q.get_predicted_needs("web", 5)[cpu].series
+    assert [round(v) for v in ahead] == [0, 0, 1000, 1000, 1000]  # i=38..42
