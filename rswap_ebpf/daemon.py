@@ -281,6 +281,8 @@ class Daemon:
         self._shape(t.name, t.priority.name.lower())
         if cg.owned:
             self.cgroups.create(cg)
+        else:
+            self.cgroups.adopt(cg)
         rt = TaskRuntime(t.name, t.priority.name.lower(), cg)
         if gp is not None and gp.fits:
             rt.gpu_device, rt.env = gp.device, gp.env()
@@ -566,6 +568,8 @@ class Daemon:
             try:
                 if cg.owned:
                     self.cgroups.create(cg)
+                else:
+                    self.cgroups.adopt(cg)
                 for pid in tc.pids:
                     self.cgroups.move(cg, pid)
                 if tc.command:

@@ -190,6 +190,18 @@ class CgroupManager:
             self.journal.record_mkdir(d)
             _mkdir(d)
 
+    def adopt(self, cg: TaskCgroup) -> None:
+        """Ready an existing cgroup for rswap's writers: on a unified host, enable cpu/io/memory
+        in its ancestors, as :meth:`create` does for rswap's own (journalled, undone on restore).
+
+        Without that, an adopted cgroup under a parent whose ``cgroup.subtree_control`` lacks the
+        controller has no ``cpu.max``/``io.max`` to write (Debian 12's systemd enables only memory
+        and pids at the root).
+        """
+        d = cg.dirs.get("unified")
+        if d is not None and self.mounts.mode == "unified":
+            self.enable_controllers(os.path.dirname(d))
+
     def enable_controllers(self, parent: str) -> list[str]:
         """On a unified host, switch on cpu/io/memory for ``parent``'s children, root down.
 
