@@ -8,7 +8,8 @@ twice is harmless.
 Entry kinds (``op``):
 
 ``write``   a file rswap is about to write for the first time; ``original`` is its content.
-``mkdir``   a directory rswap created (cgroups); restore empties it into its parent and removes it
+``mkdir``   a directory rswap created (cgroups); restore empties it into its parent (cgroup2: the
+            nearest ancestor allowed to hold processes) and removes it
             (a ``shared`` parent, such as ``rswap/``, is removed only when nothing else is in it).
 ``move``    a pid rswap moved between cgroups; restore moves it back to ``procs`` (its old
             cgroup's ``cgroup.procs``).
@@ -274,9 +275,29 @@ def _subdirs(path: str) -> Iterable[str]:
             yield os.path.join(dirpath, d)
 
 
+def _process_home(path: str) -> str:
+    """The nearest ancestor of cgroup ``path`` that may hold processes.
+
+    v1: the parent.  cgroup2 refuses processes (EBUSY) in a non-root cgroup whose
+    ``cgroup.subtree_control`` enables a controller ("no internal processes"), as rswap's own
+    parent does on a unified host: go up until one enables none, or to the mount's root.
+    """
+    home = os.path.dirname(path)
+    while True:
+        try:
+            with open(os.path.join(home, "cgroup.subtree_control")) as f:
+                enabled = bool(f.read().split())
+        except OSError:
+            return home  # v1, or no such file: the parent takes them
+        up = os.path.dirname(home)
+        if not enabled or not os.path.exists(os.path.join(up, "cgroup.procs")):
+            return home
+        home = up
+
+
 def _evacuate(path: str) -> None:
     procs = os.path.join(path, "cgroup.procs")
-    parent_procs = os.path.join(os.path.dirname(path), "cgroup.procs")
+    parent_procs = os.path.join(_process_home(path), "cgroup.procs")
     if not os.path.exists(procs) or not os.path.exists(parent_procs):
         return
     with open(procs) as f:
