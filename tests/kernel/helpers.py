@@ -1,6 +1,7 @@
 """Helpers for kernel tests: busy loops, /proc CPU time, private cgroups that always go away."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from rswap_ebpf.enforce.cgroup import detect_mounts
+from rswap_ebpf.enforce.cgroup import V2_CONTROLLERS, cpu_writer, detect_mounts
 from rswap_ebpf.enforce.journal import remove_cgroup_dir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -41,8 +42,72 @@ def busy_process(cgroup_dirs: list[str] | None = None):
 
 
 @contextmanager
+def root_controllers():
+    """On a unified host, cpu/io/memory enabled at the root while the test runs.
+
+    An operator's cgroup that carries a CPU or IO limit lives under a parent that enables the
+    controller; Debian 12's systemd enables only memory and pids at the root.  What this turned on
+    is turned off again afterwards (unless something below still uses it: EBUSY).
+    """
+    mounts = detect_mounts()
+    enabled: list[str] = []
+    ctl = os.path.join(mounts.unified or "", "cgroup.subtree_control")
+    if mounts.mode == "unified":
+        with open(ctl) as f:
+            on = set(f.read().split())
+        enabled = sorted((mounts.v2_controllers() & set(V2_CONTROLLERS)) - on)
+        for c in enabled:
+            with open(ctl, "w") as f:
+                f.write(f"+{c}")
+    try:
+        yield
+    finally:
+        for c in enabled:
+            try:
+                with open(ctl, "w") as f:
+                    f.write(f"-{c}")
+            except OSError as err:
+                if err.errno != errno.EBUSY:
+                    raise
+
+
+def set_cpu_limit(dirs: dict[str, str], quota_us: int, shares: int) -> dict[str, str]:
+    """Give a scratch cgroup a CFS quota and a weight by hand, the way its host's cpu controller
+    takes them (v1 ``cpu.cfs_quota_us``/``cpu.shares``, v2 ``cpu.max``/``cpu.weight``).
+
+    Returns ``{path: text the kernel now shows}``; the first item is the quota.
+    """
+    writer = cpu_writer(detect_mounts())
+    if writer.version == "v1":
+        d = dirs["cpu"]
+        files = {"cpu.cfs_quota_us": str(quota_us), "cpu.shares": str(shares)}
+    else:
+        d = dirs["unified"]
+        period = open(os.path.join(d, "cpu.max")).read().split()[1]
+        files = {"cpu.max": f"{quota_us} {period}", "cpu.weight": str(max(1, shares * 100 // 1024))}
+    out = {}
+    for name, value in files.items():
+        path = os.path.join(d, name)
+        with open(path, "w") as f:
+            f.write(value)
+        with open(path) as f:
+            out[path] = f.read().strip()
+    return out
+
+
+@contextmanager
 def scratch_cgroup(name: str):
-    """``name`` made in every hierarchy rswap uses; removed afterwards whatever happens."""
+    """``name`` made in every hierarchy rswap uses; removed afterwards whatever happens.
+
+    On a unified host the root enables cpu/io/memory meanwhile (:func:`root_controllers`), so the
+    directory has ``cpu.max`` and ``io.max`` like an operator's cgroup would.
+    """
+    with root_controllers(), _scratch_dirs(name) as dirs:
+        yield dirs
+
+
+@contextmanager
+def _scratch_dirs(name: str):
     mounts = detect_mounts()
     dirs = {h: os.path.join(m, name) for h, m in mounts.hierarchies.items()}
     for d in dirs.values():

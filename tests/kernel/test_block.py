@@ -11,6 +11,7 @@ from rswap_ebpf.enforce.blkio import IoEnforcer, IoLimit, io_writer, resolve_dev
 from rswap_ebpf.enforce.cgroup import CgroupManager, detect_mounts
 from rswap_ebpf.enforce.journal import Journal
 from rswap_ebpf.sense.block import BlockCollector, kdev
+from tests.kernel.helpers import root_controllers
 
 
 @pytest.fixture
@@ -129,13 +130,14 @@ def adopted_cgroup(rswap_env, unique_name):
     journal = Journal(os.path.join(rswap_env["state"], "journal.jsonl"))
     mgr = CgroupManager(journal, detect_mounts())
     cg = mgr.resolve(f"adopt-{unique_name}", f"rswap-test-{unique_name}")
-    for d in cg.dirs.values():
-        os.mkdir(d)
-    try:
-        yield journal, cg
-    finally:
+    with root_controllers():
         for d in cg.dirs.values():
-            os.rmdir(d)
+            os.mkdir(d)
+        try:
+            yield journal, cg
+        finally:
+            for d in cg.dirs.values():
+                os.rmdir(d)
 
 
 def test_block_limit_restored_by_journal_and_hand_edit_respected(loopdev, adopted_cgroup):
@@ -146,13 +148,18 @@ def test_block_limit_restored_by_journal_and_hand_edit_respected(loopdev, adopte
     enforcer.apply(cg, dev, IoLimit.iops(300))
     enforcer.apply(cg, dev, IoLimit.iops(150))
     assert writer.current(cg, dev).wiops == 150
-    # An administrator sets the write limit by hand: rswap backs off from that file only.
-    wfile = os.path.join(cg.dirs["blkio"], "blkio.throttle.write_iops_device")
-    with open(wfile, "w") as f:
-        f.write(f"{dev.majmin} 999")
+    # An administrator sets the write limit by hand: rswap backs off from that file's line for
+    # the device.  v1 keeps each limit in its own file, so the read limit still follows; v2 keeps
+    # all four in one io.max line, so rswap leaves that whole line alone.
+    if writer.version == "v1":
+        wfile, text, expect = "blkio.throttle.write_iops_device", f"{dev.majmin} 999", (400, 999)
+    else:
+        wfile, text, expect = "io.max", f"{dev.majmin} wiops=999", (150, 999)
+    with open(os.path.join(cg.dirs["blkio" if writer.version == "v1" else "unified"], wfile), "w") as f:
+        f.write(text)
     enforcer.apply(cg, dev, IoLimit.iops(400))
     now = writer.current(cg, dev)
-    assert (now.riops, now.wiops) == (400, 999)
+    assert (now.riops, now.wiops) == expect
     # A fresh process replays the journal (what `rswap restore` does): originals come back.
     out = subprocess.run([os.sys.executable, "-c",
                           "import sys; from rswap_ebpf.enforce.journal import Journal; "

@@ -31,7 +31,7 @@ import pytest
 
 from rswap_ebpf.enforce.cgroup import detect_mounts
 from tests.conftest import rswap_cmd, run_rswap
-from tests.kernel.helpers import scratch_cgroup
+from tests.kernel.helpers import scratch_cgroup, set_cpu_limit
 
 LONG = os.environ.get("RSWAP_CRASH_LONG") == "1"
 ROUNDS = int(os.environ.get("RSWAP_CRASH_ROUNDS") or (500 if LONG else 100))
@@ -102,10 +102,7 @@ def host(unique_name, rswap_env, monkeypatch, tmp_path):
         # An operator's root qdisc: it must come back with its handle.
         sh("tc", "-n", ns, "qdisc", "replace", "dev", "va", "root", "handle", "5:", "pfifo_fast")
         with scratch_cgroup(f"crash-{unique_name}") as dirs:
-            with open(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"), "w") as f:
-                f.write(QUOTA_US)
-            with open(os.path.join(dirs["cpu"], "cpu.shares"), "w") as f:
-                f.write(SHARES)
+            limits = set_cpu_limit(dirs, int(QUOTA_US), int(SHARES))
             procs = [os.path.join(d, "cgroup.procs") for d in dirs.values()]
 
             def enter():
@@ -153,6 +150,10 @@ cpu = {{ min = 100, max = 1500 }}
 net = {{ min = 125000, interface = "{ns}:va" }}
 """)
             h = Host(dirs, ns, pin_dir, tasks, sleeper.pid)
+            # The hand-set quota, as "cgroup <hierarchy>" -> file -> text in a snapshot.
+            quota_path, h.quota_text = next(iter(limits.items()))
+            h.quota_key = (next(f"cgroup {k}" for k, d in dirs.items()
+                                if d == os.path.dirname(quota_path)), os.path.basename(quota_path))
             h.config = str(cfg)
             h.marker = marker
             h.env = {**rswap_env, "RSWAP_PIN_DIR": pin_dir}
@@ -234,7 +235,7 @@ def wait_dead(p: subprocess.Popen, timeout: float) -> str:
 def test_sigkill_anywhere_then_restore_puts_host_back(host):
     rng = random.Random(int(os.environ.get("RSWAP_CRASH_SEED", "0")) or None)
     baseline = host.snapshot()
-    assert baseline["cgroup cpu"]["cpu.cfs_quota_us"].strip() == QUOTA_US
+    assert baseline[host.quota_key[0]][host.quota_key[1]].strip() == host.quota_text
     assert "pfifo_fast 5:" in baseline["tc qdisc show dev va"]
     first_prog_id = max(rswap_prog_ids() or {0: ""})
     progs_before = set(prog_ids_held_by_processes())

@@ -16,7 +16,7 @@ from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.store import ProfileStore
 from rswap_ebpf.resources import ResourceType
 from tests.conftest import rswap_cmd, run_rswap
-from tests.kernel.helpers import scratch_cgroup
+from tests.kernel.helpers import scratch_cgroup, set_cpu_limit
 
 CPU = ResourceType.PROCESSOR_CYCLES
 
@@ -35,9 +35,7 @@ def env(rswap_env, unique_name, monkeypatch):
 def adopted(unique_name):
     """An existing cgroup with a process and a known quota: rswap's changes show there."""
     with scratch_cgroup(f"rs-{unique_name}") as dirs:
-        quota = os.path.join(dirs["cpu"], "cpu.cfs_quota_us")
-        with open(quota, "w") as f:
-            f.write("70000")
+        quota, original = next(iter(set_cpu_limit(dirs, 70000, 1024).items()))
         procs = [os.path.join(d, "cgroup.procs") for d in dirs.values()]
 
         def enter():
@@ -47,7 +45,7 @@ def adopted(unique_name):
 
         p = subprocess.Popen(["sleep", "120"], preexec_fn=enter)
         try:
-            yield f"rs-{unique_name}", quota
+            yield f"rs-{unique_name}", quota, original
         finally:
             p.kill()
             p.wait()
@@ -98,13 +96,13 @@ def read(path: str) -> str:
 
 def test_second_daemon_refused_while_one_runs_and_restart_after_kill(tmp_path, env, adopted,
                                                                      unique_name):
-    cgroup, quota = adopted
+    cgroup, quota, original = adopted
     cfg = config(tmp_path, cgroup, f"rs-{unique_name}")
     first = start(cfg, env)
     try:
         wait_tick(env, 2, first)
         held = read(quota)
-        assert held != "70000"  # the first daemon limits the task
+        assert held != original  # the first daemon limits the task
         second = run_rswap("run", "--config", cfg, "--count", "2", env=env, timeout=60)
         assert second.returncode == 1
         assert f"another rswap (pid {first.pid}) is running" in second.stderr
@@ -113,24 +111,24 @@ def test_second_daemon_refused_while_one_runs_and_restart_after_kill(tmp_path, e
         assert restore.returncode == 1 and "is running" in restore.stderr
         assert first.poll() is None  # the refusals did not disturb the first daemon
         # ...nor undo its limit: the first daemon is still the one in charge.
-        assert read(quota) != "70000"
+        assert read(quota) != original
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
     finally:
         if first.poll() is None:
             first.kill()
         first.wait()
-    assert read(quota) != "70000"  # a crash leaves its limit (until restore or restart)
+    assert read(quota) != original  # a crash leaves its limit (until restore or restart)
     # The stale lock file of the killed daemon blocks nothing; the restart undoes its changes first.
     again = run_rswap("run", "--config", cfg, "--count", "2", env=env, timeout=90)
     assert again.returncode == 0, again.stderr
     assert "a previous run left" in again.stdout and "restoring them first" in again.stdout
-    assert read(quota) == "70000"
+    assert read(quota) == original
     assert not os.path.exists(os.path.join(env["RSWAP_STATE_DIR"], "journal.jsonl"))
 
 
 def test_restart_after_kill_resumes_profiles(tmp_path, env, adopted, unique_name):
-    cgroup, _ = adopted
+    cgroup, _, _ = adopted
     name = f"rs-{unique_name}"
     cfg = config(tmp_path, cgroup, name)
     p = start(cfg, env)

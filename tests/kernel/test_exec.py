@@ -36,15 +36,25 @@ forecaster = "last_value"
 cpu = {{ min = 100 }}
 """
 
+# Prints "<cgroup> <quota> <period>" of the cpu controller the command runs under: v1's
+# cpu.cfs_quota_us/cpu.cfs_period_us on a hybrid host, cgroup2's cpu.max on a unified one.
 QUOTA = """
 import os, sys
+v1 = v2 = None
 for line in open("/proc/self/cgroup"):
-    _, ctrls, rel = line.strip().split(":", 2)
+    hid, ctrls, rel = line.strip().split(":", 2)
     if "cpu" in ctrls.split(","):
-        base = [m for m in open("/proc/self/mounts") if " cgroup " in m and ",cpu," in m.split()[3] + ","]
-        mnt = base[0].split()[1]
-        d = mnt + rel
-        print(rel, open(d + "/cpu.cfs_quota_us").read().strip(), open(d + "/cpu.cfs_period_us").read().strip())
+        v1 = rel
+    elif hid == "0":
+        v2 = rel
+mounts = [m.split() for m in open("/proc/self/mounts")]
+if v1 is not None:
+    mnt = [m[1] for m in mounts if m[2] == "cgroup" and "cpu" in m[3].split(",")][0]
+    d = mnt + v1
+    print(v1, open(d + "/cpu.cfs_quota_us").read().strip(), open(d + "/cpu.cfs_period_us").read().strip())
+else:
+    mnt = [m[1] for m in mounts if m[2] == "cgroup2"][0]
+    print(v2, *open(mnt + v2 + "/cpu.max").read().split())
 sys.exit(int(sys.argv[1]))
 """
 
