@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 LOCK_FILE = "rswap.lock"
 JOURNAL_FILE = "journal.jsonl"
+#: Pause between two ticks when the first overran its interval: control requests waiting on the
+#: daemon's lock get it then (a lock is not fair; back-to-back ticks starved them).
+OVERRUN_GAP_S = 0.05
 
 
 def journal_path(state_dir: str) -> str:
@@ -518,6 +521,8 @@ class Daemon:
             next_at = time.monotonic() + interval
             while not self._stop and (count is None or self.tick_no < count):
                 delay = next_at - time.monotonic()
+                if delay <= 0:
+                    time.sleep(OVERRUN_GAP_S)
                 while delay > 0 and not self._stop:
                     time.sleep(min(delay, 0.2))
                     delay = next_at - time.monotonic()
