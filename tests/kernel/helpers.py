@@ -13,6 +13,10 @@ from rswap_ebpf.enforce.cgroup import V2_CONTROLLERS, cpu_writer, detect_mounts
 from rswap_ebpf.enforce.journal import remove_cgroup_dir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Wall-clock stretch for tests paced against real time: 1 on real hardware; tools/vm_test sets
+#: RSWAP_TEST_TIME_SCALE in a software-emulated (TCG) guest, where everything runs several times
+#: slower.  Tests multiply their intervals, workload durations and deadlines by it, not bounds.
+TIME_SCALE = float(os.environ.get("RSWAP_TEST_TIME_SCALE") or 1)
 BUSY = [sys.executable, "-c", "import time\nend=time.monotonic()+60\nwhile time.monotonic()<end: pass"]
 
 

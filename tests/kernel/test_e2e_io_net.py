@@ -18,6 +18,7 @@ from rswap_ebpf.resources import ResourceType
 
 from ..conftest import run_rswap
 
+from .helpers import TIME_SCALE
 from .test_block import loopdev  # noqa: F401  (fixture)
 from .test_net import RECEIVER, netpair, sh, tc_show  # noqa: F401  (fixtures)
 
@@ -29,13 +30,13 @@ def test_daemon_allocates_and_enforces_io_and_net(loopdev, netpair, rswap_env, u
     iface, ns_a, ns_b = netpair
     monkeypatch.setenv("RSWAP_PIN_DIR", f"/sys/fs/bpf/rswap-test-{unique_name}")
     recv = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-c", RECEIVER, "5301",
-                             "1", "12", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "1", str(12 * TIME_SCALE), "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert recv.stdout.readline().strip() == "ready"
     sender = ("import socket,time; s=socket.create_connection(('10.77.0.2',5301)); "
-              "e=time.monotonic()+9; [s.send(b'x'*65536) for _ in iter(lambda: time.monotonic()<e, False)]")
+              f"e=time.monotonic()+{9 * TIME_SCALE}; [s.send(b'x'*65536) for _ in iter(lambda: time.monotonic()<e, False)]")
     text = f"""
 [daemon]
-interval = 0.5
+interval = {0.5 * TIME_SCALE}
 window = 2
 headroom = 0.2
 [resources.io]
@@ -46,7 +47,7 @@ ingress = true
 [[task]]
 name = "disk-{unique_name}"
 priority = "normal"
-command = ["sh", "-c", "while [ $(date +%s) -lt {int(time.time()) + 12} ]; do dd if=/dev/zero of={loopdev} bs=4k count=100 oflag=direct 2>/dev/null; done"]
+command = ["sh", "-c", "while [ $(date +%s) -lt {int(time.time() + 12 * TIME_SCALE)} ]; do dd if=/dev/zero of={loopdev} bs=4k count=100 oflag=direct 2>/dev/null; done"]
 forecaster = "last_value"
 io = {{ device = "{loopdev}", min = 50, max = 1500 }}
 [[task]]
@@ -172,7 +173,7 @@ def raised_ahead(series: dict[int, tuple[float, float]], burst: float, low: floa
 def test_run_raises_io_and_net_allocation_before_their_bursts(tmp_path, loopdev, netpair,  # noqa: F811
                                                               rswap_env, unique_name):
     iface, ns_a, ns_b = netpair
-    period, busy, ticks, interval = 4, 2, 28, 0.5
+    period, busy, ticks, interval = 4 * TIME_SCALE, 2 * TIME_SCALE, 28, 0.5 * TIME_SCALE
     seconds = ticks * interval + 8
     pin = f"/sys/fs/bpf/rswap-test-{unique_name}"
     (tmp_path / "io_burst.py").write_text(IO_BURST)
@@ -208,7 +209,7 @@ net = {{ interface = "{ns_a}:va", min = 50000, max = 20000000 }}
     try:
         assert recv.stdout.readline().strip() == "ready"
         out = run_rswap("run", "--config", str(cfg), "--count", str(ticks),
-                        env={**rswap_env, "RSWAP_PIN_DIR": pin}, timeout=120)
+                        env={**rswap_env, "RSWAP_PIN_DIR": pin}, timeout=120 * TIME_SCALE)
     finally:
         recv.kill()
         recv.wait(timeout=10)

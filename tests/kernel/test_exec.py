@@ -17,7 +17,7 @@ import pytest
 from rswap_ebpf.enforce.cgroup import detect_mounts
 
 from ..conftest import rswap_cmd, run_rswap
-from .helpers import scratch_cgroup
+from .helpers import TIME_SCALE, scratch_cgroup
 
 CONFIG = """
 [daemon]
@@ -71,7 +71,7 @@ def daemon(tmp_path, rswap_env, unique_name):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sock = os.path.join(env["RSWAP_RUN_DIR"], "rswap.sock")
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30 * TIME_SCALE
         while not os.path.exists(sock) and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.1)
         assert os.path.exists(sock), p.stderr.read() if p.poll() is not None else "no socket"
@@ -79,7 +79,7 @@ def daemon(tmp_path, rswap_env, unique_name):
                "name": unique_name}
     finally:
         p.terminate()
-        out, err = p.communicate(timeout=30)
+        out, err = p.communicate(timeout=30 * TIME_SCALE)
         print(out[-3000:], err[-3000:])
     assert p.returncode == 0, err
     mounts = detect_mounts()
@@ -90,7 +90,7 @@ def daemon(tmp_path, rswap_env, unique_name):
 
 
 def _wait_pool_full(d, timeout=20):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * TIME_SCALE
     while time.monotonic() < deadline:
         st = json.loads(run_rswap("status", "--json", env=d["env"]).stdout)
         if st["pool"]["cpu"]["available"] == 0:
@@ -141,7 +141,7 @@ def test_normal_exec_is_refused_with_the_shortfall_and_the_overflow_hook_hears_i
     out = run_rswap("exec", "--name", name, "--max", "cpu=400", "--", "true", env=daemon["env"])
     assert out.returncode == 75, out.stderr
     assert f"task {name} (normal) not started" in out.stderr and "400 millicores" in out.stderr
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 10 * TIME_SCALE
     docs = []
     while time.monotonic() < deadline:
         if os.path.exists(daemon["hook"]):
@@ -169,7 +169,7 @@ def test_waiting_exec_times_out_or_starts_when_units_are_freed(daemon):
                                              "--timeout", "30", "--", "sh", "-c", "exit 3"],
                               env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10 * TIME_SCALE
         while time.monotonic() < deadline:
             st = json.loads(run_rswap("status", "--json", env=daemon["env"]).stdout)
             if [q["name"] for q in st.get("queue", [])] == [name]:
@@ -179,7 +179,7 @@ def test_waiting_exec_times_out_or_starts_when_units_are_freed(daemon):
             pytest.fail("the waiting exec never showed in the queue")
         rm = run_rswap("task", "remove", daemon["batch"], env=daemon["env"])
         assert rm.returncode == 0, rm.stderr
-        _, err = waiter.communicate(timeout=30)
+        _, err = waiter.communicate(timeout=30 * TIME_SCALE)
     finally:
         if waiter.poll() is None:
             waiter.kill()
@@ -202,7 +202,7 @@ def test_task_add_list_remove_and_a_vanished_cgroup_is_let_go(daemon, unique_nam
                         "--cgroup", f"no/such/{unique_name}", env=daemon["env"])
         assert bad.returncode == 2 and "does not exist" in bad.stderr
     # the scratch cgroup is gone now: the daemon notices on its next tick and releases it
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 10 * TIME_SCALE
     while name in _tasks(daemon) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert name not in _tasks(daemon)
