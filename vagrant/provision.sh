@@ -13,6 +13,8 @@
 #   3. a venv (RSWAP_VENV, default /opt/rswap-venv) with --system-site-packages, so the
 #      distribution's bcc imports, and rswap installed editable with its test extras.
 #   4. RSWAP_REQUIRE_KERNEL=1 pytest tests/kernel: a skipped kernel test fails the run.
+#      RSWAP_TEST_TIME_SCALE (stretch wall-clock pacing on a slow, emulated guest) and
+#      RSWAP_CRASH_ROUNDS pass through to the tests; tools/vm_test sets them under TCG.
 # --install-only stops after 3 without touching mounts (tools/vm_test runs it in a chroot, where
 # apt and pip run at native speed, before it boots the guest); --test-only runs 2 and 4.
 set -euo pipefail
