@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("bench_soak needs root (it runs rswap run)", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops the daemon (it restores the host).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     tmp = tempfile.mkdtemp(prefix="rswap-soak-")
     env = {**os.environ, "RSWAP_STATE_DIR": f"{tmp}/state", "RSWAP_RUN_DIR": f"{tmp}/run",
            "RSWAP_PIN_DIR": f"/sys/fs/bpf/rswap-soak-{os.getpid()}"}
