@@ -7,7 +7,6 @@ the completion adds the service time to the owner remembered at issue.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 
 from ..errors import FeatureMissing
@@ -109,15 +108,14 @@ def tracepoint_has_field(category: str, event: str, name: str) -> bool:
     return False
 
 
-class BlockCollector:
+class BlockCollector(bpf.BpfCollector):
     """block_rq_issue / block_rq_complete accounting."""
 
+    MAPS = MAPS
+
     def __init__(self, pin: bool = True):
-        self.pin = pin
+        super().__init__(pin)
         self.attach_points: tuple[str, ...] = ()
-        self.pinned: list[str] = []
-        self._bpf = None
-        self._last = 0
 
     def program_text(self) -> str:
         return (bpf.bpf_source_dir() / "block.bpf.c").read_text()
@@ -152,49 +150,21 @@ class BlockCollector:
         issue, complete, owner, flags = self.probe()
         self.attach_points = tuple(f"tracepoint:{':'.join(p)}" for p in (issue, complete, owner) if p)
         self._bpf = bpf.load("block.bpf.c", flags)
-        if self.pin:
-            try:
-                for name in MAPS:
-                    self.pinned.append(bpf.pin_map(self._bpf.get_table(name), name))
-            except BaseException:
-                self.close()
-                raise
-        self._last = time.monotonic_ns()
+        self._pin_maps()
+        self._start_clock()
         return self
 
     def drain(self) -> IoDelta:
-        if self._bpf is None:
-            raise RuntimeError("collector is not open")
-        now = time.monotonic_ns()
-        task = _drain(self._bpf.get_table("rswap_io_task"))
-        cgroup = _drain(self._bpf.get_table("rswap_io_cgroup"))
-        stats = self._bpf.get_table("rswap_io_stats")
-        dropped = {}
-        for idx, label in enumerate(("task_map_full", "cgroup_map_full", "stale_request")):
-            v = sum(stats[stats.Key(idx)])
-            if v:
-                dropped[label] = v
-        delta = IoDelta(now - self._last, task, cgroup, dropped)
-        self._last = now
-        return delta
+        interval = self._interval_ns()
+        task = _drain(self.table("rswap_io_task"))
+        cgroup = _drain(self.table("rswap_io_cgroup"))
+        dropped = self._counters("rswap_io_stats",
+                                 ("task_map_full", "cgroup_map_full", "stale_request"))
+        return IoDelta(interval, task, cgroup, dropped)
 
     def prog_ids(self) -> list[int]:
         """Kernel ids of the loaded programs (for ``bpftool prog show id``)."""
         return _prog_ids(self._bpf)
-
-    def close(self) -> None:
-        for path in self.pinned:
-            bpf.unpin(path)
-        self.pinned = []
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
-
-    def __enter__(self) -> BlockCollector:
-        return self.open()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _counts(percpu) -> IoCounts:
@@ -206,16 +176,7 @@ def _counts(percpu) -> IoCounts:
 
 def _drain(table) -> dict[tuple[int, int], IoCounts]:
     out: dict[tuple[int, int], IoCounts] = {}
-    try:
-        items = list(table.items_lookup_and_delete_batch())
-    except Exception:
-        items = list(table.items())
-        for k, _ in items:
-            try:
-                del table[k]
-            except KeyError:
-                pass
-    for k, v in items:
+    for k, v in bpf.drain_table(table):
         key = (int(k.id), int(k.dev))
         out[key] = out.get(key, IoCounts()) + _counts(v)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import time
 from pathlib import Path
 
 from .. import paths
@@ -116,3 +117,95 @@ def tracepoint_exists(category: str, event: str) -> bool:
         return bool(import_bcc().BPF.tracepoint_exists(category, event))
     except FeatureMissing:
         return False
+
+
+def drain_table(table) -> list:
+    """Every (key, per-CPU values) of ``table``, deleted as read.
+
+    One ``BPF_MAP_LOOKUP_AND_DELETE_BATCH`` where the kernel has it; otherwise read, then delete
+    key by key (an update racing the delete is lost: the batch call has no such window).
+    """
+    try:
+        return list(table.items_lookup_and_delete_batch())
+    except Exception:
+        items = list(table.items())
+        for k, _ in items:
+            try:
+                del table[k]
+            except KeyError:
+                pass
+        return items
+
+
+def key_int(k) -> int:
+    """bcc hands integer keys back as ints from batch calls and as ctypes from items()."""
+    return k if isinstance(k, int) else k.value
+
+
+class BpfCollector:
+    """The life cycle every collector shares: load, pin ``MAPS``, drain by interval, close.
+
+    A collector = one ``bpf/*.bpf.c`` + a subclass with ``open()`` (load, attach, then
+    ``_pin_maps()`` and ``_start_clock()``), ``drain()`` and, where it attached more than bcc
+    tracks, a ``close()`` that undoes that before calling this one.
+    """
+
+    MAPS: tuple[str, ...] = ()
+
+    def __init__(self, pin: bool = True):
+        self.pin = pin
+        self.pinned: list[str] = []
+        self._bpf = None
+        self._last = 0
+
+    def table(self, name: str):
+        if self._bpf is None:
+            raise RuntimeError("collector is not open")
+        return self._bpf.get_table(name.encode())
+
+    def _pin_maps(self) -> None:
+        if not self.pin:
+            return
+        try:
+            for name in self.MAPS:
+                self.pinned.append(pin_map(self.table(name), name))
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_clock(self) -> None:
+        self._last = time.monotonic_ns()
+
+    def _interval_ns(self) -> int:
+        """Nanoseconds since the previous drain (or open); restarts the clock."""
+        if self._bpf is None:
+            raise RuntimeError("collector is not open")
+        now = time.monotonic_ns()
+        interval, self._last = now - self._last, now
+        return interval
+
+    def _counters(self, stats: str, labels: tuple[str, ...]) -> dict[str, int]:
+        """The non-zero overflow/drop counters of a per-CPU stats array, by label ("" skips)."""
+        table = self.table(stats)
+        out = {}
+        for idx, label in enumerate(labels):
+            if not label:
+                continue
+            v = sum(table[table.Key(idx)])
+            if v:
+                out[label] = v
+        return out
+
+    def close(self) -> None:
+        for path in self.pinned:
+            unpin(path)
+        self.pinned = []
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

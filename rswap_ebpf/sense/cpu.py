@@ -5,7 +5,6 @@ One collector = one BPF program + one class with ``open()``, ``drain()``, ``clos
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 from ..errors import FeatureMissing
@@ -31,17 +30,16 @@ class CpuDelta:
         return ns * 1000.0 / self.interval_ns if self.interval_ns > 0 else 0.0
 
 
-class CpuCollector:
+class CpuCollector(bpf.BpfCollector):
     """sched_switch accounting; raw tracepoint when the kernel has it, else the tracepoint."""
 
+    MAPS = MAPS
+
     def __init__(self, flush_hz: int = FLUSH_HZ, pin: bool = True):
+        super().__init__(pin)
         self.flush_hz = flush_hz
-        self.pin = pin
         self.attach_point = ""
         self.flush = False
-        self.pinned: list[str] = []
-        self._bpf = None
-        self._last = 0
 
     def program_text(self) -> str:
         return (bpf.bpf_source_dir() / "cpu.bpf.c").read_text()
@@ -66,61 +64,22 @@ class CpuCollector:
             except Exception as err:
                 log.warning("software perf events unavailable (%s): a task never switched out "
                             "is charged only at its next switch", err)
-        if self.pin:
-            try:
-                for name in MAPS:
-                    self.pinned.append(bpf.pin_map(self._bpf.get_table(name.encode()), name))
-            except BaseException:
-                self.close()
-                raise
-        self._last = time.monotonic_ns()
+        self._pin_maps()
+        self._start_clock()
         return self
 
     def drain(self) -> CpuDelta:
         """Look up and delete every entry (one batch syscall per map) since the last drain."""
-        if self._bpf is None:
-            raise RuntimeError("collector is not open")
-        now = time.monotonic_ns()
-        tasks = _drain(self._bpf.get_table(b"rswap_task_ns"))
-        cgroups = _drain(self._bpf.get_table(b"rswap_cgroup_ns"))
-        stats = self._bpf.get_table(b"rswap_stats")
-        dropped = {}
-        for idx, label in enumerate(("task_map_full", "cgroup_map_full", "stale_delta")):
-            v = sum(stats[stats.Key(idx)])
-            if v:
-                dropped[label] = v
-        delta = CpuDelta(now - self._last, tasks, cgroups, dropped)
-        self._last = now
-        return delta
-
-    def close(self) -> None:
-        for path in self.pinned:
-            bpf.unpin(path)
-        self.pinned = []
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
-
-    def __enter__(self) -> CpuCollector:
-        return self.open()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        interval = self._interval_ns()
+        tasks = _drain(self.table("rswap_task_ns"))
+        cgroups = _drain(self.table("rswap_cgroup_ns"))
+        dropped = self._counters("rswap_stats", ("task_map_full", "cgroup_map_full", "stale_delta"))
+        return CpuDelta(interval, tasks, cgroups, dropped)
 
 
 def _drain(table) -> dict[int, int]:
     out: dict[int, int] = {}
-    try:
-        items = table.items_lookup_and_delete_batch()
-        for k, v in items:
-            key = k if isinstance(k, int) else k.value
-            out[key] = out.get(key, 0) + sum(v)
-    except Exception:
-        # Kernels without BPF_MAP_LOOKUP_AND_DELETE_BATCH: read then delete key by key.
-        for k, v in list(table.items()):
-            out[k.value] = out.get(k.value, 0) + sum(v)
-            try:
-                del table[k]
-            except KeyError:
-                pass
+    for k, v in bpf.drain_table(table):
+        key = bpf.key_int(k)
+        out[key] = out.get(key, 0) + sum(v)
     return out

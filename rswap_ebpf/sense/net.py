@@ -9,7 +9,6 @@ classified socket's flow at egress and gives incoming packets of that flow the t
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,23 +71,21 @@ class BccClassMap:
         return {k.value: v.value for k, v in self.table.items()}
 
 
-class NetCollector:
+class NetCollector(bpf.BpfCollector):
     """clsact ingress/egress cls_bpf accounting on the given interfaces."""
 
     def __init__(self, interfaces: Sequence[tcmod.Iface], journal: Journal | None = None,
                  pin: bool = True, ingress: bool = True, flows: bool = False):
+        super().__init__(pin)
         self.interfaces = list(interfaces)
         self.journal = journal
-        self.pin = pin
         self.ingress = ingress
         #: learn flows at egress and classify ingress by them (ifb ingress shaping)
         self.flows = flows
-        self.pinned: list[str] = []
+        self.MAPS = MAPS + (("rswap_net_flow",) if flows else ())
         self.ifindex: dict[tcmod.Iface, int] = {}
         self._attached: list[tuple[tcmod.Iface, bool]] = []
-        self._bpf = None
         self._fns: dict[str, object] = {}
-        self._last = 0
 
     def program_text(self) -> str:
         return (bpf.bpf_source_dir() / "net.bpf.c").read_text()
@@ -107,44 +104,24 @@ class NetCollector:
                 tcmod.attach_bpf(self.journal, iface,
                                  self._fns["rswap_tc_ingress"].fd if self.ingress else None,
                                  self._fns["rswap_tc_egress"].fd)
-            if self.pin:
-                for name in MAPS + (("rswap_net_flow",) if self.flows else ()):
-                    self.pinned.append(bpf.pin_map(self._bpf.get_table(name), name))
         except BaseException:
             self.close()
             raise
-        self._last = time.monotonic_ns()
+        self._pin_maps()
+        self._start_clock()
         return self
 
     def class_map(self) -> BccClassMap:
-        if self._bpf is None:
-            raise RuntimeError("collector is not open")
-        return BccClassMap(self._bpf.get_table("rswap_net_class"))
+        return BccClassMap(self.table("rswap_net_class"))
 
     def drain(self) -> NetDelta:
-        if self._bpf is None:
-            raise RuntimeError("collector is not open")
-        now = time.monotonic_ns()
-        table = self._bpf.get_table("rswap_net_bytes")
-        try:
-            items = list(table.items_lookup_and_delete_batch())
-        except Exception:
-            items = list(table.items())
-            for k, _ in items:
-                try:
-                    del table[k]
-                except KeyError:
-                    pass
+        interval = self._interval_ns()
         counts: dict[tuple[int, int, int], NetCounts] = {}
-        for k, v in items:
+        for k, v in bpf.drain_table(self.table("rswap_net_bytes")):
             key = (int(k.cgid), int(k.ifindex), int(k.dir))
             c = NetCounts(sum(x.packets for x in v), sum(x.bytes for x in v))
             counts[key] = counts.get(key, NetCounts()) + c
-        stats = self._bpf.get_table("rswap_net_stats")
-        full = sum(stats[stats.Key(1)])
-        delta = NetDelta(now - self._last, counts, {"map_full": full} if full else {})
-        self._last = now
-        return delta
+        return NetDelta(interval, counts, self._counters("rswap_net_stats", ("", "map_full")))
 
     def prog_ids(self) -> list[int]:
         ids = []
@@ -160,16 +137,5 @@ class NetCollector:
         for iface, created in self._attached:
             tcmod.detach_bpf(iface, remove_clsact=created)
         self._attached = []
-        for path in self.pinned:
-            bpf.unpin(path)
-        self.pinned = []
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
-            self._fns = {}
-
-    def __enter__(self) -> NetCollector:
-        return self.open()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._fns = {}
+        super().close()

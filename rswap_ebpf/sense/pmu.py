@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
 from ..errors import FeatureMissing
@@ -84,25 +83,24 @@ class PmuDelta:
         return counts.misses * 1e9 / self.interval_ns if self.interval_ns > 0 else 0.0
 
 
-class PmuCollector:
+class PmuCollector(bpf.BpfCollector):
     """sched_switch cache-miss accounting; ``sample`` > 1 measures every Nth slice per CPU."""
+
+    MAPS = MAPS
 
     def __init__(self, sample: int = 1, replay: bool = False, test_run: bool = False,
                  pin: bool = True, no_read: bool = False,
                  counters: tuple[tuple[int, int], ...] = HARDWARE_COUNTERS):
         if sample < 1:
             raise ValueError("sample must be at least 1")
+        super().__init__(pin)
         self.sample = sample
         self.replay = replay or test_run
         self.test_run = test_run
         self.no_read = no_read
-        self.pin = pin
         self.counters = counters
         self.attach_point = ""
-        self.pinned: list[str] = []
-        self._bpf = None
         self._fn = None
-        self._last = 0
 
     def flags(self) -> list[str]:
         f = [f"-DRSWAP_PMU_SAMPLE={self.sample}", f"-DRSWAP_NR_CPUS={os.cpu_count() or 1}"]
@@ -136,13 +134,11 @@ class PmuCollector:
                                      else "tracepoint:sched:sched_switch")
             if not self.replay and not self.no_read:
                 self._open_counters()
-            if self.pin:
-                for name in MAPS:
-                    self.pinned.append(bpf.pin_map(self._bpf.get_table(name), name))
         except BaseException:
             self.close()
             raise
-        self._last = time.monotonic_ns()
+        self._pin_maps()
+        self._start_clock()
         return self
 
     def _open_counters(self) -> None:
@@ -158,7 +154,7 @@ class PmuCollector:
     # -- replay ------------------------------------------------------------------------------
     def set_counters(self, misses: int, refs: int) -> None:
         """Replay mode: what the next read of this host's 'counters' returns."""
-        t = self._bpf.get_table("rswap_pmu_replay")
+        t = self.table("rswap_pmu_replay")
         t[t.Key(0)] = t.Leaf(misses)
         t[t.Key(1)] = t.Leaf(refs)
 
@@ -184,58 +180,28 @@ class PmuCollector:
 
     # -- reading -----------------------------------------------------------------------------
     def drain(self) -> PmuDelta:
-        if self._bpf is None:
-            raise RuntimeError("collector is not open")
-        now = time.monotonic_ns()
-        task = _drain(self._bpf.get_table("rswap_pmu_task"))
-        cgroup = _drain(self._bpf.get_table("rswap_pmu_cgroup"))
-        stats = self._bpf.get_table("rswap_pmu_stats")
-        dropped = {}
-        for idx, label in enumerate(("task_map_full", "cgroup_map_full", "counter_reset")):
-            v = sum(stats[stats.Key(idx)])
-            if v:
-                dropped[label] = v
-        delta = PmuDelta(now - self._last, task, cgroup, dropped)
-        self._last = now
-        return delta
+        interval = self._interval_ns()
+        task = _drain(self.table("rswap_pmu_task"))
+        cgroup = _drain(self.table("rswap_pmu_cgroup"))
+        dropped = self._counters("rswap_pmu_stats",
+                                 ("task_map_full", "cgroup_map_full", "counter_reset"))
+        return PmuDelta(interval, task, cgroup, dropped)
 
     def close(self) -> None:
-        for path in self.pinned:
-            bpf.unpin(path)
-        self.pinned = []
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        super().close()
         self._fn = None
-
-    def __enter__(self) -> PmuCollector:
-        return self.open()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _drain(table) -> dict[int, PmuCounts]:
     """Sum the per-CPU values of every key, deleting as it goes (batch where the kernel can)."""
     out: dict[int, PmuCounts] = {}
 
-    def add(k, per_cpu) -> None:
-        key = k if isinstance(k, int) else k.value
+    for k, per_cpu in bpf.drain_table(table):
+        key = bpf.key_int(k)
         prev = out.get(key, PmuCounts())
         out[key] = PmuCounts(prev.misses + sum(v.misses for v in per_cpu),
                              prev.refs + sum(v.refs for v in per_cpu),
                              prev.slices + sum(v.slices for v in per_cpu))
-
-    try:
-        for k, v in table.items_lookup_and_delete_batch():
-            add(k, v)
-    except Exception:
-        for k, v in list(table.items()):
-            add(k, v)
-            try:
-                del table[k]
-            except KeyError:
-                pass
     return out
 
 
