@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from .drivers import DriverContext, ResourceDriver
 from .enforce.cgroup import CgroupManager, FileApplier, TaskCgroup, detect_mounts
 from .enforce.journal import Journal
 from .errors import AlreadyRunning, FeatureMissing, RswapError
+from .fairlock import FairRLock
 from .predict.forecasters import make_forecaster
 from .predict.profile import Prediction, TaskProfiler
 from .resources import ResourcePool, ResourceType
@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 LOCK_FILE = "rswap.lock"
 JOURNAL_FILE = "journal.jsonl"
-#: Pause between two ticks when the first overran its interval: control requests waiting on the
-#: daemon's lock get it then (a lock is not fair; back-to-back ticks starved them).
-OVERRUN_GAP_S = 0.05
 
 
 def journal_path(state_dir: str) -> str:
@@ -175,7 +172,8 @@ class Daemon:
         dc = config.daemon
         self.manager.policy = StabilityPolicy(dc.hold_ticks, dc.deadband, dc.max_step_down)
         #: held by each tick and by every control-socket request (they run between ticks)
-        self.mutex = threading.RLock()
+        # Fair: a control request waiting during a tick gets it next, even when ticks overrun.
+        self.mutex = FairRLock()
         self.runtime_forecasters: dict[str, Any] = {}
         self.applier: FileApplier | None = None
         self.control = None    # control.ControlServer while run() serves the socket
@@ -521,8 +519,6 @@ class Daemon:
             next_at = time.monotonic() + interval
             while not self._stop and (count is None or self.tick_no < count):
                 delay = next_at - time.monotonic()
-                if delay <= 0:
-                    time.sleep(OVERRUN_GAP_S)
                 while delay > 0 and not self._stop:
                     time.sleep(min(delay, 0.2))
                     delay = next_at - time.monotonic()
