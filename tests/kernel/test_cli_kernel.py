@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..conftest import run_rswap
+from .helpers import TIME_SCALE
 
 
 def test_doctor_reports_every_feature_and_passes_for_cpu(rswap_env, unique_name):
@@ -56,7 +57,7 @@ def test_dry_run_plans_but_writes_no_limit(tmp_path, rswap_env, unique_name):
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 20 * TIME_SCALE
         while p.poll() is None and time.monotonic() < deadline:
             try:
                 st = json.loads(run_rswap("status", "--json", env=rswap_env).stdout or "{}")
@@ -67,7 +68,7 @@ def test_dry_run_plans_but_writes_no_limit(tmp_path, rswap_env, unique_name):
                 pass
             time.sleep(0.2)
     finally:
-        out, err = p.communicate(timeout=30)
+        out, err = p.communicate(timeout=30 * TIME_SCALE)
     assert p.returncode == 0, err
     assert "dry run" in out
     planned = [s for s in seen if s[0] >= 2 and s[1] > 0]

@@ -37,9 +37,10 @@ LONG = os.environ.get("RSWAP_CRASH_LONG") == "1"
 ROUNDS = int(os.environ.get("RSWAP_CRASH_ROUNDS") or (500 if LONG else 100))
 MAX_KILL_S = 6.0 if LONG else 2.0
 QUOTA_US, SHARES = "50000", "512"
-#: cgroup files whose content the kernel changes by itself (counters, pressure, accounting).
+#: cgroup files whose content the kernel changes by itself (counters, pressure, accounting; on a
+#: unified host memory.current, pids.current, memory.peak...).
 VOLATILE = re.compile(r"stat|usage|pressure|io_serv|io_wait|io_merged|io_queued|time|sectors|"
-                      r"reset_stats|events|release_agent|sane_behavior")
+                      r"reset_stats|events|release_agent|sane_behavior|current|peak")
 
 
 def sh(*argv, check=True):

@@ -30,10 +30,10 @@ def test_daemon_allocates_and_enforces_io_and_net(loopdev, netpair, rswap_env, u
     iface, ns_a, ns_b = netpair
     monkeypatch.setenv("RSWAP_PIN_DIR", f"/sys/fs/bpf/rswap-test-{unique_name}")
     recv = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-c", RECEIVER, "5301",
-                             "1", str(12 * TIME_SCALE), "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "1", str(20 * TIME_SCALE), "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert recv.stdout.readline().strip() == "ready"
     sender = ("import socket,time; s=socket.create_connection(('10.77.0.2',5301)); "
-              f"e=time.monotonic()+{9 * TIME_SCALE}; [s.send(b'x'*65536) for _ in iter(lambda: time.monotonic()<e, False)]")
+              f"e=time.monotonic()+{20 * TIME_SCALE}; [s.send(b'x'*65536) for _ in iter(lambda: time.monotonic()<e, False)]")
     text = f"""
 [daemon]
 interval = {0.5 * TIME_SCALE}
@@ -47,7 +47,7 @@ ingress = true
 [[task]]
 name = "disk-{unique_name}"
 priority = "normal"
-command = ["sh", "-c", "while [ $(date +%s) -lt {int(time.time() + 12 * TIME_SCALE)} ]; do dd if=/dev/zero of={loopdev} bs=4k count=100 oflag=direct 2>/dev/null; done"]
+command = ["sh", "-c", "while [ $(date +%s) -lt {int(time.time() + 20 * TIME_SCALE)} ]; do dd if=/dev/zero of={loopdev} bs=4k count=100 oflag=direct 2>/dev/null; done"]
 forecaster = "last_value"
 io = {{ device = "{loopdev}", min = 50, max = 1500 }}
 [[task]]
