@@ -100,9 +100,13 @@ def main(argv=None) -> int:
     os.environ.update({k: env[k] for k in ("RSWAP_STATE_DIR", "RSWAP_RUN_DIR", "RSWAP_PIN_DIR")})
     with open(f"{tmp}/soak.toml", "w") as f:
         f.write(CONFIG)
+    # The daemon's output goes to a file: a pipe nobody reads fills up over a long soak and
+    # blocks the daemon on its next warning.
+    log_path = f"{tmp}/daemon.log"
+    log = open(log_path, "w")
     daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli", "run", "--config",
                                f"{tmp}/soak.toml", "--count", "100000000"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
     rows = []
     try:
         deadline = time.monotonic() + 60
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
                 break
             except RswapError:
                 if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"daemon did not start: {daemon.stderr.read()}")
+                    raise SystemExit(f"daemon did not start: {open(log_path).read()[-2000:]}")
                 time.sleep(0.2)
         t0 = time.monotonic()
         min_end = t0 + args.minutes * 60
@@ -148,6 +152,10 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
+        log.close()
+        if daemon.returncode not in (0, -15):
+            print(f"daemon exited with {daemon.returncode}:\n{open(log_path).read()[-2000:]}",
+                  file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{'t (s)':>7} {'tasks':>6} {'RSS MiB':>8} {'fds':>5} {'map entries':>12} {'profiles.db KiB':>16}")
     for t, n, rss, fd, me, db in rows:
