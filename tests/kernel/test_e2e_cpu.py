@@ -72,7 +72,11 @@ def test_run_gives_critical_its_forecast_first_and_restores(tmp_path, env, uniqu
     assert alloc_c >= min(1.2 * fc_c - 3, 800 - 100), out.stdout
     # ... and the batch task, throttled and wanting more, gets exactly what is left.
     assert free == 0 and alloc_c + alloc_b == 800, out.stdout
-    assert alloc_b < fc_b and alloc_b < alloc_c, out.stdout
+    assert alloc_b < alloc_c, out.stdout
+    # batch is the one left short (most late ticks; one may see it starved by other load)
+    late_batch = [line for line in out.stdout.splitlines()
+                  if (m := ROW.match(line)) and m.group(2) == batch and int(m.group(1)) >= 8]
+    assert sum("short" in line for line in late_batch) * 2 >= len(late_batch), out.stdout
     assert "host restored" in out.stdout
     assert _host_state([crit, batch]) == before == {k: False for k in before}
     assert not os.path.exists(os.path.join(env["state"], "journal.jsonl"))
