@@ -98,10 +98,21 @@ class TaskProfile:
         self.forecaster.learn_one(float(y))
         self._next = self.forecaster.forecast(1)[0]
 
+    #: a forecast beyond this many times the largest sample seen is a model diverging
+    SANE_FACTOR = 10.0
+
     def forecast(self, horizon: int) -> list[float]:
+        """The forecaster's series, made safe to allocate from: finite, >= 0, and bounded.
+
+        An online model can diverge (seen in a 40-minute soak: 2e27 millicores, then inf); such
+        values are replaced by the last sample or capped at ``SANE_FACTOR`` x the largest sample.
+        """
         if not self.history:
             return [0.0] * horizon
-        return self.forecaster.forecast(horizon)
+        bound = self.SANE_FACTOR * max(max(self.history), 1.0)
+        last = self.history[-1]
+        return [min(max(0.0, v), bound) if math.isfinite(v) else last
+                for v in self.forecaster.forecast(horizon)]
 
     def bridge(self, ticks: int) -> None:
         """Carry the forecaster across ``ticks`` unobserved ticks (rswap was not running).

@@ -249,7 +249,12 @@ class SwapManager:
                observed: float | None = None) -> int:
         """Forecast plus headroom, at least the observed demand, clamped to the task's limits."""
         t = self._task(task)
-        want = max(0.0, forecast, observed or 0.0)
+        # A diverged forecast (inf, nan) asks for the whole pool, never raises in the tick; a
+        # finite demand above the pool stays as it is, so the shortfall reaches the overflow hook.
+        if all(math.isfinite(v) for v in (forecast, observed or 0.0)):
+            want = max(0.0, forecast, observed or 0.0)
+        else:
+            want = float(self.pool.total(resource))
         return t.limit(resource).clamp(math.ceil(want * (1.0 + self.headroom)))
 
     def proactive_allocation(self, forecasts: Mapping[str, Mapping[ResourceType, float]],

@@ -69,3 +69,18 @@ def test_broken_river_model_falls_back_instead_of_stopping_the_tick():
     f.model = Boom()
     f.learn_one(5.0)
     assert f.failed and f.forecast(2) == [5.0, 5.0]
+
+
+def test_profile_sanitises_a_diverging_model():
+    from rswap_ebpf.predict.profile import TaskProfile
+
+    class Diverged:
+        def learn_one(self, y, x=None):
+            pass
+
+        def forecast(self, horizon, xs=None):
+            return [float("inf"), 2e27, -5.0, 300.0][:horizon]
+
+    p = TaskProfile("a", CPU, Diverged())
+    p.learn_one(100.0)
+    assert p.forecast(4) == [100.0, 1000.0, 0.0, 300.0]

@@ -161,3 +161,13 @@ def test_no_higher_tier_shortfall_while_lower_tier_holds_more_than_its_minimum(t
         held = m.pool.allocation(CPU, name)
         if held > t.limit(CPU).min_units:
             assert not any(p < t.priority for p in short_tiers), (name, held, res.shortfalls)
+
+
+def test_a_diverging_forecast_costs_at_most_the_pool_never_an_exception():
+    m = make()
+    add(m, "a", "critical")
+    add(m, "b", "batch", lo=100)
+    res = m.proactive_allocation({"a": {CPU: float("inf")}, "b": {CPU: 2e27}})
+    assert m.pool.allocation(CPU, "a") == 1900 and m.pool.allocation(CPU, "b") == 100
+    assert m.demand("a", CPU, float("nan")) == 2000
+    assert {s.task for s in res.shortfalls} == {"a", "b"}
