@@ -282,7 +282,9 @@ def detach_bpf(iface: Iface, remove_clsact: bool) -> None:
         _undo_clsact(iface.as_dict())
 
 
-def _undo_filter(data: dict) -> None:
+def _tc_del_if_present(data: dict, *args, **kwargs) -> None:
+    """``ip.tc(*args)`` on the journalled interface, at its current index; an interface,
+    namespace or tc object that is already gone means there is nothing left to undo."""
     iface = Iface(data["name"], data.get("netns"))
     try:
         with ipr(iface) as ip:
@@ -290,28 +292,20 @@ def _undo_filter(data: dict) -> None:
             if not idx:
                 return
             try:
-                ip.tc("del-filter", "bpf", idx[0], ":1", parent=data["parent"], prio=RSWAP_PRIO)
+                ip.tc(args[0], args[1], idx[0], *args[2:], **kwargs)
             except Exception as err:
                 if getattr(err, "code", None) not in (errno.ENOENT, errno.EINVAL):
                     raise
     except ConfigError:
-        return  # the namespace is gone, and the filter with it
+        return  # the namespace is gone, and everything in it
+
+
+def _undo_filter(data: dict) -> None:
+    _tc_del_if_present(data, "del-filter", "bpf", ":1", parent=data["parent"], prio=RSWAP_PRIO)
 
 
 def _undo_clsact(data: dict) -> None:
-    iface = Iface(data["name"], data.get("netns"))
-    try:
-        with ipr(iface) as ip:
-            idx = ip.link_lookup(ifname=iface.name)
-            if not idx:
-                return
-            try:
-                ip.tc("del", "clsact", idx[0])
-            except Exception as err:
-                if getattr(err, "code", None) not in (errno.ENOENT, errno.EINVAL):
-                    raise
-    except ConfigError:
-        return
+    _tc_del_if_present(data, "del", "clsact")
 
 
 register_undo(FILTER_KIND, _undo_filter)
@@ -599,21 +593,9 @@ class IngressShaper:
 
 
 def _undo_mirred(data: dict) -> None:
-    iface = Iface(data["name"], data.get("netns"))
-    try:
-        with ipr(iface) as ip:
-            idx = ip.link_lookup(ifname=iface.name)
-            if not idx:
-                return
-            try:
-                # pyroute2 builds u32 options even for a delete: give it the match-all again.
-                ip.tc("del-filter", "u32", idx[0], parent=0xFFFFFFF2, prio=MIRRED_PRIO,
-                      protocol=0x0003, target=0x1, keys=["0x0/0x0+0"])
-            except Exception as err:
-                if getattr(err, "code", None) not in (errno.ENOENT, errno.EINVAL):
-                    raise
-    except ConfigError:
-        return
+    # pyroute2 builds u32 options even for a delete: give it the match-all again.
+    _tc_del_if_present(data, "del-filter", "u32", parent=0xFFFFFFF2, prio=MIRRED_PRIO,
+                       protocol=0x0003, target=0x1, keys=["0x0/0x0+0"])
 
 
 def _undo_ifb(data: dict) -> None:
