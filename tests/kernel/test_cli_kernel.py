@@ -53,14 +53,17 @@ def test_dry_run_plans_but_writes_no_limit(tmp_path, rswap_env, unique_name):
     env = {**os.environ, **rswap_env, "RSWAP_PIN_DIR": f"/sys/fs/bpf/test-{unique_name}"}
     cpu_dir = os.path.join(detect_mounts().v1.get("cpu") or detect_mounts().unified, "rswap", name)
     limit_file = "cpu.cfs_quota_us" if os.path.exists(os.path.join(os.path.dirname(cpu_dir), "cpu.cfs_quota_us")) else "cpu.max"
-    p = subprocess.Popen(rswap_cmd() + ["run", "--dry-run", "--config", str(cfg), "--count", "8"],
+    p = subprocess.Popen(rswap_cmd() + ["run", "--dry-run", "--config", str(cfg), "--count", "12"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     try:
         deadline = time.monotonic() + 20 * TIME_SCALE
         while p.poll() is None and time.monotonic() < deadline:
             try:
-                st = json.loads(run_rswap("status", "--json", env=rswap_env).stdout or "{}")
+                # the status file the daemon publishes each tick: polling it is fast enough to
+                # see several ticks (a `rswap status` process per poll was not, in a full run)
+                with open(os.path.join(rswap_env["run"], "status.json")) as f:
+                    st = json.load(f)
                 with open(os.path.join(cpu_dir, limit_file)) as f:
                     seen.append((st.get("tick", 0), st["tasks"][name]["resources"]["cpu"]["allocation"],
                                  f.read().strip()))
