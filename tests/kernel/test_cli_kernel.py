@@ -51,8 +51,11 @@ def test_dry_run_plans_but_writes_no_limit(tmp_path, rswap_env, unique_name):
                    f'command = ["{sys.executable}", "-m", "rswap_ebpf.demo", "spin", "--seconds", "20"]\n'
                    f'cpu = {{ max = 300 }}\n')
     env = {**os.environ, **rswap_env, "RSWAP_PIN_DIR": f"/sys/fs/bpf/test-{unique_name}"}
-    cpu_dir = os.path.join(detect_mounts().v1.get("cpu") or detect_mounts().unified, "rswap", name)
-    limit_file = "cpu.cfs_quota_us" if os.path.exists(os.path.join(os.path.dirname(cpu_dir), "cpu.cfs_quota_us")) else "cpu.max"
+    mounts = detect_mounts()
+    cpu_root = mounts.v1.get("cpu") or mounts.unified
+    cpu_dir = os.path.join(cpu_root, "rswap", name)
+    # decided from the mount root: the shared rswap/ parent does not exist yet on a clean host
+    limit_file = "cpu.cfs_quota_us" if os.path.exists(os.path.join(cpu_root, "cpu.cfs_quota_us")) else "cpu.max"
     p = subprocess.Popen(rswap_cmd() + ["run", "--dry-run", "--config", str(cfg), "--count", "12"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
