@@ -3,14 +3,14 @@
 
 Tasks are added over the control socket (``task.add`` with a command the daemon starts in its own
 cgroup); each runs a fraction of a second, exits, and is reaped; names recur (``job-0`` ...
-``job-19``) the way cron jobs and batch retries do, so profiles.db keeps one series per name.
+``job-<tasks-1>``) the way cron jobs and batch retries do, so profiles.db keeps one series per name.
 Sampled from outside the daemon: its RSS (/proc/PID/status), open fds (/proc/PID/fd), entries of
 its pinned hash maps (bpftool), and profiles.db + WAL size.  After warm-up (the first third) each
 should stay flat: the table ends with the spread after warm-up.
 
     sudo .venv/bin/python tools/bench_soak.py --quick      # ~100 tasks, about a minute (CI)
     sudo .venv/bin/python tools/bench_soak.py              # 500 tasks
-    sudo .venv/bin/python tools/bench_soak.py --tasks 100000 --minutes 60   # an hour
+    sudo nice -n 19 .venv/bin/python tools/bench_soak.py --minutes 60 --samples 13   # an hour
 """
 from __future__ import annotations
 
@@ -121,6 +121,10 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         min_end = t0 + args.minutes * 60
         every = max(1, total // args.samples)
+        # a timed run samples by the clock: counting tasks would add a row every `every` tasks
+        # for the whole hour
+        period = args.minutes * 60 / args.samples if args.minutes else 0.0
+        next_sample = t0 + period
         started = refused = 0
         i = 0
         while started < total or time.monotonic() < min_end:
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
             if len(running) >= args.concurrent:
                 time.sleep(0.05)
                 continue
-            name = f"job-{i % 20}"
+            name = f"job-{i % total}"
             i += 1
             if name in running:
                 continue
@@ -142,7 +146,9 @@ def main(argv=None) -> int:
                 refused += 1
                 if refused > total:
                     raise SystemExit(f"task.add keeps failing: {err}")
-            if started % every == 0 or started == total:
+            due = (time.monotonic() >= next_sample) if period else (started % every == 0 or started == total)
+            if due:
+                next_sample += period
                 rows.append((time.monotonic() - t0, started, rss_kib(daemon.pid), fds(daemon.pid),
                              map_entries(env["RSWAP_PIN_DIR"]), db_kib(env["RSWAP_STATE_DIR"])))
     finally:
