@@ -2,7 +2,8 @@
 
 The autocorrelation of the recent samples is recomputed every ``every`` samples; the period is the
 first autocorrelation peak that is nearly as high as the highest one (so a period of 12 is not
-reported as 24), and it must be found twice in a row before it replaces the current one, so one
+reported as 24) and above Bartlett's significance band (so a random walk's wandering is not
+taken for a period), and it must be found twice in a row before it replaces the current one, so one
 noisy window does not rebuild every seasonal model.
 
 >>> d = PeriodDetector(max_period=30)
@@ -67,8 +68,12 @@ def detect(samples: list[float], min_period: int = 2, max_period: int = 120,
     if var <= 1e-12 * max(1.0, n):
         return 0, 0.0
     acf = np.array([np.dot(x[:-k], x[k:]) / var * n / (n - k) for k in range(1, hi + 1)])
+    # Bartlett's band: a slowly wandering series (a random walk) has large autocorrelations at
+    # every lag, and a bump in them is noise unless it clears 2 standard errors, which grow with
+    # the autocorrelation at the shorter lags: sqrt((1 + 2 * sum(acf[i]^2, i < k)) / n).
+    band = 2.0 * np.sqrt((1.0 + 2.0 * np.concatenate(([0.0], np.cumsum(acf ** 2)[:-1]))) / n)
     peaks = [k for k in range(min_period, hi + 1)
-             if acf[k - 1] >= threshold
+             if acf[k - 1] >= max(threshold, band[k - 1])
              and acf[k - 1] >= acf[k - 2]
              and (k == hi or acf[k - 1] >= acf[k])]
     if not peaks:

@@ -40,10 +40,13 @@ from .forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalN
 from .period import PeriodDetector
 
 CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "holt_winters", "snarimax",
-              "quantile_lags", "median")
-#: not a model of its own: the per-step median of the other candidates' point forecasts, scored
-#: like them, so selection can pick the combination where no single model is reliably best
-COMBINED = "median"
+              "quantile_lags", "median", "blend")
+#: not models of their own: combinations of the other candidates' point forecasts, scored like
+#: them, so selection can pick a combination where no single model is reliably best.  ``median``:
+#: per step, the median; ``blend``: per step, the models' forecasts weighted by the inverse square
+#: of their recent error at that step (a forecast combination, which can beat every model in it)
+COMBINERS = ("median", "blend")
+COMBINED = "median"  # kept for older imports
 LOSSES = ("pinball", "mae")
 
 
@@ -74,13 +77,14 @@ class AutoForecaster(Base):
                  quantile: float = 0.9, horizon: int = 5, half_life: float = 50.0,
                  scale: float = 1.0, max_period: int = 120, period: int = 0,
                  history: int = 600, min_scored: int = 10, hysteresis: float = 0.05,
-                 calibration: int = 100, seasonal_raise: bool = False):
+                 calibration: int = 100, seasonal_raise: bool = False, floor: bool = True):
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
             raise ConfigError("forecaster.candidates",
                               f"unknown {unknown} (known: {', '.join(CANDIDATES)})")
-        if COMBINED in candidates and len(set(candidates) - {COMBINED}) < 2:
-            raise ConfigError("forecaster.candidates", f"{COMBINED!r} combines at least two others")
+        for comb in COMBINERS:
+            if comb in candidates and len(set(candidates) - set(COMBINERS)) < 2:
+                raise ConfigError("forecaster.candidates", f"{comb!r} combines at least two others")
         if loss not in LOSSES:
             raise ConfigError("forecaster.loss", f"{loss!r} is not one of {', '.join(LOSSES)}")
         if not 0.0 < float(quantile) < 1.0:
@@ -100,6 +104,9 @@ class AutoForecaster(Base):
         if not isinstance(seasonal_raise, bool):  # TOML gives a bool; "false" must not be true
             raise ConfigError("forecaster.seasonal_raise", "must be true or false")
         self.seasonal_raise = seasonal_raise
+        if not isinstance(floor, bool):
+            raise ConfigError("forecaster.floor", "must be true or false")
+        self.floor = floor
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
         self._detector = PeriodDetector(max_period=self.max_period, every=3)
@@ -114,6 +121,8 @@ class AutoForecaster(Base):
         self._mae: dict[str, float] = {}
         self._scored: dict[str, int] = {}
         self._ewm_sums: dict[tuple[str, str], tuple[float, float]] = {}
+        #: per model and step ahead, (weighted sum, weight) of |error|: the blend's weights
+        self._step_err: dict[str, list[list[float]]] = {}
         self.serving = self.candidates[0]
         self._build(self.candidates)
 
@@ -144,8 +153,9 @@ class AutoForecaster(Base):
         so a model rebuilt for a new period competes on its record, not from zero."""
         names = [n for n in self.candidates if n in names]
         for name in names:
-            if name != COMBINED:
+            if name not in COMBINERS:
                 self._models[name] = self._make(name)
+                self._step_err[name] = [[0.0, 0.0] for _ in range(self.horizon)]
             self._pending[name] = deque(maxlen=self.horizon)
             self._resid[name] = [deque(maxlen=self.calibration) for _ in range(self.horizon)]
             for key in (self._loss, self._mae, self._scored):
@@ -153,28 +163,47 @@ class AutoForecaster(Base):
             for kind in ("loss", "mae"):
                 self._ewm_sums.pop((kind, name), None)
         self._at -= len(self._hist)
+        prev = None
         for y in self._hist:
             for name in names:
-                self._score(name, y)
-                if name != COMBINED:
+                self._score(name, y, prev)
+                if name not in COMBINERS:
                     self._models[name].learn_one(y)
             self._at += 1
+            prev = y
             self._push_all(names)
 
 
     def _push_all(self, names) -> None:
         for name in names:
-            if name != COMBINED:
+            if name not in COMBINERS:
                 self._push(name)
-        if COMBINED in names:
-            self._push(COMBINED)
+        for name in COMBINERS:  # after the models: they combine this tick's forecasts
+            if name in names:
+                self._push(name)
 
-    def _score(self, name: str, y: float) -> None:
+    def _score(self, name: str, y: float, prev: float | None) -> None:
+        """Score the forecasts made for ``y``; ``prev`` is the sample before it.
+
+        With ``floor``, what is scored is the allocation, not the bare forecast: the swap manager
+        never allocates less than the last observed use (``SwapManager.demand``), so the tick's
+        allocation is at least ``prev``; where that covers ``y`` the forecast's shortfall there
+        costs nothing, and its residual counts as at most 0 when the raise is calibrated (the
+        raise is then what the floor leaves uncovered, not what the forecast alone misses).
+        """
+        floor = prev if self.floor and prev is not None else None
+        covered = floor is not None and y <= floor
         total, n = 0.0, 0
         for age, (point, upper) in enumerate(reversed(self._pending[name]), start=1):
             f = point[age - 1]
-            self._resid[name][age - 1].append(y - f)
-            total += pinball(y, upper[age - 1], self.quantile) if self.loss == "pinball" \
+            self._resid[name][age - 1].append(min(y - f, 0.0) if covered else y - f)
+            se = self._step_err.get(name)
+            if se is not None:
+                acc = se[age - 1]
+                acc[0] = self._decay * acc[0] + abs(y - f)
+                acc[1] = self._decay * acc[1] + 1.0
+            alloc = upper[age - 1] if floor is None else max(upper[age - 1], floor)
+            total += pinball(y, alloc, self.quantile) if self.loss == "pinball" \
                 else abs(y - f)
             n += 1
             if age == 1:
@@ -193,13 +222,28 @@ class AutoForecaster(Base):
         return num / den
 
     def _point(self, name: str, horizon: int) -> list[float]:
-        if name != COMBINED:
+        if name not in COMBINERS:
             return self._models[name].forecast(horizon)
-        if horizon <= self.horizon and all(self._pending[n] for n in self._models):
-            per_model = [self._pending[n][-1][0][:horizon] for n in self._models]
+        names = list(self._models)
+        if horizon <= self.horizon and all(self._pending[n] for n in names):
+            per_model = [self._pending[n][-1][0][:horizon] for n in names]
         else:
-            per_model = [m.forecast(horizon) for m in self._models.values()]
-        return [_median(step) for step in zip(*per_model)]
+            per_model = [self._models[n].forecast(horizon) for n in names]
+        if name == "median":
+            return [_median(step) for step in zip(*per_model)]
+        out = []
+        for h, step in enumerate(zip(*per_model)):
+            errs = []
+            for n in names:
+                num, den = self._step_err[n][min(h, self.horizon - 1)]
+                errs.append(num / den if den > 0 else None)
+            if any(e is None for e in errs):
+                out.append(_median(step))
+                continue
+            floor = 1e-9 + 1e-6 * max(errs)
+            w = [1.0 / (e + floor) ** 2 for e in errs]
+            out.append(sum(wi * f for wi, f in zip(w, step)) / sum(w))
+        return out
 
     def _push(self, name: str) -> None:
         point = self._point(name, self.horizon)
@@ -208,8 +252,9 @@ class AutoForecaster(Base):
     # -- protocol ------------------------------------------------------------------------------
     def learn_one(self, y: float, x: dict | None = None) -> None:
         y = float(y)
+        prev = self._hist[-1] if self._hist else None
         for name in self.candidates:
-            self._score(name, y)
+            self._score(name, y, prev)
         self._hist.append(y)
         self._at += 1
         for m in self._models.values():
@@ -284,6 +329,10 @@ class AutoForecaster(Base):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        # checkpoints written before the blend and the allocation floor existed
+        self.__dict__.setdefault("floor", False)
+        if "_step_err" not in self.__dict__:
+            self._step_err = {n: [[0.0, 0.0] for _ in range(self.horizon)] for n in self._models}
         det = self._detector
         if det._buf is None:
             det._buf = deque(list(self._hist)[-det.window:], maxlen=det.window)
