@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,15 @@ class _Waiter:
     deadline: float | None = field(compare=False)
 
 
+def load_forecaster(spec) -> None:
+    """Build (and drop) a forecaster of ``spec`` so its libraries are imported, outside the
+    daemon's lock: ticks go on meanwhile.  A bad spec is left for the request to report."""
+    try:
+        make_forecaster(spec)
+    except Exception:  # noqa: BLE001 (validated, and reported, under the lock)
+        pass
+
+
 def parse_limits(raw: dict, pool_types, where: str) -> dict[ResourceType, Limits]:
     out: dict[ResourceType, Limits] = {}
     keys = {r.key for r in ResourceType}
@@ -117,8 +127,21 @@ class Scheduler:
         if handler is None:
             return error_reply(f"unknown op {op!r} (status, task.list, task.add, task.remove, "
                                "exec.allocate, exec.release)")
+        if op in ("task.add", "exec.allocate"):
+            load_forecaster(req.get("forecaster"))
         with self.daemon.mutex:
             return handler(req, peer)
+
+    def warm_up(self) -> threading.Thread:
+        """Import the default forecaster's libraries in the background while the daemon ticks.
+
+        The first ``auto`` forecaster imports River and SciPy: about a second here, half a minute
+        in an emulated VM, which a scheduler's first ``rswap exec`` would otherwise wait out.
+        """
+        t = threading.Thread(target=load_forecaster, args=(None,), name="rswap-warm-up",
+                             daemon=True)
+        t.start()
+        return t
 
     def _status(self, req, peer) -> dict:
         st = self.daemon.status()
@@ -268,6 +291,10 @@ class Scheduler:
                     preempted.append({"from": src, "resource": r.key, "units": take})
                     d.apply_allocation(src, r)
             d.apply_allocation(er.name, r)
+        # The grant stands until the task has real samples: its first ticks read ~0 while it
+        # starts, and the anti-thrash policy would otherwise hand the grant back meanwhile.
+        d.manager.hold_admission(er.name, {r: d.pool.allocation(r, er.name)
+                                           for r in plan.grant})
         if plan.shortfalls and self.overflow is not None:
             self.overflow.submit("admission", plan.shortfalls,
                                  {er.name: er.priority.name.lower()})

@@ -107,6 +107,24 @@ class AllocationResult:
 OverflowHook = Callable[[list[Shortfall]], None]
 
 
+@dataclass
+class AdmissionHold:
+    """What an admitted task was granted, kept as its demand floor until it has real samples.
+
+    An admitted task starts with no usage: its first ticks see a process still starting (or
+    not yet in its cgroup), so forecast and observed demand read ~0, and the anti-thrash policy
+    would take the admission grant away a few ticks later, before the task ever used it.  The
+    grant stands until ``samples`` ticks have shown the task using the resource (usage > 0), or
+    ``ticks`` ticks have passed, whichever comes first; then the usual policy applies.
+    """
+
+    grant: dict[ResourceType, int]
+    samples: int
+    ticks: int
+    seen: int = 0
+    age: int = 0
+
+
 @dataclass(frozen=True)
 class SwapRecord:
     """One line of the swap log: a change or a swap, when, and why."""
@@ -140,6 +158,8 @@ class SwapManager:
         self.policy = policy
         #: the last ``log_size`` changes and swaps, each with its reason (status, tests)
         self.swap_log: deque[SwapRecord] = deque(maxlen=log_size)
+        #: admitted tasks whose grant stands until they have real samples (hold_admission)
+        self.admission_holds: dict[str, AdmissionHold] = {}
 
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, task: ManagedTask) -> None:
@@ -152,10 +172,37 @@ class SwapManager:
     def remove_task(self, name: str) -> list[Change]:
         changes = self.deallocate_resources(name)
         self.tasks.pop(name, None)
+        self.admission_holds.pop(name, None)
         if self.policy is not None:
             self.policy.forget(name)
         self._record(AllocationResult(changes=changes))
         return changes
+
+    def hold_admission(self, name: str, grant: Mapping[ResourceType, int], samples: int = 3,
+                       ticks: int = 20) -> None:
+        """Keep ``name``'s admission ``grant`` as its demand floor until it has shown ``samples``
+        ticks of real usage (or ``ticks`` ticks passed): see :class:`AdmissionHold`."""
+        self._task(name)
+        kept = {r: int(u) for r, u in grant.items() if u > 0}
+        if kept and (samples > 0 or ticks > 0):
+            self.admission_holds[name] = AdmissionHold(kept, samples, ticks)
+        else:
+            self.admission_holds.pop(name, None)
+
+    def _age_admission_holds(self, usage: Mapping[str, Mapping[ResourceType, float]]) -> None:
+        """Count this tick toward each hold's end: one tick older, one sample more if it used
+        any held resource."""
+        for name, hold in list(self.admission_holds.items()):
+            if name not in self.tasks:
+                del self.admission_holds[name]
+                continue
+            hold.age += 1
+            if any((usage.get(name, {}).get(r) or 0.0) > 0 for r in hold.grant):
+                hold.seen += 1
+            if hold.seen >= hold.samples or hold.age >= hold.ticks:
+                del self.admission_holds[name]
+                log.info("%s: admission grant released to the policy after %d tick(s), "
+                         "%d with usage", name, hold.age, hold.seen)
 
     # -- the seed's API ----------------------------------------------------------------
     def find_available_swap(self, task: str, resource: ResourceType,
@@ -274,12 +321,17 @@ class SwapManager:
                 if f is None and r not in self.tasks[name].limits:
                     continue
                 demands[name] = self.demand(name, r, f or 0.0, usage.get(name, {}).get(r))
+                hold = self.admission_holds.get(name)
+                if hold is not None and r in hold.grant:
+                    demands[name] = self.tasks[name].limit(r).clamp(max(demands[name],
+                                                                        hold.grant[r]))
             shared = demands
             if self.policy is not None:
                 shared = self.policy.adjust(r, self.pool.total(r), demands,
                                             {n: self.pool.allocation(r, n) for n in demands})
             targets = self._share(r, shared)
             self._apply_targets(r, demands, targets, result)
+        self._age_admission_holds(usage)
         if result.shortfalls and self.overflow_hook:
             try:
                 self.overflow_hook(result.shortfalls)

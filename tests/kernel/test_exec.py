@@ -37,9 +37,11 @@ cpu = {{ min = 100 }}
 """
 
 # Prints "<cgroup> <quota> <period>" of the cpu controller the command runs under: v1's
-# cpu.cfs_quota_us/cpu.cfs_period_us on a hybrid host, cgroup2's cpu.max on a unified one.
+# cpu.cfs_quota_us/cpu.cfs_period_us on a hybrid host, cgroup2's cpu.max on a unified one,
+# after sleeping argv[2] seconds (a task slow to start, showing no usage meanwhile).
 QUOTA = """
-import os, sys
+import os, sys, time
+time.sleep(float(sys.argv[2]))
 v1 = v2 = None
 for line in open("/proc/self/cgroup"):
     hid, ctrls, rel = line.strip().split(":", 2)
@@ -61,7 +63,9 @@ sys.exit(int(sys.argv[1]))
 
 @pytest.fixture
 def daemon(tmp_path, rswap_env, unique_name):
-    env = {**rswap_env, "RSWAP_PIN_DIR": f"/sys/fs/bpf/test-{unique_name}"}
+    # The clients' wait for an answer stretches with the test pacing (an emulated VM answers late).
+    env = {**rswap_env, "RSWAP_PIN_DIR": f"/sys/fs/bpf/test-{unique_name}",
+           "RSWAP_CONTROL_TIMEOUT": str(30 * TIME_SCALE)}
     batch = f"batch-{unique_name}"
     hook = str(tmp_path / "overflow.jsonl")
     cfg = tmp_path / "rswap.toml"
@@ -120,12 +124,16 @@ def test_critical_exec_takes_from_batch_runs_in_its_cgroup_and_passes_exit_statu
     _wait_pool_full(daemon)
     name = f"crit-{daemon['name']}"
     out = run_rswap("exec", "--name", name, "--priority", "critical", "--max", "cpu=600",
-                    "--", sys.executable, "-c", QUOTA, "7", env=daemon["env"])
+                    "--", sys.executable, "-S", "-c", QUOTA, "7", "2.0",
+                    env=daemon["env"])
     assert out.returncode == 7, out.stderr
     assert f"{name} (critical) allocated cpu 600" in out.stderr
     rel, quota, period = out.stdout.split()
     assert rel == f"/rswap/{name}"
-    # the quota was in place before the command ran: 600 millicores of the CFS period
+    # The quota was in place before the command ran (600 millicores of the CFS period) and is
+    # still there after ~7 ticks of a task showing no usage: an admitted task keeps its grant
+    # until it has real samples (swap.manager.AdmissionHold, at most 20 ticks = 6 s here), where
+    # the anti-thrash policy alone would have started lowering it after hold_ticks (0.6 s).
     assert int(quota) == 600 * int(period) // 1000
     tasks = _tasks(daemon)
     assert name not in tasks  # released when it exited
@@ -138,9 +146,11 @@ def test_critical_exec_takes_from_batch_runs_in_its_cgroup_and_passes_exit_statu
 def test_normal_exec_is_refused_with_the_shortfall_and_the_overflow_hook_hears_it(daemon):
     _wait_pool_full(daemon)
     name = f"norm-{daemon['name']}"
-    out = run_rswap("exec", "--name", name, "--max", "cpu=400", "--", "true", env=daemon["env"])
+    # 950 > the 900 the pool can have free while batch holds its minimum: refused however the
+    # batch's allocation moves (on a loaded host it dips below the whole pool now and then).
+    out = run_rswap("exec", "--name", name, "--max", "cpu=950", "--", "true", env=daemon["env"])
     assert out.returncode == 75, out.stderr
-    assert f"task {name} (normal) not started" in out.stderr and "400 millicores" in out.stderr
+    assert f"task {name} (normal) not started" in out.stderr and "950 millicores" in out.stderr
     deadline = time.monotonic() + 10 * TIME_SCALE
     docs = []
     while time.monotonic() < deadline:
@@ -150,9 +160,12 @@ def test_normal_exec_is_refused_with_the_shortfall_and_the_overflow_hook_hears_i
                 break
         time.sleep(0.1)
     adm = [doc for doc in docs if doc["event"] == "admission"]
-    assert adm and adm[-1]["shortfalls"] == [
-        {"task": name, "priority": "normal", "resource": "cpu", "unit": "millicores",
-         "wanted": 400, "granted": 0, "missing": 400}]
+    assert adm
+    (sf,) = adm[-1]["shortfalls"]
+    granted = sf.pop("granted")
+    assert 0 <= granted <= 900 and sf == {"task": name, "priority": "normal", "resource": "cpu",
+                                          "unit": "millicores", "wanted": 950,
+                                          "missing": 950 - granted}
     assert name not in _tasks(daemon)
 
 
@@ -160,13 +173,14 @@ def test_waiting_exec_times_out_or_starts_when_units_are_freed(daemon):
     _wait_pool_full(daemon)
     name = f"norm-{daemon['name']}"
     t0 = time.monotonic()
-    out = run_rswap("exec", "--name", name, "--max", "cpu=300", "--wait", "--timeout", "1",
+    # 950: more than can be free while batch holds its minimum (see above)
+    out = run_rswap("exec", "--name", name, "--max", "cpu=950", "--wait", "--timeout", "1",
                     "--", "true", env=daemon["env"])
     assert out.returncode == 75 and "timed out" in out.stderr, out.stderr
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 15 * TIME_SCALE
     full = {**os.environ, **daemon["env"]}
-    waiter = subprocess.Popen(rswap_cmd() + ["exec", "--name", name, "--max", "cpu=300", "--wait",
-                                             "--timeout", "30", "--", "sh", "-c", "exit 3"],
+    waiter = subprocess.Popen(rswap_cmd() + ["exec", "--name", name, "--max", "cpu=950", "--wait",
+                                             "--timeout", f"{30 * TIME_SCALE:g}", "--", "sh", "-c", "exit 3"],
                               env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10 * TIME_SCALE

@@ -171,3 +171,62 @@ def test_a_diverging_forecast_costs_at_most_the_pool_never_an_exception():
     assert m.pool.allocation(CPU, "a") == 1900 and m.pool.allocation(CPU, "b") == 100
     assert m.demand("a", CPU, float("nan")) == 2000
     assert {s.task for s in res.shortfalls} == {"a", "b"}
+
+
+# -- an admitted task keeps its grant until it has real samples --------------------------------
+def _admitted(samples=3, ticks=20):
+    from rswap_ebpf.swap.policy import StabilityPolicy
+
+    m = make(total=1000, policy=StabilityPolicy(hold_ticks=2, deadband=0.1, max_step_down=0.25))
+    add(m, "batch", "batch", lo=100)
+    m.proactive_allocation({"batch": {CPU: 1000}}, {"batch": {CPU: 1000}})
+    assert m.pool.allocation(CPU, "batch") == 1000
+    add(m, "crit", "critical", hi=600)
+    for src, take in m.find_available_swap("crit", CPU, 600):
+        m.swap_resources("crit", CPU, take, src)
+    m.hold_admission("crit", {CPU: 600}, samples=samples, ticks=ticks)
+    return m
+
+
+def _tick(m, crit_used):
+    m.proactive_allocation({"crit": {CPU: crit_used}, "batch": {CPU: 1000}},
+                           {"crit": {CPU: crit_used}, "batch": {CPU: 1000}})
+    return m.pool.allocation(CPU, "crit")
+
+
+def test_without_the_hold_a_starting_task_loses_its_grant_before_it_runs():
+    """The race the hold closes: ticks that see a process still starting (usage 0)."""
+    m = _admitted()
+    m.admission_holds.clear()
+    held = [_tick(m, 0.0) for _ in range(6)]
+    assert held[:2] == [600, 600] and held[-1] < 600
+
+
+def test_admitted_task_keeps_its_grant_while_it_shows_no_usage():
+    m = _admitted(samples=3, ticks=20)
+    assert [_tick(m, 0.0) for _ in range(10)] == [600] * 10
+    assert "crit" in m.admission_holds
+    assert m.pool.allocation(CPU, "batch") == 400  # batch cannot take it back meanwhile
+
+
+def test_hold_ends_after_enough_real_samples_then_the_policy_lowers_it():
+    m = _admitted(samples=3, ticks=20)
+    held = [_tick(m, 0.0), _tick(m, 50.0), _tick(m, 50.0), _tick(m, 50.0)]
+    assert held == [600] * 4 and "crit" not in m.admission_holds
+    later = [_tick(m, 50.0) for _ in range(6)]
+    assert later[:2] == [600, 600]  # the policy's own hold_ticks, as for any task
+    assert later[-1] < 600
+
+
+def test_hold_ends_after_its_tick_bound_even_for_an_idle_task():
+    m = _admitted(samples=3, ticks=4)
+    assert [_tick(m, 0.0) for _ in range(4)] == [600] * 4
+    assert "crit" not in m.admission_holds
+    assert [_tick(m, 0.0) for _ in range(6)][-1] < 600
+
+
+def test_hold_is_dropped_with_the_task():
+    m = _admitted()
+    m.remove_task("crit")
+    assert m.admission_holds == {}
+    assert m.pool.allocation(CPU, "crit") == 0
