@@ -147,11 +147,11 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from .daemon import Lock, status_path
 
-    from .control import NotRunning, request
+    from .control import NotRunning, answer_timeout, request
 
     st = None
     try:  # the daemon's own answer, through the control socket (root)...
-        st = request("status", timeout=5)["status"]
+        st = request("status", timeout=answer_timeout(5))["status"]
     except NotRunning:
         pass
     except RswapError:  # ...else (not root) the status file it writes every tick

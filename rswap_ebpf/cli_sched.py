@@ -123,7 +123,7 @@ def _print_error(reply: dict) -> None:
 
 def cmd_exec(args) -> int:
     from .cli import _need_root
-    from .control import raw_request
+    from .control import answer_timeout, raw_request
 
     argv = _argv(args.argv)
     if not argv:
@@ -135,7 +135,8 @@ def cmd_exec(args) -> int:
            "limits": _limits(args), "wait": args.wait, "timeout": args.timeout}
     if args.forecaster is not None:
         req["forecaster"] = args.forecaster
-    wait_s = None if args.wait and args.timeout is None else (args.timeout or 0) + 30
+    wait_s = (None if args.wait and args.timeout is None
+              else (args.timeout or 0) + answer_timeout(30))
     reply = raw_request(req, timeout=wait_s)
     if not reply.get("ok"):
         _print_error(reply)
@@ -152,7 +153,7 @@ def cmd_exec(args) -> int:
 
 def _run_in(procs: list[str], argv: list[str], name: str, env: dict | None = None) -> int:
     """Fork; the child joins the task's cgroup before exec; the parent waits and releases."""
-    from .control import request
+    from .control import answer_timeout, request
     from .errors import RswapError
 
     sys.stdout.flush()
@@ -194,7 +195,7 @@ def _run_in(procs: list[str], argv: list[str], name: str, env: dict | None = Non
     code = os.waitstatus_to_exitcode(status)
     code = 128 - code if code < 0 else code
     try:
-        request("exec.release", name=name)
+        request("exec.release", timeout=answer_timeout(), name=name)
     except RswapError as err:  # the daemon may have reaped it first, or stopped
         if "no task named" not in str(err):
             print(f"rswap: releasing {name}: {err}", file=sys.stderr)
@@ -203,11 +204,11 @@ def _run_in(procs: list[str], argv: list[str], name: str, env: dict | None = Non
 
 def cmd_task(args) -> int:
     from .cli import _need_root
-    from .control import raw_request
+    from .control import answer_timeout, raw_request
 
     _need_root("task")
     if args.task_command == "list":
-        reply = raw_request({"op": "task.list"})
+        reply = raw_request({"op": "task.list"}, timeout=answer_timeout())
         if not reply.get("ok"):
             _print_error(reply)
             return 1
@@ -223,7 +224,7 @@ def cmd_task(args) -> int:
             print(f"{name:<16.16} (waiting for units)")
         return 0
     if args.task_command == "remove":
-        reply = raw_request({"op": "task.remove", "name": args.name})
+        reply = raw_request({"op": "task.remove", "name": args.name}, timeout=answer_timeout())
         if not reply.get("ok"):
             _print_error(reply)
             return 2 if "field" in reply else 1
@@ -240,7 +241,7 @@ def cmd_task(args) -> int:
         req["pids"] = args.pid
     if args.forecaster is not None:
         req["forecaster"] = args.forecaster
-    reply = raw_request(req)
+    reply = raw_request(req, timeout=answer_timeout())
     if not reply.get("ok"):
         _print_error(reply)
         return 2 if "field" in reply else 1

@@ -61,6 +61,21 @@ def socket_path() -> str:
     return os.path.join(paths.root("RUN_DIR"), SOCKET_NAME)
 
 
+def answer_timeout(default: float = 10.0) -> float:
+    """Seconds a client waits for the daemon's answer: ``default``, or more where
+    ``RSWAP_CONTROL_TIMEOUT`` says so (a daemon on a slow, software-emulated VM answers late)."""
+    raw = os.environ.get("RSWAP_CONTROL_TIMEOUT")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError("RSWAP_CONTROL_TIMEOUT", f"expected seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError("RSWAP_CONTROL_TIMEOUT", f"expected seconds > 0, got {raw!r}")
+    return max(default, value)
+
+
 @dataclass(frozen=True)
 class Peer:
     pid: int

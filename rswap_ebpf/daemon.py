@@ -680,6 +680,7 @@ class Daemon:
         self.scheduler = Scheduler(self, self.overflow)
         self.control = ControlServer(self.scheduler.dispatch)
         self.control.start()
+        self.scheduler.warm_up()  # a first rswap exec / task add need not wait for River's import
 
     def _close_control(self) -> None:
         if self.scheduler is not None:

@@ -180,7 +180,8 @@ def test_waiting_exec_times_out_or_starts_when_units_are_freed(daemon):
     assert time.monotonic() - t0 < 15 * TIME_SCALE
     full = {**os.environ, **daemon["env"]}
     waiter = subprocess.Popen(rswap_cmd() + ["exec", "--name", name, "--max", "cpu=950", "--wait",
-                                             "--timeout", f"{30 * TIME_SCALE:g}", "--", "sh", "-c", "exit 3"],
+                                             "--timeout", f"{30 * TIME_SCALE:g}",
+                                             "--", "sh", "-c", "exit 3"],
                               env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10 * TIME_SCALE

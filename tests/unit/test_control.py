@@ -203,3 +203,16 @@ def test_client_hanging_up_cancels_its_waiting_request(server):
 def test_client_says_clearly_when_no_daemon_runs(tmp_path):
     with pytest.raises(RswapError, match="no rswap daemon is running"):
         request("status", path=str(tmp_path / "absent.sock"))
+
+
+def test_answer_timeout_is_raised_but_never_lowered_by_the_environment(monkeypatch):
+    monkeypatch.delenv("RSWAP_CONTROL_TIMEOUT", raising=False)
+    assert control.answer_timeout() == 10.0 and control.answer_timeout(30) == 30
+    monkeypatch.setenv("RSWAP_CONTROL_TIMEOUT", "120")
+    assert control.answer_timeout(5) == 120.0 and control.answer_timeout(300) == 300
+    monkeypatch.setenv("RSWAP_CONTROL_TIMEOUT", "1")
+    assert control.answer_timeout(30) == 30
+    for bad in ("soon", "0", "-3", "inf", "nan"):
+        monkeypatch.setenv("RSWAP_CONTROL_TIMEOUT", bad)
+        with pytest.raises(ConfigError):
+            control.answer_timeout()
