@@ -77,6 +77,25 @@ class TaskProfile:
         #: set when restored from the store: the first sample bridges the ticks since then
         self.resumed_at: float | None = None
 
+    def __getstate__(self) -> dict:
+        """History once: when the forecaster keeps the same samples (online selection does, to
+        replay them into rebuilt models), the checkpoint stores them there only."""
+        state = dict(self.__dict__)
+        kept = getattr(self.forecaster, "_hist", None)
+        n = len(self.history)
+        if n and kept is not None and len(kept) >= n and \
+                all(a == b for a, b in zip(self.history, list(kept)[len(kept) - n:])):
+            state["history"] = ("forecaster", n, self.history.maxlen)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        hist = state.get("history")
+        if isinstance(hist, tuple) and hist and hist[0] == "forecaster":
+            _, n, maxlen = hist
+            kept = list(state["forecaster"]._hist)
+            state["history"] = deque(kept[len(kept) - n:], maxlen=maxlen)
+        self.__dict__.update(state)
+
     @property
     def model_name(self) -> str:
         """The model that serves: for online selection, the candidate chosen now."""

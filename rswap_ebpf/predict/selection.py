@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import struct
 from array import array
 from collections import deque
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "holt_winters", "
 COMBINERS = ("median", "blend")
 COMBINED = "median"  # kept for older imports
 LOSSES = ("pinball", "mae")
+_HALF_MAX = 65504.0  # the largest finite half-precision float
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,8 @@ class AutoForecaster(Base):
         total, n = 0.0, 0
         for age, (point, upper) in enumerate(reversed(self._pending[name]), start=1):
             f = point[age - 1]
-            self._resid[name][age - 1].append(min(y - f, 0.0) if covered else y - f)
+            self._resid[name][age - 1].append(
+                self._half(min(y - f, 0.0) if covered else y - f))
             se = self._step_err.get(name)
             if se is not None:
                 acc = se[age - 1]
@@ -211,6 +214,13 @@ class AutoForecaster(Base):
         if n:
             self._loss[name] = self._ewm(("loss", name), total / n)
             self._scored[name] = self._scored.get(name, 0) + 1
+
+    def _half(self, e: float) -> float:
+        """A residual as it is kept: a half-precision float of ``e / scale`` (3 significant
+        digits, plenty for a quantile), times ``scale``.  Kept so in memory too, a checkpoint
+        stores residuals in 2 bytes each and a restore gives back exactly the same values."""
+        x = min(max(e / self.scale, -_HALF_MAX), _HALF_MAX)
+        return struct.unpack("<e", struct.pack("<e", x))[0] * self.scale
 
     def _ewm(self, key: tuple[str, str], sample: float) -> float:
         """Exponentially weighted mean with the weights summed, not seeded with the first sample:
@@ -318,13 +328,15 @@ class AutoForecaster(Base):
     # -- checkpoints ---------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """Compact: the period detector's window is the tail of the kept history (not stored
-        twice), and residuals, which only feed a quantile, are stored as float32 (7 digits,
-        far finer than any measurement) -- they were most of a checkpoint's bytes."""
+        twice), and residuals, which only feed a quantile and are kept at half precision (see
+        :meth:`_half`), are stored as 2-byte floats -- they were most of a checkpoint's bytes."""
         state = dict(self.__dict__)
         det = state["_detector"] = copy.copy(self._detector)
         det._buf = None
-        state["_resid"] = {n: [array("f", d).tobytes() for d in per_step]
+        state["_resid"] = {n: [struct.pack(f"<{len(d)}e", *(e / self.scale for e in d))
+                               for d in per_step]
                            for n, per_step in self._resid.items()}
+        state["_resid_format"] = "e"
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -336,10 +348,16 @@ class AutoForecaster(Base):
         det = self._detector
         if det._buf is None:
             det._buf = deque(list(self._hist)[-det.window:], maxlen=det.window)
+        fmt = self.__dict__.pop("_resid_format", "f")  # "f": float32, before half precision
         for n, per_step in self._resid.items():
             if per_step and isinstance(per_step[0], bytes):
-                self._resid[n] = [deque(array("f", b), maxlen=self.calibration)
-                                  for b in per_step]
+                if fmt == "e":
+                    self._resid[n] = [deque((v * self.scale for v in
+                                             struct.unpack(f"<{len(b) // 2}e", b)),
+                                            maxlen=self.calibration) for b in per_step]
+                else:
+                    self._resid[n] = [deque(array("f", b), maxlen=self.calibration)
+                                      for b in per_step]
 
     # -- reporting -----------------------------------------------------------------------------
     def errors(self) -> dict[str, CandidateError]:

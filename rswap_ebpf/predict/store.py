@@ -6,8 +6,11 @@ Layout, per series (a task's stable identity x a resource key):
   next checkpoint covers them; then they are folded into ``rollup`` and deleted.
 * ``state``: the pickled :class:`~.profile.TaskProfile` (history, forecaster, errors) at its last
   checkpoint, with the serving model and its MAE in plain columns for inspection.
-* ``rollup``: the long-term history downsampled to ``rollup_s`` buckets (mean, max, count), kept
-  ``retention_days``.
+* ``rollup_day``: the long-term history downsampled to ``rollup_s`` buckets (mean, max, count),
+  kept ``retention_days``: one row per series and UTC day, its buckets packed in a blob
+  (float32 mean, float32 max, uint32 count per bucket, zlib), a tenth of the bytes of one row
+  per bucket.  (``rollup``, one row per bucket, is what older databases hold: still read and
+  pruned, no longer written.)
 
 Loading a series gives its checkpoint plus the samples written after it; replaying them restores
 the profile exactly, so a restart or ``kill -9`` loses at most the tick that was being written.
@@ -17,9 +20,12 @@ power loss may lose the last few ticks; ``synchronous="FULL"`` trades speed for 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sqlite3
 import time
+import zlib
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,7 +63,34 @@ CREATE TABLE IF NOT EXISTS rollup (
     n INTEGER NOT NULL,
     PRIMARY KEY (series, bucket)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_day (
+    series INTEGER NOT NULL,
+    day INTEGER NOT NULL,
+    buckets BLOB NOT NULL,
+    PRIMARY KEY (series, day)
+);
 """
+
+DAY_S = 86400
+
+
+def _pack(nb: int, buckets: dict[int, tuple[float, float, int]]) -> bytes:
+    """A day's buckets (index -> (mean, max, count)) as a blob; empty buckets have count 0."""
+    means, maxes, counts = array("f", bytes(4 * nb)), array("f", bytes(4 * nb)), \
+        array("I", bytes(4 * nb))
+    for i, (mean, mx, n) in buckets.items():
+        means[i], maxes[i], counts[i] = mean, mx, n
+    return zlib.compress(means.tobytes() + maxes.tobytes() + counts.tobytes(), 6)
+
+
+def _unpack(blob: bytes) -> dict[int, tuple[float, float, int]]:
+    raw = zlib.decompress(blob)
+    nb = len(raw) // 12
+    means, maxes, counts = array("f"), array("f"), array("I")
+    means.frombytes(raw[:4 * nb])
+    maxes.frombytes(raw[4 * nb:8 * nb])
+    counts.frombytes(raw[8 * nb:])
+    return {i: (means[i], maxes[i], counts[i]) for i in range(nb) if counts[i]}
 
 
 @dataclass(frozen=True)
@@ -185,19 +218,26 @@ class ProfileStore:
     def _fold(self, now: float, sids: list[int]) -> None:
         """Move samples a checkpoint now covers into the rollup buckets (inside the transaction)."""
         b = int(self.retention.rollup_s)
+        nb = math.ceil(DAY_S / b)  # buckets start at the day's first second
         for sid in sids:
             rows = self.db.execute(
-                "SELECT CAST(t / ? AS INTEGER) * ?, SUM(units), MAX(units), COUNT(*) FROM sample "
-                "WHERE series=? AND t<=? GROUP BY 1", (b, b, sid, now)).fetchall()
-            for bucket, total, mx, n in rows:
-                old = self.db.execute("SELECT mean, max, n FROM rollup WHERE series=? AND bucket=?",
-                                      (sid, bucket)).fetchone()
-                if old:
-                    total += old[0] * old[2]
-                    mx = max(mx, old[1])
-                    n += old[2]
-                self.db.execute("INSERT OR REPLACE INTO rollup VALUES (?, ?, ?, ?, ?)",
-                                (sid, bucket, total / n, mx, n))
+                "SELECT CAST(t / ? AS INTEGER), CAST((t % ?) / ? AS INTEGER), SUM(units), "
+                "MAX(units), COUNT(*) FROM sample WHERE series=? AND t<=? GROUP BY 1, 2",
+                (DAY_S, DAY_S, b, sid, now)).fetchall()
+            days: dict[int, list] = {}
+            for day, i, total, mx, n in rows:
+                days.setdefault(day, []).append((i, total, mx, n))
+            for day, items in days.items():
+                old = self.db.execute("SELECT buckets FROM rollup_day WHERE series=? AND day=?",
+                                      (sid, day)).fetchone()
+                buckets = _unpack(old[0]) if old else {}
+                for i, total, mx, n in items:
+                    if i in buckets:
+                        m0, x0, n0 = buckets[i]
+                        total, mx, n = total + m0 * n0, max(mx, x0), n + n0
+                    buckets[i] = (total / n, mx, n)
+                self.db.execute("INSERT OR REPLACE INTO rollup_day VALUES (?, ?, ?)",
+                                (sid, day, _pack(nb, buckets)))
             self.db.execute("DELETE FROM sample WHERE series=? AND t<=?", (sid, now))
 
     def prune(self, now: float | None = None) -> int:
@@ -208,10 +248,14 @@ class ProfileStore:
         try:
             with self.db:
                 n = self.db.execute("DELETE FROM rollup WHERE bucket < ?", (cutoff,)).rowcount
+                # a day goes once all of it is older than the retention: the history kept is
+                # retention_days plus at most the part of a day that straddles the cutoff
+                n += self.db.execute("DELETE FROM rollup_day WHERE (day + 1) * ? <= ?",
+                                     (DAY_S, cutoff)).rowcount
                 stale = [r[0] for r in self.db.execute(
                     "SELECT id FROM series WHERE last_seen < ?", (cutoff,))]
                 for sid in stale:
-                    for table in ("sample", "rollup"):
+                    for table in ("sample", "rollup", "rollup_day"):
                         self.db.execute(f"DELETE FROM {table} WHERE series=?", (sid,))
                     self.db.execute("DELETE FROM state WHERE series=?", (sid,))
                     self.db.execute("DELETE FROM series WHERE id=?", (sid,))
@@ -250,6 +294,11 @@ class ProfileStore:
             return []
         out = [tuple(r) for r in self.db.execute(
             "SELECT bucket, mean, max, n FROM rollup WHERE series=? ORDER BY bucket", (row[0],))]
+        b = int(self.retention.rollup_s)
+        for day, blob in self.db.execute(
+                "SELECT day, buckets FROM rollup_day WHERE series=? ORDER BY day", (row[0],)):
+            out += [(day * DAY_S + i * b, mean, mx, n)
+                    for i, (mean, mx, n) in sorted(_unpack(blob).items())]
         out += [(t, u, u, 1) for t, u in self.db.execute(
             "SELECT t, units FROM sample WHERE series=? ORDER BY t", (row[0],))]
         return out

@@ -185,3 +185,43 @@ def test_a_restart_after_a_gap_keeps_the_seasonal_phase(tmp_path, monkeypatch):
     q.update_prediction("web", cpu, 0.0)
     ahead = q.get_predicted_needs("web", 5)[cpu].series
     assert [round(v) for v in ahead] == [0, 0, 1000, 1000, 1000]  # i=38..42
+
+
+def test_checkpoints_store_history_once_and_restore_it_exactly():
+    import pickle
+
+    from rswap_ebpf.predict.profile import freeze, thaw
+
+    p = profiler(None)
+    for i in range(400):
+        p.update_prediction("web", CPU, y(i) + i / 7.0)
+    prof = p.profiles[("web", CPU)]
+    state = prof.__getstate__()
+    assert state["history"] == ("forecaster", 400, prof.history.maxlen)  # not a second copy
+    back = thaw(freeze(prof))
+    assert list(back.history) == list(prof.history)
+    assert back.history.maxlen == prof.history.maxlen
+    # residuals are kept at half precision in memory too: a restore gives the same values
+    assert {n: [list(d) for d in r] for n, r in back.forecaster._resid.items()} == \
+        {n: [list(d) for d in r] for n, r in prof.forecaster._resid.items()}
+    assert back.forecast(6) == prof.forecast(6)
+    # a forecaster that was bridged over a gap has samples the profile's history lacks: kept
+    prof.bridge(3)
+    assert isinstance(prof.__getstate__()["history"], type(prof.history))
+    assert list(pickle.loads(pickle.dumps(prof)).history) == list(prof.history)
+
+
+def test_rollups_are_one_packed_row_per_series_and_day(tmp_path):
+    with ProfileStore(str(tmp_path / "p.db"), Retention(days=2, rollup_s=300)) as st:
+        p = profiler(st, checkpoint_every=30)
+        t0 = 86400.0 * 100 + 3600  # day 100, 01:00
+        for i in range(3 * 24 * 12):  # three days of 5-minute ticks
+            p.update_prediction("a", CPU, float(i % 288))
+            p.flush(t0 + 300.0 * i)
+        p.checkpoint(t0 + 300.0 * 864)
+        days = [r[0] for r in st.db.execute("SELECT day FROM rollup_day ORDER BY day")]
+        assert days == [101, 102, 103]  # day 100 fell out of the 2-day retention
+        hist = st.history("a", "cpu")
+        assert [h[0] for h in hist] == sorted(h[0] for h in hist)
+        assert all(h[3] == 1 and h[1] == h[2] == float(int(((h[0] - t0) / 300) % 288))
+                   for h in hist)
