@@ -19,10 +19,26 @@ from __future__ import annotations
 
 import copy
 import math
+import struct
 from collections import deque
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ConfigError
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def single(y: float) -> float:
+    """``y`` to single precision (7 significant digits, far finer than any measurement).
+
+    Profiles keep samples so, in memory as on disk, so a checkpoint stores each in 4 bytes and
+    a restored profile holds exactly the values the running one held.
+    """
+    y = float(y)
+    if y != y:
+        return y
+    return struct.unpack("<f", struct.pack("<f", min(max(y, -_FLOAT32_MAX), _FLOAT32_MAX)))[0]
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..resources import ResourceType
-from .forecasters import Forecaster, make_forecaster
+from .forecasters import Forecaster, make_forecaster, single
 
 DEFAULT_HISTORY = 600
 
@@ -109,6 +109,7 @@ class TaskProfile:
         return getattr(self.forecaster, "serving_loss", None)
 
     def learn_one(self, y: float) -> None:
+        y = single(y)  # as the forecaster keeps it, so history is stored once (see __getstate__)
         if self._next is not None:
             err = abs(y - self._next)
             self.mae = err if self.mae is None else (

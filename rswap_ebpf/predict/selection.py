@@ -37,17 +37,21 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalNaive,
-                          holt_winters, snarimax)
+                          holt_winters, single, snarimax)
 from .period import PeriodDetector
 
 CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "holt_winters", "snarimax",
               "quantile_lags", "median", "blend")
 #: not models of their own: combinations of the other candidates' point forecasts, scored like
 #: them, so selection can pick a combination where no single model is reliably best.  ``median``:
-#: per step, the median; ``blend``: per step, the models' forecasts weighted by the inverse square
-#: of their recent error at that step (a forecast combination, which can beat every model in it)
+#: per step, the median; ``blend``: per step, the forecasts of the BLEND_TOP models with the least
+#: recent error at that step, weighted by the inverse square of that error (a forecast
+#: combination, which can beat every model in it)
 COMBINERS = ("median", "blend")
 COMBINED = "median"  # kept for older imports
+#: the blend combines the few models with the least recent error at each step: a trimmed
+#: combination (a model that has gone badly wrong gets no say at all, not merely a small one)
+BLEND_TOP = 3
 LOSSES = ("pinball", "mae")
 _HALF_MAX = 65504.0  # the largest finite half-precision float
 
@@ -251,8 +255,9 @@ class AutoForecaster(Base):
                 out.append(_median(step))
                 continue
             floor = 1e-9 + 1e-6 * max(errs)
-            w = [1.0 / (e + floor) ** 2 for e in errs]
-            out.append(sum(wi * f for wi, f in zip(w, step)) / sum(w))
+            best = sorted(range(len(errs)), key=lambda i: errs[i])[:BLEND_TOP]
+            w = [1.0 / (errs[i] + floor) ** 2 for i in best]
+            out.append(sum(wi * step[i] for wi, i in zip(w, best)) / sum(w))
         return out
 
     def _push(self, name: str) -> None:
@@ -261,7 +266,7 @@ class AutoForecaster(Base):
 
     # -- protocol ------------------------------------------------------------------------------
     def learn_one(self, y: float, x: dict | None = None) -> None:
-        y = float(y)
+        y = single(y)  # what is kept is what a checkpoint stores: 4 bytes a sample
         prev = self._hist[-1] if self._hist else None
         for name in self.candidates:
             self._score(name, y, prev)
@@ -337,10 +342,13 @@ class AutoForecaster(Base):
                                for d in per_step]
                            for n, per_step in self._resid.items()}
         state["_resid_format"] = "e"
+        state["_hist"] = array("f", self._hist).tobytes()  # samples are single precision
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        if isinstance(self._hist, bytes):
+            self._hist = deque(array("f", self._hist), maxlen=self.history)
         # checkpoints written before the blend and the allocation floor existed
         self.__dict__.setdefault("floor", False)
         if "_step_err" not in self.__dict__:
