@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import pickle
 import random
@@ -25,20 +26,22 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
-from rswap_ebpf.replay import default_totals, replay  # noqa: E402
+from rswap_ebpf.replay import ENFORCED_FLOOR, default_totals, replay  # noqa: E402
 from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 MODELS = ("last_value", "seasonal_naive", "seasonal_ewma", "holt_winters", "snarimax",
           "quantile_lags")
-QUANTILES = (0.5, 0.75, 0.9)
+QUANTILES = (0.5, 0.6, 0.75, 0.9)
 REACTIVE_HEADROOMS = (0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
@@ -85,8 +88,45 @@ def accuracy(traces) -> None:
             print(f"{name:<16} {task:<10.10} {r.key:<4} {p:>14} "
                   + " ".join(f"{row[c][0]:>6.0f} / {row[c][1]:>5.0f}"
                              for c in list(MODELS) + ["auto(mae)"])
-                  + f" {ratio:>6.2f} / {late:>5.2f}")
+                  + f" {ratio:>6.2f} / {late:>5.2f}"
+                  + ("  beats SN after warm-up" if late < 0.995 else
+                     "  ties SN" if late <= 1.005 else "  LOSES to SN"))
     print()
+
+
+def _lagrangian(series, total: int, lam: float, floor_units: float, growth: float = 2.0) -> float:
+    """The least shortfall + lam * slack of any allocation sequence on the daemon's path.
+
+    Allocations are whole units; the allocation for tick i+1 is never below the use observed at
+    tick i (``SwapManager.demand``), and a tick capped below its demand is observed as ``growth``
+    times its allocation, at most the pool (``SwapManager.observed_demand``).  Beyond that each
+    tick's allocation is free, as if the policy knew the future: dynamic programming over the
+    allocation, per task (the pool never binding).
+    """
+    a = np.arange(total + 1, dtype=float)
+    cap = np.maximum(a, floor_units)
+    value = np.zeros(total + 1)
+    for d in reversed(series[1:]):
+        used = np.minimum(d, cap)
+        grown = np.minimum(np.maximum(np.maximum(a, used), 1.0) * growth, total)
+        obs = np.where(d > cap, np.maximum(used, grown), used)
+        nxt = np.minimum(np.ceil(obs - 1e-9), total).astype(int)
+        best_from = np.minimum.accumulate(value[::-1])[::-1]  # best over allocations >= k
+        value = np.maximum(0.0, d - a) + lam * np.maximum(0.0, a - d) + best_from[nxt]
+    first = min(int(math.ceil(series[0] - 1e-9)), total)  # the first tick runs uncapped
+    return float(np.minimum.accumulate(value[::-1])[::-1][first])
+
+
+def clairvoyant_bound(trace, slack_budget: float) -> float:
+    """No policy on the daemon's allocation path, however good its forecasts, has less
+    shortfall than this at a slack of at most ``slack_budget`` (Lagrangian dual of the DP)."""
+    totals = default_totals(trace)
+    best = 0.0
+    for lam in np.concatenate(([0.0], np.geomspace(1e-3, 50.0, 60))):
+        v = sum(_lagrangian(list(s), totals[r], lam, ENFORCED_FLOOR.get(r, 1.0))
+                for (t, r), s in trace.demand.items())
+        best = max(best, v - lam * slack_budget)
+    return best * trace.interval
 
 
 def allocation(traces, seasonal_raise: bool) -> None:
@@ -113,8 +153,14 @@ def allocation(traces, seasonal_raise: bool) -> None:
                 m = next(((h, ms) for h, ms, ml in frontier if ml >= l), None)
                 matched = (f"{s / m[1]:.2f} (h={m[0]:g}: {m[1]:.0f})" if m and m[1]
                            else "reactive never reaches this slack")
+                bar = "BAR MET" if s <= 0.5 * rs and l <= rl else "bar not met"
+                matched = f"{matched:<26} {bar}"
             print(f"{os.path.basename(tr.source):<18.18} {p:<16} {s:>9.0f} {l:>9.0f} "
                   f"{s / rs if rs else 0:>12.2f} {l / rl if rl else 0:>12.2f} {matched}")
+        lb = clairvoyant_bound(tr, rl)
+        print(f"{os.path.basename(tr.source):<18.18} clairvoyant bound: at slack <= reactive's "
+              f"({rl:.0f}) no policy has shortfall below {lb:.0f} ({lb / rs if rs else 0:.2f} "
+              f"x reactive's)" + ("  -> the bar cannot be met here" if lb > 0.5 * rs else ""))
     print()
 
 
@@ -148,7 +194,9 @@ def store(tasks: int, hours: float, interval: float, checkpoint_every: int) -> N
         st.vacuum()
         size = st.size_bytes()
         counts = {t: st.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                  for t in ("sample", "rollup", "state")}
+                  for t in ("sample", "rollup_day", "state")}
+        pages = {name: size for name, size in st.db.execute(
+            "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name")} if _has_dbstat(st) else {}
         st.close()
     write_s.sort()
     print(f"== profile store: {tasks} tasks x {len(resources)} resources x {hours:g} h, "
@@ -156,9 +204,21 @@ def store(tasks: int, hours: float, interval: float, checkpoint_every: int) -> N
     print(f"checkpoint blob (auto selection, 600-sample history): {len(blob) / 1024:.1f} KiB "
           f"(its pickle before zlib: {len(plain) / 1024:.1f} KiB)")
     print(f"database on disk: {size / 2**20:.1f} MiB  (rows: {counts})")
+    if pages:
+        print("by table (MiB): " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in
+                                            sorted(pages.items(), key=lambda kv: -kv[1])
+                                            if v >= 2**16))
     print(f"write_tick: median {1000 * write_s[len(write_s) // 2]:.1f} ms, "
           f"p99 {1000 * write_s[int(0.99 * len(write_s))]:.1f} ms for {len(series)} series; "
           f"total {time.perf_counter() - start:.0f}s")
+
+
+def _has_dbstat(st) -> bool:
+    try:
+        st.db.execute("SELECT 1 FROM dbstat LIMIT 1")
+        return True
+    except Exception:
+        return False
 
 
 def main() -> int:
