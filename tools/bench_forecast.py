@@ -131,18 +131,19 @@ def clairvoyant_bound(trace, slack_budget: float) -> float:
 
 def allocation(traces, seasonal_raise: bool) -> None:
     print("== replay totals (unit*s), pool = trace's peak summed demand ==")
-    print(f"{'TRACE':<18} {'POLICY':<16} {'SHORT':>9} {'SLACK':>9} {'SHORT/react':>12} "
+    print(f"{'TRACE':<18} {'POLICY':<23} {'SHORT':>9} {'SLACK':>9} {'SHORT/react':>12} "
           f"{'SLACK/react':>12} {'vs reactive at >= slack (headroom): SHORT ratio':>10}")
     for tr in traces:
         res = replay(tr, ("static", "reactive", "vpa"))
         rs, rl = res.total("reactive", "shortfall"), res.total("reactive", "slack")
         rows = [(p, res.total(p, "shortfall"), res.total(p, "slack")) for p in
                 ("static", "reactive", "vpa")]
-        for q in QUANTILES:
-            pr = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q,
-                                                        "seasonal_raise": seasonal_raise})
-            rows.append((f"proactive q={q:g}", pr.total("proactive", "shortfall"),
-                         pr.total("proactive", "slack")))
+        for raise_ in (False, True) if seasonal_raise else (False,):
+            for q in QUANTILES:
+                pr = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q,
+                                                            "seasonal_raise": raise_})
+                rows.append((f"proactive q={q:g}" + (" +phase" if raise_ else ""),
+                             pr.total("proactive", "shortfall"), pr.total("proactive", "slack")))
         frontier = []
         for h in REACTIVE_HEADROOMS:
             rr = replay(tr, ("reactive",), headroom=h)
@@ -155,7 +156,7 @@ def allocation(traces, seasonal_raise: bool) -> None:
                            else "reactive never reaches this slack")
                 bar = "BAR MET" if s <= 0.5 * rs and l <= rl else "bar not met"
                 matched = f"{matched:<26} {bar}"
-            print(f"{os.path.basename(tr.source):<18.18} {p:<16} {s:>9.0f} {l:>9.0f} "
+            print(f"{os.path.basename(tr.source):<18.18} {p:<23} {s:>9.0f} {l:>9.0f} "
                   f"{s / rs if rs else 0:>12.2f} {l / rl if rl else 0:>12.2f} {matched}")
         lb = clairvoyant_bound(tr, rl)
         print(f"{os.path.basename(tr.source):<18.18} clairvoyant bound: at slack <= reactive's "
@@ -228,12 +229,12 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=60.0)
     p.add_argument("--checkpoint-every", type=int, default=60)
     p.add_argument("--skip-store", action="store_true")
-    p.add_argument("--seasonal-raise", action="store_true",
-                   help="raise forecasts by the errors at the same phase of the period only")
+    p.add_argument("--no-phase-rows", action="store_true",
+                   help="leave out the rows with seasonal_raise (errors at the same phase only)")
     a = p.parse_args()
     traces = [read_trace(f) for f in sorted(glob.glob(os.path.join(DATA, "*.csv")))]
     accuracy(traces)
-    allocation(traces, a.seasonal_raise)
+    allocation(traces, not a.no_phase_rows)
     if not a.skip_store:
         store(a.tasks, a.hours, a.interval, a.checkpoint_every)
     return 0
