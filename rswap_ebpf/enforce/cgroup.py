@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from .. import paths
 from ..errors import ConfigError, EnforceError, FeatureMissing
-from .journal import Journal, register_undo, remove_cgroup_dir, write_file
+from .journal import (Journal, allow_root, created_by_rswap, register_undo, remove_cgroup_dir,
+                      write_file)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ class CgroupManager:
     def __init__(self, journal: Journal, mounts: CgroupMounts | None = None):
         self.journal = journal
         self.mounts = mounts or detect_mounts()
+        for mnt in self.mounts.hierarchies.values():
+            allow_root(mnt)  # restore may act below the mounts this manager writes to
 
     def resolve(self, name: str, rel: str | None) -> TaskCgroup:
         """The task's directories: ``rel`` (an existing cgroup) or rswap's own ``rswap/<name>``."""
@@ -537,15 +540,77 @@ def iter_writes(writes: Iterable[Write]) -> str:
     return "\n".join(f"{p} <- {v}" for p, v in writes)
 
 
-def _undo_controllers(data: dict) -> None:
-    """Switch off what ``enable_controllers`` switched on; a controller still in use stays."""
-    for c in data["enabled"]:
+#: What each controller's files in a child hold until someone configures them
+#: (Documentation/admin-guide/cgroup-v2.rst); a file not listed here (stat, pressure...) is not
+#: configuration.  ``cpu.max`` is judged by its quota alone (the period may differ).
+_V2_DEFAULTS = {
+    "cpu": {"cpu.max": "max", "cpu.weight": "100", "cpu.max.burst": "0", "cpu.idle": "0",
+            "cpu.uclamp.min": "0.00", "cpu.uclamp.max": "max"},
+    "io": {"io.max": "", "io.weight": "default 100", "io.latency": "",
+           "io.prio.class": "no-change"},
+    "memory": {"memory.min": "0", "memory.low": "0", "memory.high": "max", "memory.max": "max",
+               "memory.swap.high": "max", "memory.swap.max": "max", "memory.zswap.max": "max",
+               "memory.oom.group": "0"},
+}
+
+
+def controller_in_use(child: str, controller: str) -> str | None:
+    """Why cgroup ``child`` depends on ``controller`` of its parent, or None when it does not.
+
+    It does when it passes the controller on (``cgroup.subtree_control`` names it: the kernel
+    would refuse to switch it off, EBUSY) or when any of the controller's files in it holds
+    something other than the kernel's default: someone configured it (systemd's CPUWeight=, an
+    admin's memory.max), and switching the controller off would silently drop that setting.
+    """
+    try:
+        with open(os.path.join(child, "cgroup.subtree_control")) as f:
+            if controller in f.read().split():
+                return f"{child} enables it for its children"
+    except OSError:
+        pass
+    for name, default in _V2_DEFAULTS.get(controller, {}).items():
         try:
-            write_file(data["path"], f"-{c}")
+            with open(os.path.join(child, name)) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if name == "cpu.max":
+            value = value.split()[0] if value else default
+        if value != default:
+            return f"{child}/{name} is {value!r}"
+    return None
+
+
+def _undo_controllers(data: dict) -> None:
+    """Switch off what ``enable_controllers`` switched on, unless something else now uses it.
+
+    The rule: a controller rswap enabled in ``P/cgroup.subtree_control`` is switched off only if
+    no child cgroup of ``P`` other than rswap's own (the directories this journal created, which
+    restore removes) depends on it (:func:`controller_in_use`: it enables it further down, or has
+    one of its files set away from the default).  Children that merely exist (created since, with
+    default settings) lose nothing when it goes.  A controller left on is reported, never forced
+    off; the kernel's EBUSY (a child that enables it, raced in) is treated the same way.
+    """
+    ctl = data["path"]
+    parent = os.path.dirname(ctl)
+    ours = created_by_rswap.get()
+    try:
+        children = [os.path.join(parent, n) for n in sorted(os.listdir(parent))
+                    if os.path.isdir(os.path.join(parent, n))]
+    except OSError:
+        children = []
+    others = [c for c in children if os.path.realpath(c) not in ours]
+    for c in data["enabled"]:
+        users = [why for why in (controller_in_use(child, c) for child in others) if why]
+        if users:
+            log.warning("%s: leaving %s on: %s", ctl, c, "; ".join(users))
+            continue
+        try:
+            write_file(ctl, f"-{c}")
         except OSError as err:
             if err.errno not in (errno.EBUSY, errno.ENOENT, errno.EINVAL):
                 raise
-            log.warning("%s: leaving %s on (%s)", data["path"], c, err.strerror)
+            log.warning("%s: leaving %s on (%s)", ctl, c, err.strerror)
 
 
 register_undo("cgroup_controllers", _undo_controllers)

@@ -15,6 +15,12 @@ Entry kinds (``op``):
             cgroup's ``cgroup.procs``).
 ``custom``  an entry owned by an enforcer that registered an undo handler for ``kind``
             (qdiscs, resctrl groups...); ``data`` is passed back to that handler.
+
+Restore does not trust the file: root acts on every path an entry names, so each one (``path``,
+``procs``, and in ``custom`` data ``path``, ``procs``, ``root`` and ``root``/``group``) must lie in
+the cgroup, resctrl or bpffs mounts, and ``name``/``netns`` must be single path components.  An
+entry that fails (``..``, a symlink out, an absolute path elsewhere, a NUL byte, not a string) is
+refused and reported, the others are restored, and the journal is kept for inspection.
 """
 from __future__ import annotations
 
@@ -24,15 +30,21 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import JournalError
+from .. import paths
+from ..errors import ConfigError, JournalError
 
 log = logging.getLogger(__name__)
 
 UndoHandler = Callable[[dict], None]
 _UNDO_HANDLERS: dict[str, UndoHandler] = {}
+
+#: While :meth:`Journal.restore` runs: the directories that journal records rswap as having
+#: created.  Undo handlers consult it to tell rswap's own cgroups from everybody else's.
+created_by_rswap: ContextVar[frozenset[str]] = ContextVar("created_by_rswap", default=frozenset())
 
 
 def register_undo(kind: str, handler: UndoHandler) -> None:
@@ -45,6 +57,8 @@ class RestoreReport:
     restored: int
     skipped: int
     failed: list[str]
+    #: entries not acted on because a path they name lies outside the mounts (also in ``failed``)
+    refused: list[str] = field(default_factory=list)
 
 
 class Journal:
@@ -125,21 +139,41 @@ class Journal:
         return out
 
     def restore(self) -> RestoreReport:
-        """Undo every entry, newest first, then remove the journal."""
+        """Undo every entry, newest first, then remove the journal.
+
+        Entries naming a path outside the cgroup, resctrl and bpffs mounts are refused (reported
+        in ``refused`` and ``failed``), the rest restored; the journal is kept if anything failed.
+        """
         entries = self.entries()
         restored = skipped = 0
         failed: list[str] = []
+        refused: list[str] = []
         done_writes: set[str] = set()
-        for entry in reversed(entries):
-            try:
-                if _undo(entry, done_writes):
-                    restored += 1
-                else:
-                    skipped += 1
-            except OSError as err:
-                failed.append(f"{_describe(entry)}: {err.strerror or err}")
-            except Exception as err:  # an undo handler's own error: report, carry on
-                failed.append(f"{_describe(entry)}: {err}")
+        bases = allowed_roots()
+        checked: list[dict] = []
+        for entry in entries:
+            reason = _refusal(entry, bases)
+            if reason is None:
+                checked.append(entry)
+            else:
+                refused.append(f"{_describe(entry)}: refused: {reason}")
+                log.error("journal %s: refusing an entry: %s", self.path, refused[-1])
+        created = frozenset(os.path.realpath(e["path"]) for e in checked if e["op"] == "mkdir")
+        token = created_by_rswap.set(created)
+        try:
+            for entry in reversed(checked):
+                try:
+                    if _undo(entry, done_writes):
+                        restored += 1
+                    else:
+                        skipped += 1
+                except OSError as err:
+                    failed.append(f"{_describe(entry)}: {err.strerror or err}")
+                except Exception as err:  # an undo handler's own error: report, carry on
+                    failed.append(f"{_describe(entry)}: {err}")
+        finally:
+            created_by_rswap.reset(token)
+        failed = refused + failed
         self.close()
         if not failed:
             try:
@@ -147,7 +181,7 @@ class Journal:
             except FileNotFoundError:
                 pass
             self._seen_writes.clear()
-        return RestoreReport(restored, skipped, failed)
+        return RestoreReport(restored, skipped, failed, refused)
 
     def close(self) -> None:
         with self._lock:
@@ -178,7 +212,70 @@ def _fault_point() -> None:
 
 
 def _describe(entry: dict) -> str:
-    return f"{entry.get('op')} {entry.get('path') or entry.get('kind') or entry.get('pid')}"
+    what = entry.get("path") or entry.get("kind") or entry.get("pid")
+    return f"{entry.get('op')} {what!r}" if isinstance(what, str) and not what.isprintable() \
+        else f"{entry.get('op')} {what}"
+
+
+_EXTRA_ROOTS: set[str] = set()
+
+
+def allow_root(path: str) -> None:
+    """Accept entries below ``path`` too: a mount this process was handed explicitly (a
+    :class:`CgroupMounts` or a registered resctrl tree that is not under the configured roots,
+    as in tests).  Nothing read from a journal can add one."""
+    _EXTRA_ROOTS.add(os.path.realpath(path))
+
+
+def allowed_roots() -> list[str]:
+    """The mounts a journal entry may name: cgroup, resctrl, bpffs (and rswap's pin directory)."""
+    return [paths.root("CGROUP_ROOT"), paths.root("RESCTRL_ROOT"), paths.root("BPFFS_ROOT"),
+            paths.pin_dir(), *sorted(_EXTRA_ROOTS)]
+
+
+_OPS = {"write": ("path",), "mkdir": ("path",), "move": ("procs",), "custom": ()}
+
+
+def _refusal(entry: dict, bases: list[str]) -> str | None:
+    """Why ``entry`` must not be acted on, or None when every path it names is confined."""
+    op = entry.get("op")
+    if op not in _OPS:
+        return f"unknown op {op!r}"
+    named: list[object] = [entry.get(k) for k in _OPS[op]]
+    if op == "custom":
+        data = entry.get("data")
+        if not isinstance(entry.get("kind"), str) or not isinstance(data, dict):
+            return "a custom entry needs a kind and a data object"
+        named += [data[k] for k in ("path", "procs", "root") if k in data]
+        if "group" in data:
+            if not isinstance(data.get("root"), str) or not isinstance(data["group"], str):
+                return "group without a root"
+            named.append(os.path.join(data["root"], data["group"]))
+        for k in ("name", "netns"):
+            v = data.get(k)
+            if v is not None and (not isinstance(v, str) or not v or "/" in v or "\x00" in v
+                                  or v in (".", "..")):
+                return f"{k} {v!r} is not a plain name"
+    if op == "move" and not isinstance(entry.get("pid"), int):
+        return f"pid {entry.get('pid')!r} is not a number"
+    for p in named:
+        if not isinstance(p, str) or not p:
+            return f"{p!r} is not a path"
+        if not os.path.isabs(p):
+            return f"{p!r} is not an absolute path"
+        reason = "outside the cgroup, resctrl and bpffs mounts"
+        for base in bases:
+            try:
+                paths.confine(p, base)
+                reason = ""
+                break
+            except ConfigError as err:
+                if "NUL" in str(err):
+                    reason = "contains a NUL byte"
+                    break
+        if reason:
+            return f"{p!r}: {reason}"
+    return None
 
 
 def _undo(entry: dict, done_writes: set[str]) -> bool:
@@ -192,9 +289,17 @@ def _undo(entry: dict, done_writes: set[str]) -> bool:
         write_file(path, entry["original"])
         return True
     if op == "mkdir":
+        created = created_by_rswap.get()
         if entry.get("shared"):
+            path = entry["path"]
+            if not os.path.isdir(path):
+                return False
+            if any(True for _ in _subdirs(path)):
+                return False  # another run's task is still in it
+            # Empty of cgroups: what is left is processes an older restore evacuated into it.
+            _evacuate(path, created)
             try:
-                os.rmdir(entry["path"])
+                os.rmdir(path)
                 return True
             except FileNotFoundError:
                 return False
@@ -202,7 +307,7 @@ def _undo(entry: dict, done_writes: set[str]) -> bool:
                 if err.errno in (errno.ENOTEMPTY, errno.EBUSY):
                     return False
                 raise
-        return remove_cgroup_dir(entry["path"])
+        return remove_cgroup_dir(entry["path"], created)
     if op == "move":
         try:
             write_file(entry["procs"], str(entry["pid"]))
@@ -243,17 +348,23 @@ def write_file(path: str, value: str) -> None:
         os.close(fd)
 
 
-def remove_cgroup_dir(path: str) -> bool:
-    """Move what is left in cgroup ``path`` (and below) to its parent, then rmdir it."""
+def remove_cgroup_dir(path: str, created: Iterable[str] = ()) -> bool:
+    """Move what is left in cgroup ``path`` (and below) to its parent, then rmdir it.
+
+    ``created``: directories rswap made (the journal's ``mkdir`` entries).  Processes never go
+    into one of those, which would keep it (rswap's shared ``rswap/`` parent) from being removed
+    in turn: they go to the nearest ancestor rswap did not create.
+    """
     if not os.path.isdir(path):
         return False
+    created = frozenset(created)
     for sub in sorted(_subdirs(path), key=len, reverse=True):
-        _evacuate(sub)
+        _evacuate(sub, created)
         try:
             os.rmdir(sub)
         except OSError:
             pass
-    _evacuate(path)
+    _evacuate(path, created)
     for attempt in range(50):
         try:
             os.rmdir(path)
@@ -261,7 +372,7 @@ def remove_cgroup_dir(path: str) -> bool:
         except OSError as err:
             if err.errno != errno.EBUSY:
                 raise
-            _evacuate(path)
+            _evacuate(path, created)
             import time
 
             time.sleep(0.02)
@@ -275,29 +386,34 @@ def _subdirs(path: str) -> Iterable[str]:
             yield os.path.join(dirpath, d)
 
 
-def _process_home(path: str) -> str:
+def _process_home(path: str, created: frozenset[str] = frozenset()) -> str:
     """The nearest ancestor of cgroup ``path`` that may hold processes.
 
     v1: the parent.  cgroup2 refuses processes (EBUSY) in a non-root cgroup whose
     ``cgroup.subtree_control`` enables a controller ("no internal processes"), as rswap's own
     parent does on a unified host: go up until one enables none, or to the mount's root.
+    An ancestor in ``created`` (rswap made it, and removes it next) is passed over as well.
     """
     home = os.path.dirname(path)
     while True:
+        up = os.path.dirname(home)
+        has_up = os.path.exists(os.path.join(up, "cgroup.procs"))
+        if has_up and os.path.realpath(home) in created:
+            home = up
+            continue
         try:
             with open(os.path.join(home, "cgroup.subtree_control")) as f:
                 enabled = bool(f.read().split())
         except OSError:
             return home  # v1, or no such file: the parent takes them
-        up = os.path.dirname(home)
-        if not enabled or not os.path.exists(os.path.join(up, "cgroup.procs")):
+        if not enabled or not has_up:
             return home
         home = up
 
 
-def _evacuate(path: str) -> None:
+def _evacuate(path: str, created: frozenset[str] = frozenset()) -> None:
     procs = os.path.join(path, "cgroup.procs")
-    parent_procs = os.path.join(_process_home(path), "cgroup.procs")
+    parent_procs = os.path.join(_process_home(path, created), "cgroup.procs")
     if not os.path.exists(procs) or not os.path.exists(parent_procs):
         return
     with open(procs) as f:

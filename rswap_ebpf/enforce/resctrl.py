@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 from .. import paths
 from ..errors import EnforceError, FeatureMissing, RswapError
-from .journal import Journal, register_undo
+from .journal import Journal, allow_root, register_undo
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def register_fs(root: str, fs: ResctrlFS | None) -> None:
         _FILESYSTEMS.pop(root, None)
     else:
         _FILESYSTEMS[root] = fs
+        allow_root(root)  # the journal's restore may act below it
 
 
 def fs_for(root: str) -> ResctrlFS:

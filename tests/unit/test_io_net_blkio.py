@@ -21,7 +21,8 @@ DEV = BlockDevice(7, 3, "/dev/loop3")
 
 
 @pytest.fixture
-def v2_tree(tmp_path):
+def v2_tree(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSWAP_CGROUP_ROOT", str(tmp_path))  # restore acts only below the mounts
     d = tmp_path / "unified" / "rswap" / "t"
     d.mkdir(parents=True)
     (d / "io.max").write_text("")
