@@ -31,7 +31,7 @@ import pytest
 
 from rswap_ebpf.enforce.cgroup import detect_mounts
 from tests.conftest import rswap_cmd, run_rswap
-from tests.kernel.helpers import scratch_cgroup, set_cpu_limit
+from tests.kernel.helpers import TIME_SCALE, scratch_cgroup, set_cpu_limit
 
 LONG = os.environ.get("RSWAP_CRASH_LONG") == "1"
 ROUNDS = int(os.environ.get("RSWAP_CRASH_ROUNDS") or (500 if LONG else 100))
@@ -233,6 +233,38 @@ def wait_dead(p: subprocess.Popen, timeout: float) -> str:
     return err or ""
 
 
+def _differences(before, after):
+    """What changed in one snapshot item: only the files that differ, for a directory's files."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return {f: (before.get(f), after.get(f)) for f in sorted(set(before) | set(after))
+                if before.get(f) != after.get(f)}
+    return before, after
+
+
+def time_to_first_change(host, journal: str, baseline: dict) -> float:
+    """Seconds from starting ``rswap run`` to its first journalled change here; then killed and
+    restored like any round.  The kill window must cover it: in an emulated VM the daemon takes
+    far longer than 2 s to start (Python, bcc's compile), and kills before it would undo nothing."""
+    t0 = time.monotonic()
+    p = start(host)
+    first = None
+    try:
+        while p.poll() is None and time.monotonic() - t0 < 60 * TIME_SCALE:
+            if os.path.exists(journal) and os.path.getsize(journal) > 0:
+                first = time.monotonic() - t0
+                break
+            time.sleep(0.02)
+    finally:
+        p.kill()
+        err = wait_dead(p, timeout=30)
+    assert first is not None, ("rswap run journalled nothing", p.returncode, err[-2000:])
+    r = run_rswap("restore", env=host.env, timeout=60 * TIME_SCALE)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    kill_marked(host.marker)
+    assert host.snapshot() == baseline
+    return first
+
+
 def test_sigkill_anywhere_then_restore_puts_host_back(host):
     rng = random.Random(int(os.environ.get("RSWAP_CRASH_SEED", "0")) or None)
     baseline = host.snapshot()
@@ -242,6 +274,9 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     progs_before = set(prog_ids_held_by_processes())
     journal = os.path.join(host.env["RSWAP_STATE_DIR"], "journal.jsonl")
     seen = {"hook": 0, "timer": 0, "changed": 0, "restart": 0, "max_entries": 0}
+    first_change = time_to_first_change(host, journal, baseline)
+    # Kills land anywhere in a window that covers the start and a few ticks after it.
+    window = max(MAX_KILL_S * TIME_SCALE, 2 * first_change)
     t_start = time.monotonic()
     for round_no in range(ROUNDS):
         hook = round_no % 2 == 0
@@ -249,7 +284,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
         p = start(host, extra)
         # The hook kills it mid-apply; a timer kills it anywhere (also a hook whose N is past
         # the last entry of this run).
-        delay = MAX_KILL_S + 1 if hook else rng.uniform(0, MAX_KILL_S)
+        delay = window + 1 if hook else rng.uniform(0, window)
         try:
             p.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -257,23 +292,28 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
         err = wait_dead(p, timeout=30)
         seen["hook" if hook else "timer"] += 1
         assert p.returncode == -signal.SIGKILL, err[-2000:]
+        entries = []
         if os.path.exists(journal):
             with open(journal) as f:
-                seen["max_entries"] = max(seen["max_entries"], len(f.readlines()))
+                entries = f.readlines()
+            seen["max_entries"] = max(seen["max_entries"], len(entries))
         if host.snapshot() != baseline:
             seen["changed"] += 1  # the kill left something to undo
         if round_no % 20 == 19:
             # A restart after a crash: the stale lock does not block it; it restores first.
             seen["restart"] += 1
-            r = run_rswap("run", "--config", host.config, "--count", "2", env=host.env, timeout=90)
+            r = run_rswap("run", "--config", host.config, "--count", "2", env=host.env,
+                          timeout=90 * TIME_SCALE)
             assert r.returncode == 0, (round_no, r.stderr)
         else:
-            r = run_rswap("restore", env=host.env, timeout=60)
+            r = run_rswap("restore", env=host.env, timeout=60 * TIME_SCALE)
             assert r.returncode == 0, (round_no, r.stdout, r.stderr)
         kill_marked(host.marker)
         after = host.snapshot()
-        diff = {k: (baseline[k], after.get(k)) for k in baseline if after.get(k) != baseline[k]}
-        assert not diff, (round_no, "hook" if hook else "timer", extra, diff, err[-2000:])
+        diff = {k: _differences(baseline[k], after.get(k)) for k in baseline
+                if after.get(k) != baseline[k]}
+        assert not diff, (round_no, "hook" if hook else "timer", extra, diff, err[-2000:],
+                          r.stdout[-2000:], "".join(entries)[-4000:])
         assert not os.path.exists(journal), round_no
     # Nothing of ours stays loaded: every rswap program loaded since the start is gone or still
     # held by a live process (another test's).
@@ -282,7 +322,8 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
                if i > first_prog_id and i not in held and i not in progs_before}
     assert not orphans, orphans
     elapsed = time.monotonic() - t_start
-    print(f"\n{ROUNDS} rounds in {elapsed:.0f}s: {seen}")
+    print(f"\n{ROUNDS} rounds in {elapsed:.0f}s (first change {first_change:.1f}s after the start, "
+          f"kills within {window:.1f}s): {seen}")
     # The rounds exercised both kinds of kill, and most left something for restore to undo.
     assert seen["hook"] and seen["timer"]
     assert seen["changed"] >= ROUNDS // 4, seen

@@ -31,7 +31,7 @@ total = 1000
 [[task]]
 name = "{batch}"
 priority = "batch"
-command = ["{py}", "-m", "rswap_ebpf.demo", "spin", "--workers", "2", "--seconds", "90"]
+command = ["{py}", "-m", "rswap_ebpf.demo", "spin", "--workers", "2", "--seconds", "{seconds}"]
 forecaster = "last_value"
 cpu = {{ min = 100 }}
 """
@@ -69,9 +69,12 @@ def daemon(tmp_path, rswap_env, unique_name):
     batch = f"batch-{unique_name}"
     hook = str(tmp_path / "overflow.jsonl")
     cfg = tmp_path / "rswap.toml"
-    cfg.write_text(CONFIG.format(py=sys.executable, batch=batch, hook=hook))
+    # The daemon and its batch task outlive a test that runs slowly (80 s in an emulated VM).
+    cfg.write_text(CONFIG.format(py=sys.executable, batch=batch, hook=hook,
+                                 seconds=f"{90 * TIME_SCALE:g}"))
     full = {**os.environ, **env}
-    p = subprocess.Popen(rswap_cmd() + ["run", "--config", str(cfg), "--count", "250"], env=full,
+    p = subprocess.Popen(rswap_cmd() + ["run", "--config", str(cfg), "--count",
+                                        str(int(250 * TIME_SCALE))], env=full,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sock = os.path.join(env["RSWAP_RUN_DIR"], "rswap.sock")
     try:
