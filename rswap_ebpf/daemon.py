@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -183,6 +184,9 @@ class Daemon:
         #: configured tasks waiting for GPU admission: name -> (TaskConfig, cgroup, why)
         self.pending: dict[str, tuple[Any, TaskCgroup, str]] = {}
         self.tick_no = 0
+        #: (task, resource) -> a critical task's seasonal floor this tick (_forecast), for drivers
+        #: that keep it as a floor under the task's limit (CpuDriver.set_floor) instead of units
+        self._floors: dict[tuple[str, ResourceType], float] = {}
         self._stop = False
         self._started = False
         self.last_report: TickReport | None = None
@@ -435,23 +439,50 @@ class Daemon:
         except RswapError as err:  # a full disk must not stop allocation
             log.warning("%s", err)
         result = self.manager.proactive_allocation(forecasts, observed)
+        floored = self._set_floors()
         for ch in result.changes:
-            rt = self.tasks.get(ch.task)
-            driver = self.drivers.get(ch.resource)
+            floored.discard((ch.task, ch.resource))
+        todo = [(ch.task, ch.resource, ch.new) for ch in result.changes]
+        todo += [(n, r, self.pool.allocation(r, n)) for n, r in sorted(floored, key=str)]
+        for task, res, units in todo:
+            rt = self.tasks.get(task)
+            driver = self.drivers.get(res)
             if rt is None or driver is None or rt.exited is not None:
                 continue
             try:
-                driver.apply(rt.cgroup, ch.new)
+                driver.apply(rt.cgroup, units)
             except EnforceError as err:  # its cgroup vanished mid-tick: reaped next tick
                 if rt.cgroup.exists():
                     raise
-                log.info("task %s: cgroup gone while applying (%s)", ch.task, err)
+                log.info("task %s: cgroup gone while applying (%s)", task, err)
         report = TickReport(self.tick_no, time.perf_counter() - t0, result, usage, forecasts)
         self.last_report = report
         self._publish()
         if self.on_tick:
             self.on_tick(report)
         return report
+
+    def _set_floors(self) -> set[tuple[str, ResourceType]]:
+        """Hand this tick's critical floors (plus headroom, within the task's limits) to the
+        drivers that keep them (CpuDriver.set_floor); the (task, resource) pairs that changed."""
+        changed = set()
+        live = {n for n, rt in self.tasks.items() if rt.exited is None and n in self.manager.tasks}
+        for r, drv in self.drivers.items():
+            keep = getattr(drv, "set_floor", None)
+            if keep is None:
+                continue
+            for name in [n for n in getattr(drv, "floors", {}) if (n, r) not in self._floors
+                         or n not in live]:
+                keep(name, 0)  # gone, or no longer floored: its limit follows its units again
+            for (name, fr), floor in self._floors.items():
+                if fr is not r or name not in live:
+                    continue
+                lim = self.manager.tasks[name].limit(r)
+                units = lim.clamp(math.ceil(max(0.0, floor) * (1 + self.manager.headroom)))
+                if keep(name, units):
+                    changed.add((name, r))
+        self._floors = {k: v for k, v in self._floors.items() if k[0] in live}
+        return changed
 
     def _forecast(self, name: str) -> dict[ResourceType, float]:
         """Each resource's need over the window; a critical task's is at least its floor.
@@ -475,7 +506,12 @@ class Daemon:
             season = dc.critical_season or getattr(prof.forecaster, "period", 0) or dc.window
             series = prof.forecast(max(dc.window, int(season)))
             floor = Prediction(name, r, tuple(series), 0.0, "", None, 0).over_window(dc.critical_floor)
-            out[r] = max(max(series[:dc.window]), floor)
+            if hasattr(self.drivers.get(r), "set_floor"):
+                # CPU: the floor is kept under the task's quota and weight, not as units held
+                out[r] = max(series[:dc.window])
+                self._floors[(name, r)] = floor if math.isfinite(floor) else 0.0
+            else:
+                out[r] = max(max(series[:dc.window]), floor)
         return out
 
     def _note_overflow(self, r: ResourceType, dropped: dict[str, int] | None) -> None:

@@ -43,10 +43,28 @@ class CpuDriver(ResourceDriver):
         self._throttled: dict[str, int] = {}
         self.tiers = dict(tiers or TIER_SHAPES)
         self.shapes: dict[str, CpuShape] = {}
+        #: task -> millicores its quota and weight never fall below (a critical task's seasonal
+        #: floor, daemon._forecast): written to its cgroup, not taken from the pool
+        self.floors: dict[str, int] = {}
 
     def set_priority(self, task: str, priority: str) -> None:
         """The task's tier decides its :class:`CpuShape` (burst, weight, idle) from now on."""
         self.shapes[task] = self.tiers.get(str(priority).lower(), CpuShape())
+
+    def set_floor(self, task: str, millicores: int) -> bool:
+        """Keep ``task``'s quota and weight at ``millicores`` at least; whether that changed.
+
+        The floor is a ceiling the task may burst to at once, not units it holds: the pool (and
+        so the batch tier's quota) is shared by what tasks are forecast to use, and a critical
+        task whose burst comes early wins the CPU by its weight until the next tick moves the
+        units.  Reserving the floor instead kept the batch tier at static partitioning's level.
+        """
+        old = self.floors.get(task, 0)
+        if millicores > 0:
+            self.floors[task] = int(millicores)
+        else:
+            self.floors.pop(task, None)
+        return old != self.floors.get(task, 0)
 
     def total(self) -> int:
         return online_cpus() * 1000
@@ -77,7 +95,8 @@ class CpuDriver(ResourceDriver):
         return out
 
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
-        return self.writer.plan(cg, units, self.shapes.get(cg.name, CpuShape()))
+        return self.writer.plan(cg, max(units, self.floors.get(cg.name, 0)),
+                                self.shapes.get(cg.name, CpuShape()))
 
     def apply(self, cg: TaskCgroup, units: int) -> Sequence[Write]:
         return self.applier.apply(self.plan(cg, units))

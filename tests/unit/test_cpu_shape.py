@@ -140,3 +140,32 @@ def test_floor_off_or_lower_tiers_follow_the_window():
     assert _daemon_with("batch", 0.9, SEASON)._forecast("svc")[CPU] == pytest.approx(10)
     # a task busy in one tick of 8 keeps little: the 0.5 quantile of its season is idle
     assert _daemon_with("critical", 0.5, [10] * 7 + [400])._forecast("svc")[CPU] == pytest.approx(10)
+
+
+def test_cpu_floor_is_kept_under_the_quota_and_weight_not_taken_from_the_pool(v1, tmp_path):
+    """With a CPU driver, a critical task's seasonal floor goes to its cgroup (quota and shares
+    at least the floor plus headroom) while its units, and so what batch is left, follow the
+    window's forecast: reserving the floor kept batch at static partitioning's level."""
+    from rswap_ebpf.drivers.cpu import CpuDriver
+    from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority
+
+    cg, d_ = v1
+    drv = CpuDriver(CgroupMounts("hybrid", None, {"cpu": str(tmp_path)}), applier=None,
+                    collector=object(), tiers=TIER_SHAPES)
+    d = _daemon_with("critical", 0.9, SEASON)
+    d.drivers[CPU] = drv
+    d.manager.add_task(ManagedTask("svc", Priority.CRITICAL, {CPU: Limits(100, None)}))
+    drv.set_priority("svc", "critical")
+    assert d._forecast("svc")[CPU] == pytest.approx(10)   # the units follow the window...
+    assert d._set_floors() == {("svc", CPU)}
+    assert drv.floors == {"svc": 480}                      # ...the floor (400 + 20 %) the limit
+    writes = dict((os.path.basename(p), v) for p, v in drv.plan(cg, 100))
+    assert writes["cpu.cfs_quota_us"] == str(480 * 100)
+    assert writes["cpu.shares"] == str(480 * 1024 * 8 // 1000)
+    assert d._set_floors() == set()                        # unchanged: nothing to rewrite
+    # a unit allocation above the floor is written as it is
+    assert dict((os.path.basename(p), v) for p, v in drv.plan(cg, 900))["cpu.cfs_quota_us"] == "90000"
+    # the task leaves: its floor goes with it
+    d.tasks.pop("svc")
+    d._set_floors()
+    assert drv.floors == {}
