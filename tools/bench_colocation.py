@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Co-location benchmark: a latency-critical HTTP service with a periodic bursty load shares the
+"""Co-location benchmark: a latency-critical web service with a periodic bursty load shares the
 CPUs with a CPU-bound batch job, under four regimes, in one run:
 
   alone      the service only (the latency baseline)
@@ -7,25 +7,36 @@ CPUs with a CPU-bound batch job, under four regimes, in one run:
   reactive   rswap run, both tasks forecast with last_value (follows usage one tick late)
   proactive  rswap run, the service forecast with seasonal_naive over the load's period
 
-Service: a small Python HTTP server on 127.0.0.1 whose every request burns a fixed amount of CPU
-(nginx and wrk are not on this host; everything here is loopback-only and bounded in time).
-Load: open loop, requests sent on a timetable (latency measured from the scheduled send time, so a
-stalled server is charged for the requests it delayed): every PERIOD seconds, BURST seconds at
-HIGH requests/s, otherwise LOW requests/s.  Batch: the same spin workers in every regime, each
-counting loop iterations (its throughput).  Measured over the last MEASURE seconds of each regime,
-after the forecasters have seen the pattern.
+Real programs, all on 127.0.0.1 and bounded in time (Debian packages nginx-light, wrk and
+stress-ng; installed with apt-get on first use when missing, and said so):
 
-    sudo .venv/bin/python tools/bench_colocation.py [--period 8] [--seconds 40] [--measure 24]
+- service: nginx (2 workers) serving a text page gzip-compressed at level 9 on every request
+  (a few ms of CPU each, so a burst needs about a core);
+- load: wrk driven by a Lua script (written next to the run) that sends on a timetable: every
+  PERIOD seconds BURST seconds at HIGH requests/s, otherwise LOW requests/s.  wrk alone is
+  closed-loop (a stalled server is asked less, and its stall is charged to the few requests in
+  flight); the script paces each connection to the timetable and measures each request from its
+  *scheduled* send time, so a stall is charged to every request it delayed (open loop, 64
+  connections of capacity);
+- batch: stress-ng --cpu 2 (matrixprod); a first instance runs through the warm-up and a second
+  one exactly over the measured window, whose bogo-ops/s (real time) is the batch's throughput.
+
+Measured over the last MEASURE seconds of each regime, after the forecasters have seen the
+pattern.  ``--repeat N`` runs the four regimes N times, interleaved, and reports each run and the
+medians (single runs are noisy on a shared 2-core host: p99 of ~2000 requests is its 20th worst).
+
+    sudo .venv/bin/python tools/bench_colocation.py [--repeat 3] [--period 8] [--seconds 56]
 """
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,59 +46,96 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SERVICE = r"""
-import sys, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-WORK = int(sys.argv[2])
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        x = 0
-        for i in range(WORK):
-            x += i * i
-        body = b"ok\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-s = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
-s.daemon_threads = True
-s.timeout = 0.5
-end = time.monotonic() + float(sys.argv[3])
-while time.monotonic() < end:
-    s.handle_request()
+PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "stress-ng": "stress-ng"}
+
+NGINX_CONF = """\
+user root;
+worker_processes 2;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 512; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+  types {{ text/plain txt; }}
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port};
+    root {d}/www;
+    gzip on; gzip_comp_level 9; gzip_min_length 0; gzip_types text/plain; gzip_http_version 1.0;
+    add_header X-I $arg_i;
+  }}
+}}
 """
 
-BATCH = r"""
-import os, sys, time, signal
-out, workers, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-end = time.monotonic() + seconds
-kids = []
-for w in range(workers):
-    pid = os.fork()
-    if pid == 0:
-        signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-        path = f"{out}.{w}"
-        n = 0
-        nxt = time.monotonic() + 0.2
-        while True:
-            for _ in range(20000):
-                n += 1
-            now = time.monotonic()
-            if now >= nxt:
-                with open(path + ".tmp", "w") as f:
-                    f.write(str(n))
-                os.replace(path + ".tmp", path)
-                nxt = now + 0.2
-                if now > end:
-                    os._exit(0)
-    kids.append(pid)
-signal.signal(signal.SIGTERM, lambda *a: [os.kill(k, 15) for k in kids] and sys.exit(0))
-for k in kids:
-    os.waitpid(k, 0)
+# wrk's Lua: each connection, when free, takes the next slot of the timetable (delay() returns
+# the ms until its due time, 0 when late); the slot travels in the query (?i=) and nginx echoes
+# it (X-I), so the response is charged from its slot's due time.  CLOCK_MONOTONIC via LuaJIT's
+# ffi is the clock Python's time.monotonic() reads, so the timetable is in absolute times.
+WRK_LUA = """\
+local ffi = require("ffi")
+ffi.cdef[[ typedef struct { long tv_sec; long tv_nsec; } rswap_ts; int clock_gettime(int, rswap_ts *); ]]
+local ts = ffi.new("rswap_ts")
+local function now() ffi.C.clock_gettime(1, ts) return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9 end
+local due, nxt, fifo, head, tail, out = {}, 1, {}, 1, 0, nil
+function init(args)
+  for line in io.lines(args[1]) do due[#due + 1] = tonumber(line) end
+  out = io.open(args[2], "w")
+  out:setvbuf("line")
+  wrk.headers["Accept-Encoding"] = "gzip"
+end
+function delay()
+  if nxt > #due then return 3600000 end
+  local i = nxt
+  nxt = nxt + 1
+  tail = tail + 1
+  fifo[tail] = i
+  local d = (due[i] - now()) * 1000
+  if d > 0 then return math.floor(d) end
+  return 0
+end
+function request()
+  -- wrk also calls request() once at start-up, before any delay(): nothing is queued then
+  local i = fifo[head]
+  if i then
+    fifo[head] = nil
+    head = head + 1
+  end
+  return wrk.format("GET", "/page.txt?i=" .. (i or 0))
+end
+function response(status, headers, body)
+  local i = tonumber(headers["X-I"])
+  if i and i > 0 then out:write(string.format("%d %d %.6f\\n", i, status, now() - due[i])) end
+end
 """
+
+# The batch job: stress-ng through the warm-up, then (once GO exists) a fresh stress-ng timed
+# over exactly the measured window, its metrics in YAML.
+BATCH = """\
+stress-ng --cpu 2 --cpu-method matrixprod --timeout {total}s >/dev/null 2>&1 & w=$!
+while [ ! -e {go} ]; do sleep 0.05; done
+kill $w; wait $w
+exec stress-ng --cpu 2 --cpu-method matrixprod --timeout {measure}s --metrics-brief \
+  --yaml {yaml} >/dev/null 2>&1
+"""
+
+
+def ensure_tools() -> None:
+    missing = [pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None]
+    if not missing:
+        return
+    print(f"# installing {' '.join(missing)} (Debian packages this benchmark runs)",
+          file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    still = [t for t in PACKAGES if shutil.which(t) is None]
+    if still:
+        raise SystemExit(f"still missing after apt-get: {', '.join(still)}")
 
 
 def free_port() -> int:
@@ -107,64 +155,53 @@ def wait_port(port: int, timeout: float = 15) -> None:
     raise RuntimeError("service did not start")
 
 
-def load(port: int, seconds: float, period: float, burst: float, high: float, low: float,
-         measure_from: float, senders: int = 24, trace: list | None = None) -> list[float]:
-    """Open-loop requests on a timetable; latencies (s) of those scheduled after measure_from."""
-    start = time.monotonic() + 0.2
-    times = []
-    t = 0.0
+def page(path: str, size: int) -> None:
+    """Text that compresses like prose (a few thousand random words): gzip -9 works for it."""
+    rnd = random.Random(6)
+    words = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
+             for _ in range(5000)]
+    text, n = [], 0
+    while n < size:
+        w = rnd.choice(words)
+        text.append(w)
+        n += len(w) + 1
+    with open(path, "w") as f:
+        f.write(" ".join(text)[:size])
+
+
+def timetable(start: float, seconds: float, period: float, burst: float, high: float,
+              low: float) -> list[float]:
+    """Absolute monotonic send times; the burst phase follows the wall clock, so every regime
+    (and rswap's seasonal forecaster, which sees ticks) meets the same pattern."""
+    wall0 = time.time() + (start - time.monotonic())
+    out, t = [], 0.0
     while t < seconds:
-        phase = (time.time() + (start - time.monotonic()) + t) % period
-        rate = high if phase < burst else low
-        times.append(t)
-        t += 1.0 / rate
-    lat: list[float] = []
-    lock = threading.Lock()
-    idx = [0]
-
-    def sender():
-        conn = None
-        while True:
-            with lock:
-                i = idx[0]
-                idx[0] += 1
-            if i >= len(times):
-                return
-            due = start + times[i]
-            d = due - time.monotonic()
-            if d > 0:
-                time.sleep(d)
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                conn.request("GET", "/")
-                conn.getresponse().read()
-            except (OSError, http.client.HTTPException):
-                conn = None
-                continue
-            if times[i] >= measure_from:
-                with lock:
-                    lat.append(time.monotonic() - due)
-                    if trace is not None:
-                        trace.append((times[i], lat[-1]))
-
-    th = [threading.Thread(target=sender, daemon=True) for _ in range(senders)]
-    for x in th:
-        x.start()
-    for x in th:
-        x.join(seconds + 30)
-    return lat
+        out.append(start + t)
+        t += 1.0 / (high if (wall0 + t) % period < burst else low)
+    return out
 
 
-def batch_count(prefix: str, workers: int) -> int:
-    n = 0
-    for w in range(workers):
-        try:
-            with open(f"{prefix}.{w}") as f:
-                n += int(f.read() or 0)
-        except (OSError, ValueError):
-            pass
-    return n
+def load(d: str, port: int, start: float, seconds: float, a) -> tuple[list[float], list[float]]:
+    """Run wrk over the timetable; (due times, latency in s or None for no reply) per slot."""
+    due = timetable(start, seconds, a.period, a.burst, a.high, a.low)
+    sched, out, lua = (os.path.join(d, x) for x in ("sched.txt", "wrk.out", "load.lua"))
+    with open(sched, "w") as f:
+        f.writelines(f"{t:.6f}\n" for t in due)
+    with open(lua, "w") as f:
+        f.write(WRK_LUA)
+    dur = int(start + seconds - time.monotonic()) + 3
+    subprocess.run(["wrk", "-t1", f"-c{a.connections}", f"-d{dur}s", "--timeout", "5s",
+                    "-s", lua, f"http://127.0.0.1:{port}/", "--", sched, out],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=dur + 30)
+    lat: list[float | None] = [None] * len(due)
+    with open(out) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "200":
+                i = int(parts[0]) - 1
+                if 0 <= i < len(lat):
+                    lat[i] = float(parts[2])
+    return due, lat
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -172,45 +209,29 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1)))] * 1000 if xs else float("nan")
 
 
-def run_regime(mode: str, a, tmp: str) -> dict:
-    from rswap_ebpf.enforce.cgroup import detect_mounts
-    from rswap_ebpf.enforce.journal import remove_cgroup_dir
+def bogo_rate(path: str, wait_s: float = 15) -> float:
+    """bogo-ops/s (real time) from stress-ng's YAML (written when it finishes)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            if "bogo-ops-per-second-real-time:" in line:
+                return float(line.split(":", 1)[1])
+        time.sleep(0.2)
+    return float("nan")
 
-    port = free_port()
-    tag = f"bench{os.getpid()}{mode}"
-    prefix = os.path.join(tmp, f"{mode}.count")
-    total_s = a.seconds + 5
-    svc_cmd = [sys.executable, "-c", SERVICE, str(port), str(a.work), str(total_s)]
-    batch_cmd = [sys.executable, "-c", BATCH, prefix, "2", str(total_s)]
-    procs: list[subprocess.Popen] = []
-    dirs: list[str] = []
-    daemon = None
-    env = dict(os.environ)
-    try:
-        if mode in ("alone", "static"):
-            enter = {}
-            if mode == "static":
-                mounts = detect_mounts()
-                cpu = mounts.v1.get("cpu")
-                for name, millicores in (("svc", a.static_service), ("batch", 2000 - a.static_service)):
-                    d = os.path.join(cpu, f"{tag}-{name}")
-                    os.makedirs(d, exist_ok=True)
-                    dirs.append(d)
-                    with open(os.path.join(d, "cpu.cfs_quota_us"), "w") as f:
-                        f.write(str(millicores * 100))  # period 100000 us
-                    enter[name] = d
-            def placer(d):
-                return (lambda: open(os.path.join(d, "cgroup.procs"), "w").write(str(os.getpid()))) if d else None
-            procs.append(subprocess.Popen(svc_cmd, preexec_fn=placer(enter.get("svc"))))
-            if mode == "static":
-                procs.append(subprocess.Popen(batch_cmd, preexec_fn=placer(enter.get("batch"))))
-        else:
-            fc = ('"last_value"' if mode == "reactive" else
-                  f'{{ name = "seasonal_naive", period = {int(round(a.period / a.interval))} }}')
-            cfg = os.path.join(tmp, f"{mode}.toml")
-            q = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # valid TOML strings
-            with open(cfg, "w") as f:
-                f.write(f"""[daemon]
+
+def rswap_config(path: str, mode: str, tag: str, svc_cmd: list[str], batch_cmd: list[str], a) -> None:
+    fc = ('"last_value"' if mode == "reactive" else
+          f'{{ name = "seasonal_naive", period = {int(round(a.period / a.interval))} }}')
+    q = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # valid TOML strings
+    extra = "".join(f"{line}\n" for line in a.rswap_option)
+    with open(path, "w") as f:
+        f.write(f"""[daemon]
 interval = {a.interval}
 window = {a.window}
 headroom = 0.3
@@ -222,7 +243,7 @@ total = 2000
 critical_burst = {str(a.burst_quota).lower()}
 critical_weight = {a.critical_weight}
 batch_idle = {str(a.batch_idle).lower()}
-
+{extra}
 [[task]]
 name = "{tag}-svc"
 priority = "critical"
@@ -237,41 +258,93 @@ command = {q(batch_cmd)}
 forecaster = "last_value"
 cpu = {{ min = 100 }}
 """)
-            env.update(RSWAP_STATE_DIR=os.path.join(tmp, mode, "state"),
-                       RSWAP_RUN_DIR=os.path.join(tmp, mode, "run"),
+
+
+def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
+    from rswap_ebpf.enforce.cgroup import detect_mounts
+    from rswap_ebpf.enforce.journal import remove_cgroup_dir
+
+    d = os.path.join(tmp, f"{mode}-{rep}")
+    os.makedirs(os.path.join(d, "www"))
+    os.makedirs(os.path.join(d, "tmp"))
+    page(os.path.join(d, "www", "page.txt"), a.page_bytes)
+    port = free_port()
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write(NGINX_CONF.format(d=d, port=port))
+    tag = f"bench{os.getpid()}{mode}{rep}"
+    go, yaml = os.path.join(d, "go"), os.path.join(d, "batch.yaml")
+    total_s = a.seconds + 120
+    svc_cmd = [shutil.which("nginx"), "-c", os.path.join(d, "nginx.conf")]
+    batch_cmd = ["/bin/sh", "-c", BATCH.format(total=int(total_s), go=go, measure=int(a.measure),
+                                               yaml=yaml)]
+    procs: list[subprocess.Popen] = []
+    dirs: list[str] = []
+    daemon = None
+    env = dict(os.environ)
+    try:
+        if mode in ("alone", "static"):
+            enter = {}
+            if mode == "static":
+                cpu = detect_mounts().v1.get("cpu")
+                for name, millicores in (("svc", a.static_service), ("batch", 2000 - a.static_service)):
+                    cg = os.path.join(cpu, f"{tag}-{name}")
+                    os.makedirs(cg, exist_ok=True)
+                    dirs.append(cg)
+                    with open(os.path.join(cg, "cpu.cfs_quota_us"), "w") as f:
+                        f.write(str(millicores * 100))  # period 100000 us
+                    enter[name] = cg
+
+            def placer(cg):
+                return (lambda: open(os.path.join(cg, "cgroup.procs"), "w").write(str(os.getpid()))) if cg else None
+            procs.append(subprocess.Popen(svc_cmd, preexec_fn=placer(enter.get("svc")),
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            if mode == "static":
+                procs.append(subprocess.Popen(batch_cmd, preexec_fn=placer(enter.get("batch")),
+                                              start_new_session=True))
+        else:
+            cfg = os.path.join(d, "rswap.toml")
+            rswap_config(cfg, mode, tag, svc_cmd, batch_cmd, a)
+            env.update(RSWAP_STATE_DIR=os.path.join(d, "state"), RSWAP_RUN_DIR=os.path.join(d, "run"),
                        RSWAP_PIN_DIR=f"/sys/fs/bpf/{tag}")
+            log = open(os.path.join(a.log_dir, f"{mode}-{rep}.log"), "w") if a.log_dir else subprocess.DEVNULL
             daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli", "run", "--config", cfg,
-                                       "--count", str(int((a.seconds + 10) / a.interval))],
-                                      env=env, cwd=ROOT,
-                                      stdout=open(os.path.join(a.log_dir, f"{mode}.log"), "w")
-                                      if a.log_dir else subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True)
+                                       "--count", str(int((a.seconds + 60) / a.interval))],
+                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
+            # the BPF program is compiled after the tasks start: wait for the first tick
+            status = os.path.join(d, "run", "status.json")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if daemon.poll() is not None:
+                    raise RuntimeError("rswap run failed: " + daemon.stderr.read()[-2000:])
+                try:
+                    with open(status) as f:
+                        if json.load(f).get("tick", 0) >= 1:
+                            break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.2)
+        wait_port(port, 30)
+        start = time.monotonic() + 0.5
+        measure_from = start + a.seconds - a.measure
+        timer = threading.Timer(max(0.0, measure_from - time.monotonic()),
+                                lambda: open(go, "w").close())
+        timer.start()
         try:
-            wait_port(port, 90)  # rswap compiles its BPF program first
-        except RuntimeError:
-            if daemon is not None and daemon.poll() is not None:
-                raise RuntimeError("rswap run failed: " + daemon.stderr.read()[-2000:]) from None
-            raise
-        measure_from = a.seconds - a.measure
-        c0 = {}
-
-        def mark():
-            time.sleep(measure_from + 0.2)
-            c0["n"] = batch_count(prefix, 2)
-            c0["t"] = time.monotonic()
-
-        marker = threading.Thread(target=mark, daemon=True)
-        marker.start()
-        trace: list | None = [] if a.log_dir else None
-        lat = load(port, a.seconds, a.period, a.burst, a.high, a.low, measure_from, trace=trace)
-        if trace:
-            with open(os.path.join(a.log_dir, f"{mode}.lat"), "w") as f:
-                f.writelines(f"{t:.3f} {x * 1000:.1f}\n" for t, x in sorted(trace))
-        marker.join()
-        n1, t1 = batch_count(prefix, 2), time.monotonic()
-        rate = (n1 - c0.get("n", 0)) / max(1e-9, t1 - c0.get("t", t1)) if mode != "alone" else 0.0
-        return {"mode": mode, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "n": len(lat),
-                "batch": rate}
+            due, lat = load(d, port, start, a.seconds, a)
+        finally:
+            timer.cancel()
+        if not os.path.exists(go):
+            open(go, "w").close()
+        kept = [x for t, x in zip(due, lat) if t >= measure_from]
+        lost = sum(1 for x in kept if x is None)
+        got = [x for x in kept if x is not None] + [float("inf")] * lost  # a lost reply is worst
+        if a.log_dir:
+            with open(os.path.join(a.log_dir, f"{mode}-{rep}.lat"), "w") as f:
+                f.writelines(f"{t - start:.3f} {'lost' if x is None else f'{x * 1000:.1f}'}\n"
+                             for t, x in zip(due, lat))
+        rate = bogo_rate(yaml, a.measure / 2 + 15) if mode != "alone" else float("nan")
+        return {"mode": mode, "rep": rep, "p50": pct(got, 0.5), "p99": pct(got, 0.99),
+                "n": len(got), "lost": lost, "batch": rate}
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
@@ -281,29 +354,53 @@ cpu = {{ min = 100 }}
                 daemon.kill()
                 daemon.wait()
         for p in procs:
-            p.send_signal(signal.SIGTERM)
+            try:
+                os.killpg(p.pid, signal.SIGTERM) if p.args is batch_cmd else p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for p in procs:
             try:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for d in dirs:
-            try:
-                remove_cgroup_dir(d)
-            except OSError:
-                pass
+        for cg in dirs:
+            for _ in range(20):
+                try:
+                    remove_cgroup_dir(cg)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def fmt_table(rows: list[dict], base_p99: float | None, static_batch: float | None,
+              with_rep: bool) -> list[str]:
+    head = "| run " if with_rep else ""
+    lines = [f"{head}| regime | p50 ms | p99 ms | p99 vs alone | batch bogo-ops/s | batch vs static |",
+             ("|---" if with_rep else "") + "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs = f"{r['p99'] / base_p99:.2f}x" if base_p99 else "-"
+        alone = r["mode"] == "alone"
+        b = "-" if alone else f"{r['batch']:.0f}"
+        bv = f"{r['batch'] / static_batch:.2f}x" if static_batch and not alone else "-"
+        lost = f" ({r['lost']} lost)" if r.get("lost") else ""
+        cell = f"| {r['rep']} " if with_rep else ""
+        lines.append(f"{cell}| {r['mode']} | {r['p50']:.1f} | {r['p99']:.1f}{lost} | {vs} | {b} | {bv} |")
+    return lines
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--period", type=float, default=8.0, help="seconds between bursts")
     p.add_argument("--burst", type=float, default=2.0, help="seconds of high load per period")
-    p.add_argument("--high", type=float, default=120.0, help="requests/s during a burst")
-    p.add_argument("--low", type=float, default=5.0, help="requests/s between bursts")
-    p.add_argument("--work", type=int, default=20000, help="loop iterations per request")
-    p.add_argument("--seconds", type=float, default=40.0, help="length of each regime")
-    p.add_argument("--measure", type=float, default=24.0, help="measured tail of each regime")
+    p.add_argument("--high", type=float, default=200.0, help="requests/s during a burst")
+    p.add_argument("--low", type=float, default=10.0, help="requests/s between bursts")
+    p.add_argument("--page-bytes", type=int, default=100000,
+                   help="size of the page nginx gzips (level 9) for every request")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections (open-loop capacity)")
+    p.add_argument("--seconds", type=float, default=56.0, help="length of each regime's load")
+    p.add_argument("--measure", type=float, default=40.0, help="measured tail of each regime")
+    p.add_argument("--repeat", type=int, default=1, help="runs of every regime (medians reported)")
     p.add_argument("--interval", type=float, default=0.5, help="rswap tick")
     p.add_argument("--static-service", type=int, default=1200,
                    help="static partitioning: the service's millicores (batch gets the rest of 2000)")
@@ -317,34 +414,60 @@ def main() -> int:
                    help="rswap: no CFS burst (cpu.cfs_burst_us) for the service")
     p.add_argument("--batch-idle", action="store_true",
                    help="rswap: the batch group runs SCHED_IDLE (cpu.idle = 1)")
-    p.add_argument("--log-dir", help="keep each rswap regime's tick table here (MODE.log)")
+    p.add_argument("--rswap-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra [resources.cpu] line for both rswap regimes (repeatable)")
+    p.add_argument("--log-dir", help="keep each rswap regime's tick table (MODE-RUN.log) and every "
+                                     "request's latency (MODE-RUN.lat) here")
     a = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (cgroups, BPF)", file=sys.stderr)
         return 2
+    ensure_tools()
+    # Stop cleanly (daemon, nginx, stress-ng, cgroups) on SIGTERM, and on SIGINT even when
+    # started in the background (where the shell left SIGINT ignored).
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+    if a.log_dir:
+        os.makedirs(a.log_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="rswap-bench-")
+    os.chmod(tmp, 0o755)
     rows = []
+    modes = a.modes.split(",")
     try:
-        for mode in a.modes.split(","):
-            r = run_regime(mode, a, tmp)
-            rows.append(r)
-            print(f"# {mode}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['n']} requests, "
-                  f"batch {r['batch']:.0f} it/s", file=sys.stderr, flush=True)
+        for rep in range(1, a.repeat + 1):
+            for mode in modes:
+                r = run_regime(mode, a, tmp, rep)
+                rows.append(r)
+                print(f"# run {rep} {mode}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, "
+                      f"{r['n']} requests ({r['lost']} lost), batch {r['batch']:.0f} bogo-ops/s; "
+                      f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    base = next((r for r in rows if r["mode"] == "alone"), None)
-    static = next((r for r in rows if r["mode"] == "static"), None)
-    print(f"load: every {a.period:g}s a {a.burst:g}s burst at {a.high:g} req/s, else {a.low:g} req/s; "
-          f"measured over the last {a.measure:g}s of {a.seconds:g}s per regime")
+    print(f"load: nginx gzip -9 of {a.page_bytes} B per request; every {a.period:g}s a {a.burst:g}s "
+          f"burst at {a.high:g} req/s, else {a.low:g} req/s (wrk, open loop); batch stress-ng "
+          f"--cpu 2; measured over the last {a.measure:g}s of {a.seconds:g}s per regime")
     print()
-    print("| regime | p50 ms | p99 ms | p99 vs alone | batch Mit/s | batch vs static |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        vs = f"{r['p99'] / base['p99']:.2f}x" if base else "-"
-        bv = (f"{r['batch'] / static['batch']:.2f}x" if static and static["batch"] and r["mode"] != "alone"
-              else "-")
-        b = f"{r['batch'] / 1e6:.2f}" if r["mode"] != "alone" else "-"
-        print(f"| {r['mode']} | {r['p50']:.1f} | {r['p99']:.1f} | {vs} | {b} | {bv} |")
+    if a.repeat > 1:
+        for rep in range(1, a.repeat + 1):
+            mine = [r for r in rows if r["rep"] == rep]
+            base = next((r["p99"] for r in mine if r["mode"] == "alone"), None)
+            static = next((r["batch"] for r in mine if r["mode"] == "static"), None)
+            print("\n".join(fmt_table(mine, base, static, True)[0 if rep == 1 else 2:]))
+        print()
+        print(f"medians over {a.repeat} runs:")
+        print()
+    med = []
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        med.append({"mode": mode, "rep": "median", "p50": statistics.median(r["p50"] for r in mine),
+                    "p99": statistics.median(r["p99"] for r in mine),
+                    "batch": statistics.median(r["batch"] for r in mine),
+                    "lost": sum(r["lost"] for r in mine)})
+    base = next((r["p99"] for r in med if r["mode"] == "alone"), None)
+    static = next((r["batch"] for r in med if r["mode"] == "static"), None)
+    print("\n".join(fmt_table(med, base, static, False)))
     return 0
 
 
