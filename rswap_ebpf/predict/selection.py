@@ -261,8 +261,9 @@ class AutoForecaster(Base):
         return out
 
     def _push(self, name: str) -> None:
-        point = self._point(name, self.horizon)
-        self._pending[name].append((point, self._raise(name, point)))
+        # single precision, as a checkpoint stores them (7 digits: allocations are whole units)
+        point = [single(v) for v in self._point(name, self.horizon)]
+        self._pending[name].append((point, [single(v) for v in self._raise(name, point)]))
 
     # -- protocol ------------------------------------------------------------------------------
     def learn_one(self, y: float, x: dict | None = None) -> None:
@@ -343,12 +344,23 @@ class AutoForecaster(Base):
                            for n, per_step in self._resid.items()}
         state["_resid_format"] = "e"
         state["_hist"] = array("f", self._hist).tobytes()  # samples are single precision
+        h = self.horizon
+        if all(len(p) == h and len(u) == h for d in self._pending.values() for p, u in d):
+            # forecasts awaiting their truth, (point, raised) per tick: 4-byte floats too
+            state["_pending"] = {n: array("f", [v for p, u in d for v in p + u]).tobytes()
+                                 for n, d in self._pending.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if isinstance(self._hist, bytes):
             self._hist = deque(array("f", self._hist), maxlen=self.history)
+        h = self.horizon
+        for n, d in list(self._pending.items()):
+            if isinstance(d, bytes):
+                v = array("f", d).tolist()
+                self._pending[n] = deque(((v[i:i + h], v[i + h:i + 2 * h])
+                                          for i in range(0, len(v), 2 * h)), maxlen=h)
         # checkpoints written before the blend and the allocation floor existed
         self.__dict__.setdefault("floor", False)
         if "_step_err" not in self.__dict__:
