@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import math
 import os
 import pickle
 import random
@@ -26,15 +25,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
-from rswap_ebpf.replay import ENFORCED_FLOOR, default_totals, replay  # noqa: E402
+from rswap_ebpf.replay import clairvoyant_bound, default_totals, replay  # noqa: E402
 from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
@@ -92,41 +89,6 @@ def accuracy(traces) -> None:
                   + ("  beats SN after warm-up" if late < 0.995 else
                      "  ties SN" if late <= 1.005 else "  LOSES to SN"))
     print()
-
-
-def _lagrangian(series, total: int, lam: float, floor_units: float, growth: float = 2.0) -> float:
-    """The least shortfall + lam * slack of any allocation sequence on the daemon's path.
-
-    Allocations are whole units; the allocation for tick i+1 is never below the use observed at
-    tick i (``SwapManager.demand``), and a tick capped below its demand is observed as ``growth``
-    times its allocation, at most the pool (``SwapManager.observed_demand``).  Beyond that each
-    tick's allocation is free, as if the policy knew the future: dynamic programming over the
-    allocation, per task (the pool never binding).
-    """
-    a = np.arange(total + 1, dtype=float)
-    cap = np.maximum(a, floor_units)
-    value = np.zeros(total + 1)
-    for d in reversed(series[1:]):
-        used = np.minimum(d, cap)
-        grown = np.minimum(np.maximum(np.maximum(a, used), 1.0) * growth, total)
-        obs = np.where(d > cap, np.maximum(used, grown), used)
-        nxt = np.minimum(np.ceil(obs - 1e-9), total).astype(int)
-        best_from = np.minimum.accumulate(value[::-1])[::-1]  # best over allocations >= k
-        value = np.maximum(0.0, d - a) + lam * np.maximum(0.0, a - d) + best_from[nxt]
-    first = min(int(math.ceil(series[0] - 1e-9)), total)  # the first tick runs uncapped
-    return float(np.minimum.accumulate(value[::-1])[::-1][first])
-
-
-def clairvoyant_bound(trace, slack_budget: float) -> float:
-    """No policy on the daemon's allocation path, however good its forecasts, has less
-    shortfall than this at a slack of at most ``slack_budget`` (Lagrangian dual of the DP)."""
-    totals = default_totals(trace)
-    best = 0.0
-    for lam in np.concatenate(([0.0], np.geomspace(1e-3, 50.0, 60))):
-        v = sum(_lagrangian(list(s), totals[r], lam, ENFORCED_FLOOR.get(r, 1.0))
-                for (t, r), s in trace.demand.items())
-        best = max(best, v - lam * slack_budget)
-    return best * trace.interval
 
 
 def allocation(traces, seasonal_raise: bool) -> None:

@@ -161,3 +161,24 @@ def test_auto_is_scored_over_the_replay_window():
         "name": "auto", "quantile": 0.5, "horizon": 1}
     assert _scored_over({"name": "auto", "horizon": 5}, 1)["horizon"] == 5
     assert _scored_over("last_value", 1) == "last_value"
+
+
+def test_clairvoyant_bound_is_below_every_policy_replayed():
+    """The dynamic program's least shortfall + lam * slack is a lower bound: every policy replayed
+    on the daemon's path (no pool contention here) costs at least that, and the dual bound on
+    shortfall at a policy's own slack is never above that policy's shortfall."""
+    from rswap_ebpf.replay import clairvoyant_bound, least_cost
+
+    tr = _periodic_trace(60)
+    totals = {CPU: 4000}  # room for both: the per-task bound assumes the pool never binds
+    for policy, kw in (("reactive", {}), ("vpa", {}), ("proactive", {"forecaster": "auto"}),
+                       ("reactive", {"headroom": 1.0})):
+        res = replay(tr, [policy], totals=totals, **kw)
+        for s in res.scores:
+            for lam in (0.0, 0.1, 1.0, 10.0):
+                v = least_cost(list(tr.demand[(s.task, CPU)]), totals[CPU], lam, 10.0)
+                assert v <= s.shortfall + lam * s.slack + 1e-6
+    # a trace whose demand only ever drops after one tick: covering it costs the drop in slack
+    step = Trace((0.0, 1.0, 2.0, 3.0), {("a", CPU): (0.0, 500.0, 0.0, 0.0)})
+    assert least_cost([0.0, 500.0, 0.0, 0.0], 500, 1.0, 10.0) == pytest.approx(500.0)
+    assert clairvoyant_bound(step, 0.0) > 0  # with no slack at all, something goes short
