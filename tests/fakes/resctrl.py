@@ -28,10 +28,20 @@ the MBA software controller set them up: on AMD, MB values are absolute rates in
 under ``mba_MBps`` any u32 is accepted (MiB/s, no range check, no rounding) and groups start at
 4294967295 (``MBA_MAX_MBPS``).
 Not reproduced: exclusive/pseudo-locked modes, CDP, cpus masks, monitoring-group RMID limits.
+
+Across processes (``state_file``): the kernel's resctrl state outlives the process that changed
+it, so a fake shared by a ``rswap run`` subprocess and a later ``rswap restore`` keeps its state
+in a JSON file beside the tree, replaced atomically (rename) after every change, the way a
+kernel change is all or nothing.  :meth:`FakeResctrl.attach` rebuilds the fake from that file in a
+new process and re-renders the tree from it (a process killed mid-render leaves torn files; the
+state file is the truth).  ``live_pids``: thread ids are this host's (a tid exists while
+``/proc/<tid>`` does, and an exited thread leaves its group, as in the kernel) instead of a fixed
+set; tests/fakes/rswap_fake_resctrl.py starts ``rswap`` with such a fake in place.
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 
@@ -45,7 +55,9 @@ class FakeResctrl(ResctrlFS):
                  num_closids: int = 16, l3_domains=(0, 1), bw_gran: int = 10,
                  min_bandwidth: int = 10, mb: bool = True, sparse_masks: bool = False,
                  pids=(1,), ncpus: int = 2, vendor: str = "intel", amd_max_bw: int = 2048,
-                 mba_mbps: bool = False):
+                 mba_mbps: bool = False, state_file: str | None = None, live_pids: bool = False):
+        self.state_file = state_file
+        self.live_pids = live_pids
         self.root = os.path.realpath(root)
         self.cbm_mask = int(cbm_mask, 16)
         self.cbm_len = self.cbm_mask.bit_length()
@@ -71,10 +83,90 @@ class FakeResctrl(ResctrlFS):
         os.makedirs(self.root, exist_ok=True)
         self._build_info()
         self._new_group("")
+        self._save()
         register_fs(self.root, self)
 
     def close(self) -> None:
         register_fs(self.root, None)
+
+    # -- the state that outlives a process -------------------------------------------------
+    _PARAMS = ("cbm_mask", "cbm_len", "width", "min_cbm_bits", "num_closids", "domains", "vendor",
+               "mba_sc", "bw_gran", "min_bw", "max_bw", "mb_default", "mb", "sparse", "ncpus",
+               "live_pids", "last_cmd_status")
+
+    def _save(self) -> None:
+        if not self.state_file:
+            return
+        state = {k: getattr(self, k) for k in self._PARAMS}
+        state["pids"] = sorted(self.pids)
+        state["groups"] = {n: {"L3": list(g["L3"].items()), "MB": list(g["MB"].items()),
+                               "tasks": sorted(g["tasks"])} for n, g in self.groups.items()}
+        state["mbm"] = [[g, d, v] for (g, d), v in self.mbm.items()]
+        state["occupancy"] = [[g, d, v] for (g, d), v in self.occupancy.items()]
+        tmp = f"{self.state_file}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self.state_file)
+
+    @classmethod
+    def attach(cls, root: str, state_file: str) -> "FakeResctrl":
+        """The fake a previous process left at ``root``, rebuilt from ``state_file`` in this one
+        (registered, like a new instance), its tree re-rendered from that state."""
+        with open(state_file) as f:
+            state = json.load(f)
+        self = cls.__new__(cls)
+        self.root = os.path.realpath(root)
+        self.state_file = state_file
+        for k in cls._PARAMS:
+            setattr(self, k, state[k])
+        self.domains = tuple(self.domains)
+        self.pids = set(state["pids"])
+        self.groups = {n: {"L3": {int(d): v for d, v in g["L3"]}, "MB": {int(d): v for d, v in g["MB"]},
+                           "tasks": set(g["tasks"])} for n, g in state["groups"].items()}
+        self.mbm = {(g, d): v for g, d, v in state["mbm"]}
+        self.occupancy = {(g, d): v for g, d, v in state["occupancy"]}
+        for name in os.listdir(self.root):  # a group whose mkdir/rmdir a kill cut short
+            if name not in ("info",) and os.path.isdir(os.path.join(self.root, name)) \
+                    and name not in ("mon_data", "mon_groups") and name not in self.groups:
+                shutil.rmtree(os.path.join(self.root, name))
+        self._build_info()
+        self._status(self.last_cmd_status)
+        for name in self.groups:
+            if name:
+                os.makedirs(os.path.join(self.root, name, "mon_groups"), exist_ok=True)
+                for dom in self.domains:
+                    os.makedirs(os.path.join(self.root, name, "mon_data", f"mon_L3_{dom:02d}"),
+                                exist_ok=True)
+                self._write_file(os.path.join(self.root, name, "mode"), "shareable\n")
+                self._write_file(os.path.join(self.root, name, "cpus"), f"{(1 << self.ncpus) - 1:x}\n")
+                self._write_file(os.path.join(self.root, name, "cpus_list"), f"0-{self.ncpus - 1}\n")
+        for name in self.groups:
+            self._render(name)
+        register_fs(self.root, self)
+        return self
+
+    def _exists(self, pid: int) -> bool:
+        if self.live_pids:
+            return os.path.exists(f"/proc/{pid}")
+        return pid in self.pids
+
+    @staticmethod
+    def _host_tids() -> set[int]:
+        out: set[int] = set()
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    out.update(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+                except OSError:
+                    pass
+        return out
+
+    def read(self, path: str) -> str:
+        """As the kernel shows it now: with ``live_pids`` the default group's ``tasks`` is every
+        thread of the host outside the other groups, at the time of reading."""
+        if self.live_pids and os.path.realpath(path) == os.path.join(self.root, "tasks"):
+            self._render("")
+        return super().read(path)
 
     # -- test helpers --------------------------------------------------------------------
     def spawn(self, pid: int) -> None:
@@ -107,6 +199,7 @@ class FakeResctrl(ResctrlFS):
         else:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
         self._write_file(os.path.join(self.root, "info", "last_cmd_status"), self.last_cmd_status + "\n")
+        self._save()
 
     def mkdir(self, path: str) -> None:
         parent, name = os.path.split(os.path.realpath(path))
@@ -119,6 +212,7 @@ class FakeResctrl(ResctrlFS):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         self._status("ok")
         self._new_group(name)
+        self._save()
 
     def rmdir(self, path: str) -> None:
         parent, name = os.path.split(os.path.realpath(path))
@@ -126,6 +220,7 @@ class FakeResctrl(ResctrlFS):
             raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
         g = self.groups.pop(name)
         self.groups[""]["tasks"] |= g["tasks"]
+        self._save()
         shutil.rmtree(path)
         self._render("")
 
@@ -205,7 +300,7 @@ class FakeResctrl(ResctrlFS):
                 pid = int(item)
             except ValueError:
                 self._fail(f"Invalid pid {item!r}")
-            if pid not in self.pids:
+            if not self._exists(pid):
                 self._fail(f"No task {pid}", errno.ESRCH)
             for g in self.groups.values():
                 g["tasks"].discard(pid)
@@ -274,6 +369,11 @@ class FakeResctrl(ResctrlFS):
     def _render(self, name: str) -> None:
         g = self.groups[name]
         d = self._dir(name)
+        if self.live_pids:  # an exited thread leaves its group; the default group has the rest
+            host = self._host_tids()
+            for x in self.groups.values():
+                x["tasks"] &= host
+            self.pids = host
         lines = ["L3:" + ";".join(f"{dom}={v:0{self.width}x}" for dom, v in sorted(g["L3"].items()))]
         if self.mb:
             lines.append("MB:" + ";".join(f"{dom}={v:3d}" for dom, v in sorted(g["MB"].items())))

@@ -7,11 +7,15 @@ veth in a network namespace made here, with its BPF programs loaded and maps pin
 hook (``RSWAP_FAULT_KILL_AFTER_JOURNAL=N``), right after its Nth journal entry is fsynced and before
 the change it announces is made.  Then the round runs ``rswap restore`` (or, every few rounds, a
 fresh ``rswap run`` that restores on start) and compares the cgroup files, the qdiscs, classes and
-filters and the pins with what they were before the first start.
+filters, the resctrl groups and schemata, and the pins with what they were before the first start.
 
-resctrl is covered in-process (tests/kernel/test_crash_resctrl.py): the fake resctrl mount validates
-writes in the test process's memory (tests/fakes/resctrl.py), so a separate ``rswap run`` process
-could not use it.
+resctrl is the fake mount (tests/fakes/resctrl.py, which validates writes as the kernel does, in
+the process that makes them): every ``rswap`` here runs through tests/fakes/rswap_fake_resctrl.py,
+which rebuilds the fake from the state file the previous (killed) process left and then calls
+``rswap_ebpf.cli.main``.  The tree starts with an operator's group ``ops`` holding the adopted
+task's process; rswap moves it into its own group, narrows the default group, and every round
+must end with ``ops`` holding it again and each schemata byte for byte as before.
+tests/kernel/test_crash_resctrl.py crashes the enforcer in-process at every single step as well.
 
 ``RSWAP_CRASH_ROUNDS`` sets the number of rounds (default 100, about 3 minutes on a 2-core VM);
 ``RSWAP_CRASH_LONG=1`` runs 500 rounds with kill times up to 6 s.
@@ -30,7 +34,7 @@ import time
 import pytest
 
 from rswap_ebpf.enforce.cgroup import detect_mounts
-from tests.conftest import rswap_cmd, run_rswap
+from tests.fakes.resctrl import FakeResctrl
 from tests.kernel.helpers import TIME_SCALE, scratch_cgroup, set_cpu_limit
 
 LONG = os.environ.get("RSWAP_CRASH_LONG") == "1"
@@ -45,6 +49,36 @@ VOLATILE = re.compile(r"stat|usage|pressure|io_serv|io_wait|io_merged|io_queued|
 
 def sh(*argv, check=True):
     return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def rswap_cmd() -> list[str]:
+    """``rswap`` with the fake resctrl mount in place (tests/fakes/rswap_fake_resctrl.py)."""
+    return [sys.executable, "-m", "tests.fakes.rswap_fake_resctrl"]
+
+
+def run_rswap(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(rswap_cmd() + list(args), capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def resctrl_tree(root: str) -> dict[str, str]:
+    """Every group, schemata and tasks file of the fake mount; not the default group's ``tasks``
+    (every thread of the host rswap never touched) nor ``info/last_cmd_status`` (a message)."""
+    out = {}
+    for dirpath, dirnames, files in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for d in dirnames:
+            out[os.path.normpath(os.path.join(rel, d)) + "/"] = "dir"
+        for name in files:
+            key = os.path.normpath(os.path.join(rel, name))
+            if key in ("tasks", "info/last_cmd_status"):
+                continue
+            with open(os.path.join(dirpath, name)) as f:
+                out[key] = f.read()
+    return out
 
 
 def read_dir_files(d: str) -> dict[str, str]:
@@ -64,6 +98,19 @@ def read_dir_files(d: str) -> dict[str, str]:
     return out
 
 
+def empty_rswap_parents(mounts) -> set[str]:
+    """Hierarchies whose ``rswap/`` exists with no cgroup in it (in use, it holds a task)."""
+    out = set()
+    for h, mnt in mounts.hierarchies.items():
+        d = os.path.join(mnt, "rswap")
+        try:
+            if not any(e.is_dir() for e in os.scandir(d)):
+                out.add(h)
+        except OSError:
+            pass
+    return out
+
+
 class Host:
     """What the test made, and a snapshot of everything rswap may touch there."""
 
@@ -74,6 +121,7 @@ class Host:
         self.task_names = task_names
         self.sleeper_pid = sleeper_pid
         self.mounts = detect_mounts()
+        self.empty_at_start = empty_rswap_parents(self.mounts)
 
     def snapshot(self) -> dict:
         snap = {f"cgroup {h}": read_dir_files(d) for h, d in sorted(self.cg_dirs.items())}
@@ -82,10 +130,14 @@ class Host:
         for h, mnt in self.mounts.hierarchies.items():
             for t in self.task_names:
                 snap[f"owned {h}/{t}"] = os.path.exists(os.path.join(mnt, "rswap", t))
+        # The shared rswap/ parent: restore removes it once it made it and nothing else is in it
+        # (a restore that put a surviving task into it left it behind for good).
+        snap["rswap/ left empty"] = empty_rswap_parents(self.mounts) - self.empty_at_start
         for what in ("qdisc show dev va", "class show dev va", "filter show dev va ingress",
                      "filter show dev va egress", "filter show dev va"):
             snap[f"tc {what}"] = sh("tc", "-n", self.ns, *what.split(), check=False).stdout
         snap["pins"] = sorted(os.listdir(self.pin_dir)) if os.path.exists(self.pin_dir) else None
+        snap["resctrl"] = resctrl_tree(self.resctrl_root)
         return snap
 
 
@@ -112,6 +164,19 @@ def host(unique_name, rswap_env, monkeypatch, tmp_path):
                         fh.write(str(os.getpid()))
 
             sleeper = subprocess.Popen(["sleep", "600"], preexec_fn=enter)
+            # The fake resctrl mount, with an operator's group holding the sleeper.
+            fake = FakeResctrl(str(tmp_path / "resctrl"), cbm_mask="fff", num_closids=8,
+                               l3_domains=(0, 1), pids=(), live_pids=True,
+                               state_file=str(tmp_path / "resctrl.state.json"))
+            ops = os.path.join(fake.root, "ops")
+            fake.mkdir(ops)
+            fake.write(os.path.join(ops, "schemata"), "L3:0=00f;1=0f0\nMB:0=50;1=70\n")
+            fake.write(os.path.join(ops, "tasks"), str(sleeper.pid))
+            fake.close()
+            monkeypatch.setenv("RSWAP_RESCTRL_ROOT", fake.root)
+            monkeypatch.setenv("RSWAP_FAKE_RESCTRL_STATE", fake.state_file)
+            monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+                [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
             marker = f"{random.randint(10**6, 10**7 - 1)}"
             tasks = [f"cr1-{unique_name}", f"cr2-{unique_name}"]
             spin = ("import sys, time\\nend = time.monotonic() + 15\\n"
@@ -130,12 +195,18 @@ checkpoint_every = 5
 total = 2000
 [resources.net]
 total = 12500000
+[resources.cache]
+total = "auto"
+[resources.membw]
+total = 100
 
 [[task]]
 name = "adopted-{unique_name}"
 priority = "batch"
 cgroup = "crash-{unique_name}"
 cpu = {{ min = 50 }}
+cache = {{ min = 1 }}
+membw = {{ min = 10 }}
 
 [[task]]
 name = "{tasks[0]}"
@@ -143,14 +214,19 @@ priority = "critical"
 command = ["{{python}}", "-c", "{spin}", "{marker}"]
 cpu = {{ min = 100 }}
 net = {{ min = 125000, interface = "{ns}:va" }}
+cache = {{ min = 2 }}
+membw = {{ min = 20 }}
 
 [[task]]
 name = "{tasks[1]}"
 command = ["{{python}}", "-c", "{spin}", "{marker}"]
 cpu = {{ min = 100, max = 1500 }}
 net = {{ min = 125000, interface = "{ns}:va" }}
+cache = {{ min = 1 }}
+membw = {{ min = 10 }}
 """)
             h = Host(dirs, ns, pin_dir, tasks, sleeper.pid)
+            h.resctrl_root = fake.root
             # The hand-set quota, as "cgroup <hierarchy>" -> file -> text in a snapshot.
             quota_path, h.quota_text = next(iter(limits.items()))
             h.quota_key = (next(f"cgroup {k}" for k, d in dirs.items()
@@ -158,9 +234,19 @@ net = {{ min = 125000, interface = "{ns}:va" }}
             h.config = str(cfg)
             h.marker = marker
             h.env = {**rswap_env, "RSWAP_PIN_DIR": pin_dir}
-            yield h
+            try:
+                yield h
+            finally:
+                # Undo before the scratch cgroup goes: restore's evacuation and the scratch
+                # removal would otherwise race over the same directories.
+                sleeper.kill()
+                sleeper.wait()
+                kill_marked(marker)
+                run_rswap("restore", env={**rswap_env, "RSWAP_PIN_DIR": pin_dir}, timeout=60)
+        left = [d for d in dirs.values() if os.path.exists(d)]
+        assert not left, f"the scratch cgroup outlived the test: {left}"
     finally:
-        if sleeper is not None:
+        if sleeper is not None and sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
         kill_marked(locals().get("marker"))
@@ -297,8 +383,11 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
             with open(journal) as f:
                 entries = f.readlines()
             seen["max_entries"] = max(seen["max_entries"], len(entries))
-        if host.snapshot() != baseline:
+        killed = host.snapshot()
+        if killed != baseline:
             seen["changed"] += 1  # the kill left something to undo
+        if killed["resctrl"] != baseline["resctrl"]:
+            seen["resctrl"] = seen.get("resctrl", 0) + 1  # ... in the fake resctrl mount too
         if round_no % 20 == 19:
             # A restart after a crash: the stale lock does not block it; it restores first.
             seen["restart"] += 1
@@ -327,3 +416,4 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     # The rounds exercised both kinds of kill, and most left something for restore to undo.
     assert seen["hook"] and seen["timer"]
     assert seen["changed"] >= ROUNDS // 4, seen
+    assert seen.get("resctrl", 0) >= ROUNDS // 8, seen
