@@ -163,7 +163,9 @@ def host(unique_name, rswap_env, monkeypatch, tmp_path):
                     with open(p, "w") as fh:
                         fh.write(str(os.getpid()))
 
-            sleeper = subprocess.Popen(["sleep", "600"], preexec_fn=enter)
+            # Until the fixture kills it: "sleep 600" ended mid-test in an emulated VM (the rounds
+            # take ~11 minutes there) and its cgroup.procs read empty after restore.
+            sleeper = subprocess.Popen(["sleep", "infinity"], preexec_fn=enter)
             # The fake resctrl mount, with an operator's group holding the sleeper.
             fake = FakeResctrl(str(tmp_path / "resctrl"), cbm_mask="fff", num_closids=8,
                                l3_domains=(0, 1), pids=(), live_pids=True,
