@@ -443,6 +443,16 @@ def main() -> int:
                 print(f"# run {rep} {mode}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, "
                       f"{r['n']} requests ({r['lost']} lost), batch {r['batch']:.0f} bogo-ops/s; "
                       f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        # stopped early: report the runs that completed (whole runs only, so rows compare)
+        done = max((r["rep"] for r in rows), default=0)
+        whole = [rep for rep in range(1, done + 1)
+                 if sum(1 for r in rows if r["rep"] == rep) == len(modes)]
+        rows = [r for r in rows if r["rep"] in whole]
+        a.repeat = len(whole)
+        print(f"# interrupted: reporting {len(whole)} complete run(s)", file=sys.stderr, flush=True)
+        if not rows:
+            return 130
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"load: nginx gzip -9 of {a.page_bytes} B per request; every {a.period:g}s a {a.burst:g}s "
