@@ -469,7 +469,19 @@ def burst_supported(mounts: CgroupMounts) -> str | None:
     for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         if os.path.exists(os.path.join(root, entry, w.burst_file)):
             return w.burst_file
+    # Where no cgroup has cpu enabled yet (systemd leaves it off until a unit asks), no file shows
+    # it; the controller is offered, so the kernel's version decides (cpu.max.burst came in 5.14).
+    if w.version == "v2" and "cpu" in mounts.v2_controllers() and _kernel_at_least(5, 14):
+        return w.burst_file
     return None
+
+
+def _kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
+    try:
+        parts = (release or os.uname().release).split(".")
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
+    except (ValueError, IndexError):
+        return False
 
 
 def cpu_writer(mounts: CgroupMounts) -> CpuWriter:

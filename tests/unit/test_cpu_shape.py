@@ -169,3 +169,27 @@ def test_cpu_floor_is_kept_under_the_quota_and_weight_not_taken_from_the_pool(v1
     d.tasks.pop("svc")
     d._set_floors()
     assert drv.floors == {}
+
+
+def test_burst_on_a_unified_host_where_no_cgroup_has_cpu_yet(tmp_path, monkeypatch):
+    from rswap_ebpf.enforce import cgroup as cgroup_mod
+
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "system.slice").mkdir()  # systemd's slices, cpu not enabled: no cpu.* files
+    mounts = CgroupMounts("unified", str(tmp_path), {})
+    monkeypatch.setattr(cgroup_mod, "_kernel_at_least", lambda major, minor: True)
+    assert burst_supported(mounts) == "cpu.max.burst"  # 6.1 has it though no file shows it yet
+    monkeypatch.setattr(cgroup_mod, "_kernel_at_least", lambda major, minor: False)
+    assert burst_supported(mounts) is None  # a 5.10 kernel does not
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
+    monkeypatch.setattr(cgroup_mod, "_kernel_at_least", lambda major, minor: True)
+    assert burst_supported(mounts) is None  # no cpu controller offered at all
+
+
+def test_kernel_release_comparison():
+    from rswap_ebpf.enforce.cgroup import _kernel_at_least
+
+    assert _kernel_at_least(5, 14, "6.1.0-50-amd64")
+    assert _kernel_at_least(5, 14, "5.14.0")
+    assert not _kernel_at_least(5, 14, "5.10.209-1")
+    assert not _kernel_at_least(5, 14, "garbage")
