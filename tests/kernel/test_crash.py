@@ -98,17 +98,24 @@ def read_dir_files(d: str) -> dict[str, str]:
     return out
 
 
-def empty_rswap_parents(mounts) -> set[str]:
-    """Hierarchies whose ``rswap/`` exists with no cgroup in it (in use, it holds a task)."""
-    out = set()
-    for h, mnt in mounts.hierarchies.items():
-        d = os.path.join(mnt, "rswap")
-        try:
-            if not any(e.is_dir() for e in os.scandir(d)):
-                out.add(h)
-        except OSError:
-            pass
-    return out
+def empty_rswap_parents(mounts, settle_s: float = 0.5) -> set[str]:
+    """Hierarchies whose ``rswap/`` exists with no cgroup in it (in use, it holds a task), and
+    still so ``settle_s`` later: another test's rswap may be between its rmdirs right now."""
+    def empty() -> set[str]:
+        out = set()
+        for h, mnt in mounts.hierarchies.items():
+            try:
+                if not any(e.is_dir() for e in os.scandir(os.path.join(mnt, "rswap"))):
+                    out.add(h)
+            except OSError:
+                pass
+        return out
+
+    found = empty()
+    if found and settle_s:
+        time.sleep(settle_s)
+        found &= empty()
+    return found
 
 
 class Host:
