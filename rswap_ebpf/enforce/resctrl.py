@@ -256,17 +256,22 @@ def _mb_unit(root: str, default_mb: Mapping[int, str], min_bw: int, delay_linear
     return {}
 
 
-def _mount_has_option(root: str, option: str) -> bool:
+def _resctrl_mount_options(root: str) -> list[str] | None:
+    """The options of the kernel's resctrl mount at ``root``, or None where ``root`` is not one."""
     try:
         with open(os.path.join(paths.root("PROCFS_ROOT"), "mounts")) as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 4 and parts[2] == "resctrl" and \
                         os.path.realpath(parts[1]) == os.path.realpath(root):
-                    return option in parts[3].split(",")
+                    return parts[3].split(",")
     except OSError:
         pass
-    return False
+    return None
+
+
+def _mount_has_option(root: str, option: str) -> bool:
+    return option in (_resctrl_mount_options(root) or [])
 
 
 def ensure_mounted(journal: Journal | None = None, root: str | None = None) -> str:
@@ -382,6 +387,7 @@ class ResctrlEnforcer:
         self.percent: dict[str, int] = {}
         self._journalled_schemata: set[str] = set()
         self._last_written: dict[str, str] = {}
+        self._kernel_mount: bool | None = None  # is self.root the kernel's resctrl mount?
         #: what 100 % of a domain moves, for hosts whose MB values are rates (AMD, mba_MBps)
         self.mb_peak_bytes_per_s: float | None = None
 
@@ -546,14 +552,22 @@ class ResctrlEnforcer:
 
     def group_of_tid(self, tid: int) -> str | None:
         """The control group ``tid`` is in ("" = default group), or None if it is not running."""
-        proc = os.path.join(paths.root("PROCFS_ROOT"), str(tid), "cpu_resctrl_groups")
-        try:
-            with open(proc) as f:
-                for line in f:
-                    if line.startswith("res:"):
-                        return line[4:].strip().strip("/")
-        except OSError:
-            pass
+        # /proc/<tid>/cpu_resctrl_groups names the group in the kernel's own resctrl mount (and
+        # says "res:/" on a kernel built with it where nothing is mounted): it is the answer only
+        # when self.root is that mount.  Elsewhere (a tree given by RSWAP_RESCTRL_ROOT) the
+        # tasks files are.  Debian's 6.1 has the file; trusting it put a thread of a fake tree's
+        # "ops" group back in the default group on restore.
+        if self._kernel_mount is None:
+            self._kernel_mount = _resctrl_mount_options(self.root) is not None
+        if self._kernel_mount:
+            proc = os.path.join(paths.root("PROCFS_ROOT"), str(tid), "cpu_resctrl_groups")
+            try:
+                with open(proc) as f:
+                    for line in f:
+                        if line.startswith("res:"):
+                            return line[4:].strip().strip("/")
+            except OSError:
+                pass
         for name in [""] + [n for n in self.fs.listdir(self.root) if n not in ("info", "mon_data",
                                                                                  "mon_groups")]:
             d = os.path.join(self.root, name)

@@ -253,3 +253,19 @@ def test_kernel_refusal_is_reported_with_last_cmd_status(fake, journal):
         e._write_schemata(os.path.join(fake.root, "rswap-web", "schemata"), "L3:0=101\n")
     assert "non-consecutive" in str(exc.value)
     e.restore()
+
+
+def test_proc_resctrl_groups_is_trusted_only_for_the_kernels_own_mount(fake, journal, tmp_path,
+                                                                      monkeypatch):
+    # A kernel built with resctrl (Debian's 6.1) has /proc/<tid>/cpu_resctrl_groups and says
+    # "res:/" there while nothing is mounted: for another tree that is not the answer.
+    proc = tmp_path / "proc"
+    (proc / "300").mkdir(parents=True)
+    (proc / "300" / "cpu_resctrl_groups").write_text("res:/\nmon:/\n")
+    (proc / "mounts").write_text("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n")
+    monkeypatch.setenv("RSWAP_PROCFS_ROOT", str(proc))
+    fake.mkdir(os.path.join(fake.root, "ops"))
+    fake.write(os.path.join(fake.root, "ops", "tasks"), "300")
+    assert enforcer(fake, journal).group_of_tid(300) == "ops"  # from the tasks files
+    (proc / "mounts").write_text(f"resctrl {fake.root} resctrl rw,relatime 0 0\n")
+    assert enforcer(fake, journal).group_of_tid(300) == ""  # the kernel's mount: /proc answers
