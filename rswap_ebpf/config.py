@@ -209,7 +209,10 @@ def _indices_option(value: Any, field_name: str) -> tuple[int, ...]:
 RESOURCE_OPTIONS: dict[ResourceType, dict[str, Any]] = {
     ResourceType.PROCESSOR_CYCLES: {  # drivers.cpu.TIER_SHAPES: what each tier adds to its quota
         "critical_burst": _bool_option, "batch_idle": _bool_option,
-        "critical_weight": lambda v, f: _number(v, f, 1.0, 1000.0)},
+        "critical_weight": lambda v, f: _number(v, f, 1.0, 1000.0),
+        # enforce.cpuset: lower tiers leave the critical tier whole cores during a burst
+        "critical_isolate": _bool_option,
+        "critical_isolate_above": lambda v, f: _number(v, f, 1.0, 1e6)},
     ResourceType.CACHE: {"isolate_default": _bool_option},
     ResourceType.NETWORK_BANDWIDTH: {"ingress": _bool_option},  # drivers.net: shape via an ifb
     ResourceType.MEMORY_BANDWIDTH: {

@@ -187,6 +187,8 @@ class Daemon:
         #: (task, resource) -> a critical task's seasonal floor this tick (_forecast), for drivers
         #: that keep it as a floor under the task's limit (CpuDriver.set_floor) instead of units
         self._floors: dict[tuple[str, ResourceType], float] = {}
+        #: resource -> cores a driver's settle() keeps for the critical tier now (said on change)
+        self._isolated: dict[ResourceType, int] = {}
         self._stop = False
         self._started = False
         self.last_report: TickReport | None = None
@@ -455,12 +457,28 @@ class Daemon:
                 if rt.cgroup.exists():
                     raise
                 log.info("task %s: cgroup gone while applying (%s)", task, err)
+        self._settle_drivers()
         report = TickReport(self.tick_no, time.perf_counter() - t0, result, usage, forecasts)
         self.last_report = report
         self._publish()
         if self.on_tick:
             self.on_tick(report)
         return report
+
+    def _settle_drivers(self) -> None:
+        """Drivers that act on a whole tier after the tick's units are written (CpuDriver.settle:
+        lower tiers' cpusets leave a critical burst its cores) see every live task's units."""
+        live = {n: rt.cgroup for n, rt in self.tasks.items()
+                if rt.exited is None and n in self.manager.tasks}
+        for r, drv in self.drivers.items():
+            settle = getattr(drv, "settle", None)
+            if settle is not None:
+                state = settle(live, {n: self.pool.allocation(r, n) for n in live})
+                cores = getattr(state, "cores", None)
+                if cores is not None and cores != self._isolated.get(r, 0):
+                    self._say(f"rswap: {r.key} isolation: {cores} core(s) kept for the critical "
+                              f"tier (lower tiers on {sorted(state.lower_cpus)})")
+                    self._isolated[r] = cores
 
     def _set_floors(self) -> set[tuple[str, ResourceType]]:
         """Hand this tick's critical floors (plus headroom, within the task's limits) to the

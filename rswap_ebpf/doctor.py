@@ -140,7 +140,26 @@ def check_cgroups() -> Iterable[FeatureCheck]:
         out.append(_missing("cpu controller", err.why, err.fix, [CPU]))
         return out
     out.append(check_cfs_burst(m))
+    out.append(check_cpuset(m))
     return out
+
+
+def check_cpuset(mounts) -> FeatureCheck:
+    """``critical_isolate`` keeps lower tiers off a critical burst's cores (enforce.cpuset)."""
+    from .enforce.cpuset import allowed_cpus, cpuset_hierarchy
+
+    try:
+        version, root = cpuset_hierarchy(mounts)
+    except FeatureMissing as err:
+        return _missing("cpuset isolation", err.why, err.fix, [CPU])
+    allowed = allowed_cpus(version, root)
+    if len(allowed) < 2:
+        return _missing("cpuset isolation", f"{len(allowed)} CPU: no core to isolate",
+                        "a host with 2 or more CPUs", [CPU])
+    where = (f"cgroup v1 at {root}: lower tiers get rswap/<task> there" if version == "v1" else
+             f"cgroup v2 at {root}: cpuset is enabled for rswap's cgroups when needed")
+    return _ok("cpuset isolation", f"[resources.cpu] critical_isolate: {where}; "
+               f"{len(allowed)} CPUs, at most {len(allowed) - 1} kept for a critical burst", [CPU])
 
 
 def check_cfs_burst(mounts) -> FeatureCheck:

@@ -5,6 +5,7 @@ from collections.abc import Mapping, Sequence
 
 from ..enforce.cgroup import (CgroupMounts, CpuShape, FileApplier, TaskCgroup, Write, cpu_writer,
                               online_cpus)
+from ..errors import FeatureMissing
 from ..resources import ResourceType
 from ..sense.cpu import CpuCollector
 from .base import DriverContext, ResourceDriver
@@ -46,10 +47,15 @@ class CpuDriver(ResourceDriver):
         #: task -> millicores its quota and weight never fall below (a critical task's seasonal
         #: floor, daemon._forecast): written to its cgroup, not taken from the pool
         self.floors: dict[str, int] = {}
+        #: task -> its tier; the critical tier's units decide core isolation (settle)
+        self.tier_of: dict[str, str] = {}
+        #: enforce.cpuset.CriticalIsolation when ``critical_isolate`` is on
+        self.isolation = None
 
     def set_priority(self, task: str, priority: str) -> None:
         """The task's tier decides its :class:`CpuShape` (burst, weight, idle) from now on."""
         self.shapes[task] = self.tiers.get(str(priority).lower(), CpuShape())
+        self.tier_of[task] = str(priority).lower()
 
     def set_floor(self, task: str, millicores: int) -> bool:
         """Keep ``task``'s quota and weight at ``millicores`` at least; whether that changed.
@@ -101,10 +107,50 @@ class CpuDriver(ResourceDriver):
     def apply(self, cg: TaskCgroup, units: int) -> Sequence[Write]:
         return self.applier.apply(self.plan(cg, units))
 
+    def settle(self, tasks: Mapping[str, TaskCgroup], units: Mapping[str, int]):
+        """After the tick's quotas: keep normal/batch tasks off the cores a critical burst needs
+        (enforce.cpuset), from the critical tier's units; None when isolation is off."""
+        if self.isolation is None:
+            return None
+        critical = sum(units.get(n, 0) for n in tasks if self.tier_of.get(n) == "critical")
+        lower = {n: cg for n, cg in tasks.items() if self.tier_of.get(n) in ("normal", "batch")}
+        return self.isolation.settle(critical, lower)
+
     def close(self) -> None:
         self.collector.close()
 
 
+#: ``[resources.cpu] critical_isolate`` when not set (README, co-location benchmark).
+ISOLATE_DEFAULT = False
+#: ``critical_isolate_above``: the critical tier's millicores that count as a burst.
+ISOLATE_ABOVE_DEFAULT = 250.0
+
+
+def isolation(ctx: DriverContext, opts: Mapping[str, object]):
+    """The core-isolation step for ``critical_isolate`` (enforce.cpuset), or None when off.
+
+    Asked for explicitly on a host without a cpuset controller: FeatureMissing, said at start.
+    """
+    if not opts.get("critical_isolate", ISOLATE_DEFAULT):
+        return None
+    from ..enforce.cgroup import CgroupManager
+    from ..enforce.cpuset import CpusetIsolator, CriticalIsolation, IsolationPolicy
+
+    try:
+        isolator = CpusetIsolator(ctx.mounts, ctx.journal, ctx.applier, ctx.dry_run,
+                                  CgroupManager(ctx.journal, ctx.mounts).enable_controllers)
+    except FeatureMissing:
+        if "critical_isolate" in opts:
+            raise
+        return None
+    daemon = getattr(ctx.config, "daemon", None)
+    policy = IsolationPolicy(float(opts.get("critical_isolate_above", ISOLATE_ABOVE_DEFAULT)),
+                             getattr(daemon, "hold_ticks", 1), getattr(daemon, "deadband", 0.1))
+    return CriticalIsolation(isolator, policy)
+
+
 def make(ctx: DriverContext) -> CpuDriver:
     opts = getattr(ctx.config, "options", {}).get(ResourceType.PROCESSOR_CYCLES, {})
-    return CpuDriver(ctx.mounts, ctx.applier, tiers=tier_shapes(opts))
+    driver = CpuDriver(ctx.mounts, ctx.applier, tiers=tier_shapes(opts))
+    driver.isolation = isolation(ctx, opts)
+    return driver

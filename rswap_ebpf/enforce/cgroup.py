@@ -205,8 +205,10 @@ class CgroupManager:
         if d is not None and self.mounts.mode == "unified":
             self.enable_controllers(os.path.dirname(d))
 
-    def enable_controllers(self, parent: str) -> list[str]:
-        """On a unified host, switch on cpu/io/memory for ``parent``'s children, root down.
+    def enable_controllers(self, parent: str,
+                           controllers: Iterable[str] = V2_CONTROLLERS) -> list[str]:
+        """On a unified host, switch on cpu/io/memory (or ``controllers``: cpuset for
+        enforce.cpuset) for ``parent``'s children, root down.
 
         cgroup2 creates ``cpu.max``/``io.max``/``memory.high`` in a child only when its parent's
         ``cgroup.subtree_control`` enables the controller.  Each controller rswap enables is
@@ -215,7 +217,7 @@ class CgroupManager:
         root = self.mounts.unified
         if not root:
             return []
-        wanted = self.mounts.v2_controllers() & set(V2_CONTROLLERS)
+        wanted = self.mounts.v2_controllers() & set(controllers)
         if not wanted:
             return []
         chain = [root]
