@@ -6,6 +6,8 @@ CPUs with a CPU-bound batch job, under four regimes, in one run:
   static     service and batch in cgroups with fixed CPU quotas (service sized for its peak)
   reactive   rswap run, both tasks forecast with last_value (follows usage one tick late)
   proactive  rswap run, the service forecast with seasonal_naive over the load's period
+  isolated   proactive with ``critical_isolate = true``: batch's cpuset leaves the service a core
+             while its burst is forecast (enforce.cpuset); not in the default --modes
 
 Real programs, all on 127.0.0.1 and bounded in time (Debian packages nginx-light, wrk and
 stress-ng; installed with apt-get on first use when missing, and said so):
@@ -230,6 +232,9 @@ def rswap_config(path: str, mode: str, tag: str, svc_cmd: list[str], batch_cmd: 
           f'{{ name = "seasonal_naive", period = {int(round(a.period / a.interval))} }}')
     q = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # valid TOML strings
     extra = "".join(f"{line}\n" for line in a.rswap_option)
+    isolate = True if mode == "isolated" else a.critical_isolate
+    if isolate is not None:  # else rswap's default (drivers.cpu.ISOLATE_DEFAULT)
+        extra = f"critical_isolate = {str(isolate).lower()}\n" + extra
     with open(path, "w") as f:
         f.write(f"""[daemon]
 interval = {a.interval}
@@ -335,15 +340,21 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
             timer.cancel()
         if not os.path.exists(go):
             open(go, "w").close()
-        kept = [x for t, x in zip(due, lat) if t >= measure_from]
-        lost = sum(1 for x in kept if x is None)
-        got = [x for x in kept if x is not None] + [float("inf")] * lost  # a lost reply is worst
+        kept = [(t, x) for t, x in zip(due, lat) if t >= measure_from]
+        lost = sum(1 for _, x in kept if x is None)
+        worst = float("inf")  # a lost reply is worst
+        got = [worst if x is None else x for _, x in kept]
+        # The load's phase follows the wall clock (timetable): split burst from quiet requests.
+        wall = time.time() - time.monotonic()
+        burst = [worst if x is None else x for t, x in kept if (wall + t) % a.period < a.burst]
+        quiet = [worst if x is None else x for t, x in kept if (wall + t) % a.period >= a.burst]
         if a.log_dir:
             with open(os.path.join(a.log_dir, f"{mode}-{rep}.lat"), "w") as f:
                 f.writelines(f"{t - start:.3f} {'lost' if x is None else f'{x * 1000:.1f}'}\n"
                              for t, x in zip(due, lat))
         rate = bogo_rate(yaml, a.measure / 2 + 15) if mode != "alone" else float("nan")
         return {"mode": mode, "rep": rep, "p50": pct(got, 0.5), "p99": pct(got, 0.99),
+                "burst_p99": pct(burst, 0.99), "quiet_p99": pct(quiet, 0.99),
                 "n": len(got), "lost": lost, "batch": rate}
     finally:
         if daemon is not None:
@@ -376,8 +387,9 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
 def fmt_table(rows: list[dict], base_p99: float | None, static_batch: float | None,
               with_rep: bool) -> list[str]:
     head = "| run " if with_rep else ""
-    lines = [f"{head}| regime | p50 ms | p99 ms | p99 vs alone | batch bogo-ops/s | batch vs static |",
-             ("|---" if with_rep else "") + "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"{head}| regime | p50 ms | p99 ms | p99 vs alone | burst p99 | quiet p99 "
+             "| batch bogo-ops/s | batch vs static |",
+             ("|---" if with_rep else "") + "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         vs = f"{r['p99'] / base_p99:.2f}x" if base_p99 else "-"
         alone = r["mode"] == "alone"
@@ -385,7 +397,8 @@ def fmt_table(rows: list[dict], base_p99: float | None, static_batch: float | No
         bv = f"{r['batch'] / static_batch:.2f}x" if static_batch and not alone else "-"
         lost = f" ({r['lost']} lost)" if r.get("lost") else ""
         cell = f"| {r['rep']} " if with_rep else ""
-        lines.append(f"{cell}| {r['mode']} | {r['p50']:.1f} | {r['p99']:.1f}{lost} | {vs} | {b} | {bv} |")
+        lines.append(f"{cell}| {r['mode']} | {r['p50']:.1f} | {r['p99']:.1f}{lost} | {vs} | "
+                     f"{r['burst_p99']:.1f} | {r['quiet_p99']:.1f} | {b} | {bv} |")
     return lines
 
 
@@ -404,7 +417,8 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=0.5, help="rswap tick")
     p.add_argument("--static-service", type=int, default=1200,
                    help="static partitioning: the service's millicores (batch gets the rest of 2000)")
-    p.add_argument("--modes", default="alone,static,reactive,proactive")
+    p.add_argument("--modes", default="alone,static,reactive,proactive",
+                   help="regimes to run, in order (also: isolated)")
     p.add_argument("--window", type=int, default=2, help="rswap forecast window (ticks)")
     p.add_argument("--critical-floor", type=float, default=0.9,
                    help="rswap: the service keeps this quantile of a season's forecast (0: off)")
@@ -414,6 +428,9 @@ def main() -> int:
                    help="rswap: no CFS burst (cpu.cfs_burst_us) for the service")
     p.add_argument("--batch-idle", action="store_true",
                    help="rswap: the batch group runs SCHED_IDLE (cpu.idle = 1)")
+    p.add_argument("--critical-isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="rswap: keep batch off a core while the service's burst is forecast "
+                        "(cpuset; default: rswap's own default)")
     p.add_argument("--rswap-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra [resources.cpu] line for both rswap regimes (repeatable)")
     p.add_argument("--log-dir", help="keep each rswap regime's tick table (MODE-RUN.log) and every "
@@ -440,7 +457,8 @@ def main() -> int:
             for mode in modes:
                 r = run_regime(mode, a, tmp, rep)
                 rows.append(r)
-                print(f"# run {rep} {mode}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, "
+                print(f"# run {rep} {mode}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms "
+                      f"(burst {r['burst_p99']:.1f}, quiet {r['quiet_p99']:.1f}), "
                       f"{r['n']} requests ({r['lost']} lost), batch {r['batch']:.0f} bogo-ops/s; "
                       f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
@@ -473,6 +491,8 @@ def main() -> int:
         mine = [r for r in rows if r["mode"] == mode]
         med.append({"mode": mode, "rep": "median", "p50": statistics.median(r["p50"] for r in mine),
                     "p99": statistics.median(r["p99"] for r in mine),
+                    "burst_p99": statistics.median(r["burst_p99"] for r in mine),
+                    "quiet_p99": statistics.median(r["quiet_p99"] for r in mine),
                     "batch": statistics.median(r["batch"] for r in mine),
                     "lost": sum(r["lost"] for r in mine)})
     base = next((r["p99"] for r in med if r["mode"] == "alone"), None)
