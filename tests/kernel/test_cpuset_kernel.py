@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 
@@ -16,7 +15,7 @@ from rswap_ebpf.enforce.cpuset import (CpusetIsolator, CriticalIsolation, Isolat
                                        cpuset_hierarchy, parse_cpulist)
 from rswap_ebpf.enforce.journal import Journal, remove_cgroup_dir, write_file
 
-from ..conftest import run_rswap
+from ..conftest import rswap_cmd, run_rswap
 from .helpers import scratch_cgroup
 
 SLEEP = ["sleep", "60"]
@@ -194,8 +193,6 @@ def test_rswap_run_with_critical_isolate_moves_batch_off_a_core_and_restores(
     pin = f"/sys/fs/bpf/test-{unique_name}"
     env = {**rswap_env, "RSWAP_PIN_DIR": pin}
     full_env = {**os.environ, **env}
-    from ..conftest import rswap_cmd
-
     proc = subprocess.Popen(rswap_cmd() + ["run", "--config", str(cfg), "--count", "200"],
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
