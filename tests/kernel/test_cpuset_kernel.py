@@ -12,7 +12,7 @@ import pytest
 
 from rswap_ebpf.enforce.cgroup import CgroupManager, FileApplier, detect_mounts
 from rswap_ebpf.enforce.cpuset import (CpusetIsolator, CriticalIsolation, IsolationPolicy,
-                                       cpuset_hierarchy, parse_cpulist)
+                                       cpuset_hierarchy, format_cpulist, parse_cpulist)
 from rswap_ebpf.enforce.journal import Journal, remove_cgroup_dir, write_file
 
 from ..conftest import rswap_cmd, run_rswap
@@ -26,12 +26,18 @@ def _affinity(pid: int) -> frozenset[int]:
 
 
 def _cpuset_rel(pid: int) -> str:
+    """``pid``'s cpuset cgroup: the v1 cpuset line, else (cgroup v2) the unified one."""
+    unified = None
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
-            _, ctrls, rel = line.rstrip("\n").split(":", 2)
+            hid, ctrls, rel = line.rstrip("\n").split(":", 2)
             if "cpuset" in ctrls.split(","):
                 return rel
-    raise AssertionError(f"pid {pid} has no cpuset line")
+            if hid == "0" and ctrls == "":
+                unified = rel
+    if unified is None:
+        raise AssertionError(f"pid {pid} has no cpuset line")
+    return unified
 
 
 def _raw(path: str) -> bytes:
@@ -82,7 +88,9 @@ def test_batch_cpuset_shrinks_during_a_burst_and_the_journal_restores_it(
                                            cgm.enable_controllers),
                             IsolationPolicy(above_millicores=250, hold_ticks=1, deadband=0.1))
     keep = frozenset(sorted(allowed)[:-1])
+    # v1: rswap makes the task a cpuset directory of its own; v2: the task's cgroup has one
     own = os.path.join(root, "rswap", cg.name)
+    v1 = version == "v1"
     try:
         cgm.create(cg)
         with _procs_in(list(cg.dirs.values())) as (first,):
@@ -91,14 +99,18 @@ def test_batch_cpuset_shrinks_during_a_burst_and_the_journal_restores_it(
             assert before == allowed
             # no burst forecast: nothing is made or moved
             assert iso.settle(100, {cg.name: cg}).cores == 0
-            assert not os.path.exists(own) and _cpuset_rel(first.pid) == home
+            assert _cpuset_rel(first.pid) == home
+            if v1:
+                assert not os.path.exists(own)
             # a burst forecast: batch leaves the highest core
             state = iso.settle(600, {cg.name: cg})
             assert state.cores == 1 and state.lower_cpus == keep
             assert _affinity(first.pid) == keep
-            if version == "v1":
+            if v1:
                 assert _cpuset_rel(first.pid) == f"/rswap/{cg.name}"
-                assert parse_cpulist(_raw(os.path.join(own, "cpuset.cpus")).decode()) == keep
+            else:
+                assert _cpuset_rel(first.pid) == home  # written in place
+            assert parse_cpulist(_raw(os.path.join(own, "cpuset.cpus")).decode()) == keep
             # a process the task starts during the burst is moved too
             with _procs_in(list(cg.dirs.values())) as (late,):
                 assert iso.settle(600, {cg.name: cg}).cores == 1
@@ -114,8 +126,9 @@ def test_batch_cpuset_shrinks_during_a_burst_and_the_journal_restores_it(
                 report = journal.restore()
                 assert not report.failed, report.failed
                 for p in (first, late):
-                    assert _cpuset_rel(p.pid) == home
                     assert _affinity(p.pid) == before
+                    if v1:  # (v2: the task's own cgroup is gone, its processes moved up)
+                        assert _cpuset_rel(p.pid) == home
                 assert not os.path.exists(own)
     finally:
         for d in list(cg.dirs.values()) + [own]:
@@ -127,8 +140,9 @@ def test_batch_cpuset_shrinks_during_a_burst_and_the_journal_restores_it(
 def test_adopted_cpuset_is_shrunk_in_place_and_restored_byte_for_byte(
         tmp_path, unique_name, cpuset_root):
     version, root, allowed = cpuset_root
-    if version != "v1":
-        pytest.skip("adopted v1 cpuset directories: this host's cpuset is cgroup v2")
+    if version == "v2":
+        _adopted_v2_cpuset_is_shrunk_in_place_and_restored(tmp_path, unique_name, root, allowed)
+        return
     name = f"rswap-test-{unique_name}"
     mine = os.path.join(root, name)
     with scratch_cgroup(name) as dirs:
@@ -155,6 +169,42 @@ def test_adopted_cpuset_is_shrunk_in_place_and_restored_byte_for_byte(
         finally:
             if os.path.isdir(mine):
                 remove_cgroup_dir(mine)
+
+
+def _adopted_v2_cpuset_is_shrunk_in_place_and_restored(tmp_path, unique_name, root, allowed):
+    """cgroup v2: an operator's cgroup under a parent that enables cpuset, with its own
+    ``cpuset.cpus``, is written in place and given back byte for byte."""
+    name = f"rswap-test-{unique_name}"
+    ctl = os.path.join(root, "cgroup.subtree_control")
+    enabled = "cpuset" not in _raw(ctl).decode().split()
+    if enabled:
+        write_file(ctl, "+cpuset")
+    try:
+        with scratch_cgroup(name) as dirs:
+            mine = dirs["unified"]
+            write_file(os.path.join(mine, "cpuset.cpus"), format_cpulist(allowed))
+            original = _raw(os.path.join(mine, "cpuset.cpus"))
+            journal = Journal(str(tmp_path / "journal.jsonl"))
+            mounts = detect_mounts()
+            cg = CgroupManager(journal, mounts).resolve("etl", name)
+            iso = CriticalIsolation(CpusetIsolator(mounts, journal, FileApplier(journal)),
+                                    IsolationPolicy(above_millicores=250, hold_ticks=0))
+            with _procs_in([mine]) as (p,):
+                state = iso.settle(1200, {"etl": cg})
+                assert state.cores == 1
+                assert parse_cpulist(_raw(os.path.join(mine, "cpuset.cpus")).decode()) \
+                    == state.lower_cpus
+                assert _affinity(p.pid) == state.lower_cpus
+                assert _cpuset_rel(p.pid) == f"/{name}"  # used in place, not moved
+                assert not journal.restore().failed
+                assert _raw(os.path.join(mine, "cpuset.cpus")) == original
+                assert _affinity(p.pid) == allowed
+    finally:
+        if enabled:
+            try:
+                write_file(ctl, "-cpuset")
+            except OSError:
+                pass  # something else below the root uses it now
 
 
 CONFIG = """
