@@ -340,10 +340,15 @@ def _import_enforcers() -> None:
 
 
 def write_file(path: str, value: str) -> None:
-    """One write(2) of ``value``, as the kernel's cgroup and resctrl files expect."""
+    """One write(2) of ``value``, as the kernel's cgroup and resctrl files expect.
+
+    An empty value is written as a newline, as ``echo > file`` does: a write of zero bytes never
+    reaches the file's handler, so a cgroup v2 ``cpuset.cpus`` that was empty (every core of the
+    parent) would silently keep the cores rswap narrowed it to.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
-        os.write(fd, value.encode())
+        os.write(fd, (value or "\n").encode())
     finally:
         os.close(fd)
 
