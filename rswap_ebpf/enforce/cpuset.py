@@ -27,6 +27,7 @@ controller switched on in its ancestors (journalled like cpu/io/memory).
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,8 @@ from .. import paths
 from ..errors import EnforceError, FeatureMissing
 from .cgroup import RSWAP_SUBTREE, CgroupMounts, FileApplier, TaskCgroup, Write
 from .journal import Journal, remove_cgroup_dir, write_file
+
+log = logging.getLogger(__name__)
 
 
 def parse_cpulist(text: str) -> frozenset[int]:
@@ -154,6 +157,8 @@ class CpusetIsolator:
         #: task -> the cpuset directory used for it (v1: rswap's own or an adopted one)
         self.dirs: dict[str, str] = {}
         self._owned: set[str] = set()
+        #: v2 tasks left alone: their cgroup's cpuset.cpus is empty (said once)
+        self._inheriting: set[str] = set()
 
     # -- where ------------------------------------------------------------------------------
     def allowed(self) -> frozenset[int]:
@@ -182,7 +187,20 @@ class CpusetIsolator:
         d = self.dirs.get(cg.name) or self.cpuset_dir(cg)
         path = os.path.join(d, "cpuset.cpus")
         if self.version == "v2":
-            return [(path, "" if cpus is None else format_cpulist(cpus))]
+            # A populated v2 cpuset that has cores of its own cannot go back to none ("", all of
+            # the parent's): the kernel says ENOSPC.  So the cores come back as an explicit list,
+            # and an operator's cgroup that inherits (empty) is left alone, as it could not be
+            # restored exactly; one rswap made is removed at exit, whatever it holds.
+            if not cg.owned and not _read_or_empty(path):
+                if cg.name not in self._inheriting:
+                    self._inheriting.add(cg.name)
+                    log.warning("task %s: %s is empty (the parent's cores); cgroup v2 cannot "
+                                "put that back while it holds processes, so core isolation "
+                                "leaves this task alone", cg.name, path)
+                return []
+            parent = _cpus_of(os.path.dirname(d), "cpuset.cpus.effective") or self.allowed()
+            want = parent if cpus is None else (cpus & parent)
+            return [(path, format_cpulist(want))] if want else []
         parent = _cpus_of(os.path.dirname(d)) if os.path.isdir(os.path.dirname(d)) else self.allowed()
         want = parent if cpus is None else (cpus & parent)
         if not want:  # an adopted cpuset that shares no core with the plan: leave it alone
@@ -358,11 +376,18 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def _cpus_of(d: str) -> frozenset[int]:
+def _cpus_of(d: str, name: str = "cpuset.cpus") -> frozenset[int]:
     try:
-        return parse_cpulist(_read(os.path.join(d, "cpuset.cpus")))
+        return parse_cpulist(_read(os.path.join(d, name)))
     except (OSError, ValueError):
         return frozenset()
+
+
+def _read_or_empty(path: str) -> str:
+    try:
+        return _read(path)
+    except OSError:
+        return ""
 
 
 def _cpuset_of(pid: int, root: str) -> str | None:

@@ -286,7 +286,15 @@ def _undo(entry: dict, done_writes: set[str]) -> bool:
         done_writes.add(path)
         if not os.path.exists(path):
             return False
-        write_file(path, entry["original"])
+        try:
+            write_file(path, entry["original"])
+        except OSError as err:
+            # A populated cgroup v2 cpuset cannot go back to no cores of its own (ENOSPC); in a
+            # directory rswap made that is moot: the directory goes (its mkdir entry comes next).
+            if err.errno == errno.ENOSPC and \
+                    os.path.realpath(os.path.dirname(path)) in created_by_rswap.get():
+                return False
+            raise
         return True
     if op == "mkdir":
         created = created_by_rswap.get()

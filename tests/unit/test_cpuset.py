@@ -131,11 +131,12 @@ def test_adopted_v1_cpuset_is_written_in_place_within_its_own_cpus(tmp_path):
     assert iso.plan(cg, frozenset({2})) == []
 
 
-def test_v2_plan_writes_the_list_and_gives_back_with_an_empty_one(tmp_path):
+def test_v2_plan_writes_the_list_and_gives_back_the_parents_cores(tmp_path):
     unified = tmp_path / "unified"
     (unified / "rswap" / "b").mkdir(parents=True)
     (unified / "cgroup.controllers").write_text("cpuset cpu\n")
     (unified / "cpuset.cpus.effective").write_text("0-7\n")
+    (unified / "rswap" / "cpuset.cpus.effective").write_text("0-6\n")
     (unified / "rswap" / "b" / "cpuset.cpus").write_text("\n")
     mounts = CgroupMounts("unified", str(unified))
     journal = Journal(str(tmp_path / "j.jsonl"))
@@ -145,10 +146,29 @@ def test_v2_plan_writes_the_list_and_gives_back_with_an_empty_one(tmp_path):
     done = iso.apply(cg, frozenset({0, 1, 2, 3, 4, 5}))
     assert done == [(str(unified / "rswap" / "b" / "cpuset.cpus"), "0-5")]
     assert iso.current(cg) == frozenset(range(6))
-    assert iso.restore(cg) == [(str(unified / "rswap" / "b" / "cpuset.cpus"), "")]
-    assert iso.current(cg) is None
+    # a populated v2 cpuset with cores cannot go back to empty (the kernel says ENOSPC): the
+    # parent's effective cores are written out instead
+    assert iso.restore(cg) == [(str(unified / "rswap" / "b" / "cpuset.cpus"), "0-6")]
+    assert iso.current(cg) == frozenset(range(7))
     # the journal holds the original (empty: the parent's cpus) for the final restore
     assert [e["original"] for e in journal.entries() if e["op"] == "write"] == ["\n"]
+
+
+def test_v2_an_operators_cgroup_that_inherits_its_cores_is_left_alone(tmp_path, caplog):
+    """Its empty cpuset.cpus could not be written back while it holds processes."""
+    unified = tmp_path / "unified"
+    (unified / "ops" / "etl").mkdir(parents=True)
+    (unified / "cgroup.controllers").write_text("cpuset cpu\n")
+    (unified / "cpuset.cpus.effective").write_text("0-3\n")
+    (unified / "ops" / "etl" / "cpuset.cpus").write_text("\n")
+    journal = Journal(str(tmp_path / "j.jsonl"))
+    iso = CpusetIsolator(CgroupMounts("unified", str(unified)), journal, FileApplier(journal))
+    cg = TaskCgroup("etl", "ops/etl", {"unified": str(unified / "ops" / "etl")}, False)
+    assert iso.apply(cg, frozenset({0, 1, 2})) == []
+    assert iso.apply(cg, frozenset({0, 1})) == []
+    assert (unified / "ops" / "etl" / "cpuset.cpus").read_text() == "\n"
+    assert journal.entries() == []
+    assert sum("leaves this task alone" in r.getMessage() for r in caplog.records) == 1
 
 
 class _Recorder:
