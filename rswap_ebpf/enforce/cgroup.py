@@ -271,13 +271,7 @@ class CgroupManager:
     def current_cgroups(self, pid: int) -> dict[str, str]:
         """Hierarchy name -> directory ``pid`` is in now (from /proc/<pid>/cgroup)."""
         out: dict[str, str] = {}
-        try:
-            with open(os.path.join(paths.root("PROCFS_ROOT"), str(pid), "cgroup")) as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            hid, ctrls, rel = line.split(":", 2)
+        for hid, ctrls, rel in proc_cgroups(pid):
             if hid == "0" and ctrls == "":
                 if self.mounts.unified:
                     out["unified"] = os.path.join(self.mounts.unified, rel.lstrip("/"))
@@ -307,6 +301,16 @@ class CgroupManager:
             except ProcessLookupError:
                 pass
         return n
+
+
+def proc_cgroups(pid: int) -> list[tuple[str, str, str]]:
+    """``/proc/<pid>/cgroup`` as (hierarchy id, controllers, path) lines; [] once it has exited."""
+    try:
+        with open(os.path.join(paths.root("PROCFS_ROOT"), str(pid), "cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    return [tuple(line.split(":", 2)) for line in lines if line.count(":") >= 2]
 
 
 def _mkdir(path: str) -> None:

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 from .. import paths
 from ..errors import EnforceError, FeatureMissing
-from .cgroup import RSWAP_SUBTREE, CgroupMounts, FileApplier, TaskCgroup, Write
+from .cgroup import (RSWAP_SUBTREE, CgroupMounts, FileApplier, TaskCgroup, Write,
+                     proc_cgroups)
 from .journal import Journal, remove_cgroup_dir, write_file
 
 log = logging.getLogger(__name__)
@@ -391,14 +392,8 @@ def _read_or_empty(path: str) -> str:
 
 
 def _cpuset_of(pid: int, root: str) -> str | None:
-    """``pid``'s v1 cpuset directory under ``root`` (from /proc/<pid>/cgroup)."""
-    try:
-        with open(os.path.join(paths.root("PROCFS_ROOT"), str(pid), "cgroup")) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, ctrls, rel = line.split(":", 2)
+    """``pid``'s v1 cpuset directory under ``root``; None once it has exited."""
+    for _, ctrls, rel in proc_cgroups(pid):
         if "cpuset" in ctrls.split(","):
             return os.path.join(root, rel.lstrip("/"))
     return None
