@@ -21,8 +21,9 @@ cgroup v1 (this host): tasks are not placed in the cpuset hierarchy by default, 
 gets ``<cpuset>/rswap/<name>`` (journalled ``mkdir``; ``cpuset.cpus``/``cpuset.mems`` copied from
 its parent before any process joins, as v1 requires) and its processes are moved there
 (journalled ``move``).  An adopted cgroup that already has a cpuset directory is used in place.
-cgroup v2: the task's own directory's ``cpuset.cpus`` (empty = its parent's), with the cpuset
-controller switched on in its ancestors (journalled like cpu/io/memory).
+cgroup v2: the task's own directory's ``cpuset.cpus``, with the cpuset controller switched on in
+its ancestors (journalled like cpu/io/memory); cores come back as the parent's effective list,
+since a populated v2 cpuset with cores cannot go back to empty (see :meth:`CpusetIsolator.plan`).
 """
 from __future__ import annotations
 
@@ -200,9 +201,9 @@ class CpusetIsolator:
                                 "leaves this task alone", cg.name, path)
                 return []
             parent = _cpus_of(os.path.dirname(d), "cpuset.cpus.effective") or self.allowed()
-            want = parent if cpus is None else (cpus & parent)
-            return [(path, format_cpulist(want))] if want else []
-        parent = _cpus_of(os.path.dirname(d)) if os.path.isdir(os.path.dirname(d)) else self.allowed()
+        else:
+            parent = _cpus_of(os.path.dirname(d)) if os.path.isdir(os.path.dirname(d)) \
+                else self.allowed()
         want = parent if cpus is None else (cpus & parent)
         if not want:  # an adopted cpuset that shares no core with the plan: leave it alone
             return []
