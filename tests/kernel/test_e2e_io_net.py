@@ -123,7 +123,11 @@ os.close(fd)
 NET_BURST = r"""
 import socket, sys, time
 host, port, period, busy, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-s = socket.create_connection((host, port), timeout=5); s.settimeout(0.2)
+# A small send buffer (autotuning off): what the sender queued during the burst drains within
+# milliseconds at the cap, so the burst does not run on into the quiet ticks (a 4 MiB buffer
+# at 20 MB/s spilled ~3.4 MB into the next tick and left too few quiet ticks to see the rise).
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+s.settimeout(5); s.connect((host, port)); s.settimeout(0.2)
 buf = b"x" * 65536; stop = time.monotonic() + seconds
 while time.monotonic() < stop:
     phase = time.time() % period
@@ -179,7 +183,11 @@ def raised_ahead(series: dict[int, tuple[float, float]], burst: float, low: floa
 def test_run_raises_io_and_net_allocation_before_their_bursts(tmp_path, loopdev, netpair,  # noqa: F811
                                                               rswap_env, unique_name):
     iface, ns_a, ns_b = netpair
-    period, busy, ticks, interval = 4 * TIME_SCALE, 2 * TIME_SCALE, 28, 0.5 * TIME_SCALE
+    # Busy 1.5 s of 4: a burst touches at most 4 of the period's 8 ticks (3 full, one split by an
+    # edge), so at least 4 are quiet and a 2-tick window shows the allocation low, then raised,
+    # before the next one.  Busy half the period left 3 quiet ticks when both edges split a tick,
+    # and none to spare for a tick that ran long.
+    period, busy, ticks, interval = 4 * TIME_SCALE, 1.5 * TIME_SCALE, 28, 0.5 * TIME_SCALE
     # The workloads outlive the run however slowly it starts (the daemon stops them at its end).
     seconds = 2 * ticks * interval + 8 * TIME_SCALE
     pin = f"/sys/fs/bpf/rswap-test-{unique_name}"
