@@ -183,10 +183,10 @@ def cmd_status(args) -> int:
 def cmd_doctor(args) -> int:
     from .doctor import needed_missing, run_checks
 
-    checks = run_checks()
-    needed = set()
-    if args.config:
-        needed = configmod.load(args.config).resources
+    cfg = configmod.load(args.config) if args.config else None
+    checks = run_checks(cfg)
+    if cfg is not None:
+        needed = cfg.resources
     else:
         from .resources import ResourceType
 

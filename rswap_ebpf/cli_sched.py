@@ -20,6 +20,7 @@ EPILOG_EXEC = """examples:
   sudo rswap exec --name web --priority critical -- nginx -g 'daemon off;'
   sudo rswap exec --name etl --priority batch --wait --timeout 600 -- ./etl.sh
   sudo rswap exec --name build --min cpu=500 --max cpu=1500 -- make -j2
+  sudo rswap exec --name infer --min coproc:npu=1 --max coproc:npu=2 -- ./serve-model
 exit status: COMMAND's (128+N if killed by signal N); 75 when the pool cannot cover the
 prediction (refused, or --timeout passed); 2 for bad input; 127 when COMMAND cannot be run.
 """
@@ -66,7 +67,8 @@ def _common(p) -> None:
     p.add_argument("--name", required=True, help="the task's stable name (its profile's key)")
     p.add_argument("--priority", default="normal", choices=["critical", "normal", "batch"])
     p.add_argument("--min", action="append", type=_limit, default=[], metavar="RES=UNITS",
-                   help="guaranteed minimum (repeatable; a bare number is cpu millicores)")
+                   help="guaranteed minimum (repeatable; a bare number is cpu millicores; a named "
+                        "co-processor is coproc:NAME=UNITS)")
     p.add_argument("--max", action="append", type=_limit, default=[], metavar="RES=UNITS",
                    help="maximum (repeatable)")
     p.add_argument("--forecaster", type=_forecaster, metavar="NAME|JSON",

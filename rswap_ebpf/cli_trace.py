@@ -91,13 +91,13 @@ def _pairs(items: list[str], option: str) -> list[tuple[str, str]]:
 def cmd_replay(args) -> int:
     from .predict.forecasters import make_forecaster
     from .replay import POLICIES, format_table, replay
-    from .resources import ResourceType, check_units
+    from .resources import check_units, parse_resource
     from .swap.manager import Priority
     from .trace import read_trace
 
     spec = parse_spec(args.forecaster)
     make_forecaster(spec, field="--forecaster")  # bad input: exit 2 before any work
-    totals = {ResourceType.parse(k, "--total"): check_units(v, "--total")
+    totals = {parse_resource(k, "--total"): check_units(v, "--total")
               for k, v in _pairs(args.total, "--total")}
     priorities = {k: Priority.parse(v, "--priority") for k, v in _pairs(args.priority,
                                                                          "--priority")}

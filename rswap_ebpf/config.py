@@ -16,7 +16,8 @@ from . import paths
 from .enforce.cgroup import check_task_name
 from .errors import ConfigError
 from .predict.forecasters import make_forecaster
-from .resources import ResourceType, check_units
+from .resources import (MULTI_INSTANCE, Resource, ResourceId, ResourceType, check_instance_name,
+                        check_units, parse_resource)
 from .swap.manager import Limits, Priority
 
 DEFAULT_CONFIG = "default.toml"
@@ -54,22 +55,22 @@ class TaskConfig:
     cgroup: str | None = None
     pids: tuple[int, ...] = ()
     forecaster: Any = None
-    limits: dict[ResourceType, Limits] = field(default_factory=dict)
+    limits: dict[Resource, Limits] = field(default_factory=dict)
     #: what a per-device resource applies to: io -> BlockDevice, net -> Iface (TASK_TARGETS)
-    targets: dict[ResourceType, Any] = field(default_factory=dict)
+    targets: dict[Resource, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig
-    totals: dict[ResourceType, int | None]
+    totals: dict[Resource, int | None]
     tasks: tuple[TaskConfig, ...]
     source: str = "<embedded default>"
     #: per-resource settings besides ``total`` (RESOURCE_OPTIONS), e.g. the co-processor's probe
-    options: dict[ResourceType, dict[str, Any]] = field(default_factory=dict)
+    options: dict[Resource, dict[str, Any]] = field(default_factory=dict)
 
     @property
-    def resources(self) -> set[ResourceType]:
+    def resources(self) -> set[Resource]:
         return set(self.totals) | {r for t in self.tasks for r in t.limits}
 
 
@@ -97,7 +98,8 @@ def parse(text: str, source: str = "<string>") -> Config:
         raise ConfigError(source, f"not valid TOML: {err}") from None
     _only(data, {"daemon", "resources", "task"}, "")
     daemon = _daemon(data.get("daemon", {}))
-    totals = _resources(data.get("resources", {}))
+    tables = _resource_tables(data.get("resources", {}))
+    totals = _resources(tables)
     raw_tasks = data.get("task", [])
     if not isinstance(raw_tasks, list):
         raise ConfigError("task", "must be an array of tables ([[task]])")
@@ -108,9 +110,9 @@ def parse(text: str, source: str = "<string>") -> Config:
         if t.name in names:
             raise ConfigError(f"task[{i}].name", f"{t.name!r} is used twice")
         names.add(t.name)
+        _check_registered(t, totals)
         tasks.append(t)
-    return Config(daemon, totals, tuple(tasks), source,
-                  _resource_options(data.get("resources", {})))
+    return Config(daemon, totals, tuple(tasks), source, _resource_options(tables))
 
 
 def _only(table: dict, allowed: set[str], where: str) -> None:
@@ -167,15 +169,54 @@ def _daemon(d: Any) -> DaemonConfig:
                         critical_season=critical_season)
 
 
-def _resources(d: Any) -> dict[ResourceType, int | None]:
+def _resource_tables(d: Any) -> list[tuple[Resource, dict, str]]:
+    """``[resources.<key>]`` tables as (resource, table, where), a co-processor's named
+    sub-tables (``[resources.coproc.fpga0]``) each as its own resource."""
     if not isinstance(d, dict):
         raise ConfigError("resources", "must be a table")
-    out: dict[ResourceType, int | None] = {}
+    out = []
     for key, table in d.items():
         r = ResourceType.parse(key, f"resources.{key}")
-        _only(table, {"total"} | set(RESOURCE_OPTIONS.get(r, {})), f"resources.{key}")
+        where = f"resources.{key}"
+        if not isinstance(table, dict):
+            raise ConfigError(where, "must be a table")
+        named = _named_instances(r, table, where, "total, probe... in this table",
+                                 f"a [{where}.<name>] table each")
+        if named is None:
+            out.append((r, table, where))
+        elif not named:
+            raise ConfigError(where, "register a co-processor: total and probe here, or one "
+                              "[resources.coproc.<name>] table each")
+        else:
+            out.extend(named)
+    return out
+
+
+def _named_instances(r: ResourceType, table: dict, where: str, plain_form: str, named_form: str
+                     ) -> list[tuple[Resource, dict, str]] | None:
+    """A table of a MULTI_INSTANCE type that holds only tables: one entry per named instance;
+    None for the plain form (the type's one resource).  Both at once is an error."""
+    if r not in MULTI_INSTANCE:
+        return None
+    subs = [k for k, v in table.items() if isinstance(v, dict)]
+    if not subs:
+        return None if table else []
+    if len(subs) != len(table):
+        plain = sorted(set(table) - set(subs))
+        raise ConfigError(where, f"give one unnamed {r.key} ({plain_form}) or named ones "
+                          f"({named_form}), not both: move {', '.join(plain)} into a named table")
+    return [(ResourceId(r, check_instance_name(n, f"{where}.{n}")), table[n], f"{where}.{n}")
+            for n in subs]
+
+
+def _resources(tables: list[tuple[Resource, dict, str]]) -> dict[Resource, int | None]:
+    out: dict[Resource, int | None] = {}
+    for r, table, where in tables:
+        # a named co-processor's name is its table's key, not a setting
+        _only(table, {"total"} | set(RESOURCE_OPTIONS.get(r.type, {})) - ({"name"} if r.instance else set()),
+              where)
         total = table.get("total", "auto")
-        out[r] = None if total == "auto" else check_units(total, f"resources.{key}.total")
+        out[r] = None if total == "auto" else check_units(total, f"{where}.total")
     return out
 
 
@@ -205,7 +246,8 @@ def _indices_option(value: Any, field_name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-#: settings a ``[resources.<key>]`` table may carry besides ``total``, and their validators.
+#: settings a ``[resources.<key>]`` table may carry besides ``total``, and their validators
+#: (by resource type: every named co-processor takes the co-processor's settings).
 RESOURCE_OPTIONS: dict[ResourceType, dict[str, Any]] = {
     ResourceType.PROCESSOR_CYCLES: {  # drivers.cpu.TIER_SHAPES: what each tier adds to its quota
         "critical_burst": _bool_option, "batch_idle": _bool_option,
@@ -224,27 +266,87 @@ RESOURCE_OPTIONS: dict[ResourceType, dict[str, Any]] = {
 }
 
 
-def _resource_options(d: Any) -> dict[ResourceType, dict[str, Any]]:
-    out: dict[ResourceType, dict[str, Any]] = {}
-    for key, table in d.items():
-        r = ResourceType.parse(key, f"resources.{key}")
-        for opt, check in RESOURCE_OPTIONS.get(r, {}).items():
+def _resource_options(tables: list[tuple[Resource, dict, str]]) -> dict[Resource, dict[str, Any]]:
+    out: dict[Resource, dict[str, Any]] = {}
+    for r, table, where in tables:
+        for opt, check in RESOURCE_OPTIONS.get(r.type, {}).items():
             if opt in table:
-                out.setdefault(r, {})[opt] = check(table[opt], f"resources.{key}.{opt}")
-        if r is ResourceType.SPECIALIZED_COPROC:
+                out.setdefault(r, {})[opt] = check(table[opt], f"{where}.{opt}")
+        if r.type is ResourceType.SPECIALIZED_COPROC:
+            if r.instance:
+                out.setdefault(r, {})["name"] = r.instance
             if "probe" not in out.get(r, {}):
-                raise ConfigError(f"resources.{key}.probe", "a co-processor needs a probe command "
+                raise ConfigError(f"{where}.probe", "a co-processor needs a probe command "
                                   "that prints its usage per task")
             if table.get("total", "auto") == "auto":
-                raise ConfigError(f"resources.{key}.total", "give the co-processor's total units")
+                raise ConfigError(f"{where}.total", "give the co-processor's total units")
     return out
+
+
+def _check_registered(task: TaskConfig, totals: dict[Resource, int | None]) -> None:
+    """A task's co-processor limit names one the configuration registers."""
+    for r in task.limits:
+        if r.type not in MULTI_INSTANCE or r in totals:
+            continue
+        names = sorted(x.instance for x in totals if x.type is r.type and x.instance)
+        if r.instance:
+            known = (f"registered: {', '.join(names)}" if names else
+                     f"none is named; register [resources.{r.type.key}.{r.instance}]")
+            raise ConfigError(f"task {task.name}.{r.key}", f"no {r.type.key} named "
+                              f"{r.instance!r} ({known})")
+        if names:
+            raise ConfigError(f"task {task.name}.{r.key}", "name the co-processor: "
+                              f"{r.type.key} = {{ {names[0]} = {{ min = 1 }} }} (registered: "
+                              f"{', '.join(names)})")
+        raise ConfigError(f"task {task.name}.{r.key}", f"no {r.type.key} is registered "
+                          f"([resources.{r.type.key}] with total and probe)")
+
+
+def parse_task_limits(raw: dict, where: str, targets: dict[ResourceType, str] | None = None
+                      ) -> tuple[dict[Resource, Limits], dict[Resource, dict]]:
+    """A task's resource tables (``cpu = {min = 200}``, ``coproc = {fpga0 = {max = 2}}`` or
+    ``"coproc:fpga0" = {max = 2}``) as limits, and each resource's table for its other keys
+    (``targets``: resource type -> the one extra key it takes, e.g. io -> device)."""
+    limits: dict[Resource, Limits] = {}
+    tables: dict[Resource, dict] = {}
+    for key in raw:
+        base = parse_resource(key, f"{where}.{key}")
+        table = raw[key]
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}.{key}", "expected a table: {min = UNITS, max = UNITS}")
+        entries = _named_instances(base, table, f"{where}.{key}", "min, max",
+                                   "fpga0 = {min, max}, ...") \
+            if isinstance(base, ResourceType) else None
+        for r, sub, at in entries if entries is not None else [(base, table, f"{where}.{key}")]:
+            if r in limits:
+                raise ConfigError(at, f"{r.key} is given twice")
+            extra = (targets or {}).get(r.type)
+            _only(sub, {"min", "max"} | ({extra} if extra else set()), at)
+            lo = check_units(sub.get("min", 0), f"{at}.min")
+            hi = sub.get("max")
+            hi = None if hi is None else check_units(hi, f"{at}.max")
+            if hi is not None and hi < lo:
+                raise ConfigError(f"{at}.max", f"{hi} is below min {lo}")
+            limits[r] = Limits(lo, hi)
+            tables[r] = sub
+    return limits, tables
+
+
+def is_resource_key(key: str) -> bool:
+    """``cpu``, ``coproc`` or ``coproc:fpga0``: a key a task table may give limits under."""
+    try:
+        parse_resource(key)
+    except ConfigError:
+        return False
+    return True
 
 
 def _task(raw: Any, where: str) -> TaskConfig:
     if not isinstance(raw, dict):
         raise ConfigError(where, "must be a table")
-    resource_keys = {r.key for r in ResourceType}
-    _only(raw, {"name", "priority", "command", "cgroup", "pids", "forecaster"} | resource_keys, where)
+    fields = {"name", "priority", "command", "cgroup", "pids", "forecaster"}
+    # "coproc:x" is a resource key: parse_task_limits says what is wrong with a bad one
+    _only(raw, fields | {k for k in raw if ":" in str(k) or is_resource_key(k)}, where)
     name = check_task_name(raw.get("name"), f"{where}.name")
     where = f"task {name}" if name else where
     priority = Priority.parse(raw.get("priority", "normal"), f"{where}.priority")
@@ -273,21 +375,13 @@ def _task(raw: Any, where: str) -> TaskConfig:
         raise ConfigError(where, "give exactly one of command, cgroup or pids")
     forecaster = raw.get("forecaster")
     make_forecaster(forecaster, field=f"{where}.forecaster")  # validate now, build later
-    limits: dict[ResourceType, Limits] = {}
-    targets: dict[ResourceType, Any] = {}
-    for key in resource_keys & set(raw):
-        r = ResourceType.parse(key)
-        table = raw[key]
-        target_key = TASK_TARGETS.get(r)
-        _only(table, {"min", "max"} | ({target_key} if target_key else set()), f"{where}.{key}")
+    limits, tables = parse_task_limits({k: v for k, v in raw.items() if k not in fields}, where,
+                                       TASK_TARGETS)
+    targets: dict[Resource, Any] = {}
+    for r, table in tables.items():
+        target_key = TASK_TARGETS.get(r.type)
         if target_key:
-            targets[r] = _task_target(r, table.get(target_key), f"{where}.{key}.{target_key}")
-        lo = check_units(table.get("min", 0), f"{where}.{key}.min")
-        hi = table.get("max")
-        hi = None if hi is None else check_units(hi, f"{where}.{key}.max")
-        if hi is not None and hi < lo:
-            raise ConfigError(f"{where}.{key}.max", f"{hi} is below min {lo}")
-        limits[r] = Limits(lo, hi)
+            targets[r] = _task_target(r, table.get(target_key), f"{where}.{r.key}.{target_key}")
     return TaskConfig(name, priority, command, cgroup, tuple(pids), forecaster, limits, targets)
 
 

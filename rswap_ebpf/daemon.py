@@ -30,7 +30,7 @@ from .errors import AlreadyRunning, FeatureMissing, RswapError
 from .fairlock import FairRLock
 from .predict.forecasters import make_forecaster
 from .predict.profile import Prediction, TaskProfiler
-from .resources import ResourcePool, ResourceType
+from .resources import Resource, ResourcePool, ResourceType
 from .sense import bpf as bpfmod
 from .swap.manager import AllocationResult, ManagedTask, SwapManager
 from .swap.policy import StabilityPolicy
@@ -57,7 +57,7 @@ class TaskRuntime:
     priority: str
     cgroup: TaskCgroup
     process: subprocess.Popen | None = None
-    usage: dict[ResourceType, float] = field(default_factory=dict)
+    usage: dict[Resource, float] = field(default_factory=dict)
     exited: int | None = None
     source: str = "config"          # config | socket (task.add) | exec (rswap exec)
     owner_pid: int | None = None    # the rswap exec that asked for it (SO_PEERCRED)
@@ -71,14 +71,14 @@ class TickReport:
     tick: int
     duration_s: float
     result: AllocationResult
-    usage: dict[str, dict[ResourceType, float]]
-    forecasts: dict[str, dict[ResourceType, float]]
+    usage: dict[str, dict[Resource, float]]
+    forecasts: dict[str, dict[Resource, float]]
 
 
 _SUFFIX = {"millicores": "m", "iops": "/s", "ways": "w", "percent": "%"}
 
 
-def fmt_units(value: float, r: ResourceType) -> str:
+def fmt_units(value: float, r: Resource) -> str:
     """A figure in its resource's unit, short enough for the live table (1500m, 1.2MB/s)."""
     if r.unit in ("bytes", "bytes_per_s"):
         tail = "B/s" if r.unit == "bytes_per_s" else "B"
@@ -162,9 +162,9 @@ class Daemon:
         self.journal = Journal(journal_path(self.state_dir))
         self._mounts = mounts
         self._drivers_given = drivers
-        self.drivers: dict[ResourceType, ResourceDriver] = {}
+        self.drivers: dict[Resource, ResourceDriver] = {}
         #: resources the configuration names but this host lacks (drivers.MAY_BE_ABSENT): why
-        self.missing: dict[ResourceType, str] = {}
+        self.missing: dict[Resource, str] = {}
         #: resource key -> overflow counter -> events its collector dropped (a BPF map was full)
         self.bpf_overflow: dict[str, dict[str, int]] = {}
         self.pool = ResourcePool()
@@ -186,16 +186,16 @@ class Daemon:
         self.tick_no = 0
         #: (task, resource) -> a critical task's seasonal floor this tick (_forecast), for drivers
         #: that keep it as a floor under the task's limit (CpuDriver.set_floor) instead of units
-        self._floors: dict[tuple[str, ResourceType], float] = {}
+        self._floors: dict[tuple[str, Resource], float] = {}
         #: resource -> cores a driver's settle() keeps for the critical tier now (said on change)
-        self._isolated: dict[ResourceType, int] = {}
+        self._isolated: dict[Resource, int] = {}
         self._stop = False
         self._started = False
         self.last_report: TickReport | None = None
         self.on_tick: Callable[[TickReport], None] | None = None
 
     # -- life cycle ----------------------------------------------------------------------
-    def _forecaster_for(self, task: str, r: ResourceType):
+    def _forecaster_for(self, task: str, r: Resource):
         spec = next((t.forecaster for t in self.config.tasks if t.name == task), None)
         if spec is None:
             spec = self.runtime_forecasters.get(task)
@@ -417,8 +417,8 @@ class Daemon:
         if self.pending:
             self._start_pending()
         cgroups = {n: rt.cgroup for n, rt in self.tasks.items() if rt.exited is None}
-        usage: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
-        observed: dict[str, dict[ResourceType, float]] = {n: {} for n in cgroups}
+        usage: dict[str, dict[Resource, float]] = {n: {} for n in cgroups}
+        observed: dict[str, dict[Resource, float]] = {n: {} for n in cgroups}
         for r, d in self.drivers.items():
             self.pool.monitor_resource(r)
             measured = d.measure(cgroups)
@@ -428,7 +428,7 @@ class Daemon:
                 usage[name][r] = units
                 observed[name][r] = self.manager.observed_demand(name, r, units, capped.get(name))
         self._reap()
-        forecasts: dict[str, dict[ResourceType, float]] = {}
+        forecasts: dict[str, dict[Resource, float]] = {}
         for name, per_r in observed.items():
             if self.tasks[name].exited is not None:
                 continue
@@ -480,7 +480,7 @@ class Daemon:
                               f"tier (lower tiers on {sorted(state.lower_cpus)})")
                     self._isolated[r] = cores
 
-    def _set_floors(self) -> set[tuple[str, ResourceType]]:
+    def _set_floors(self) -> set[tuple[str, Resource]]:
         """Hand this tick's critical floors (plus headroom, within the task's limits) to the
         drivers that keep them (CpuDriver.set_floor); the (task, resource) pairs that changed."""
         changed = set()
@@ -493,7 +493,7 @@ class Daemon:
                          or n not in live]:
                 keep(name, 0)  # gone, or no longer floored: its limit follows its units again
             for (name, fr), floor in self._floors.items():
-                if fr is not r or name not in live:
+                if fr != r or name not in live:
                     continue
                 lim = self.manager.tasks[name].limit(r)
                 units = lim.clamp(math.ceil(max(0.0, floor) * (1 + self.manager.headroom)))
@@ -502,7 +502,7 @@ class Daemon:
         self._floors = {k: v for k, v in self._floors.items() if k[0] in live}
         return changed
 
-    def _forecast(self, name: str) -> dict[ResourceType, float]:
+    def _forecast(self, name: str) -> dict[Resource, float]:
         """Each resource's need over the window; a critical task's is at least its floor.
 
         Between bursts a critical task's forecast falls to its idle level, and the tick that
@@ -532,7 +532,7 @@ class Daemon:
                 out[r] = max(max(series[:dc.window]), floor)
         return out
 
-    def _note_overflow(self, r: ResourceType, dropped: dict[str, int] | None) -> None:
+    def _note_overflow(self, r: Resource, dropped: dict[str, int] | None) -> None:
         """BPF maps are bounded: say when a full map made a collector drop events (the counters
         in its stats map only grow), and keep the totals for ``status``."""
         if not dropped:
@@ -645,12 +645,12 @@ class Daemon:
             self._say(f"rswap: task {tc.name} ({rt.priority}) added ({source})")
             return rt
 
-    def apply_allocation(self, name: str, r: ResourceType) -> None:
+    def apply_allocation(self, name: str, r: Resource) -> None:
         rt, driver = self.tasks.get(name), self.drivers.get(r)
         if rt is not None and driver is not None and rt.exited is None:
             driver.apply(rt.cgroup, self.pool.allocation(r, name))
 
-    def remove_task(self, name: str, why: str = "removed") -> dict[ResourceType, int]:
+    def remove_task(self, name: str, why: str = "removed") -> dict[Resource, int]:
         """Stop managing ``name``: release its units, undo its limits, drop its cgroup."""
         with self.mutex:
             rt = self.tasks.pop(name, None)
@@ -799,13 +799,16 @@ class Daemon:
     def _name_width(self) -> int:
         return max([12] + [len(n) for n in self.tasks])
 
+    def _res_width(self) -> int:
+        return max([4] + [len(r.key) for r in self.pool.types()])  # coproc:fpga0
+
     def _print_header(self) -> None:
         totals = ", ".join(f"{r.key} {self.pool.total(r)} {r.unit}" for r in self.pool.types())
         mode = " (dry run: nothing is written)" if self.dry_run else ""
         self._say(f"rswap: {len(self.tasks)} task(s), pool: {totals}, every "
                   f"{self.config.daemon.interval:g}s{mode}; Ctrl-C stops and restores")
-        w = self._name_width()
-        self._say(f"{'TICK':>5} {'TASK':<{w}} {'PRIO':<8} {'RES':<4} {'USED':>8} "
+        w, rw = self._name_width(), self._res_width()
+        self._say(f"{'TICK':>5} {'TASK':<{w}} {'PRIO':<8} {'RES':<{rw}} {'USED':>8} "
                   f"{'FORECAST':>9} {'ALLOC':>8} {'FREE':>6}  EVENTS")
 
     def _print_tick(self, report: TickReport) -> None:
@@ -816,14 +819,14 @@ class Daemon:
             events.setdefault(s.target, []).append(f"took {s.units} from {s.source}")
         for sf in report.result.shortfalls:
             events.setdefault(sf.task, []).append(f"short {sf.missing}")
-        w = self._name_width()
+        w, rw = self._name_width(), self._res_width()
         for name, rt in self.tasks.items():
             if rt.exited is not None:
                 continue
             for r in self.pool.types():
                 used = report.usage.get(name, {}).get(r, 0.0)
                 fc = report.forecasts.get(name, {}).get(r, 0.0)
-                self._say(f"{report.tick:>5} {name:<{w}} {rt.priority:<8} {r.key:<4} "
+                self._say(f"{report.tick:>5} {name:<{w}} {rt.priority:<8} {r.key:<{rw}} "
                           f"{fmt_units(used, r):>8} {fmt_units(fc, r):>9} "
                           f"{fmt_units(self.pool.allocation(r, name), r):>8} "
                           f"{fmt_units(self.pool.available(r), r):>6}  "

@@ -244,15 +244,39 @@ def check_clsact() -> FeatureCheck:
                f"(see {mods} or CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_BPF, CONFIG_NET_SCH_HTB)", net)
 
 
-def run_checks() -> list[FeatureCheck]:
+def check_coprocs(config) -> list[FeatureCheck]:
+    """Each co-processor the configuration registers: its probe run once, with no task."""
+    from .coproc import Coproc, CoprocSpec, ProbeError
+
+    out = []
+    for r, opts in sorted(getattr(config, "options", {}).items(), key=lambda kv: kv[0].key):
+        if r.type is not ResourceType.SPECIALIZED_COPROC or "probe" not in opts:
+            continue
+        spec = CoprocSpec.from_options(opts, config.totals.get(r) or 0)
+        feature = f"co-processor {spec.name}"
+        try:
+            Coproc(spec).probe({})
+        except ProbeError as err:
+            out.append(_missing(feature, str(err), "fix the probe command (rswap_ebpf/coproc.py "
+                                "describes what it is sent and must print)", [r]))
+            continue
+        apply = f", apply {' '.join(spec.apply)!r}" if spec.apply else ", no apply command"
+        out.append(_ok(feature, f"{spec.total_units} units; probe {' '.join(spec.probe)!r} "
+                       f"answered{apply}", [r]))
+    return out
+
+
+def run_checks(config=None) -> list[FeatureCheck]:
     out = [check_root(), check_bcc(), check_headers(), check_bpffs(), check_tracefs(),
            check_sched_switch()]
     out += list(check_cpu_program())
     out += list(check_cgroups())
     out += [check_pmu(), check_resctrl(), check_nvml()]
     out += [check_block_tracepoints(), check_clsact()]
+    if config is not None:
+        out += check_coprocs(config)
     return out
 
 
-def needed_missing(checks: list[FeatureCheck], needed: set[ResourceType]) -> list[FeatureCheck]:
+def needed_missing(checks: list[FeatureCheck], needed: set) -> list[FeatureCheck]:
     return [c for c in checks if c.status == "missing" and set(c.needed_by) & needed]

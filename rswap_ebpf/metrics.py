@@ -10,6 +10,12 @@ bandwidth as a ratio, not percent; bytes per second), ``_total`` on counters.  F
     rswap_swaps_total{resource="cpu",task="web",direction="received"} 3
     rswap_tick_duration_seconds_bucket{le="0.005"} ...
     rswap_bpf_program_run_time_seconds_total{program="sched_switch",id="42"} 0.0031
+
+A resource that is one of several of its type (``coproc:fpga0``, ``coproc:npu``) shares its type's
+names and carries the instance as a label named after the type::
+
+    rswap_task_coproc_usage_units{task="web",priority="critical",coproc="fpga0"} 3
+    rswap_pool_coproc_total_units{coproc="npu"} 4
 """
 from __future__ import annotations
 
@@ -57,8 +63,15 @@ KINDS = {
 TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+def split_key(resource: str) -> tuple[str, str]:
+    """``coproc:fpga0`` -> ``("coproc", "fpga0")``; ``cpu`` -> ``("cpu", "")``."""
+    base, _, instance = resource.partition(":")
+    return base, instance
+
+
 def unit_for(resource: str, unit_name: str = "units") -> Unit:
-    return UNITS.get(resource) or Unit(resource, unit_name, 1.0)
+    base = split_key(resource)[0]
+    return UNITS.get(base) or Unit(base, unit_name, 1.0)
 
 
 def metric_name(resource: str, kind: str, unit_name: str = "units") -> str:
@@ -157,13 +170,13 @@ class MetricsExporter:
         yield from self._pool_families(st, units)
         shortfall = {(sf["task"], sf["resource"]): sf["wanted"] - sf["granted"]
                      for sf in st.get("shortfalls", ())}
-        fams: dict[str, GaugeMetricFamily] = {}
+        fams = _Families()
         for task, t in st.get("tasks", {}).items():
             if t.get("exited") is not None:
                 continue
-            labels = [task, t.get("priority", "")]
             for res, v in t.get("resources", {}).items():
                 u = unit_for(res, units.get(res, "units"))
+                base, instance = split_key(res)
                 values = {"usage": v.get("usage"), "forecast": v.get("forecast"),
                           "allocation": v.get("allocation"), "shortfall": shortfall.get((task, res), 0),
                           "forecast_error": v.get("mae")}
@@ -171,12 +184,10 @@ class MetricsExporter:
                     if value is None:
                         continue
                     name = metric_name(res, kind, units.get(res, "units"))
-                    fam = fams.get(name)
-                    if fam is None:
-                        fam = fams[name] = GaugeMetricFamily(
-                            name, f"{res} {KINDS[kind]}, in {u.base}", labels=["task", "priority"])
-                    fam.add_metric(labels, value * u.factor)
-        yield from fams.values()
+                    fams.add(name, f"{base} {KINDS[kind]}, in {u.base}",
+                             {"task": task, "priority": t.get("priority", "")}, base, instance,
+                             value * u.factor)
+        yield from fams.gauges()
         count = CounterMetricFamily("rswap_swaps", "Swaps a task received from, or gave to, "
                                     "another task", labels=["resource", "task", "direction"])
         for (res, task, direction), n in sorted(swaps.items()):
@@ -198,13 +209,15 @@ class MetricsExporter:
         yield st_ticks
 
     def _pool_families(self, st, units):
+        fams = _Families()
         for res, r in st.get("pool", {}).items():
             u = unit_for(res, units.get(res, "units"))
+            base, instance = split_key(res)
             for kind in ("total", "available"):
-                fam = GaugeMetricFamily(f"rswap_pool_{u.stem}_{kind}_{u.base}",
-                                        f"{res} the pool holds ({kind}), in {u.base}")
-                fam.add_metric([], r[kind] * u.factor)
-                yield fam
+                fams.add(f"rswap_pool_{u.stem}_{kind}_{u.base}",
+                         f"{base} the pool holds ({kind}), in {u.base}", {}, base, instance,
+                         r[kind] * u.factor)
+        yield from fams.gauges()
 
     def _program_families(self):
         if self.program_stats is None:
@@ -223,6 +236,29 @@ class MetricsExporter:
             n.add_metric([p.name, str(p.id)], p.run_cnt)
         yield t
         yield n
+
+
+class _Families:
+    """Gauge families built row by row.  A named instance's rows carry its type as a label
+    (``coproc="fpga0"``); were an unnamed one in the same family, it gets that label empty, so
+    every sample of a family has the same label names, as the exposition format requires."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[str, list[tuple[dict[str, str], str, str, float]]]] = {}
+
+    def add(self, name: str, doc: str, labels: dict[str, str], base: str, instance: str,
+            value: float) -> None:
+        self._rows.setdefault(name, (doc, []))[1].append((labels, base, instance, value))
+
+    def gauges(self):
+        for name, (doc, rows) in self._rows.items():
+            named = sorted({base for _, base, instance, _ in rows if instance})
+            label_names = list(rows[0][0]) + named
+            fam = GaugeMetricFamily(name, doc, labels=label_names)
+            for labels, base, instance, value in rows:
+                extra = [instance if base == n else "" for n in named]
+                fam.add_metric(list(labels.values()) + extra, value)
+            yield fam
 
 
 class _Collector:

@@ -131,10 +131,10 @@ def _from_csv(f, path: str) -> History:
 
 
 def _unit(resource: str) -> str:
-    from .resources import ResourceType
+    from .resources import parse_resource
 
     try:
-        return ResourceType.parse(resource).unit
+        return parse_resource(resource).unit
     except ConfigError:
         return "units"
 

@@ -92,7 +92,7 @@ def default_totals(trace: Trace) -> dict[ResourceType, int]:
     """The pool a trace needs at least: its highest tick of summed demand, per resource."""
     out = {}
     for r in trace.resources:
-        series = [v for (t, rr), v in trace.demand.items() if rr is r]
+        series = [v for (t, rr), v in trace.demand.items() if rr == r]
         out[r] = max(1, math.ceil(max(sum(col) for col in zip(*series))))
     return out
 
@@ -131,7 +131,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
     dt = trace.interval
     if policy == "static":
         for r in trace.resources:
-            members = [t for (t, rr) in trace.demand if rr is r]
+            members = [t for (t, rr) in trace.demand if rr == r]
             for t in members:
                 pool.set_allocation(r, t, totals[r] // len(members))
     predicted: dict[tuple[str, ResourceType], float] = {}
@@ -257,12 +257,13 @@ def _fmt(v: float | None, spec: str = ".0f") -> str:
 
 def format_table(result: ReplayResult) -> str:
     """The per task x resource table, then one total line per policy with ratios vs reactive."""
-    lines = [f"{'POLICY':<10} {'TASK':<12} {'RES':<5} {'MODEL':<15} {'MAE':>7} {'MAPE%':>6} "
+    rw = max([5] + [len(s.resource.key) for s in result.scores])  # coproc:fpga0
+    lines = [f"{'POLICY':<10} {'TASK':<12} {'RES':<{rw}} {'MODEL':<15} {'MAE':>7} {'MAPE%':>6} "
              f"{'SHORT(u*s)':>11} {'SLACK(u*s)':>11} {'CHANGES':>7} {'SWAPS':>5}"]
     policies = list(dict.fromkeys(s.policy for s in result.scores))
     for p in policies:
         for s in sorted(result.by_policy(p), key=lambda s: (s.task, s.resource.key)):
-            lines.append(f"{p:<10} {s.task:<12.12} {s.resource.key:<5} {s.model or '-':<15.15} "
+            lines.append(f"{p:<10} {s.task:<12.12} {s.resource.key:<{rw}} {s.model or '-':<15.15} "
                          f"{_fmt(s.mae):>7} {_fmt(s.mape):>6} {s.shortfall:>11.0f} "
                          f"{s.slack:>11.0f} {s.changes:>7} {s.swaps:>5}")
     lines.append("")

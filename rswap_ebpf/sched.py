@@ -32,12 +32,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import TaskConfig
+from .config import TaskConfig, parse_task_limits
 from .control import Deferred, Peer, error_reply
 from .enforce.cgroup import check_task_name
 from .errors import ConfigError, RswapError
 from .predict.forecasters import make_forecaster
-from .resources import ResourceType, check_units
+from .resources import Resource, ResourceType
 from .swap.manager import Limits, Priority, Shortfall
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class ExecRequest:
     name: str
     priority: Priority
     forecaster: Any
-    limits: dict[ResourceType, Limits]
+    limits: dict[Resource, Limits]
     wait: bool = False
     timeout_s: float | None = None
 
@@ -59,10 +59,10 @@ class ExecRequest:
 @dataclass(frozen=True)
 class Admission:
     admitted: bool
-    need: dict[ResourceType, int]
-    grant: dict[ResourceType, int]
+    need: dict[Resource, int]
+    grant: dict[Resource, int]
     shortfalls: tuple[Shortfall, ...]
-    predicted: dict[ResourceType, float | None]
+    predicted: dict[Resource, float | None]
 
 
 @dataclass(order=True)
@@ -85,26 +85,19 @@ def load_forecaster(spec) -> None:
         pass
 
 
-def parse_limits(raw: dict, pool_types, where: str) -> dict[ResourceType, Limits]:
-    out: dict[ResourceType, Limits] = {}
-    keys = {r.key for r in ResourceType}
-    for key in keys & set(raw):
-        r = ResourceType.parse(key)
-        table = raw[key]
-        if not isinstance(table, dict) or set(table) - {"min", "max"}:
-            raise ConfigError(f"{where}.{key}", "expected {\"min\": UNITS, \"max\": UNITS}")
+def parse_limits(raw: dict, pool_types, where: str) -> dict[Resource, Limits]:
+    """``{"cpu": {"min": 200}, "coproc:fpga0": {"max": 2}}`` (or ``"coproc": {"fpga0": {...}}``)
+    for resources the daemon manages."""
+    if not isinstance(raw, dict):
+        raise ConfigError(where, "expected {RESOURCE: {\"min\": UNITS, \"max\": UNITS}, ...}")
+    out, _ = parse_task_limits(raw, where)
+    for r in out:
         if r in _NEEDS_TARGET:
-            raise ConfigError(f"{where}.{key}", "per-device limits need a [[task]] in the "
+            raise ConfigError(f"{where}.{r.key}", "per-device limits need a [[task]] in the "
                               "configuration file (device/interface); not at run time")
         if r not in pool_types:
-            raise ConfigError(f"{where}.{key}", f"the daemon does not manage {key} "
+            raise ConfigError(f"{where}.{r.key}", f"the daemon does not manage {r.key} "
                               f"(it manages: {', '.join(t.key for t in pool_types)})")
-        lo = check_units(table.get("min", 0), f"{where}.{key}.min")
-        hi = table.get("max")
-        hi = None if hi is None else check_units(hi, f"{where}.{key}.max")
-        if hi is not None and hi < lo:
-            raise ConfigError(f"{where}.{key}.max", f"{hi} is below min {lo}")
-        out[r] = Limits(lo, hi)
     return out
 
 

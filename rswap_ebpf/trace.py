@@ -7,8 +7,9 @@ One header line, then one row per task, resource and tick::
     1.002,batch,cpu,498.1
 
 ``time`` is seconds since the recording started (float); ``task`` the configured task name;
-``resource`` a resource key (``cpu``, ``io``, ``net``, ... see ``ResourceType``); ``units`` what
-the task used over the tick ending at ``time``, in that resource's unit (millicores for cpu).
+``resource`` a resource key (``cpu``, ``io``, ``net``, ..., ``coproc:NAME`` for a named
+co-processor); ``units`` what the task used over the tick ending at ``time``, in that resource's
+unit (millicores for cpu).
 Rows of one tick share the same ``time``.  ``pandas.read_csv(path)`` gives a tidy frame;
 ``df.pivot_table(index="time", columns=["task", "resource"], values="units")`` a wide one.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from .errors import ConfigError
-from .resources import ResourceType
+from .resources import Resource, parse_resource
 
 HEADER = ("time", "task", "resource", "units")
 
@@ -31,7 +32,7 @@ class Trace:
     """A trace aligned on its ticks: ``demand[(task, resource)][i]`` is units at ``times[i]``."""
 
     times: tuple[float, ...]
-    demand: dict[tuple[str, ResourceType], tuple[float, ...]]
+    demand: dict[tuple[str, Resource], tuple[float, ...]]
     source: str = ""
 
     @property
@@ -46,7 +47,7 @@ class Trace:
         return sorted({t for t, _ in self.demand})
 
     @property
-    def resources(self) -> list[ResourceType]:
+    def resources(self) -> list[Resource]:
         return sorted({r for _, r in self.demand}, key=lambda r: r.key)
 
 
@@ -58,7 +59,7 @@ class TraceWriter:
         self._csv = csv.writer(stream, lineterminator="\n")
         self._csv.writerow(HEADER)
 
-    def write_tick(self, time_s: float, rows: Iterable[tuple[str, ResourceType, float]]) -> int:
+    def write_tick(self, time_s: float, rows: Iterable[tuple[str, Resource, float]]) -> int:
         n = 0
         for task, r, units in rows:
             self._csv.writerow((f"{time_s:.3f}", task, r.key, f"{units:.1f}"))
@@ -89,9 +90,9 @@ def read_trace(path: str) -> Trace:
     return Trace(times, demand, path)
 
 
-def _read_rows(path: str, reader) -> dict[float, dict[tuple[str, ResourceType], float]]:
+def _read_rows(path: str, reader) -> dict[float, dict[tuple[str, Resource], float]]:
     """Time -> (task, resource) -> units; a bad line is a ConfigError naming ``path:line``."""
-    rows: dict[float, dict[tuple[str, ResourceType], float]] = {}
+    rows: dict[float, dict[tuple[str, Resource], float]] = {}
     header = next(reader, None)
     if header is None or tuple(h.strip() for h in header) != HEADER:
         raise ConfigError(f"{path}:1", f"expected the header {','.join(HEADER)}")
@@ -106,6 +107,6 @@ def _read_rows(path: str, reader) -> dict[float, dict[tuple[str, ResourceType], 
             raise ConfigError(f"{path}:{lineno}", "time and units must be numbers") from None
         if not (math.isfinite(t) and math.isfinite(units)) or units < 0:
             raise ConfigError(f"{path}:{lineno}", "time and units must be finite, units >= 0")
-        r = ResourceType.parse(row[2], f"{path}:{lineno}.resource")
+        r = parse_resource(row[2], f"{path}:{lineno}.resource")
         rows.setdefault(t, {})[(row[1], r)] = units
     return rows

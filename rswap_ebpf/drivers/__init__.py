@@ -2,13 +2,15 @@
 
 To add a resource: write ``drivers/<name>.py`` with a :class:`ResourceDriver` subclass and a
 ``make(ctx: DriverContext)`` factory, and add it to ``FACTORIES``.  The daemon builds only the
-drivers whose resource the configuration uses (CPU when it names none).
+drivers whose resource the configuration uses (CPU when it names none).  A type a host may have
+several of (``resources.MULTI_INSTANCE``: co-processors) gets one driver per named instance, from
+``make(ctx, resource)``.
 """
 from __future__ import annotations
 
 import importlib
 
-from ..resources import ResourceType
+from ..resources import Resource, ResourceId, ResourceType
 from .base import DriverContext, FeatureCheck, ResourceDriver
 
 __all__ = ["DriverContext", "FeatureCheck", "ResourceDriver", "FACTORIES", "build"]
@@ -30,11 +32,12 @@ MAY_BE_ABSENT: frozenset[ResourceType] = frozenset({
     ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH, ResourceType.GPU_MEMORY})
 
 
-def build(resource: ResourceType, ctx: DriverContext) -> ResourceDriver:
+def build(resource: Resource, ctx: DriverContext) -> ResourceDriver:
     from ..errors import FeatureMissing
 
-    spec = FACTORIES.get(resource)
+    spec = FACTORIES.get(resource.type)
     if spec is None:
         raise FeatureMissing(f"{resource.key} driver", "rswap has no driver for this resource yet")
     module, func = spec.split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), func)(ctx)
+    make = getattr(importlib.import_module(f"{__name__}.{module}"), func)
+    return make(ctx, resource) if isinstance(resource, ResourceId) else make(ctx)

@@ -1,5 +1,6 @@
 """SpecializedCoproc: a co-processor the operator registers with probe/apply commands
-(protocol in :mod:`rswap_ebpf.coproc`)."""
+(protocol in :mod:`rswap_ebpf.coproc`).  One driver per co-processor: the unnamed one
+(``[resources.coproc]``) or each named one (``[resources.coproc.<name>]``)."""
 from __future__ import annotations
 
 import logging
@@ -8,17 +9,18 @@ from collections.abc import Mapping
 from ..coproc import Coproc, CoprocSpec, ProbeError
 from ..enforce.cgroup import TaskCgroup, Write
 from ..errors import ConfigError
-from ..resources import ResourceType
+from ..resources import Resource, ResourceType
 from .base import DriverContext, ResourceDriver
 
 log = logging.getLogger(__name__)
 
 
 class CoprocDriver(ResourceDriver):
-    resource = ResourceType.SPECIALIZED_COPROC
+    resource: Resource = ResourceType.SPECIALIZED_COPROC
 
-    def __init__(self, coproc: Coproc):
+    def __init__(self, coproc: Coproc, resource: Resource = ResourceType.SPECIALIZED_COPROC):
         self.coproc = coproc
+        self.resource = resource
         self.last_error: ProbeError | None = None
 
     def total(self) -> int:
@@ -40,6 +42,14 @@ class CoprocDriver(ResourceDriver):
         self.last_error = None
         return used
 
+    def censored(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, bool]:
+        """Without an apply command nothing holds a task to its allocation, so what the probe
+        reports is its whole demand, even when it equals the allocation (which would otherwise
+        read as capped and double the allocation each tick)."""
+        if self.coproc.spec.apply:
+            return {}
+        return {name: False for name in tasks}
+
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
         if not self.coproc.spec.apply:
             return []
@@ -50,11 +60,11 @@ class CoprocDriver(ResourceDriver):
         return self.plan(cg, units)
 
 
-def make(ctx: DriverContext) -> CoprocDriver:
-    r = ResourceType.SPECIALIZED_COPROC
-    opts = getattr(ctx.config, "options", {}).get(r)
-    total = getattr(ctx.config, "totals", {}).get(r)
+def make(ctx: DriverContext, resource: Resource = ResourceType.SPECIALIZED_COPROC) -> CoprocDriver:
+    opts = getattr(ctx.config, "options", {}).get(resource)
+    total = getattr(ctx.config, "totals", {}).get(resource)
     if not opts or "probe" not in opts or total is None:
-        raise ConfigError("resources.coproc", "register the co-processor with total, probe "
-                          "(and optionally name, apply, timeout)")
-    return CoprocDriver(Coproc(CoprocSpec.from_options(opts, total)))
+        where = "resources.coproc" + (f".{resource.instance}" if resource.instance else "")
+        raise ConfigError(where, "register the co-processor with total, probe "
+                          "(and optionally apply, timeout)")
+    return CoprocDriver(Coproc(CoprocSpec.from_options(opts, total)), resource)

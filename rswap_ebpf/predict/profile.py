@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..resources import ResourceType
+from ..resources import Resource, ResourceId, ResourceType, parse_resource
 from .forecasters import Forecaster, make_forecaster, single
 
 DEFAULT_HISTORY = 600
@@ -24,7 +24,7 @@ class Prediction:
     """Forecast of one task's need for one resource over a window of ticks."""
 
     task: str
-    resource: ResourceType
+    resource: Resource
     series: tuple[float, ...]
     peak: float
     model: str
@@ -53,7 +53,7 @@ def _quantile(series, q: float) -> float:
 class TaskAnalysis:
     """What ``analyze_task`` reports per resource."""
 
-    resource: ResourceType
+    resource: Resource
     samples: int
     last: float
     mean: float
@@ -65,7 +65,7 @@ class TaskAnalysis:
 class TaskProfile:
     """One task × resource: history, forecaster, and mean absolute error of its 1-step forecasts."""
 
-    def __init__(self, task: str, resource: ResourceType, forecaster: Forecaster,
+    def __init__(self, task: str, resource: Resource, forecaster: Forecaster,
                  history: int = DEFAULT_HISTORY, error_alpha: float = 0.1):
         self.task = task
         self.resource = resource
@@ -167,33 +167,45 @@ def thaw(blob: bytes) -> TaskProfile:
 class TaskProfiler:
     """The profiles of every task, and the seed's prediction functions."""
 
-    def __init__(self, forecaster_factory: Callable[[str, ResourceType], Forecaster] | None = None,
+    def __init__(self, forecaster_factory: Callable[[str, Resource], Forecaster] | None = None,
                  history: int = DEFAULT_HISTORY, store=None, quantile_level: float = 0.9,
                  checkpoint_every: int = 60):
         self._factory = forecaster_factory or (lambda task, r: make_forecaster("last_value"))
         self._history = history
-        self.profiles: dict[tuple[str, ResourceType], TaskProfile] = {}
+        self.profiles: dict[tuple[str, Resource], TaskProfile] = {}
+        #: named resources (co-processors) some profile is about, besides the ResourceTypes
+        self._instances: set[ResourceId] = set()
         self.quantile_level = quantile_level
         #: a :class:`~.store.ProfileStore`: samples written every flush, state every
         #: ``checkpoint_every`` samples of a series, so a crash loses at most the unflushed tick.
         self.store = store
         self.checkpoint_every = max(1, int(checkpoint_every))
-        self._unflushed: list[tuple[str, ResourceType, float]] = []
-        self._since_checkpoint: dict[tuple[str, ResourceType], int] = {}
+        self._unflushed: list[tuple[str, Resource, float]] = []
+        self._since_checkpoint: dict[tuple[str, Resource], int] = {}
         #: seconds per tick; with it, a restored profile is carried across the time rswap was down
         self.interval: float | None = None
 
-    def profile(self, task: str, resource: ResourceType) -> TaskProfile:
+    def profile(self, task: str, resource: Resource) -> TaskProfile:
         key = (task, resource)
         prof = self.profiles.get(key)
         if prof is None:
             prof = self._load(task, resource)
             if prof is None:
                 prof = TaskProfile(task, resource, self._factory(task, resource), self._history)
-            self.profiles[key] = prof
+            self._add(key, prof)
         return prof
 
-    def update_prediction(self, task: str, resource: ResourceType, units: float) -> None:
+    def _add(self, key: tuple[str, Resource], prof: TaskProfile) -> None:
+        self.profiles[key] = prof
+        if isinstance(key[1], ResourceId):
+            self._instances.add(key[1])
+
+    def _resources(self) -> list[Resource]:
+        """Every resource a profile may be about: keyed lookups per task, not a scan of every
+        profile (that is O(tasks) per task)."""
+        return [*ResourceType, *sorted(self._instances, key=lambda r: r.key)]
+
+    def update_prediction(self, task: str, resource: Resource, units: float) -> None:
         """Feed one observed sample (units used over the last tick)."""
         prof = self.profile(task, resource)
         resumed = getattr(prof, "resumed_at", None)
@@ -205,24 +217,24 @@ class TaskProfiler:
             self._unflushed.append((task, resource, float(units)))
 
     # -- persistence ---------------------------------------------------------------------------
-    def restore(self, task: str) -> list[ResourceType]:
+    def restore(self, task: str) -> list[Resource]:
         """Load every stored profile of ``task`` (its stable identity), before its first sample."""
         if self.store is None:
             return []
         out = []
         for key in self.store.resources_of(task):
             try:
-                r = ResourceType.parse(key)
+                r = parse_resource(key)
             except Exception:
                 continue
             if (task, r) not in self.profiles:
                 prof = self._load(task, r)
                 if prof is not None:
-                    self.profiles[(task, r)] = prof
+                    self._add((task, r), prof)
                     out.append(r)
         return out
 
-    def _load(self, task: str, resource: ResourceType) -> TaskProfile | None:
+    def _load(self, task: str, resource: Resource) -> TaskProfile | None:
         if self.store is None:
             return None
         stored = self.store.load(task, resource.key)
@@ -279,10 +291,10 @@ class TaskProfiler:
             if task is None or t == task:
                 self._since_checkpoint[(t, r)] = 0
 
-    def get_predicted_needs(self, task: str, window: int) -> dict[ResourceType, Prediction]:
+    def get_predicted_needs(self, task: str, window: int) -> dict[Resource, Prediction]:
         """Forecast over the next ``window`` ticks for each resource the task has a profile for."""
         out = {}
-        for r in ResourceType:  # keyed lookups: a scan of every profile is O(tasks) per task
+        for r in self._resources():
             prof = self.profiles.get((task, r))
             if prof is None:
                 continue
@@ -293,9 +305,9 @@ class TaskProfiler:
                                 prof.loss)
         return out
 
-    def analyze_task(self, task: str) -> dict[ResourceType, TaskAnalysis]:
+    def analyze_task(self, task: str) -> dict[Resource, TaskAnalysis]:
         out = {}
-        for r in ResourceType:
+        for r in self._resources():
             prof = self.profiles.get((task, r))
             if prof is None or not prof.history:
                 continue

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, ResourceError
-from ..resources import ResourcePool, ResourceType, check_units
+from ..resources import Resource, ResourcePool, check_units
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ class Limits:
 class ManagedTask:
     name: str
     priority: Priority
-    limits: Mapping[ResourceType, Limits] = field(default_factory=dict)
+    limits: Mapping[Resource, Limits] = field(default_factory=dict)
 
-    def limit(self, r: ResourceType) -> Limits:
+    def limit(self, r: Resource) -> Limits:
         return self.limits.get(r, Limits())
 
 
@@ -67,7 +67,7 @@ class Change:
     """One task's allocation of one resource moved from ``old`` to ``new`` units."""
 
     task: str
-    resource: ResourceType
+    resource: Resource
     old: int
     new: int
     reason: str  # forecast | saturated | priority | reclaim | release | swap
@@ -77,7 +77,7 @@ class Change:
 class Swap:
     """Units taken from ``source`` (a lower tier) and given to ``target``."""
 
-    resource: ResourceType
+    resource: Resource
     source: str
     target: str
     units: int
@@ -87,7 +87,7 @@ class Swap:
 @dataclass(frozen=True)
 class Shortfall:
     task: str
-    resource: ResourceType
+    resource: Resource
     wanted: int
     granted: int
 
@@ -101,7 +101,7 @@ class AllocationResult:
     changes: list[Change] = field(default_factory=list)
     swaps: list[Swap] = field(default_factory=list)
     shortfalls: list[Shortfall] = field(default_factory=list)
-    demands: dict[tuple[str, ResourceType], int] = field(default_factory=dict)
+    demands: dict[tuple[str, Resource], int] = field(default_factory=dict)
 
 
 OverflowHook = Callable[[list[Shortfall]], None]
@@ -118,7 +118,7 @@ class AdmissionHold:
     ``ticks`` ticks have passed, whichever comes first; then the usual policy applies.
     """
 
-    grant: dict[ResourceType, int]
+    grant: dict[Resource, int]
     samples: int
     ticks: int
     seen: int = 0
@@ -131,7 +131,7 @@ class SwapRecord:
 
     time: float
     kind: str  # change | swap
-    resource: ResourceType
+    resource: Resource
     task: str
     old: int
     new: int
@@ -178,7 +178,7 @@ class SwapManager:
         self._record(AllocationResult(changes=changes))
         return changes
 
-    def hold_admission(self, name: str, grant: Mapping[ResourceType, int], samples: int = 3,
+    def hold_admission(self, name: str, grant: Mapping[Resource, int], samples: int = 3,
                        ticks: int = 20) -> None:
         """Keep ``name``'s admission ``grant`` as its demand floor until it has shown ``samples``
         ticks of real usage (or ``ticks`` ticks passed): see :class:`AdmissionHold`."""
@@ -189,7 +189,7 @@ class SwapManager:
         else:
             self.admission_holds.pop(name, None)
 
-    def _age_admission_holds(self, usage: Mapping[str, Mapping[ResourceType, float]]) -> None:
+    def _age_admission_holds(self, usage: Mapping[str, Mapping[Resource, float]]) -> None:
         """Count this tick toward each hold's end: one tick older, one sample more if it used
         any held resource."""
         for name, hold in list(self.admission_holds.items()):
@@ -205,7 +205,7 @@ class SwapManager:
                          "%d with usage", name, hold.age, hold.seen)
 
     # -- the seed's API ----------------------------------------------------------------
-    def find_available_swap(self, task: str, resource: ResourceType,
+    def find_available_swap(self, task: str, resource: Resource,
                             units: int) -> list[tuple[str | None, int]]:
         """Where ``units`` could come from: the free pool (``None``), then lower tiers' excess.
 
@@ -233,7 +233,7 @@ class SwapManager:
                 need -= take
         return sources
 
-    def swap_resources(self, task: str, resource: ResourceType, units: int,
+    def swap_resources(self, task: str, resource: Resource, units: int,
                        source_task: str | None = None) -> list[Change]:
         """Give ``task`` ``units`` more, from the free pool or from ``source_task``.
 
@@ -263,7 +263,7 @@ class SwapManager:
         return [Change(source_task, resource, old_src, old_src - units, "swap"),
                 Change(task, resource, old_me, new_total, "swap")]
 
-    def deallocate_resources(self, task: str, resource: ResourceType | None = None) -> list[Change]:
+    def deallocate_resources(self, task: str, resource: Resource | None = None) -> list[Change]:
         changes = []
         for r in [resource] if resource else self.pool.types():
             old = self.pool.allocation(r, task)
@@ -272,7 +272,7 @@ class SwapManager:
                 changes.append(Change(task, r, old, 0, "release"))
         return changes
 
-    def observed_demand(self, task: str, resource: ResourceType, used: float,
+    def observed_demand(self, task: str, resource: Resource, used: float,
                         censored: bool | None = None) -> float:
         """What the task would have used had it not been capped: the sample to learn from.
 
@@ -292,7 +292,7 @@ class SwapManager:
             return max(used, min(grown, limit) if limit is not None else grown)
         return used
 
-    def demand(self, task: str, resource: ResourceType, forecast: float,
+    def demand(self, task: str, resource: Resource, forecast: float,
                observed: float | None = None) -> int:
         """Forecast plus headroom, at least the observed demand, clamped to the task's limits."""
         t = self._task(task)
@@ -304,8 +304,8 @@ class SwapManager:
             want = float(self.pool.total(resource))
         return t.limit(resource).clamp(math.ceil(want * (1.0 + self.headroom)))
 
-    def proactive_allocation(self, forecasts: Mapping[str, Mapping[ResourceType, float]],
-                             observed: Mapping[str, Mapping[ResourceType, float]] | None = None
+    def proactive_allocation(self, forecasts: Mapping[str, Mapping[Resource, float]],
+                             observed: Mapping[str, Mapping[Resource, float]] | None = None
                              ) -> AllocationResult:
         """Allocate every resource from the forecasts; return the changes in the order to apply.
 
@@ -354,7 +354,7 @@ class SwapManager:
                      sw.source, sw.reason)
 
     # -- internals ---------------------------------------------------------------------
-    def _share(self, r: ResourceType, demands: dict[str, int]) -> dict[str, int]:
+    def _share(self, r: Resource, demands: dict[str, int]) -> dict[str, int]:
         total = self.pool.total(r)
         # Guaranteed minimums first (tier order if even they do not fit).
         grant: dict[str, int] = {}
@@ -393,7 +393,7 @@ class SwapManager:
             break
         return grant
 
-    def _apply_targets(self, r: ResourceType, demands: dict[str, int], targets: dict[str, int],
+    def _apply_targets(self, r: Resource, demands: dict[str, int], targets: dict[str, int],
                        result: AllocationResult) -> None:
         current = {n: self.pool.allocation(r, n) for n in targets}
         down = [n for n in targets if targets[n] < current[n]]

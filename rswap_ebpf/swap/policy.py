@@ -72,7 +72,7 @@ class StabilityPolicy:
                 out[name] = now
                 continue
             out[name] = max(want, now - self._step(self.max_step_down, total))
-        for key in [k for k in self._low_for if k[1] is r and k[0] not in demands]:
+        for key in [k for k in self._low_for if k[1] == r and k[0] not in demands]:
             del self._low_for[key]
         return out
 
