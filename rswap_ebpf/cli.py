@@ -171,11 +171,12 @@ def cmd_status(args) -> int:
           + (", dry run" if st.get("dry_run") else ""))
     for key, r in st["pool"].items():
         print(f"pool {key}: total {r['total']} {r['unit']}, available {r['available']}")
-    print(f"{'TASK':<12} {'PRIO':<8} {'RES':<5} {'USED':>8} {'FORECAST':>9} {'ALLOC':>8}  MODEL (MAE)")
+    rw = max([5] + [len(k) for k in st["pool"]])  # coproc:fpga0
+    print(f"{'TASK':<12} {'PRIO':<8} {'RES':<{rw}} {'USED':>8} {'FORECAST':>9} {'ALLOC':>8}  MODEL (MAE)")
     for name, t in st["tasks"].items():
         for key, v in t["resources"].items():
             mae = "" if v["mae"] is None else f" ({v['mae']})"
-            print(f"{name:<12.12} {t['priority']:<8} {key:<5} {v['usage']:>8} {v['forecast']:>9} "
+            print(f"{name:<12.12} {t['priority']:<8} {key:<{rw}} {v['usage']:>8} {v['forecast']:>9} "
                   f"{v['allocation']:>8}  {v['model']}{mae}")
     return 0
 
