@@ -45,6 +45,8 @@ import tempfile
 import threading
 import time
 
+import debian_tools  # tools/debian_tools.py, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -127,17 +129,7 @@ exec stress-ng --cpu 2 --cpu-method matrixprod --timeout {measure}s --metrics-br
 
 
 def ensure_tools() -> None:
-    missing = [pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None]
-    if not missing:
-        return
-    print(f"# installing {' '.join(missing)} (Debian packages this benchmark runs)",
-          file=sys.stderr, flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], env=env,
-                   check=True, stdout=subprocess.DEVNULL)
-    still = [t for t in PACKAGES if shutil.which(t) is None]
-    if still:
-        raise SystemExit(f"still missing after apt-get: {', '.join(still)}")
+    debian_tools.ensure(PACKAGES, "this benchmark runs")
 
 
 def free_port() -> int:

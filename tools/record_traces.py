@@ -8,16 +8,27 @@ while, with private run/state/pin directories so it never meets a running daemon
   ``spin`` batch job: a latency-critical service with a periodic peak.
 * cron_dd.csv: a cron-like shell loop running ``dd`` (copy 1.5 GB of zeros, ~2-3 s of CPU), then
   sleeping 7 s, beside a ``burst`` job with a different period (8 s, 2 s busy): two periods.
+* stress_burst.csv: ``stress-ng`` matrix products on 2 CPUs for 3 s, then 7 s asleep, in a shell
+  loop (a render or report job; the period drifts by stress-ng's start-up), beside a steady
+  ``stress-ng --cpu-load 50`` batch job.
+* fio_flush.csv (IO/s): ``fio`` 4 KiB O_DIRECT random writes at 300 IO/s for 2 s, then 6 s
+  asleep (a periodic flush or checkpoint), beside a steady ``fio`` reader at 80 IO/s, both on a
+  loop device made for the recording and removed after it.
+
+stress-ng and fio are Debian packages, installed with apt-get on first use.
 
 Usage: sudo .venv/bin/python tools/record_traces.py [--seconds 150] [--only NAME]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+
+import debian_tools  # tools/debian_tools.py, beside this script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -48,7 +59,51 @@ name = "rec_api"
 priority = "critical"
 command = ["{python}", "-m", "rswap_ebpf.demo", "burst", "--period", "8", "--busy", "2", "--workers", "1", "--duty", "0.9", "--seconds", "%(secs)d"]
 """,
+    "stress_burst": """
+[daemon]
+interval = 1.0
+[[task]]
+name = "rec_render"
+priority = "critical"
+command = ["sh", "-c", "end=$(($(date +%%s)+%(secs)d)); while [ $(date +%%s) -lt $end ]; do stress-ng --cpu 2 --cpu-method matrixprod --timeout 3s >/dev/null 2>&1; sleep 7; done"]
+[[task]]
+name = "rec_etl"
+priority = "batch"
+command = ["stress-ng", "--cpu", "1", "--cpu-load", "50", "--timeout", "%(secs)ds"]
+""",
+    "fio_flush": """
+[daemon]
+interval = 1.0
+[resources.io]
+total = 1000
+[[task]]
+name = "rec_flush"
+priority = "critical"
+command = ["sh", "-c", "end=$(($(date +%%s)+%(secs)d)); while [ $(date +%%s) -lt $end ]; do fio --name=flush --filename=%(loop)s --rw=randwrite --bs=4k --direct=1 --ioengine=psync --rate_iops=300 --runtime=2 --time_based >/dev/null 2>&1; sleep 6; done"]
+io = { device = "%(loop)s" }
+[[task]]
+name = "rec_scan"
+priority = "batch"
+command = ["fio", "--name=scan", "--filename=%(loop)s", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync", "--rate_iops=80", "--runtime=%(secs)d", "--time_based", "--readonly"]
+io = { device = "%(loop)s" }
+""",
 }
+#: what each trace's workloads run: command -> Debian package
+PACKAGES = {"stress_burst": {"stress-ng": "stress-ng"}, "fio_flush": {"fio": "fio"}}
+
+
+@contextlib.contextmanager
+def loop_device(tmp: str, mib: int = 256):
+    """A loop device over a file in ``tmp``, detached afterwards."""
+    backing = os.path.join(tmp, "disk.img")
+    with open(backing, "wb") as f:
+        f.truncate(mib << 20)
+    dev = subprocess.run(["losetup", "--find", "--show", backing], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def main() -> int:
@@ -64,10 +119,12 @@ def main() -> int:
     for name, cfg in TRACES.items():
         if a.only and name != a.only:
             continue
-        with tempfile.TemporaryDirectory(prefix="rswap-rec-") as tmp:
+        debian_tools.ensure(PACKAGES.get(name, {}), f"the {name} recording runs")
+        with tempfile.TemporaryDirectory(prefix="rswap-rec-") as tmp, \
+                (loop_device(tmp) if "%(loop)s" in cfg else contextlib.nullcontext("")) as loop:
             conf = os.path.join(tmp, "rec.toml")
             with open(conf, "w") as f:
-                f.write(cfg % {"secs": a.seconds + 10})
+                f.write(cfg % {"secs": a.seconds + 10, "loop": loop})
             env = dict(os.environ, RSWAP_RUN_DIR=os.path.join(tmp, "run"),
                        RSWAP_STATE_DIR=os.path.join(tmp, "state"),
                        RSWAP_PIN_DIR=f"/sys/fs/bpf/rswap-rec-{os.getpid()}")
