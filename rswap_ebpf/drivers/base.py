@@ -6,7 +6,7 @@ in tests, or on a recorded trace.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..enforce.cgroup import CgroupMounts, FileApplier, TaskCgroup, Write

@@ -30,7 +30,7 @@ def test_doctor_fails_when_the_config_needs_something_missing(tmp_path, rswap_en
 
         pytest.skip("this host has resctrl: nothing is missing for a cache task")
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[[task]]\nname = "x"\ncommand = ["true"]\ncache = {{ min = 1 }}\n')
+    cfg.write_text('[[task]]\nname = "x"\ncommand = ["true"]\ncache = { min = 1 }\n')
     env = {**rswap_env, "RSWAP_PIN_DIR": f"/sys/fs/bpf/test-{unique_name}"}
     out = run_rswap("doctor", "--config", str(cfg), env=env)
     assert out.returncode == 1, out.stdout

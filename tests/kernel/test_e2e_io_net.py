@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from rswap_ebpf import config as configmod
 from rswap_ebpf.daemon import Daemon

@@ -208,7 +208,7 @@ def test_waiting_exec_times_out_or_starts_when_units_are_freed(daemon):
 
 def test_task_add_list_remove_and_a_vanished_cgroup_is_let_go(daemon, unique_name):
     name = f"adopt-{unique_name}"
-    with scratch_cgroup(f"scratch-{unique_name}") as dirs:
+    with scratch_cgroup(f"scratch-{unique_name}"):
         out = run_rswap("task", "add", "--name", name, "--priority", "normal",
                         "--cgroup", f"scratch-{unique_name}", "--min", "cpu=50", env=daemon["env"])
         assert out.returncode == 0, out.stderr

@@ -1,7 +1,6 @@
 """Record format and replay: the same SwapManager and forecasters over a trace, without root."""
 from __future__ import annotations
 
-import io
 import random
 
 import pytest

@@ -43,7 +43,7 @@ def test_frame_shows_tasks_by_resource_with_usage_forecast_allocation(replayed):
     con = terminal()
     con.print(render(st, now=st["time"] + 2))
     text = con.export_text()
-    assert f"tick 6" in text and "updated 2.0s ago" in text
+    assert "tick 6" in text and "updated 2.0s ago" in text
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("web", "batch"))}
     web = st["tasks"]["web"]["resources"]["cpu"]
     assert rows["web"][:6] == ["web", "critical", "cpu", f"{web['usage']:.0f}m",
