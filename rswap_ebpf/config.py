@@ -212,9 +212,10 @@ def _named_instances(r: ResourceType, table: dict, where: str, plain_form: str, 
 def _resources(tables: list[tuple[Resource, dict, str]]) -> dict[Resource, int | None]:
     out: dict[Resource, int | None] = {}
     for r, table, where in tables:
-        # a named co-processor's name is its table's key, not a setting
-        _only(table, {"total"} | set(RESOURCE_OPTIONS.get(r.type, {})) - ({"name"} if r.instance else set()),
-              where)
+        allowed = {"total"} | set(RESOURCE_OPTIONS.get(r.type, {}))
+        if r.instance:  # a named co-processor's name is its table's key, not a setting
+            allowed.discard("name")
+        _only(table, allowed, where)
         total = table.get("total", "auto")
         out[r] = None if total == "auto" else check_units(total, f"{where}.total")
     return out
