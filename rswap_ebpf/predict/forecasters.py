@@ -146,6 +146,84 @@ class SeasonalEWMA(Base):
         return [max(0.0, self._level[(self._n + h) % self.period]) for h in range(horizon)]
 
 
+class SeasonalFractional(Base):
+    """Seasonal-naive for a period that is not a whole number of ticks.
+
+    A job that runs, then sleeps (``fio ...; sleep 6``) repeats every run time + sleep time,
+    rarely a whole number of 1 s ticks: its burst slides across tick edges by the fraction each
+    period, and seasonal-naive, repeating lag ``period`` exactly, misses by that slide at both
+    ends of every burst.  This model forecasts ``y[t + h - (period + offset)]``, read between
+    the two samples around it (linear interpolation; past the newest sample, its own earlier
+    forecasts), with ``offset`` in [-1, 1] fitted online by least squares on the one-step errors,
+    exponentially weighted with a half-life of ``half_life`` samples (closed form: five running
+    sums, O(1) a sample).  A period of whole ticks fits ``offset`` near 0: seasonal-naive again.
+
+    >>> s = SeasonalFractional(period=4)
+    >>> ramp = [0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 10.0] * 4
+    >>> for y in ramp:
+    ...     s.learn_one(y)
+    >>> s.offset, s.forecast(4)
+    (0.0, [0.0, 0.0, 0.0, 10.0])
+    """
+
+    name = "seasonal_fractional"
+
+    def __init__(self, period: int = 10, half_life: float = 30.0) -> None:
+        if int(period) < 1:
+            raise ConfigError("forecaster.period", "must be at least 1")
+        if not float(half_life) >= 1.0:
+            raise ConfigError("forecaster.half_life", "must be at least 1 (samples)")
+        self.period = int(period)
+        self.half_life = float(half_life)
+        self._decay = 0.5 ** (1.0 / self.half_life)
+        self._hist: deque[float] = deque(maxlen=self.period + 2)
+        # decayed sums over one-step errors e = y - y[t-p], against the slides to lag p+1
+        # (u = y[t-p-1] - y[t-p]) and to lag p-1 (l = y[t-p+1] - y[t-p]): ee, eu, uu, el, ll
+        self._sums = [0.0] * 5
+        self.offset = 0.0
+
+    def learn_one(self, y: float, x: dict | None = None) -> None:
+        y = float(y)
+        h, p = self._hist, self.period
+        if p >= 2 and len(h) >= p + 1:  # a period of one tick has no phase to slide
+            a = h[-p]
+            e, u = y - a, h[-p - 1] - a
+            lo = h[-p + 1] - a
+            d, s = self._decay, self._sums
+            for i, v in enumerate((e * e, e * u, u * u, e * lo, lo * lo)):
+                s[i] = d * s[i] + v
+            self.offset = self._fit()
+        h.append(y)
+
+    def _fit(self) -> float:
+        ee, eu, uu, el, ll = self._sums
+        best_sse, best = ee, 0.0
+        for num, den, sign in ((eu, uu, 1.0), (el, ll, -1.0)):
+            if den > 1e-12 * max(1.0, ee):
+                f = min(1.0, max(0.0, num / den))
+                sse = ee - 2.0 * f * num + f * f * den
+                if sse < best_sse - 1e-9 * max(1.0, ee):
+                    best_sse, best = sse, sign * f
+        return best
+
+    def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
+        h = list(self._hist)
+        if not h:
+            return [0.0] * horizon
+        if len(h) < self.period + 2:
+            return [max(0.0, h[-1])] * horizon
+        lag, last = self.period + self.offset, len(h) - 1
+        out = []
+        for k in range(1, horizon + 1):
+            s = last + k - lag  # where what comes k steps ahead was, one period back
+            i = math.floor(s)
+            w = s - i
+            v = h[i] if w <= 0.0 else (1.0 - w) * h[i] + w * h[i + 1]
+            h.append(v)
+            out.append(max(0.0, v))
+        return out
+
+
 class RiverForecaster(Base):
     """A River time-series model, scaled to ~[0, 1], with last-value until it has warmed up.
 
@@ -335,6 +413,7 @@ _FACTORIES = {
     "last_value": LastValue,
     "seasonal_naive": SeasonalNaive,
     "seasonal_ewma": SeasonalEWMA,
+    "seasonal_fractional": SeasonalFractional,
     "holt_winters": holt_winters,
     "snarimax": snarimax,
     "quantile_lags": QuantileLags,

@@ -36,12 +36,12 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalNaive,
-                          holt_winters, single, snarimax)
+from .forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalFractional,
+                          SeasonalNaive, holt_winters, single, snarimax)
 from .period import PeriodDetector
 
-CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "holt_winters", "snarimax",
-              "quantile_lags", "median", "blend")
+CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractional",
+              "holt_winters", "snarimax", "quantile_lags", "median", "blend")
 #: not models of their own: combinations of the other candidates' point forecasts, scored like
 #: them, so selection can pick a combination where no single model is reliably best.  ``median``:
 #: per step, the median; ``blend``: per step, the forecasts of the BLEND_TOP models with the least
@@ -53,6 +53,8 @@ COMBINED = "median"  # kept for older imports
 #: combination (a model that has gone badly wrong gets no say at all, not merely a small one)
 BLEND_TOP = 3
 LOSSES = ("pinball", "mae")
+#: candidates that forecast the last value when no period has been found
+_LAST_VALUE_WITHOUT_PERIOD = ("last_value", "seasonal_naive", "seasonal_fractional")
 _HALF_MAX = 65504.0  # the largest finite half-precision float
 
 
@@ -141,6 +143,8 @@ class AutoForecaster(Base):
             return SeasonalNaive(period=max(1, p))
         if name == "seasonal_ewma":
             return SeasonalEWMA(period=max(1, p), alpha=0.3)
+        if name == "seasonal_fractional":
+            return SeasonalFractional(period=max(1, p))
         if name == "holt_winters":
             if p >= 2:
                 return holt_winters(alpha=0.3, beta=0.01, gamma=0.5, seasonality=p,
@@ -238,7 +242,7 @@ class AutoForecaster(Base):
     def _point(self, name: str, horizon: int) -> list[float]:
         if name not in COMBINERS:
             return self._models[name].forecast(horizon)
-        names = list(self._models)
+        names = self._distinct()
         if horizon <= self.horizon and all(self._pending[n] for n in names):
             per_model = [self._pending[n][-1][0][:horizon] for n in names]
         else:
@@ -259,6 +263,16 @@ class AutoForecaster(Base):
             w = [1.0 / (errs[i] + floor) ** 2 for i in best]
             out.append(sum(wi * step[i] for wi, i in zip(w, best)) / sum(w))
         return out
+
+    def _distinct(self) -> list[str]:
+        """The models a combination combines.  Without a period, seasonal-naive and
+        seasonal-fractional repeat the last value: one forecast, which must not get three votes
+        in the median, so only the first of them counts."""
+        names = list(self._models)
+        if self.period >= 2:
+            return names
+        same = [n for n in names if n in _LAST_VALUE_WITHOUT_PERIOD]
+        return [n for n in names if n not in same[1:]]
 
     def _push(self, name: str) -> None:
         # single precision, as a checkpoint stores them (7 digits: allocations are whole units)
