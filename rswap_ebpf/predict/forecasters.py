@@ -159,8 +159,8 @@ class SeasonalFractional(Base):
     sums, O(1) a sample).  A period of whole ticks fits ``offset`` near 0: seasonal-naive again.
 
     >>> s = SeasonalFractional(period=4)
-    >>> ramp = [0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 10.0] * 4
-    >>> for y in ramp:
+    >>> spikes = [0.0, 0.0, 0.0, 10.0] * 8
+    >>> for y in spikes:
     ...     s.learn_one(y)
     >>> s.offset, s.forecast(4)
     (0.0, [0.0, 0.0, 0.0, 10.0])
