@@ -102,3 +102,11 @@ def test_the_median_counts_last_value_once_without_a_period():
     for i in range(200):
         auto.learn_one(100.0 if i % 10 < 3 else 0.0)
     assert auto.period == 10 and "seasonal_fractional" in auto._distinct()
+
+
+def test_the_module_examples_hold():
+    import doctest
+
+    from rswap_ebpf.predict import forecasters
+
+    assert doctest.testmod(forecasters).failed == 0
