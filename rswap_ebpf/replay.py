@@ -258,12 +258,13 @@ def _fmt(v: float | None, spec: str = ".0f") -> str:
 def format_table(result: ReplayResult) -> str:
     """The per task x resource table, then one total line per policy with ratios vs reactive."""
     rw = max([5] + [len(s.resource.key) for s in result.scores])  # coproc:fpga0
-    lines = [f"{'POLICY':<10} {'TASK':<12} {'RES':<{rw}} {'MODEL':<15} {'MAE':>7} {'MAPE%':>6} "
+    mw = max([15] + [len(s.model or "-") for s in result.scores])  # seasonal_fractional
+    lines = [f"{'POLICY':<10} {'TASK':<12} {'RES':<{rw}} {'MODEL':<{mw}} {'MAE':>7} {'MAPE%':>6} "
              f"{'SHORT(u*s)':>11} {'SLACK(u*s)':>11} {'CHANGES':>7} {'SWAPS':>5}"]
     policies = list(dict.fromkeys(s.policy for s in result.scores))
     for p in policies:
         for s in sorted(result.by_policy(p), key=lambda s: (s.task, s.resource.key)):
-            lines.append(f"{p:<10} {s.task:<12.12} {s.resource.key:<{rw}} {s.model or '-':<15.15} "
+            lines.append(f"{p:<10} {s.task:<12.12} {s.resource.key:<{rw}} {s.model or '-':<{mw}} "
                          f"{_fmt(s.mae):>7} {_fmt(s.mape):>6} {s.shortfall:>11.0f} "
                          f"{s.slack:>11.0f} {s.changes:>7} {s.swaps:>5}")
     lines.append("")
