@@ -56,9 +56,33 @@ def detect(samples: list[float], min_period: int = 2, max_period: int = 120,
            threshold: float = 0.3) -> tuple[int, float]:
     """(period, autocorrelation) of ``samples``, or (0, 0.0) when nothing repeats clearly.
 
-    Needs at least two full periods; a flat series has no period.
+    Needs at least two full periods; a flat series has no period.  Where the samples show none,
+    their ranks are tried: one outlier can hold most of a window's variance and hide the period
+    of everything else (a burst the first, uncapped tick saw at full height, then bursts
+    throttled to a small rhythm), and ranks give it no more weight than the largest of the rest.
+
+    >>> rhythm = [20.0, 40.0, 80.0, 160.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    >>> detect([2000.0, 1600.0] + rhythm * 12)[0]
+    10
     """
     x = np.asarray(samples, dtype=float)
+    found = _detect(x, min_period, max_period, threshold)
+    if found[0] or len(x) < 2 * min_period:
+        return found
+    # ranks of a random walk clipped at 0 (flat runs of ties) can bump at a lag: a period there
+    # must also stand out from the dip before it, as a real one does
+    return _detect(_ranks(x), min_period, max_period, threshold, prominence=threshold)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties given their mean rank (so a run of idle zeros stays flat)."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + 1 + ends) / 2.0)[inverse]
+
+
+def _detect(x: np.ndarray, min_period: int, max_period: int, threshold: float,
+            prominence: float = 0.0) -> tuple[int, float]:
     n = len(x)
     hi = min(max_period, n // 2)
     if hi < min_period:
@@ -75,7 +99,8 @@ def detect(samples: list[float], min_period: int = 2, max_period: int = 120,
     peaks = [k for k in range(min_period, hi + 1)
              if acf[k - 1] >= max(threshold, band[k - 1])
              and acf[k - 1] >= acf[k - 2]
-             and (k == hi or acf[k - 1] >= acf[k])]
+             and (k == hi or acf[k - 1] >= acf[k])
+             and acf[k - 1] - acf[:k - 1].min() >= prominence]
     if not peaks:
         return 0, 0.0
     best = max(acf[k - 1] for k in peaks)

@@ -158,6 +158,24 @@ def test_a_random_walk_has_no_period():
     assert detect(_bursty(150, period=12), max_period=60)[0] == 12
 
 
+def test_one_outlier_does_not_hide_a_period():
+    """The daemon's first tick is uncapped: a burst seen once at full height (2,000 millicores),
+    then the same task throttled into a small rhythm.  The outlier holds most of the variance,
+    so the autocorrelation of the samples shows nothing; that of their ranks shows the rhythm,
+    and a selection that learns from these samples gets it (and its seasonal models)."""
+    rhythm = [20.0, 40.0, 80.0, 160.0] + [0.0] * 6
+    samples = [1600.0, 2000.0, 80.0] + rhythm * 14
+    assert detect(samples, max_period=60)[0] == 10
+    auto = AutoForecaster(loss="mae", horizon=1, scale=2000, max_period=120)
+    for y in samples:
+        auto.learn_one(y)
+    assert auto.period == 10
+    assert auto.forecast(4) == pytest.approx(rhythm[:4], abs=5)  # the next burst's climb
+    # no outlier: the samples' own autocorrelation decides, as before
+    assert detect(rhythm * 14, max_period=60)[0] == 10
+
+
+
 def test_the_allocation_floor_covers_what_it_covers():
     """The manager never allocates below the last observed use, so demand that stays under it
     is never short, however low the forecast was: scored with the floor, such a tick leaves no
