@@ -157,6 +157,9 @@ class SeasonalFractional(Base):
     forecasts), with ``offset`` in [-1, 1] fitted online by least squares on the one-step errors,
     exponentially weighted with a half-life of ``half_life`` samples (closed form: five running
     sums, O(1) a sample).  A period of whole ticks fits ``offset`` near 0: seasonal-naive again.
+    The offset stays 0 until ``fit_after`` periods of one-step errors are in: fitted from part of
+    a period, it sees one edge of a burst and not the other (and, as the first model selection
+    scores after a new period, it lost the serving place to seasonal-naive for 100 ticks).
 
     >>> s = SeasonalFractional(period=4)
     >>> spikes = [0.0, 0.0, 0.0, 10.0] * 8
@@ -168,18 +171,22 @@ class SeasonalFractional(Base):
 
     name = "seasonal_fractional"
 
-    def __init__(self, period: int = 10, half_life: float = 30.0) -> None:
+    def __init__(self, period: int = 10, half_life: float = 30.0, fit_after: float = 1.0) -> None:
         if int(period) < 1:
             raise ConfigError("forecaster.period", "must be at least 1")
         if not float(half_life) >= 1.0:
             raise ConfigError("forecaster.half_life", "must be at least 1 (samples)")
+        if not float(fit_after) >= 0.0:
+            raise ConfigError("forecaster.fit_after", "must be at least 0 (periods)")
         self.period = int(period)
         self.half_life = float(half_life)
+        self.fit_after = float(fit_after)
         self._decay = 0.5 ** (1.0 / self.half_life)
         self._hist: deque[float] = deque(maxlen=self.period + 2)
         # decayed sums over one-step errors e = y - y[t-p], against the slides to lag p+1
         # (u = y[t-p-1] - y[t-p]) and to lag p-1 (l = y[t-p+1] - y[t-p]): ee, eu, uu, el, ll
         self._sums = [0.0] * 5
+        self._fitted = 0
         self.offset = 0.0
 
     def learn_one(self, y: float, x: dict | None = None) -> None:
@@ -192,7 +199,9 @@ class SeasonalFractional(Base):
             d, s = self._decay, self._sums
             for i, v in enumerate((e * e, e * u, u * u, e * lo, lo * lo)):
                 s[i] = d * s[i] + v
-            self.offset = self._fit()
+            self._fitted += 1
+            if self._fitted >= self.fit_after * p:
+                self.offset = self._fit()
         h.append(y)
 
     def _fit(self) -> float:

@@ -110,3 +110,16 @@ def test_the_module_examples_hold():
     from rswap_ebpf.predict import forecasters
 
     assert doctest.testmod(forecasters).failed == 0
+
+
+def test_the_offset_waits_for_a_period_of_errors():
+    f = SeasonalFractional(period=8, fit_after=2)
+    series = _bursts(8.3, n=60)
+    for i, y in enumerate(series):
+        f.learn_one(y)
+        if i < 8 + 2 * 8:  # a period of history, then two of one-step errors
+            assert f.offset == 0.0
+    assert f.offset == pytest.approx(0.3, abs=0.1)
+    with pytest.raises(ConfigError) as err:
+        make_forecaster({"name": "seasonal_fractional", "fit_after": -1})
+    assert err.value.field == "forecaster.fit_after"
