@@ -67,7 +67,7 @@ def detect(samples: list[float], min_period: int = 2, max_period: int = 120,
     """
     x = np.asarray(samples, dtype=float)
     found = _detect(x, min_period, max_period, threshold)
-    if found[0] or len(x) < 2 * min_period:
+    if found[0]:
         return found
     # ranks of a random walk clipped at 0 (flat runs of ties) can bump at a lag: a period there
     # must also stand out from the dip before it, as a real one does
