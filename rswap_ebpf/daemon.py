@@ -429,6 +429,7 @@ class Daemon:
                 observed[name][r] = self.manager.observed_demand(name, r, units, capped.get(name))
         self._reap()
         forecasts: dict[str, dict[Resource, float]] = {}
+        releases: dict[str, dict[Resource, float | None]] = {}
         for name, per_r in observed.items():
             if self.tasks[name].exited is not None:
                 continue
@@ -436,11 +437,13 @@ class Daemon:
                 self.profiler.update_prediction(name, r, units)
             self.tasks[name].usage = usage[name]
             forecasts[name] = self._forecast(name)
+            profs = self.profiler.profiles
+            releases[name] = {r: profs[(name, r)].release() for r in per_r if (name, r) in profs}
         try:
             self.profiler.flush(time.time())
         except RswapError as err:  # a full disk must not stop allocation
             log.warning("%s", err)
-        result = self.manager.proactive_allocation(forecasts, observed)
+        result = self.manager.proactive_allocation(forecasts, observed, releases)
         floored = self._set_floors()
         for ch in result.changes:
             floored.discard((ch.task, ch.resource))

@@ -163,6 +163,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
         if policy == "static":
             continue
         forecasts: dict[str, dict[ResourceType, float]] = {}
+        releases: dict[str, dict[ResourceType, float | None]] = {}
         for (t, r) in trace.demand:
             seen = observed[t][r]
             if policy == "reactive":
@@ -179,8 +180,9 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 for r, p in profiler.get_predicted_needs(t, window).items():
                     predicted[(t, r)] = p.series[0]
                     forecasts.setdefault(t, {})[r] = p.peak
+                    releases.setdefault(t, {})[r] = p.release
                     scores[(t, r)].model = p.model
-        res = mgr.proactive_allocation(forecasts, observed)
+        res = mgr.proactive_allocation(forecasts, observed, releases)
         for ch in res.changes:
             if (ch.task, ch.resource) in scores:
                 scores[(ch.task, ch.resource)].changes += 1

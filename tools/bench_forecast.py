@@ -93,7 +93,7 @@ def accuracy(traces) -> None:
 
 def allocation(traces, seasonal_raise: bool) -> None:
     print("== replay totals (unit*s), pool = trace's peak summed demand ==")
-    print(f"{'TRACE':<18} {'POLICY':<23} {'SHORT':>9} {'SLACK':>9} {'SHORT/react':>12} "
+    print(f"{'TRACE':<18} {'POLICY':<26} {'SHORT':>9} {'SLACK':>9} {'SHORT/react':>12} "
           f"{'SLACK/react':>12} {'vs reactive at >= slack (headroom): SHORT ratio':>10}")
     for tr in traces:
         res = replay(tr, ("static", "reactive", "vpa"))
@@ -106,6 +106,10 @@ def allocation(traces, seasonal_raise: bool) -> None:
                                                             "seasonal_raise": raise_})
                 rows.append((f"proactive q={q:g}" + (" +phase" if raise_ else ""),
                              pr.total("proactive", "shortfall"), pr.total("proactive", "slack")))
+        # the same default without the floor's release (every burst's level held a tick more)
+        pr = replay(tr, ("proactive",), forecaster={"name": "auto", "release_after": 0})
+        rows.append(("proactive q=0.9 no release", pr.total("proactive", "shortfall"),
+                     pr.total("proactive", "slack")))
         frontier = []
         for h in REACTIVE_HEADROOMS:
             rr = replay(tr, ("reactive",), headroom=h)
@@ -118,7 +122,7 @@ def allocation(traces, seasonal_raise: bool) -> None:
                            else "reactive never reaches this slack")
                 bar = "BAR MET" if s <= 0.5 * rs and l <= rl else "bar not met"
                 matched = f"{matched:<26} {bar}"
-            print(f"{os.path.basename(tr.source):<18.18} {p:<23} {s:>9.0f} {l:>9.0f} "
+            print(f"{os.path.basename(tr.source):<18.18} {p:<26} {s:>9.0f} {l:>9.0f} "
                   f"{s / rs if rs else 0:>12.2f} {l / rl if rl else 0:>12.2f} {matched}")
         lb = clairvoyant_bound(tr, rl)
         print(f"{os.path.basename(tr.source):<18.18} clairvoyant bound: at slack <= reactive's "

@@ -33,6 +33,9 @@ class Prediction:
     quantile: float = 0.0          # the ``quantile_level`` quantile of ``series``
     quantile_level: float = 0.9
     loss: float | None = None      # the serving model's recent selection loss (model choice)
+    #: how far the allocation floor (the use just seen) may drop for the next tick, or None
+    #: (``AutoForecaster.release``: the burst ended at this phase in each of the last periods)
+    release: float | None = None
 
     def over_window(self, how: str | float = "peak") -> float:
         """What the allocator asks for: the window's peak, or a quantile of it."""
@@ -107,6 +110,12 @@ class TaskProfile:
     @property
     def loss(self) -> float | None:
         return getattr(self.forecaster, "serving_loss", None)
+
+    def release(self) -> float | None:
+        """How far the allocation floor may drop for the next tick (None: it holds)."""
+        rel = getattr(self.forecaster, "release", None)
+        v = rel() if callable(rel) else None
+        return v if v is None or math.isfinite(v) else None
 
     def learn_one(self, y: float) -> None:
         y = single(y)  # as the forecaster keeps it, so history is stored once (see __getstate__)
@@ -302,7 +311,7 @@ class TaskProfiler:
             out[r] = Prediction(task, r, tuple(series), max(series), prof.model_name,
                                 prof.mae, len(prof.history),
                                 _quantile(series, self.quantile_level), self.quantile_level,
-                                prof.loss)
+                                prof.loss, prof.release())
         return out
 
     def analyze_task(self, task: str) -> dict[Resource, TaskAnalysis]:

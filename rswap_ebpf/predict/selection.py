@@ -85,7 +85,8 @@ class AutoForecaster(Base):
                  quantile: float = 0.9, horizon: int = 5, half_life: float = 50.0,
                  scale: float = 1.0, max_period: int = 120, period: int = 0,
                  history: int = 600, min_scored: int = 10, hysteresis: float = 0.05,
-                 calibration: int = 100, seasonal_raise: bool = False, floor: bool = True):
+                 calibration: int = 100, seasonal_raise: bool = False, floor: bool = True,
+                 release_after: int = 3):
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
             raise ConfigError("forecaster.candidates",
@@ -115,6 +116,11 @@ class AutoForecaster(Base):
         if not isinstance(floor, bool):
             raise ConfigError("forecaster.floor", "must be true or false")
         self.floor = floor
+        if isinstance(release_after, bool) or not isinstance(release_after, int) \
+                or release_after < 0:
+            raise ConfigError("forecaster.release_after",
+                              "must be a whole number of periods, 0 or more (0: never release)")
+        self.release_after = release_after
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
         self._detector = PeriodDetector(max_period=self.max_period, every=3)
@@ -174,9 +180,11 @@ class AutoForecaster(Base):
                 self._ewm_sums.pop((kind, name), None)
         self._at -= len(self._hist)
         prev = None
-        for y in self._hist:
+        hist = list(self._hist)
+        for i, y in enumerate(hist):
+            low = self._release_at(hist, i)
             for name in names:
-                self._score(name, y, prev)
+                self._score(name, y, prev, low)
                 if name not in COMBINERS:
                     self._models[name].learn_one(y)
             self._at += 1
@@ -192,7 +200,8 @@ class AutoForecaster(Base):
             if name in names:
                 self._push(name)
 
-    def _score(self, name: str, y: float, prev: float | None) -> None:
+    def _score(self, name: str, y: float, prev: float | None,
+               release: float | None = None) -> None:
         """Score the forecasts made for ``y``; ``prev`` is the sample before it.
 
         With ``floor``, what is scored is the allocation, not the bare forecast: the swap manager
@@ -200,8 +209,11 @@ class AutoForecaster(Base):
         allocation is at least ``prev``; where that covers ``y`` the forecast's shortfall there
         costs nothing, and its residual counts as at most 0 when the raise is calibrated (the
         raise is then what the floor leaves uncovered, not what the forecast alone misses).
+        ``release`` is what :meth:`release` allowed the floor to drop to for that tick.
         """
         floor = prev if self.floor and prev is not None else None
+        if floor is not None and release is not None:
+            floor = min(floor, release)
         covered = floor is not None and y <= floor
         total, n = 0.0, 0
         for age, (point, upper) in enumerate(reversed(self._pending[name]), start=1):
@@ -283,8 +295,9 @@ class AutoForecaster(Base):
     def learn_one(self, y: float, x: dict | None = None) -> None:
         y = single(y)  # what is kept is what a checkpoint stores: 4 bytes a sample
         prev = self._hist[-1] if self._hist else None
+        low = self.release()
         for name in self.candidates:
-            self._score(name, y, prev)
+            self._score(name, y, prev, low)
         self._hist.append(y)
         self._at += 1
         for m in self._models.values():
@@ -298,6 +311,30 @@ class AutoForecaster(Base):
                 return
         self._push_all(self.candidates)
         self._choose()
+
+    def release(self) -> float | None:
+        """How far the allocation floor may drop for the next tick, or None: not at all.
+
+        The swap manager never allocates less than the use just seen, so a burst's level is held
+        for the tick after the burst, which is slack every period.  With a period known, and
+        the use dropping right after this phase in each of the last ``release_after`` periods
+        (the burst ended here that many times in a row), the floor may drop to the highest of
+        those next-phase ticks.  Otherwise (a burst still going, one whose edge slides between
+        ticks, no period yet, too little history), None: the floor holds.  The candidates are
+        scored against the same floor, so the raise covers what the release leaves open.
+        """
+        return self._release_at(self._hist, len(self._hist))
+
+    def _release_at(self, hist, n: int) -> float | None:
+        """:meth:`release` for the tick after the first ``n`` samples of ``hist`` (model
+        rebuilds score the kept history against the floor each tick had)."""
+        p, k = self.period, self.release_after
+        if k <= 0 or p < 2 or n < k * p + 1:
+            return None
+        nxt = [hist[n - j * p] for j in range(1, k + 1)]
+        if any(hist[n - 1 - j * p] <= v for j, v in enumerate(nxt, start=1)):
+            return None  # it did not drop right after this phase every time
+        return max(nxt)
 
     def _raise(self, name: str, point: list[float]) -> list[float]:
         """With the pinball loss: the point forecast plus the quantile of this model's errors.
@@ -377,6 +414,7 @@ class AutoForecaster(Base):
                                           for i in range(0, len(v), 2 * h)), maxlen=h)
         # checkpoints written before the blend and the allocation floor existed
         self.__dict__.setdefault("floor", False)
+        self.__dict__.setdefault("release_after", 0)  # before the floor's release existed
         if "_step_err" not in self.__dict__:
             self._step_err = {n: [[0.0, 0.0] for _ in range(self.horizon)] for n in self._models}
         det = self._detector

@@ -305,14 +305,18 @@ class SwapManager:
         return t.limit(resource).clamp(math.ceil(want * (1.0 + self.headroom)))
 
     def proactive_allocation(self, forecasts: Mapping[str, Mapping[Resource, float]],
-                             observed: Mapping[str, Mapping[Resource, float]] | None = None
+                             observed: Mapping[str, Mapping[Resource, float]] | None = None,
+                             releases: Mapping[str, Mapping[Resource, float | None]] | None = None
                              ) -> AllocationResult:
         """Allocate every resource from the forecasts; return the changes in the order to apply.
 
         ``observed`` is this tick's demand per task (``observed_demand``): an allocation never
-        drops below what a task was just seen to need, whatever the forecast says.
+        drops below what a task was just seen to need, whatever the forecast says -- except to
+        the task's ``releases`` value where its profile gives one (``Prediction.release``: the
+        burst has ended at this phase of its period in each of the last periods).
         """
         usage = observed or {}
+        rel = releases or {}
         result = AllocationResult()
         for r in self.pool.types():
             demands: dict[str, int] = {}
@@ -320,7 +324,11 @@ class SwapManager:
                 f = forecasts.get(name, {}).get(r)
                 if f is None and r not in self.tasks[name].limits:
                     continue
-                demands[name] = self.demand(name, r, f or 0.0, usage.get(name, {}).get(r))
+                seen = usage.get(name, {}).get(r)
+                low = rel.get(name, {}).get(r)
+                if seen is not None and low is not None and math.isfinite(low):
+                    seen = min(seen, max(0.0, low))
+                demands[name] = self.demand(name, r, f or 0.0, seen)
                 hold = self.admission_holds.get(name)
                 if hold is not None and r in hold.grant:
                     demands[name] = self.tasks[name].limit(r).clamp(max(demands[name],
