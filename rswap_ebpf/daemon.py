@@ -429,7 +429,7 @@ class Daemon:
                 observed[name][r] = self.manager.observed_demand(name, r, units, capped.get(name))
         self._reap()
         forecasts: dict[str, dict[Resource, float]] = {}
-        releases: dict[str, dict[Resource, float | None]] = {}
+        releases: dict[str, dict[Resource, float]] = {}
         for name, per_r in observed.items():
             if self.tasks[name].exited is not None:
                 continue
@@ -437,8 +437,7 @@ class Daemon:
                 self.profiler.update_prediction(name, r, units)
             self.tasks[name].usage = usage[name]
             forecasts[name] = self._forecast(name)
-            profs = self.profiler.profiles
-            releases[name] = {r: profs[(name, r)].release() for r in per_r if (name, r) in profs}
+            releases[name] = self.profiler.releases(name)
         try:
             self.profiler.flush(time.time())
         except RswapError as err:  # a full disk must not stop allocation

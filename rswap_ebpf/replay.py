@@ -163,7 +163,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
         if policy == "static":
             continue
         forecasts: dict[str, dict[ResourceType, float]] = {}
-        releases: dict[str, dict[ResourceType, float | None]] = {}
+        releases: dict[str, dict[ResourceType, float]] = {}
         for (t, r) in trace.demand:
             seen = observed[t][r]
             if policy == "reactive":
@@ -180,8 +180,8 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 for r, p in profiler.get_predicted_needs(t, window).items():
                     predicted[(t, r)] = p.series[0]
                     forecasts.setdefault(t, {})[r] = p.peak
-                    releases.setdefault(t, {})[r] = p.release
                     scores[(t, r)].model = p.model
+                releases[t] = profiler.releases(t)
         res = mgr.proactive_allocation(forecasts, observed, releases)
         for ch in res.changes:
             if (ch.task, ch.resource) in scores:

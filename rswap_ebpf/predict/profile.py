@@ -33,9 +33,6 @@ class Prediction:
     quantile: float = 0.0          # the ``quantile_level`` quantile of ``series``
     quantile_level: float = 0.9
     loss: float | None = None      # the serving model's recent selection loss (model choice)
-    #: how far the allocation floor (the use just seen) may drop for the next tick, or None
-    #: (``AutoForecaster.release``: the burst ended at this phase in each of the last periods)
-    release: float | None = None
 
     def over_window(self, how: str | float = "peak") -> float:
         """What the allocator asks for: the window's peak, or a quantile of it."""
@@ -114,8 +111,7 @@ class TaskProfile:
     def release(self) -> float | None:
         """How far the allocation floor may drop for the next tick (None: it holds)."""
         rel = getattr(self.forecaster, "release", None)
-        v = rel() if callable(rel) else None
-        return v if v is None or math.isfinite(v) else None
+        return rel() if callable(rel) else None
 
     def learn_one(self, y: float) -> None:
         y = single(y)  # as the forecaster keeps it, so history is stored once (see __getstate__)
@@ -311,7 +307,19 @@ class TaskProfiler:
             out[r] = Prediction(task, r, tuple(series), max(series), prof.model_name,
                                 prof.mae, len(prof.history),
                                 _quantile(series, self.quantile_level), self.quantile_level,
-                                prof.loss, prof.release())
+                                prof.loss)
+        return out
+
+    def releases(self, task: str) -> dict[Resource, float]:
+        """Per resource, how far the allocation floor may drop for ``task``'s next tick, where
+        its profile allows it (``AutoForecaster.release``): ``SwapManager.proactive_allocation``
+        takes this as its ``releases``."""
+        out = {}
+        for r in self._resources():
+            prof = self.profiles.get((task, r))
+            low = prof.release() if prof is not None else None
+            if low is not None:
+                out[r] = low
         return out
 
     def analyze_task(self, task: str) -> dict[Resource, TaskAnalysis]:

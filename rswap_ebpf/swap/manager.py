@@ -312,8 +312,8 @@ class SwapManager:
 
         ``observed`` is this tick's demand per task (``observed_demand``): an allocation never
         drops below what a task was just seen to need, whatever the forecast says -- except to
-        the task's ``releases`` value where its profile gives one (``Prediction.release``: the
-        burst has ended at this phase of its period in each of the last periods).
+        the task's ``releases`` value where its profile gives one (``TaskProfiler.releases``:
+        the burst has ended at this phase of its period in each of the last periods).
         """
         usage = observed or {}
         rel = releases or {}
