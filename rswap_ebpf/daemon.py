@@ -424,9 +424,11 @@ class Daemon:
             measured = d.measure(cgroups)
             self._note_overflow(r, getattr(d, "last_dropped", None))
             capped = d.censored(cgroups)
+            held_back = d.withheld(cgroups)
             for name, units in measured.items():
                 usage[name][r] = units
-                observed[name][r] = self.manager.observed_demand(name, r, units, capped.get(name))
+                observed[name][r] = self.manager.observed_demand(name, r, units, capped.get(name),
+                                                                 held_back.get(name))
         self._reap()
         forecasts: dict[str, dict[Resource, float]] = {}
         releases: dict[str, dict[Resource, float]] = {}

@@ -48,6 +48,30 @@ ENFORCED_FLOOR = {ResourceType.PROCESSOR_CYCLES: 10.0}
 #: Resources whose driver tells the daemon when its cap held a task down (CPU: ``nr_throttled``
 #: went up); for the others the manager judges by use against allocation (``censored=None``).
 KERNEL_CENSORS = frozenset({ResourceType.PROCESSOR_CYCLES})
+#: Per resource whose driver also says how much its cap held back (:meth:`CpuDriver.withheld`,
+#: from ``cpu.stat``'s throttled time), the units one thread uses at most: see
+#: :func:`throttled_reading`.
+THREAD_UNITS = {ResourceType.PROCESSOR_CYCLES: 1000.0}
+
+
+def throttled_reading(demand, cap, total):
+    """Use + throttled time, as the CPU driver reads it, for a task held at ``cap`` below its
+    ``demand`` (millicores; numbers or numpy arrays).
+
+    A throttled thread waits runnable for as long as work it would have done is held back, so
+    the reading runs linearly from the demand (cap at the demand) to a whole CPU per thread (cap
+    0), with the fewest threads that use the demand: ``d + (1 - cap/d) * (n*1000 - d)``,
+    ``n = ceil(d/1000)``, at most ``total``.  Measured on this VM's 6.18 kernel
+    (``tools/measure_throttle.py``, README round 7), held at 200 and 500 millicores: within 2%
+    for busy threads and for one thread busy half the time.  It reads low for several threads
+    that also sleep (two busy 30%: 870 against the kernel's 1,519 at 200 millicores), as a
+    trace does not say how many threads a task runs.
+    """
+    d = np.maximum(np.asarray(demand, dtype=float), 1e-9)
+    c = np.minimum(np.asarray(cap, dtype=float), d)
+    whole = np.ceil(d / 1000.0 - 1e-9) * 1000.0
+    est = np.minimum(d + (1.0 - c / d) * (whole - d), total)
+    return float(est) if est.ndim == 0 else est
 
 
 @dataclass
@@ -100,7 +124,8 @@ def default_totals(trace: Trace) -> dict[ResourceType, int]:
 def replay(trace: Trace, policies: Sequence[str] = POLICIES, forecaster: str | dict | None = None,
            totals: dict[ResourceType, int] | None = None, headroom: float = 0.2,
            proactive_headroom: float = 0.0, window: int = 1, vpa_window: int = 300,
-           priorities: dict[str, Priority] | None = None) -> ReplayResult:
+           priorities: dict[str, Priority] | None = None,
+           sense_withheld: bool = True) -> ReplayResult:
     for p in policies:
         if p not in POLICIES:
             raise ConfigError("--policy", f"{p!r} is not one of {', '.join(POLICIES)}")
@@ -109,12 +134,12 @@ def replay(trace: Trace, policies: Sequence[str] = POLICIES, forecaster: str | d
     result = ReplayResult(trace, pool_totals)
     for p in policies:
         result.scores += _run(trace, p, forecaster, pool_totals, headroom, proactive_headroom,
-                              window, vpa_window, priorities or {})
+                              window, vpa_window, priorities or {}, sense_withheld)
     return result
 
 
 def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_window,
-         priorities) -> list[Score]:
+         priorities, sense_withheld) -> list[Score]:
     pool = ResourcePool()
     for r, total in totals.items():
         pool.register_resource(r, total)
@@ -143,13 +168,15 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
             d = series[i]
             s = scores[k]
             task, r = k
-            used, censored = d, False
+            used, censored, withheld = d, False, None
             if capped:
                 alloc = pool.allocation(r, task)
                 s.shortfall += max(0.0, d - alloc) * dt
                 s.slack += max(0.0, alloc - d) * dt
                 cap = max(float(alloc), ENFORCED_FLOOR.get(r, 1.0))
                 used, censored = min(d, cap), d > cap
+                if censored and sense_withheld and r in THREAD_UNITS:
+                    withheld = throttled_reading(d, cap, totals[r]) - used
             f = predicted.get(k)
             if f is not None:
                 s.abs_err += abs(d - f)
@@ -157,7 +184,8 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 if d >= 1.0:
                     s.pct_err += abs(d - f) / d
                     s.n_pct += 1
-            seen = mgr.observed_demand(task, r, used, censored if r in KERNEL_CENSORS else None)
+            seen = mgr.observed_demand(task, r, used, censored if r in KERNEL_CENSORS else None,
+                                       withheld)
             observed.setdefault(task, {})[r] = seen
             recent[k].append(seen)
         if policy == "static":
@@ -199,21 +227,26 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
     return list(scores.values())
 
 
-def least_cost(series, total: int, lam: float, floor_units: float, growth: float = 2.0) -> float:
+def least_cost(series, total: int, lam: float, floor_units: float, growth: float = 2.0,
+               withheld: bool = False) -> float:
     """The least shortfall + lam * slack of any allocation sequence on the daemon's path.
 
     Allocations are whole units; the allocation for tick i+1 is never below the use observed at
     tick i (``SwapManager.demand``), and a tick capped below its demand is observed as ``growth``
-    times its allocation, at most the pool (``SwapManager.observed_demand``).  Beyond that each
-    tick's allocation is free, as if the policy knew the future: dynamic programming over the
-    allocation, per task (the pool never binding).
+    times its allocation, at most the pool (``SwapManager.observed_demand``), or with
+    ``withheld`` as the CPU driver's throttled-time reading (:func:`throttled_reading`).  Beyond
+    that each tick's allocation is free, as if the policy knew the future: dynamic programming
+    over the allocation, per task (the pool never binding).
     """
     a = np.arange(total + 1, dtype=float)
     cap = np.maximum(a, floor_units)
     value = np.zeros(total + 1)
     for d in reversed(series[1:]):
         used = np.minimum(d, cap)
-        grown = np.minimum(np.maximum(np.maximum(a, used), 1.0) * growth, total)
+        if withheld:
+            grown = throttled_reading(np.full_like(cap, d), cap, total)
+        else:
+            grown = np.minimum(np.maximum(np.maximum(a, used), 1.0) * growth, total)
         obs = np.where(d > cap, np.maximum(used, grown), used)
         nxt = np.minimum(np.ceil(obs - 1e-9), total).astype(int)
         best_from = np.minimum.accumulate(value[::-1])[::-1]  # best over allocations >= k
@@ -222,7 +255,7 @@ def least_cost(series, total: int, lam: float, floor_units: float, growth: float
     return float(np.minimum.accumulate(value[::-1])[::-1][first])
 
 
-def clairvoyant_bound(trace: Trace, slack_budget: float) -> float:
+def clairvoyant_bound(trace: Trace, slack_budget: float, sense_withheld: bool = True) -> float:
     """A shortfall (unit*s) that no policy on the daemon's allocation path, however good its
     forecasts, goes below at a slack of at most ``slack_budget`` (unit*s): the Lagrangian dual of
     :func:`least_cost`, max over lam of (least shortfall + lam * slack) - lam * budget."""
@@ -230,7 +263,8 @@ def clairvoyant_bound(trace: Trace, slack_budget: float) -> float:
     budget = slack_budget / trace.interval  # least_cost counts unit*ticks
     best = 0.0
     for lam in np.concatenate(([0.0], np.geomspace(1e-3, 50.0, 60))):
-        v = sum(least_cost(list(s), totals[r], float(lam), ENFORCED_FLOOR.get(r, 1.0))
+        v = sum(least_cost(list(s), totals[r], float(lam), ENFORCED_FLOOR.get(r, 1.0),
+                           withheld=sense_withheld and r in THREAD_UNITS)
                 for (t, r), s in trace.demand.items())
         best = max(best, v - lam * budget)
     return best * trace.interval

@@ -31,7 +31,7 @@ from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
-from rswap_ebpf.replay import clairvoyant_bound, default_totals, replay  # noqa: E402
+from rswap_ebpf.replay import THREAD_UNITS, clairvoyant_bound, default_totals, replay  # noqa: E402
 from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
@@ -128,6 +128,18 @@ def allocation(traces, seasonal_raise: bool) -> None:
         print(f"{os.path.basename(tr.source):<18.18} clairvoyant bound: at slack <= reactive's "
               f"({rl:.0f}) no policy has shortfall below {lb:.0f} ({lb / rs if rs else 0:.2f} "
               f"x reactive's)" + ("  -> the bar cannot be met here" if lb > 0.5 * rs else ""))
+        if any(r in THREAD_UNITS for r in tr.resources):
+            # Before round 7 a throttled tick was seen as growth x its allocation, for every
+            # policy: the same pair on that path, with ratios to its own reactive.
+            old = replay(tr, ("reactive",), sense_withheld=False)
+            os_, ol = old.total("reactive", "shortfall"), old.total("reactive", "slack")
+            for q in (0.6, 0.9):
+                po = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q},
+                            sense_withheld=False)
+                ps, pl = po.total("proactive", "shortfall"), po.total("proactive", "slack")
+                print(f"{os.path.basename(tr.source):<18.18} growth rule: reactive {os_:.0f} / "
+                      f"{ol:.0f}, proactive q={q:g} {ps:.0f} / {pl:.0f} "
+                      f"({ps / os_ if os_ else 0:.2f}x short, {pl / ol if ol else 0:.2f}x slack)")
     print()
 
 

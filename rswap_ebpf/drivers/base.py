@@ -59,6 +59,14 @@ class ResourceDriver:
         """
         return {}
 
+    def withheld(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
+        """Per censored task, the units the kernel saw it wait for over the last tick.
+
+        Read after :meth:`censored` in the same tick.  Where a driver gives it, the manager takes
+        use + withheld as the task's demand instead of guessing by growth; tasks left out grow.
+        """
+        return {}
+
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
         raise NotImplementedError
 

@@ -346,6 +346,15 @@ class CpuShape:
     idle: bool = False
 
 
+@dataclass(frozen=True)
+class ThrottleStats:
+    """A cgroup's CFS bandwidth counters: periods its quota ran out in, and the time its
+    runnable threads then waited (ns, summed over CPUs; None where the kernel lacks it)."""
+
+    periods: int
+    throttled_ns: int | None = None
+
+
 class CpuWriter:
     """Turns a millicore allocation into cgroup file writes for one cgroup version."""
 
@@ -360,17 +369,27 @@ class CpuWriter:
         raise NotImplementedError
 
 
-    def throttled_count(self, cg: TaskCgroup) -> int | None:
-        """``nr_throttled`` from the task's ``cpu.stat``: periods in which its quota ran out."""
+    def throttle_stats(self, cg: TaskCgroup) -> ThrottleStats | None:
+        """``nr_throttled`` and the throttled time from the task's ``cpu.stat`` (None: unreadable).
+
+        v1 counts ``throttled_time`` in ns, v2 ``throttled_usec``; both sum over the CPUs the
+        group's runqueues were held on, so a task with two runnable threads held for a whole
+        second adds about 2 s.
+        """
+        periods, ns = None, None
         try:
             with open(os.path.join(self._dir(cg), "cpu.stat")) as f:
                 for line in f:
                     key, _, value = line.partition(" ")
                     if key == "nr_throttled":
-                        return int(value)
+                        periods = int(value)
+                    elif key == "throttled_time":
+                        ns = int(value)
+                    elif key == "throttled_usec":
+                        ns = int(value) * 1000
         except (OSError, ValueError, FeatureMissing):
             return None
-        return None
+        return None if periods is None else ThrottleStats(periods, ns)
 
     def _dir(self, cg: TaskCgroup) -> str:
         raise NotImplementedError

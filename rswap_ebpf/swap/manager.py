@@ -273,24 +273,29 @@ class SwapManager:
         return changes
 
     def observed_demand(self, task: str, resource: Resource, used: float,
-                        censored: bool | None = None) -> float:
+                        censored: bool | None = None, withheld: float | None = None) -> float:
         """What the task would have used had it not been capped: the sample to learn from.
 
         A task held at its allocation cannot show more use than that (its demand is censored).
         ``censored`` comes from the kernel when the driver knows (CPU: the quota throttled it this
-        tick); otherwise a task using ``saturation`` of what it holds counts as censored.  A
-        censored task's demand is taken as ``growth`` times its allocation (at most the pool), so
-        the forecaster and the next allocation see it climb until the cap no longer binds.
+        tick); otherwise a task using ``saturation`` of what it holds counts as censored.  Where
+        the kernel also says how much the cap held back (``withheld``, CPU: the time its threads
+        waited throttled), a censored task's demand is use + that.  Otherwise it is taken as
+        ``growth`` times its allocation, so the forecaster and the next allocation see it climb
+        until the cap no longer binds.  Either way at most the pool and the task's limit.
         """
         held = self.pool.allocation(resource, task) if resource in self.pool else 0
         if censored is None:
             censored = held > 0 and used >= self.saturation * held
-        if censored:
-            limit = self.tasks[task].limit(resource).max_units if task in self.tasks else None
+        if not censored:
+            return used
+        limit = self.tasks[task].limit(resource).max_units if task in self.tasks else None
+        if withheld is not None and math.isfinite(withheld) and withheld >= 0:
+            want = min(used + withheld, self.pool.total(resource))
+        else:
             # From a hold of 0 (the kernel's floor let it use a little) grow from what it used.
-            grown = min(max(held, used, 1) * self.growth, self.pool.total(resource))
-            return max(used, min(grown, limit) if limit is not None else grown)
-        return used
+            want = min(max(held, used, 1) * self.growth, self.pool.total(resource))
+        return max(used, min(want, limit) if limit is not None else want)
 
     def demand(self, task: str, resource: Resource, forecast: float,
                observed: float | None = None) -> int:

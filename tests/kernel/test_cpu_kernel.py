@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
 import pytest
 
+from rswap_ebpf.drivers.cpu import CpuDriver
 from rswap_ebpf.enforce.cgroup import CgroupManager, FileApplier, cpu_writer, detect_mounts
 from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.replay import throttled_reading
 from rswap_ebpf.sense.cpu import CpuCollector
 
-from .helpers import busy_process, proc_cpu_s, scratch_cgroup
+from .helpers import BUSY, TIME_SCALE, busy_process, proc_cpu_s, scratch_cgroup
+
+#: Busy for half of every 20 ms of work, asleep for the rest, for 60 s at most.
+HALF_BUSY = [sys.executable, "-c", "import time\nend=time.monotonic()+60\n"
+             "while time.monotonic()<end:\n t=time.thread_time()+0.01\n"
+             " while time.thread_time()<t: pass\n time.sleep(0.01)"]
 
 
 @pytest.fixture
@@ -94,3 +102,62 @@ def test_owned_cgroups_and_moves_are_undone(tmp_path, unique_name):
         journal.restore()
         assert cgm.current_cgroups(p.pid) == before
     assert not any(os.path.exists(d) for d in cg.dirs.values())
+
+
+def _ticks(drv, tasks, n):
+    """``n`` daemon-like ticks of the driver: (used, censored, withheld) of the last one."""
+    for _ in range(n):
+        time.sleep(1.0 * TIME_SCALE)
+        used = drv.measure(tasks)["t"]
+        censored = drv.censored(tasks).get("t")
+        withheld = drv.withheld(tasks).get("t")
+    return used, censored, withheld
+
+
+@pytest.mark.parametrize("load", ["busy", "half"])
+def test_a_throttled_task_reads_as_what_it_waited_for(tmp_path, pin_dir, unique_name, load):
+    """The CPU driver's reading of a throttled task (BPF use + ``cpu.stat``'s throttled time)
+    against its demand measured uncapped, and against the model replay uses for it: a busy loop
+    held at 200 millicores reads as the whole CPU it wanted (not the growth rule's 400), a
+    half-busy one as its demand plus the half of a CPU its backlog kept it runnable for."""
+    mounts = detect_mounts()
+    name = f"rswap-test-{unique_name}"
+    with scratch_cgroup(name) as dirs:
+        journal = Journal(str(tmp_path / "journal.jsonl"))
+        cgm = CgroupManager(journal, mounts)
+        cg = cgm.resolve("t", name)
+        drv = CpuDriver(mounts, FileApplier(journal), CpuCollector())
+        drv.open()
+        try:
+            cmd = BUSY if load == "busy" else HALF_BUSY
+            procs = [os.path.join(d, "cgroup.procs") for d in dirs.values()]
+
+            def enter():
+                for p in procs:
+                    with open(p, "w") as f:
+                        f.write(str(os.getpid()))
+
+            p = subprocess.Popen(cmd, preexec_fn=enter)
+            try:
+                demand, censored, withheld = _ticks(drv, {"t": cg}, 2)
+                assert not censored and withheld is None, "uncapped, yet throttled"
+                drv.apply(cg, 200)
+                _ticks(drv, {"t": cg}, 1)  # the tick the quota came in
+                used, censored, withheld = _ticks(drv, {"t": cg}, 1)
+            finally:
+                p.kill()
+                p.wait()
+        finally:
+            drv.close()
+            assert not journal.restore().failed
+    expect = 1000.0 if load == "busy" else 500.0
+    assert demand == pytest.approx(expect, rel=0.15), "the load did not run as meant"
+    assert censored is True and withheld is not None
+    assert used == pytest.approx(200, rel=0.25)
+    reading = used + withheld
+    if load == "busy":
+        assert reading == pytest.approx(1000.0, rel=0.12)
+    else:
+        assert demand * 1.2 < reading < 1100.0  # more than its demand: its backlog waited too
+    # what replay models for this task at this cap (tools/measure_throttle.py prints more)
+    assert reading == pytest.approx(throttled_reading(demand, used, 2000), rel=0.15)

@@ -129,27 +129,53 @@ def test_cli_replay_bad_input_exits_2(tmp_path, capsys):
 
 def test_replay_learns_what_the_daemon_would_see(monkeypatch):
     """A capped task shows at most its allocation: replay feeds every policy the manager's
-    observed_demand of that capped use (the daemon's path), so reactive ramps up by the
-    manager's growth factor instead of jumping to a demand it could not have seen."""
+    observed_demand of that capped use (the daemon's path).  Without the kernel's throttled
+    time (``sense_withheld=False``) reactive ramps up by the manager's growth factor instead of
+    jumping to a demand it could not have seen; with it, a busy thread held at the cpu quota
+    floor reads as the whole CPU it waited for, and reactive catches up in one tick."""
     from rswap_ebpf.swap.manager import SwapManager
 
     calls = []
     real = SwapManager.observed_demand
 
-    def spy(self, task, r, used, censored=None):
-        calls.append((task, used, censored))
-        return real(self, task, r, used, censored)
+    def spy(self, task, r, used, censored=None, withheld=None):
+        calls.append((task, used, censored, withheld))
+        return real(self, task, r, used, censored, withheld)
 
     monkeypatch.setattr(SwapManager, "observed_demand", spy)
     step = Trace(tuple(float(i) for i in range(12)), {("a", CPU): (0.0,) * 2 + (1000.0,) * 10})
-    res = replay(step, ["reactive"], totals={CPU: 2000})
+    res = replay(step, ["reactive"], totals={CPU: 2000}, sense_withheld=False)
     assert len(calls) == 12
-    assert calls[0] == ("a", 0.0, False)            # the first tick runs uncapped
-    assert calls[2] == ("a", 10.0, True)            # held at 0: the cpu quota floor, throttled
-    assert all(used < 1000 and censored for _, used, censored in calls[2:7])
+    assert calls[0] == ("a", 0.0, False, None)      # the first tick runs uncapped
+    assert calls[2] == ("a", 10.0, True, None)      # held at 0: the cpu quota floor, throttled
+    assert all(used < 1000 and censored for _, used, censored, _ in calls[2:7])
     (s,) = res.scores
     assert s.shortfall > 3 * 1000                   # several ticks to ramp, not one
     assert s.changes >= 5
+
+    calls.clear()
+    (s,) = replay(step, ["reactive"], totals={CPU: 2000}).scores
+    assert calls[2] == ("a", 10.0, True, pytest.approx(990.0))  # waited for the rest of a CPU
+    assert all(not censored for _, _, censored, _ in calls[3:])
+    assert s.shortfall == pytest.approx(1000.0 - 0.0)  # the one tick the step was unforeseen
+    assert s.changes == 1
+
+
+def test_the_throttled_reading_model():
+    """Use + throttled time, modelled as measured (tools/measure_throttle.py): a busy thread
+    reads as its demand at any cap; a half-busy one from its demand (cap there) to a whole CPU
+    (cap 0), linearly in the share held back; never above the host."""
+    from rswap_ebpf.replay import throttled_reading
+
+    assert throttled_reading(2000.0, 200.0, 4000) == pytest.approx(2000.0)
+    assert throttled_reading(1000.0, 10.0, 4000) == pytest.approx(1000.0)
+    assert throttled_reading(500.0, 500.0, 4000) == pytest.approx(500.0)
+    assert throttled_reading(500.0, 200.0, 4000) == pytest.approx(500.0 + 0.6 * 500.0)
+    assert throttled_reading(500.0, 0.0, 4000) == pytest.approx(1000.0)
+    assert throttled_reading(1500.0, 0.0, 1800) == pytest.approx(1800.0)
+    import numpy as np
+    arr = throttled_reading(np.array([500.0, 2000.0]), np.array([200.0, 200.0]), 4000)
+    assert list(arr) == pytest.approx([800.0, 2000.0])
 
 
 def test_auto_is_scored_over_the_replay_window():
