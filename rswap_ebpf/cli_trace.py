@@ -50,6 +50,11 @@ def register(sub) -> dict:
     rep.add_argument("--proactive-headroom", type=float, default=0.0,
                      help="added to the proactive forecast (default 0: the quantile loss "
                           "already puts the forecast above the median)")
+    rep.add_argument("--reading", choices=["demand", "backlog", "growth"], default="demand",
+                     help="what a throttled CPU tick shows the policies: the recorded demand "
+                          "(default; what use + throttled time reads, roughly), 'backlog' (the "
+                          "higher reading of threads with work held back), or 'growth' (no "
+                          "reading: twice the allocation, as before round 7)")
     return {"record": cmd_record, "replay": cmd_replay}
 
 
@@ -106,7 +111,8 @@ def cmd_replay(args) -> int:
     trace = read_trace(args.trace)
     t0 = time.perf_counter()
     result = replay(trace, args.policy or POLICIES, spec, totals, args.headroom,
-                    args.proactive_headroom, args.window, priorities=priorities)
+                    args.proactive_headroom, args.window, priorities=priorities,
+                    reading=args.reading)
     pool = ", ".join(f"{r.key} {n} {r.unit}" for r, n in result.totals.items())
     print(f"{args.trace}: {len(trace.times)} ticks of {trace.interval:g}s, "
           f"{len(trace.tasks)} task(s), pool {pool}")

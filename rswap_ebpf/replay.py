@@ -52,25 +52,36 @@ KERNEL_CENSORS = frozenset({ResourceType.PROCESSOR_CYCLES})
 #: from ``cpu.stat``'s throttled time), the units one thread uses at most: see
 #: :func:`throttled_reading`.
 THREAD_UNITS = {ResourceType.PROCESSOR_CYCLES: 1000.0}
+#: How replay models that reading on a throttled tick (``--reading``): ``demand``, the recorded
+#: demand itself (the default); ``backlog``, what a backlog adds (:func:`throttled_reading`);
+#: ``growth``, no reading at all: the manager's growth rule, as before round 7.
+READINGS = ("demand", "backlog", "growth")
 
 
-def throttled_reading(demand, cap, total):
+def throttled_reading(demand, cap, total, model: str = "backlog"):
     """Use + throttled time, as the CPU driver reads it, for a task held at ``cap`` below its
-    ``demand`` (millicores; numbers or numpy arrays).
+    ``demand`` (millicores; numbers or numpy arrays), at most ``total``.
 
-    A throttled thread waits runnable for as long as work it would have done is held back, so
-    the reading runs linearly from the demand (cap at the demand) to a whole CPU per thread (cap
-    0), with the fewest threads that use the demand: ``d + (1 - cap/d) * (n*1000 - d)``,
-    ``n = ceil(d/1000)``, at most ``total``.  Measured on this VM's 6.18 kernel
-    (``tools/measure_throttle.py``, README round 7), held at 200 and 500 millicores: within 2%
-    for busy threads and for one thread busy half the time.  It reads low for several threads
-    that also sleep (two busy 30%: 870 against the kernel's 1,519 at 200 millicores), as a
-    trace does not say how many threads a task runs.
+    ``backlog``: a throttled thread waits runnable for as long as work it would have done is
+    held back, so across a tick it had work in throughout, the reading runs linearly from the
+    demand (cap at the demand) to a whole CPU per thread (cap 0), with the fewest threads that
+    use the demand: ``d + (1 - cap/d) * (n*1000 - d)``, ``n = ceil(d/1000)``.  ``demand``: the
+    demand itself.  Measured on this VM's 6.18 kernel (``tools/measure_throttle.py``, README
+    round 7), held at 200 and 500 millicores for 3 s: ``backlog`` is within 5% for busy
+    threads, a half-busy thread, rswap's demo spinners, ``stress-ng --cpu-load`` and ``dd``,
+    where ``demand`` reads up to 37% low; both read low for two threads busy 30%.  In the second
+    a burst begins in it is the other way: the reading is 0.03-1.3x the demand, as throttled
+    time is credited only when a CFS period unthrottles the group, and ``backlog`` reads up to
+    six times too high.  A trace does not say which ticks are which, so replay takes ``demand``
+    unless told.
     """
     d = np.maximum(np.asarray(demand, dtype=float), 1e-9)
-    c = np.minimum(np.asarray(cap, dtype=float), d)
-    whole = np.ceil(d / 1000.0 - 1e-9) * 1000.0
-    est = np.minimum(d + (1.0 - c / d) * (whole - d), total)
+    if model == "demand":
+        est = np.minimum(d, total)
+    else:
+        c = np.minimum(np.asarray(cap, dtype=float), d)
+        whole = np.ceil(d / 1000.0 - 1e-9) * 1000.0
+        est = np.minimum(d + (1.0 - c / d) * (whole - d), total)
     return float(est) if est.ndim == 0 else est
 
 
@@ -125,7 +136,9 @@ def replay(trace: Trace, policies: Sequence[str] = POLICIES, forecaster: str | d
            totals: dict[ResourceType, int] | None = None, headroom: float = 0.2,
            proactive_headroom: float = 0.0, window: int = 1, vpa_window: int = 300,
            priorities: dict[str, Priority] | None = None,
-           sense_withheld: bool = True) -> ReplayResult:
+           reading: str = "demand") -> ReplayResult:
+    if reading not in READINGS:
+        raise ConfigError("--reading", f"{reading!r} is not one of {', '.join(READINGS)}")
     for p in policies:
         if p not in POLICIES:
             raise ConfigError("--policy", f"{p!r} is not one of {', '.join(POLICIES)}")
@@ -134,12 +147,12 @@ def replay(trace: Trace, policies: Sequence[str] = POLICIES, forecaster: str | d
     result = ReplayResult(trace, pool_totals)
     for p in policies:
         result.scores += _run(trace, p, forecaster, pool_totals, headroom, proactive_headroom,
-                              window, vpa_window, priorities or {}, sense_withheld)
+                              window, vpa_window, priorities or {}, reading)
     return result
 
 
 def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_window,
-         priorities, sense_withheld) -> list[Score]:
+         priorities, reading) -> list[Score]:
     pool = ResourcePool()
     for r, total in totals.items():
         pool.register_resource(r, total)
@@ -175,8 +188,8 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 s.slack += max(0.0, alloc - d) * dt
                 cap = max(float(alloc), ENFORCED_FLOOR.get(r, 1.0))
                 used, censored = min(d, cap), d > cap
-                if censored and sense_withheld and r in THREAD_UNITS:
-                    withheld = throttled_reading(d, cap, totals[r]) - used
+                if censored and reading != "growth" and r in THREAD_UNITS:
+                    withheld = throttled_reading(d, cap, totals[r], reading) - used
             f = predicted.get(k)
             if f is not None:
                 s.abs_err += abs(d - f)
@@ -228,13 +241,13 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
 
 
 def least_cost(series, total: int, lam: float, floor_units: float, growth: float = 2.0,
-               withheld: bool = False) -> float:
+               reading: str = "growth") -> float:
     """The least shortfall + lam * slack of any allocation sequence on the daemon's path.
 
     Allocations are whole units; the allocation for tick i+1 is never below the use observed at
     tick i (``SwapManager.demand``), and a tick capped below its demand is observed as ``growth``
-    times its allocation, at most the pool (``SwapManager.observed_demand``), or with
-    ``withheld`` as the CPU driver's throttled-time reading (:func:`throttled_reading`).  Beyond
+    times its allocation, at most the pool (``SwapManager.observed_demand``), or as the CPU
+    driver's throttled-time ``reading`` models it (:func:`throttled_reading`).  Beyond
     that each tick's allocation is free, as if the policy knew the future: dynamic programming
     over the allocation, per task (the pool never binding).
     """
@@ -243,8 +256,8 @@ def least_cost(series, total: int, lam: float, floor_units: float, growth: float
     value = np.zeros(total + 1)
     for d in reversed(series[1:]):
         used = np.minimum(d, cap)
-        if withheld:
-            grown = throttled_reading(np.full_like(cap, d), cap, total)
+        if reading != "growth":
+            grown = throttled_reading(np.full_like(cap, d), cap, total, reading)
         else:
             grown = np.minimum(np.maximum(np.maximum(a, used), 1.0) * growth, total)
         obs = np.where(d > cap, np.maximum(used, grown), used)
@@ -255,7 +268,7 @@ def least_cost(series, total: int, lam: float, floor_units: float, growth: float
     return float(np.minimum.accumulate(value[::-1])[::-1][first])
 
 
-def clairvoyant_bound(trace: Trace, slack_budget: float, sense_withheld: bool = True) -> float:
+def clairvoyant_bound(trace: Trace, slack_budget: float, reading: str = "demand") -> float:
     """A shortfall (unit*s) that no policy on the daemon's allocation path, however good its
     forecasts, goes below at a slack of at most ``slack_budget`` (unit*s): the Lagrangian dual of
     :func:`least_cost`, max over lam of (least shortfall + lam * slack) - lam * budget."""
@@ -264,7 +277,7 @@ def clairvoyant_bound(trace: Trace, slack_budget: float, sense_withheld: bool = 
     best = 0.0
     for lam in np.concatenate(([0.0], np.geomspace(1e-3, 50.0, 60))):
         v = sum(least_cost(list(s), totals[r], float(lam), ENFORCED_FLOOR.get(r, 1.0),
-                           withheld=sense_withheld and r in THREAD_UNITS)
+                           reading=reading if r in THREAD_UNITS else "growth")
                 for (t, r), s in trace.demand.items())
         best = max(best, v - lam * budget)
     return best * trace.interval

@@ -129,17 +129,21 @@ def allocation(traces, seasonal_raise: bool) -> None:
               f"({rl:.0f}) no policy has shortfall below {lb:.0f} ({lb / rs if rs else 0:.2f} "
               f"x reactive's)" + ("  -> the bar cannot be met here" if lb > 0.5 * rs else ""))
         if any(r in THREAD_UNITS for r in tr.resources):
-            # Before round 7 a throttled tick was seen as growth x its allocation, for every
-            # policy: the same pair on that path, with ratios to its own reactive.
-            old = replay(tr, ("reactive",), sense_withheld=False)
-            os_, ol = old.total("reactive", "shortfall"), old.total("reactive", "slack")
-            for q in (0.6, 0.9):
-                po = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q},
-                            sense_withheld=False)
-                ps, pl = po.total("proactive", "shortfall"), po.total("proactive", "slack")
-                print(f"{os.path.basename(tr.source):<18.18} growth rule: reactive {os_:.0f} / "
-                      f"{ol:.0f}, proactive q={q:g} {ps:.0f} / {pl:.0f} "
-                      f"({ps / os_ if os_ else 0:.2f}x short, {pl / ol if ol else 0:.2f}x slack)")
+            # What a throttled CPU tick shows, modelled otherwise (replay --reading): the higher
+            # reading of a backlog, and no reading (the growth rule, before round 7); ratios to
+            # reactive under the same reading.
+            for reading in ("backlog", "growth"):
+                old = replay(tr, ("reactive",), reading=reading)
+                os_, ol = old.total("reactive", "shortfall"), old.total("reactive", "slack")
+                for q in (0.6, 0.9):
+                    po = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q},
+                                reading=reading)
+                    ps, pl = po.total("proactive", "shortfall"), po.total("proactive", "slack")
+                    met = "BAR MET" if ps <= 0.5 * os_ and pl <= ol else "bar not met"
+                    print(f"{os.path.basename(tr.source):<18.18} reading={reading}: reactive "
+                          f"{os_:.0f} / {ol:.0f}, proactive q={q:g} {ps:.0f} / {pl:.0f} "
+                          f"({ps / os_ if os_ else 0:.2f}x short, {pl / ol if ol else 0:.2f}x "
+                          f"slack) {met}")
     print()
 
 

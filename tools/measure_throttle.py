@@ -3,12 +3,16 @@
 
 The CPU driver reads a throttled task's demand as the CPU it used plus the time its runnable
 threads waited throttled (``cpu.stat``: ``throttled_time`` in v1, ``throttled_usec`` in v2), and
-``rswap replay`` models that reading with :func:`rswap_ebpf.replay.throttled_reading`.  This runs
-worker processes in a scratch cgroup, first uncapped (their demand), then held at each quota, and
-prints the reading next to the demand and the model, so the model can be checked on a host.
+``rswap replay --reading`` models that reading (:func:`rswap_ebpf.replay.throttled_reading`).
+This runs loads in a scratch cgroup, first uncapped (their demand), then held at each quota, and
+prints the kernel's reading next to the demand and the ``backlog`` model:
 
-Workers are time-bounded, as the shipped traces' jobs are: each loops for the duration, busy for
-``duty`` of every 20 ms of work and asleep for the rest.  The cgroup is removed afterwards.
+1. Steady loads, 3 s each: worker processes busy for a share of every 20 ms of work, rswap's
+   demo spinners (the shipped traces' tasks), ``stress-ng --cpu-load`` where installed, ``dd``.
+2. A burst's first tick: rswap's demo ``burst`` (2 workers, wall-clock phase-locked) measured
+   over the 1 s window in which its burst begins, at several offsets into the window.
+
+The cgroup is removed afterwards.
 
 Usage: sudo .venv/bin/python tools/measure_throttle.py [--seconds 3] [--caps 200,500]
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,8 +31,6 @@ from rswap_ebpf.enforce.cgroup import detect_mounts  # noqa: E402
 from rswap_ebpf.enforce.journal import remove_cgroup_dir  # noqa: E402
 from rswap_ebpf.replay import throttled_reading  # noqa: E402
 
-#: (processes, share of each 20 ms slice busy): busy threads, and threads that also sleep
-LOADS = ((2, 1.0), (1, 1.0), (1, 0.5), (2, 0.3))
 WORKER = """
 import sys, time
 end = time.monotonic() + float(sys.argv[1]); duty = float(sys.argv[2])
@@ -89,22 +92,78 @@ class Scratch:
             used = int(open(os.path.join(self.acct, "cpuacct.usage")).read())
         return used, throttled
 
-    def run(self, procs: int, duty: float, seconds: float) -> tuple[float, float]:
-        """(millicores used, millicores used + throttled) over ``seconds`` of the load."""
+    def enter(self) -> None:
+        """In a child before exec: join the cgroup."""
+        for d in self.dirs:
+            _write(os.path.join(d, "cgroup.procs"), str(os.getpid()))
+
+    def run(self, argvs: list[list[str]]) -> tuple[float, float]:
+        """(millicores used, millicores used + throttled) while the commands run."""
         u0, t0 = self.counters()
         w0 = time.monotonic()
-
-        def enter():
-            for d in self.dirs:
-                _write(os.path.join(d, "cgroup.procs"), str(os.getpid()))
-
-        ps = [subprocess.Popen([sys.executable, "-c", WORKER, str(seconds), str(duty)],
-                               preexec_fn=enter) for _ in range(procs)]
+        ps = [subprocess.Popen(a, preexec_fn=self.enter, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL) for a in argvs]
         for p in ps:
             p.wait()
         wall = time.monotonic() - w0
         u1, t1 = self.counters()
         return (u1 - u0) / wall / 1e6, (u1 - u0 + t1 - t0) / wall / 1e6
+
+    def window(self, start: float, cap: int | None, length: float = 1.0) -> tuple[float, float]:
+        """(used, used + throttled) over [start, start + length) of the wall clock, the cap set
+        half a second before (while the load is between bursts)."""
+        time.sleep(max(0.0, start - 0.5 - time.time()))
+        self.cap(cap)
+        time.sleep(max(0.0, start - time.time()))
+        u0, t0 = self.counters()
+        w0 = time.monotonic()
+        time.sleep(length)
+        u1, t1 = self.counters()
+        wall = time.monotonic() - w0
+        return (u1 - u0) / wall / 1e6, (u1 - u0 + t1 - t0) / wall / 1e6
+
+
+def steady_loads(seconds: float) -> list[tuple[str, list[list[str]]]]:
+    py, s = sys.executable, f"{seconds:g}"
+    worker = [py, "-c", WORKER, s]
+    demo = [py, "-m", "rswap_ebpf.demo", "spin", "--seconds", s]
+    loads = [("2 threads, busy", [worker + ["1"]] * 2), ("1 thread, busy", [worker + ["1"]]),
+             ("1 thread, 50% busy", [worker + ["0.5"]]),
+             ("2 threads, 30% busy", [worker + ["0.3"]] * 2),
+             ("demo spin 1 x 0.6", [demo + ["--workers", "1", "--duty", "0.6"]]),
+             ("demo spin 2 x 0.75", [demo + ["--workers", "2", "--duty", "0.75"]])]
+    if shutil.which("stress-ng"):
+        loads.append(("stress-ng load 50%", [["stress-ng", "--cpu", "1", "--cpu-load", "50",
+                                              "--timeout", f"{seconds:g}s"]]))
+    if shutil.which("dd") and shutil.which("timeout"):
+        loads.append(("dd 64k blocks", [["timeout", s, "dd", "if=/dev/zero", "of=/dev/null",
+                                        "bs=64k"]]))
+    return loads
+
+
+def onsets(cg: Scratch, caps: list[int], offsets=(0.9, 0.7, 0.4, 0.0), period: float = 4.0):
+    """The demo's burst (2 workers at 0.75, 1.5 s of every ``period``), measured over the
+    second in which it begins ``offset`` s in: uncapped, then at each cap."""
+    total = (os.cpu_count() or 1) * 1000
+    cmd = [sys.executable, "-m", "rswap_ebpf.demo", "burst", "--period", f"{period:g}",
+           "--busy", "1.5", "--workers", "2", "--duty", "0.75", "--seconds",
+           f"{period * (len(offsets) * (len(caps) + 1) + 2):g}"]
+    p = subprocess.Popen(cmd, preexec_fn=cg.enter)
+    try:
+        time.sleep(1.0)
+        for off in offsets:
+            runs = []
+            for c in [None] + caps:
+                k = int((time.time() + 1.0) // period) + 1  # the next burst with 1 s to spare
+                runs.append((c, *cg.window(k * period - off, c)))
+            demand = runs[0][1]
+            for c, used, reading in runs[1:]:
+                model = throttled_reading(demand, max(used, 1.0), total)
+                print(f"{f'begins {off:g} s in':<20} {demand:>7.0f} {c:>5} {used:>6.0f} "
+                      f"{reading:>8.0f} {model:>8.0f} {reading / demand:>11.2f}")
+    finally:
+        p.kill()
+        p.wait()
 
 
 def _write(path: str, text: str) -> None:
@@ -124,20 +183,22 @@ def main() -> int:
         return 1
     caps = [int(c) for c in a.caps.split(",")]
     total = (os.cpu_count() or 1) * 1000
-    print(f"{'LOAD':<16} {'DEMAND':>7} {'CAP':>5} {'USED':>6} {'READING':>8} {'MODEL':>6} "
-          f"{'READ/DEMAND':>11} {'MODEL ERR':>9}")
+    head = (f"{'DEMAND':>7} {'CAP':>5} {'USED':>6} {'READING':>8} {'BACKLOG':>8} "
+            f"{'READ/DEMAND':>11}")
     with Scratch(f"rswap-measure-{os.getpid()}") as cg:
-        for procs, duty in LOADS:
-            load = f"{procs} x {duty:.0%} busy"
+        print(f"{'STEADY LOAD':<20} {head} {'BACKLOG ERR':>11}")
+        for label, argvs in steady_loads(a.seconds):
             cg.cap(None)
-            demand, _ = cg.run(procs, duty, a.seconds)
+            demand, _ = cg.run(argvs)
             for c in caps:
                 cg.cap(c)
-                used, reading = cg.run(procs, duty, a.seconds)
+                used, reading = cg.run(argvs)
                 model = throttled_reading(demand, used, total)
-                print(f"{load:<16} {demand:>7.0f} {c:>5} {used:>6.0f} {reading:>8.0f} "
-                      f"{model:>6.0f} {reading / demand:>11.2f} "
-                      f"{(model - reading) / reading:>+9.1%}")
+                print(f"{label:<20} {demand:>7.0f} {c:>5} {used:>6.0f} {reading:>8.0f} "
+                      f"{model:>8.0f} {reading / demand:>11.2f} "
+                      f"{(model - reading) / reading:>+11.1%}")
+        print(f"\n{'BURST ONSET (1 s)':<20} {head}")
+        onsets(cg, [10, 100])
         cg.cap(None)
     return 0
 

@@ -159,5 +159,5 @@ def test_a_throttled_task_reads_as_what_it_waited_for(tmp_path, pin_dir, unique_
         assert reading == pytest.approx(1000.0, rel=0.12)
     else:
         assert demand * 1.2 < reading < 1100.0  # more than its demand: its backlog waited too
-    # what replay models for this task at this cap (tools/measure_throttle.py prints more)
-    assert reading == pytest.approx(throttled_reading(demand, used, 2000), rel=0.15)
+    # replay --reading backlog for this task at this cap (tools/measure_throttle.py: more)
+    assert reading == pytest.approx(throttled_reading(demand, used, 2000, "backlog"), rel=0.15)

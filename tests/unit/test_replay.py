@@ -119,20 +119,38 @@ def test_cli_replay_prints_the_table(tmp_path, capsys):
     assert "SHORT/reactive" in out and "seasonal_naive" in out
 
 
+def test_cli_replay_reading_changes_what_a_throttled_tick_shows(tmp_path, capsys):
+    """--reading reaches the replay: on a trace of bursts, the growth rule starves reactive
+    more than the demand reading does (it climbs x2 a tick instead of catching up at once)."""
+    p = tmp_path / "t.csv"
+    _write(p, _periodic_trace(80))
+    shortfall = {}
+    for reading in ("demand", "growth"):
+        assert main(["replay", str(p), "--policy", "reactive", "--reading", reading]) == 0
+        total = capsys.readouterr().out.strip().splitlines()[-1].split()
+        assert total[0] == "reactive"
+        shortfall[reading] = float(total[1])
+    assert shortfall["growth"] > 1.5 * shortfall["demand"]
+
+
 def test_cli_replay_bad_input_exits_2(tmp_path, capsys):
     p = tmp_path / "t.csv"
     _write(p, _periodic_trace(10))
     assert main(["replay", str(p), "--forecaster", "oracle"]) == 2
     assert main(["replay", str(p), "--total", "cpu"]) == 2
     assert main(["replay", str(tmp_path / "none.csv")]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse's own check of the choices
+        main(["replay", str(p), "--reading", "guess"])
+    assert e.value.code == 2
 
 
 def test_replay_learns_what_the_daemon_would_see(monkeypatch):
     """A capped task shows at most its allocation: replay feeds every policy the manager's
     observed_demand of that capped use (the daemon's path).  Without the kernel's throttled
-    time (``sense_withheld=False``) reactive ramps up by the manager's growth factor instead of
+    time (``reading="growth"``) reactive ramps up by the manager's growth factor instead of
     jumping to a demand it could not have seen; with it, a busy thread held at the cpu quota
-    floor reads as the whole CPU it waited for, and reactive catches up in one tick."""
+    floor reads as the whole CPU it waited for, and reactive catches up in one tick (both
+    readings agree on a busy thread)."""
     from rswap_ebpf.swap.manager import SwapManager
 
     calls = []
@@ -144,7 +162,7 @@ def test_replay_learns_what_the_daemon_would_see(monkeypatch):
 
     monkeypatch.setattr(SwapManager, "observed_demand", spy)
     step = Trace(tuple(float(i) for i in range(12)), {("a", CPU): (0.0,) * 2 + (1000.0,) * 10})
-    res = replay(step, ["reactive"], totals={CPU: 2000}, sense_withheld=False)
+    res = replay(step, ["reactive"], totals={CPU: 2000}, reading="growth")
     assert len(calls) == 12
     assert calls[0] == ("a", 0.0, False, None)      # the first tick runs uncapped
     assert calls[2] == ("a", 10.0, True, None)      # held at 0: the cpu quota floor, throttled
@@ -153,18 +171,22 @@ def test_replay_learns_what_the_daemon_would_see(monkeypatch):
     assert s.shortfall > 3 * 1000                   # several ticks to ramp, not one
     assert s.changes >= 5
 
-    calls.clear()
-    (s,) = replay(step, ["reactive"], totals={CPU: 2000}).scores
-    assert calls[2] == ("a", 10.0, True, pytest.approx(990.0))  # waited for the rest of a CPU
-    assert all(not censored for _, _, censored, _ in calls[3:])
-    assert s.shortfall == pytest.approx(1000.0 - 0.0)  # the one tick the step was unforeseen
-    assert s.changes == 1
+    for reading in ("demand", "backlog"):
+        calls.clear()
+        (s,) = replay(step, ["reactive"], totals={CPU: 2000}, reading=reading).scores
+        assert calls[2] == ("a", 10.0, True, pytest.approx(990.0))  # the rest of a CPU
+        assert all(not censored for _, _, censored, _ in calls[3:])
+        assert s.shortfall == pytest.approx(1000.0)  # the one tick the step was unforeseen
+        assert s.changes == 1
+    with pytest.raises(ConfigError):
+        replay(step, ["reactive"], reading="guess")
 
 
-def test_the_throttled_reading_model():
-    """Use + throttled time, modelled as measured (tools/measure_throttle.py): a busy thread
-    reads as its demand at any cap; a half-busy one from its demand (cap there) to a whole CPU
-    (cap 0), linearly in the share held back; never above the host."""
+def test_the_throttled_reading_models():
+    """Use + throttled time as replay models it (tools/measure_throttle.py): ``backlog`` reads a
+    busy thread as its demand at any cap and a half-busy one from its demand (cap there) to a
+    whole CPU (cap 0), linearly in the share held back; ``demand`` is the demand; neither reads
+    above the host."""
     from rswap_ebpf.replay import throttled_reading
 
     assert throttled_reading(2000.0, 200.0, 4000) == pytest.approx(2000.0)
@@ -173,6 +195,8 @@ def test_the_throttled_reading_model():
     assert throttled_reading(500.0, 200.0, 4000) == pytest.approx(500.0 + 0.6 * 500.0)
     assert throttled_reading(500.0, 0.0, 4000) == pytest.approx(1000.0)
     assert throttled_reading(1500.0, 0.0, 1800) == pytest.approx(1800.0)
+    assert throttled_reading(500.0, 200.0, 4000, "demand") == pytest.approx(500.0)
+    assert throttled_reading(2500.0, 200.0, 1800, "demand") == pytest.approx(1800.0)
     import numpy as np
     arr = throttled_reading(np.array([500.0, 2000.0]), np.array([200.0, 200.0]), 4000)
     assert list(arr) == pytest.approx([800.0, 2000.0])
