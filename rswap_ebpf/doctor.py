@@ -140,8 +140,42 @@ def check_cgroups() -> Iterable[FeatureCheck]:
         out.append(_missing("cpu controller", err.why, err.fix, [CPU]))
         return out
     out.append(check_cfs_burst(m))
+    out.append(check_throttled_time(m, w))
     out.append(check_cpuset(m))
     return out
+
+
+def check_throttled_time(mounts, writer) -> FeatureCheck:
+    """A throttled task's demand is read as use + the time it waited throttled (drivers.cpu):
+    ``cpu.stat``'s ``throttled_time`` (v1, ns) or ``throttled_usec`` (v2)."""
+    root = mounts.v1.get("cpu") if writer.version == "v1" else mounts.unified
+    dirs = [root] if root else []
+    try:
+        dirs += sorted(e.path for e in os.scandir(root) if e.is_dir())[:32] if root else []
+    except OSError:
+        pass
+    counts_only = False
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "cpu.stat")) as f:
+                keys = {line.split(" ", 1)[0] for line in f}
+        except OSError:
+            continue
+        found = keys & {"throttled_time", "throttled_usec"}
+        if found:
+            return _ok("throttled time", f"cpu.stat {found.pop()}: a throttled task is seen at "
+                       "what it used plus what it waited for", [CPU])
+        counts_only = counts_only or "nr_throttled" in keys
+    if writer.version == "v2" and "cpu" in mounts.v2_controllers():
+        # cgroup2's cpu controller has always counted throttled_usec; no cgroup may enable it yet
+        return _ok("throttled time", "cpu.stat throttled_usec (where the cpu controller is "
+                   "enabled): a throttled task is seen at what it used plus what it waited for",
+                   [CPU])
+    detail = ("cpu.stat counts throttled periods but not the time" if counts_only
+              else "no cpu.stat with throttling counters found")
+    return _fallback("throttled time", f"{detail}: a throttled task's allocation grows x2 a tick "
+                     "until its quota no longer binds", "a kernel with CONFIG_CFS_BANDWIDTH",
+                     [CPU])
 
 
 def check_cpuset(mounts) -> FeatureCheck:

@@ -170,3 +170,34 @@ def test_the_daemon_allocates_what_a_throttled_task_waited_for(tmp_path, rswap_e
     finally:
         d.stop()
     assert drv.applied[0] == ("svc", first)
+
+
+def test_doctor_says_whether_the_kernel_gives_the_throttled_time(tmp_path):
+    """`rswap doctor`: ok where a cpu.stat (the root's or a child's) counts the time, a fallback
+    that says what happens instead where it counts periods only or nothing."""
+    from rswap_ebpf.doctor import check_throttled_time
+
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    mounts = CgroupMounts("hybrid", None, {"cpu": str(v1)})
+    (v1 / "cpu.stat").write_text("nr_periods 0\nnr_throttled 0\nthrottled_time 0\n")
+    ok = check_throttled_time(mounts, CgroupV1CpuWriter())
+    assert ok.status == "ok" and "throttled_time" in ok.detail
+    (v1 / "cpu.stat").write_text("nr_periods 0\nnr_throttled 0\n")
+    old = check_throttled_time(mounts, CgroupV1CpuWriter())
+    assert old.status == "fallback" and "not the time" in old.detail and "x2" in old.detail
+    # v2: the root has no bandwidth counters, a child that has the cpu controller does
+    v2 = tmp_path / "unified"
+    (v2 / "svc").mkdir(parents=True)
+    (v2 / "cpu.stat").write_text("usage_usec 5\nuser_usec 3\nsystem_usec 2\n")
+    mounts2 = CgroupMounts("unified", str(v2))
+    assert check_throttled_time(mounts2, CgroupV2CpuWriter()).status == "fallback"
+    (v2 / "svc" / "cpu.stat").write_text("usage_usec 5\nnr_periods 1\nnr_throttled 0\n"
+                                         "throttled_usec 0\n")
+    two = check_throttled_time(mounts2, CgroupV2CpuWriter())
+    assert two.status == "ok" and "throttled_usec" in two.detail
+    # a unified host where no cgroup enables cpu yet: the controller itself says so
+    (v2 / "svc" / "cpu.stat").unlink()
+    (v2 / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    three = check_throttled_time(mounts2, CgroupV2CpuWriter())
+    assert three.status == "ok" and "throttled_usec" in three.detail
