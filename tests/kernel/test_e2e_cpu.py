@@ -13,6 +13,7 @@ import pytest
 from rswap_ebpf.enforce.cgroup import detect_mounts
 
 from ..conftest import rswap_cmd, run_rswap
+from .helpers import TIME_SCALE
 
 # The pool is set below the host's CPUs so the tasks contend for it even on a busy machine.
 CONFIG = """
@@ -208,3 +209,42 @@ def test_restore_after_a_kill_puts_everything_back(tmp_path, env, unique_name):
     assert "restored" in out.stdout
     assert _host_state([name]) == before
     assert not os.path.exists(env["RSWAP_PIN_DIR"])
+
+
+WAKES = """
+[daemon]
+interval = 0.5
+window = 1
+headroom = 0.2
+
+[resources.cpu]
+total = 2000
+
+[[task]]
+name = "{name}"
+priority = "normal"
+command = ["sh", "-c", "sleep {idle}; exec {py} -m rswap_ebpf.demo spin --workers 1 --seconds 30"]
+forecaster = "last_value"
+cpu = {{ min = 50 }}
+"""
+
+
+def test_a_task_throttled_at_its_quota_gets_its_demand_on_the_next_tick(tmp_path, env,
+                                                                         unique_name):
+    """An idle task holds its minimum (50 millicores); when it wakes to spin a whole CPU, its
+    cgroup is throttled, and the driver reads use + the time it waited throttled.  So the
+    allocation on the tick after it woke is about the CPU it wanted, where the growth rule gave
+    354 millicores (50 -> 120 -> 354 -> 1010 in a run with the reading switched off)."""
+    name = f"wake-{unique_name}"
+    cfg = tmp_path / "rswap.toml"
+    cfg.write_text(WAKES.format(name=name, py=sys.executable, idle=2.5 * TIME_SCALE))
+    out = run_rswap("run", "--config", str(cfg), "--count", "14", env=env, timeout=120)
+    assert out.returncode == 0, out.stderr + out.stdout
+    rows = [(int(m.group(1)), int(m.group(4)), int(m.group(6)))
+            for m in map(ROW.match, out.stdout.splitlines()) if m and m.group(2) == name]
+    idle = [alloc for tick, used, alloc in rows if 2 <= tick <= 3]
+    assert idle == [50, 50], out.stdout  # asleep: its minimum held
+    woke = next(tick for tick, used, alloc in rows if tick > 2 and used > 0)
+    after = {tick: alloc for tick, used, alloc in rows}
+    assert after.get(woke + 1, 0) >= 700, out.stdout  # most of a CPU, one tick after waking
+    assert "host restored" in out.stdout
