@@ -48,10 +48,9 @@ ENFORCED_FLOOR = {ResourceType.PROCESSOR_CYCLES: 10.0}
 #: Resources whose driver tells the daemon when its cap held a task down (CPU: ``nr_throttled``
 #: went up); for the others the manager judges by use against allocation (``censored=None``).
 KERNEL_CENSORS = frozenset({ResourceType.PROCESSOR_CYCLES})
-#: Per resource whose driver also says how much its cap held back (:meth:`CpuDriver.withheld`,
-#: from ``cpu.stat``'s throttled time), the units one thread uses at most: see
-#: :func:`throttled_reading`.
-THREAD_UNITS = {ResourceType.PROCESSOR_CYCLES: 1000.0}
+#: Resources whose driver also says how much its cap held back (CPU: :meth:`CpuDriver.withheld`,
+#: from ``cpu.stat``'s throttled time), modelled by :func:`throttled_reading`.
+KERNEL_READS = frozenset({ResourceType.PROCESSOR_CYCLES})
 #: How replay models that reading on a throttled tick (``--reading``): ``demand``, the recorded
 #: demand itself (the default); ``backlog``, what a backlog adds (:func:`throttled_reading`);
 #: ``growth``, no reading at all: the manager's growth rule, as before round 7.
@@ -188,7 +187,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 s.slack += max(0.0, alloc - d) * dt
                 cap = max(float(alloc), ENFORCED_FLOOR.get(r, 1.0))
                 used, censored = min(d, cap), d > cap
-                if censored and reading != "growth" and r in THREAD_UNITS:
+                if censored and reading != "growth" and r in KERNEL_READS:
                     withheld = throttled_reading(d, cap, totals[r], reading) - used
             f = predicted.get(k)
             if f is not None:
@@ -277,7 +276,7 @@ def clairvoyant_bound(trace: Trace, slack_budget: float, reading: str = "demand"
     best = 0.0
     for lam in np.concatenate(([0.0], np.geomspace(1e-3, 50.0, 60))):
         v = sum(least_cost(list(s), totals[r], float(lam), ENFORCED_FLOOR.get(r, 1.0),
-                           reading=reading if r in THREAD_UNITS else "growth")
+                           reading=reading if r in KERNEL_READS else "growth")
                 for (t, r), s in trace.demand.items())
         best = max(best, v - lam * budget)
     return best * trace.interval

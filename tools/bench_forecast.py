@@ -31,7 +31,7 @@ from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
-from rswap_ebpf.replay import THREAD_UNITS, clairvoyant_bound, default_totals, replay  # noqa: E402
+from rswap_ebpf.replay import KERNEL_READS, clairvoyant_bound, default_totals, replay  # noqa: E402
 from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
@@ -128,7 +128,7 @@ def allocation(traces, seasonal_raise: bool) -> None:
         print(f"{os.path.basename(tr.source):<18.18} clairvoyant bound: at slack <= reactive's "
               f"({rl:.0f}) no policy has shortfall below {lb:.0f} ({lb / rs if rs else 0:.2f} "
               f"x reactive's)" + ("  -> the bar cannot be met here" if lb > 0.5 * rs else ""))
-        if any(r in THREAD_UNITS for r in tr.resources):
+        if any(r in KERNEL_READS for r in tr.resources):
             # What a throttled CPU tick shows, modelled otherwise (replay --reading): the higher
             # reading of a backlog, and no reading (the growth rule, before round 7); ratios to
             # reactive under the same reading.

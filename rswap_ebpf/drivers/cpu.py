@@ -111,8 +111,9 @@ class CpuDriver(ResourceDriver):
     def withheld(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
         """Millicores a throttled task's runnable threads waited for (``throttled_time`` over
         the tick): use + this is what it would have run.  Measured on this VM's 6.18 kernel
-        (README, round 7), exact for busy threads, and an overestimate for threads that also
-        sleep, up to a whole CPU per thread: their backlog keeps them runnable."""
+        (README, round 7): exact for busy threads; above the demand for threads that also sleep,
+        up to a whole CPU per thread, as their backlog keeps them runnable; at or below it in
+        the tick a burst begins, as the kernel adds the time when a period unthrottles them."""
         return {n: mc for n, mc in self._withheld.items() if n in tasks}
 
     def _interval_mc(self, ns: int) -> float:

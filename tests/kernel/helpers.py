@@ -28,8 +28,9 @@ def proc_cpu_s(pid: int) -> float:
 
 
 @contextmanager
-def busy_process(cgroup_dirs: list[str] | None = None):
-    """A busy loop (stops by itself after 60 s), placed in ``cgroup_dirs`` before it runs."""
+def busy_process(cgroup_dirs: list[str] | None = None, cmd: list[str] = BUSY):
+    """A busy loop (or ``cmd``; stops by itself after 60 s), placed in ``cgroup_dirs`` before
+    it runs."""
     procs = [os.path.join(d, "cgroup.procs") for d in cgroup_dirs or []]
 
     def enter():
@@ -37,7 +38,7 @@ def busy_process(cgroup_dirs: list[str] | None = None):
             with open(p, "w") as f:
                 f.write(str(os.getpid()))
 
-    p = subprocess.Popen(BUSY, preexec_fn=enter)
+    p = subprocess.Popen(cmd, preexec_fn=enter)
     try:
         yield p
     finally:

@@ -117,8 +117,8 @@ def _ticks(drv, tasks, n):
 @pytest.mark.parametrize("load", ["busy", "half"])
 def test_a_throttled_task_reads_as_what_it_waited_for(tmp_path, pin_dir, unique_name, load):
     """The CPU driver's reading of a throttled task (BPF use + ``cpu.stat``'s throttled time)
-    against its demand measured uncapped, and against the model replay uses for it: a busy loop
-    held at 200 millicores reads as the whole CPU it wanted (not the growth rule's 400), a
+    against its demand measured uncapped, and against replay's ``backlog`` model of it: a busy
+    loop held at 200 millicores reads as the whole CPU it wanted (not the growth rule's 400), a
     half-busy one as its demand plus the half of a CPU its backlog kept it runnable for."""
     mounts = detect_mounts()
     name = f"rswap-test-{unique_name}"
@@ -129,24 +129,12 @@ def test_a_throttled_task_reads_as_what_it_waited_for(tmp_path, pin_dir, unique_
         drv = CpuDriver(mounts, FileApplier(journal), CpuCollector())
         drv.open()
         try:
-            cmd = BUSY if load == "busy" else HALF_BUSY
-            procs = [os.path.join(d, "cgroup.procs") for d in dirs.values()]
-
-            def enter():
-                for p in procs:
-                    with open(p, "w") as f:
-                        f.write(str(os.getpid()))
-
-            p = subprocess.Popen(cmd, preexec_fn=enter)
-            try:
+            with busy_process(list(dirs.values()), BUSY if load == "busy" else HALF_BUSY):
                 demand, censored, withheld = _ticks(drv, {"t": cg}, 2)
                 assert not censored and withheld is None, "uncapped, yet throttled"
                 drv.apply(cg, 200)
                 _ticks(drv, {"t": cg}, 1)  # the tick the quota came in
                 used, censored, withheld = _ticks(drv, {"t": cg}, 1)
-            finally:
-                p.kill()
-                p.wait()
         finally:
             drv.close()
             assert not journal.restore().failed
