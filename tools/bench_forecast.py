@@ -36,8 +36,8 @@ from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
-MODELS = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractional", "holt_winters",
-          "snarimax", "quantile_lags")
+MODELS = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractional", "seasonal_level",
+          "holt_winters", "snarimax", "quantile_lags")
 QUANTILES = (0.5, 0.6, 0.75, 0.9)
 REACTIVE_HEADROOMS = (0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -68,7 +68,7 @@ def accuracy(traces) -> None:
             row = {}
             for m in MODELS:
                 spec = {"name": m}
-                if m in ("seasonal_naive", "seasonal_ewma", "seasonal_fractional"):
+                if m in ("seasonal_naive", "seasonal_ewma", "seasonal_fractional", "seasonal_level"):
                     spec["period"] = max(1, p)
                 elif m == "holt_winters" and p >= 2:
                     spec.update(alpha=0.3, beta=0.01, gamma=0.5, seasonality=p)

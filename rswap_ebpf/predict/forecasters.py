@@ -105,6 +105,54 @@ class SeasonalNaive(Base):
         return [max(0.0, w[h % self.period]) for h in range(horizon)]
 
 
+class SeasonalLevel(Base):
+    """The period's shape at the current burst's level.
+
+    Seasonal-naive repeats the last period's heights; a burst that runs taller or shorter this
+    time is missed for its whole length.  This scales the last period by where the series is
+    now: inside a burst (the last value and the same phase a period ago both busy), the last
+    value times how the last period went on from this phase, ``y[t] * y[t+h-p] / y[t-p]`` (that
+    ratio at most ``max_ratio``); when idle now, the last period's next phase, ``y[t+h-p]`` (a
+    burst's start, at last period's height); busy now where the last period was idle, the last
+    value plus the last period's change.  So a burst ends when the last one did, and its height
+    is the one it started with.  Without a period, or a period of history, the last value.
+    """
+
+    name = "seasonal_level"
+
+    def __init__(self, period: int = 10, max_ratio: float = 3.0) -> None:
+        if int(period) < 1:
+            raise ConfigError("forecaster.period", "must be at least 1")
+        if not float(max_ratio) >= 1.0:
+            raise ConfigError("forecaster.max_ratio", "must be at least 1")
+        self.period = int(period)
+        self.max_ratio = float(max_ratio)
+        self._window: deque[float] = deque(maxlen=self.period + 1)
+
+    def learn_one(self, y: float, x: dict | None = None) -> None:
+        self._window.append(float(y))
+
+    def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
+        w, p = list(self._window), self.period
+        if not w:
+            return [0.0] * horizon
+        now = w[-1]
+        if p < 2 or len(w) <= p:
+            return [max(0.0, now)] * horizon
+        then = w[0]  # y[t-p]; w[h] is y[t+h-p]
+        out = []
+        for h in range(1, horizon + 1):
+            nxt = w[(h - 1) % p + 1]
+            if now > 0 and then > 0:
+                f = now * min(self.max_ratio, nxt / then)
+            elif now <= 0:
+                f = nxt
+            else:
+                f = now + nxt - then
+            out.append(max(0.0, f))
+        return out
+
+
 class SeasonalEWMA(Base):
     """A smoothed seasonal profile: per phase of the period, an exponential average of its values.
 
@@ -423,6 +471,7 @@ _FACTORIES = {
     "seasonal_naive": SeasonalNaive,
     "seasonal_ewma": SeasonalEWMA,
     "seasonal_fractional": SeasonalFractional,
+    "seasonal_level": SeasonalLevel,
     "holt_winters": holt_winters,
     "snarimax": snarimax,
     "quantile_lags": QuantileLags,

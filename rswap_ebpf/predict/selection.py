@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalFractional,
-                          SeasonalNaive, holt_winters, single, snarimax)
+                          SeasonalLevel, SeasonalNaive, holt_winters, single, snarimax)
 from .period import PeriodDetector
 
 CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractional",
-              "holt_winters", "snarimax", "quantile_lags", "median", "blend")
+              "seasonal_level", "holt_winters", "snarimax", "quantile_lags", "median", "blend")
 #: not models of their own: combinations of the other candidates' point forecasts, scored like
 #: them, so selection can pick a combination where no single model is reliably best.  ``median``:
 #: per step, the median; ``blend``: per step, the forecasts of the BLEND_TOP models with the least
@@ -54,7 +54,8 @@ COMBINED = "median"  # kept for older imports
 BLEND_TOP = 3
 LOSSES = ("pinball", "mae")
 #: candidates that forecast the last value when no period has been found
-_LAST_VALUE_WITHOUT_PERIOD = ("last_value", "seasonal_naive", "seasonal_fractional")
+_LAST_VALUE_WITHOUT_PERIOD = ("last_value", "seasonal_naive", "seasonal_fractional",
+                              "seasonal_level")
 _HALF_MAX = 65504.0  # the largest finite half-precision float
 
 
@@ -151,6 +152,8 @@ class AutoForecaster(Base):
             return SeasonalEWMA(period=max(1, p), alpha=0.3)
         if name == "seasonal_fractional":
             return SeasonalFractional(period=max(1, p))
+        if name == "seasonal_level":
+            return SeasonalLevel(period=max(1, p))
         if name == "holt_winters":
             if p >= 2:
                 return holt_winters(alpha=0.3, beta=0.01, gamma=0.5, seasonality=p,
