@@ -18,8 +18,11 @@ EPILOG_REPLAY = """examples:
   rswap replay tests/data/periodic_burst.csv
   rswap replay trace.csv --policy proactive --forecaster holt_winters:seasonality=12
   rswap replay trace.csv --forecaster auto:loss=mae --total cpu=2000 --priority web=critical
-Forecasters: last_value, seasonal_naive, holt_winters, snarimax, quantile_lags, auto (online
-selection); parameters as name:key=value,key=value.
+Forecasters: last_value, seasonal_naive, seasonal_ewma, seasonal_fractional, seasonal_level,
+holt_winters, snarimax, quantile_lags, auto (online selection); parameters as
+name:key=value,key=value.
+A throttled CPU tick shows the policies what --reading says (default: the tick's demand, about
+what the CPU driver reads from cpu.stat's throttled time).
 """
 
 
