@@ -133,8 +133,8 @@ def allocation(traces, seasonal_raise: bool) -> None:
             # reading of a backlog, and no reading (the growth rule, before round 7); ratios to
             # reactive under the same reading.
             for reading in ("backlog", "growth"):
-                old = replay(tr, ("reactive",), reading=reading)
-                os_, ol = old.total("reactive", "shortfall"), old.total("reactive", "slack")
+                alt = replay(tr, ("reactive",), reading=reading)
+                os_, ol = alt.total("reactive", "shortfall"), alt.total("reactive", "slack")
                 for q in (0.6, 0.9):
                     po = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q},
                                 reading=reading)

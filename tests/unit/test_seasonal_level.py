@@ -8,6 +8,7 @@ import pytest
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.forecasters import SeasonalLevel, SeasonalNaive, make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
+from tests.unit.test_seasonal_fractional import _mae
 
 SHAPE = (0.0, 0.0, 0.0, 0.0, 0.0, 0.6, 1.0, 0.4)  # a burst of three ticks every eight
 
@@ -20,15 +21,6 @@ def _bursts(periods: int, seed: int = 3) -> list[float]:
         h = rnd.uniform(100, 800)
         out += [h * s for s in SHAPE]
     return out
-
-
-def _mae(model, series, skip: int = 16) -> float:
-    errs = []
-    for i, y in enumerate(series):
-        if i >= skip:
-            errs.append(abs(y - model.forecast(1)[0]))
-        model.learn_one(y)
-    return sum(errs) / len(errs)
 
 
 def test_a_burst_is_forecast_at_the_height_it_started_with():
@@ -79,10 +71,10 @@ def test_bad_parameters_say_which():
 
 def test_it_beats_seasonal_naive_on_bursts_whose_height_changes_and_selection_finds_it():
     series = _bursts(40)
-    level = _mae(SeasonalLevel(period=8), series)
-    naive = _mae(SeasonalNaive(period=8), series)
+    level = _mae(SeasonalLevel(period=8), series, warmup=16)
+    naive = _mae(SeasonalNaive(period=8), series, warmup=16)
     assert level < 0.6 * naive
     auto = AutoForecaster(loss="mae", horizon=1)
-    picked = _mae(auto, series, skip=160)
+    picked = _mae(auto, series, warmup=160)
     assert auto.period == 8 and auto.serving == "seasonal_level"
-    assert picked < 0.7 * _mae(SeasonalNaive(period=8), series, skip=160)
+    assert picked < 0.7 * _mae(SeasonalNaive(period=8), series, warmup=160)

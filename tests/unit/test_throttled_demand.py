@@ -54,7 +54,7 @@ def test_a_censored_task_is_seen_at_use_plus_what_it_waited_for():
 
 def _stat_tree(tmp_path, version: str, text: str):
     d = tmp_path / "svc"
-    d.mkdir(exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
     (d / "cpu.stat").write_text(text)
     key = "cpu" if version == "v1" else "unified"
     return TaskCgroup("svc", "svc", {key: str(d)}, False), d
@@ -64,7 +64,7 @@ def test_cpu_stat_gives_periods_and_throttled_time_in_both_versions(tmp_path):
     cg, _ = _stat_tree(tmp_path, "v1", "nr_periods 40\nnr_throttled 12\nthrottled_time 900000000\n"
                        "nr_bursts 0\nburst_time 0\n")
     assert CgroupV1CpuWriter().throttle_stats(cg) == ThrottleStats(12, 900_000_000)
-    cg2, _ = _stat_tree(tmp_path / "..", "v2", "usage_usec 5\nuser_usec 3\nsystem_usec 2\n"
+    cg2, _ = _stat_tree(tmp_path / "v2", "v2", "usage_usec 5\nuser_usec 3\nsystem_usec 2\n"
                         "nr_periods 40\nnr_throttled 12\nthrottled_usec 900000\n")
     assert CgroupV2CpuWriter().throttle_stats(cg2) == ThrottleStats(12, 900_000_000)
     # an older kernel without the time: the count alone, the manager then grows
