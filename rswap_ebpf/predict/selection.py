@@ -9,7 +9,9 @@ scores are averaged with an exponential decay of ``half_life`` samples.
 
 With the pinball loss the forecaster serves an upper quantile, and the headroom comes from the
 data: every candidate's point forecast is raised by the ``quantile`` of its own recent errors at
-that step ahead (split-conformal style, over the last ``calibration`` samples), and candidates are
+that step ahead (split-conformal style, over the last ``calibration`` samples; since round 8 only
+the errors of the ``neighbours`` past forecasts nearest in value count, so a forecast of an idle
+tick is raised by what idle forecasts missed, not by the bursts' errors), and candidates are
 ranked on those raised forecasts.  With ``loss="mae"`` the point forecasts serve as they are.
 
 Seasonal candidates get the period found online by :class:`~.period.PeriodDetector`; when it
@@ -29,11 +31,14 @@ from the best of them.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import struct
 from array import array
 from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..errors import ConfigError
 from .forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalFractional,
@@ -87,7 +92,7 @@ class AutoForecaster(Base):
                  scale: float = 1.0, max_period: int = 120, period: int = 0,
                  history: int = 600, min_scored: int = 10, hysteresis: float = 0.05,
                  calibration: int = 100, seasonal_raise: bool = False, floor: bool = True,
-                 release_after: int = 3):
+                 release_after: int = 3, neighbours: int = 30):
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
             raise ConfigError("forecaster.candidates",
@@ -122,6 +127,10 @@ class AutoForecaster(Base):
             raise ConfigError("forecaster.release_after",
                               "must be a whole number of periods, 0 or more (0: never release)")
         self.release_after = release_after
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
+            raise ConfigError("forecaster.neighbours",
+                              "must be a whole number of errors, 0 or more (0: all of them)")
+        self.neighbours = neighbours
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
         self._detector = PeriodDetector(max_period=self.max_period, every=3)
@@ -182,17 +191,21 @@ class AutoForecaster(Base):
             for kind in ("loss", "mae"):
                 self._ewm_sums.pop((kind, name), None)
         self._at -= len(self._hist)
+        self._replay_from = self._at  # _raise: the kept history is ahead of _at while replayed
         prev = None
         hist = list(self._hist)
-        for i, y in enumerate(hist):
-            low = self._release_at(hist, i)
-            for name in names:
-                self._score(name, y, prev, low)
-                if name not in COMBINERS:
-                    self._models[name].learn_one(y)
-            self._at += 1
-            prev = y
-            self._push_all(names)
+        try:
+            for i, y in enumerate(hist):
+                low = self._release_at(hist, i)
+                for name in names:
+                    self._score(name, y, prev, low)
+                    if name not in COMBINERS:
+                        self._models[name].learn_one(y)
+                self._at += 1
+                prev = y
+                self._push_all(names)
+        finally:
+            del self._replay_from
 
 
     def _push_all(self, names) -> None:
@@ -342,29 +355,71 @@ class AutoForecaster(Base):
     def _raise(self, name: str, point: list[float]) -> list[float]:
         """With the pinball loss: the point forecast plus the quantile of this model's errors.
 
-        With a period (and ``seasonal_raise``), only the errors made at the same phase of the
-        period, give or take one tick, count: a burst's errors then raise the burst and not the
-        idle ticks between bursts, which a single quantile over all errors does (slack all the
-        time) while still under-raising the burst.  Too few errors at that phase yet: all count.
+        Only the errors of the ``neighbours`` past forecasts (at that step ahead) nearest in
+        value to this one count: errors grow with what is forecast, so an idle tick forecast at
+        0 is raised by what forecasts of 0 missed (often nothing), and a burst by what burst
+        forecasts missed (locally adaptive split-conformal: one quantile over all errors raises
+        idle ticks by the bursts' errors and under-raises the bursts).  A past forecast is read
+        back from its sample and residual (``y - r``; where the floor covered the sample, the
+        residual was clipped at 0 and the forecast is taken as the sample), so nothing more is
+        stored.  With a period (and ``seasonal_raise``), the errors made at the same phase of
+        the period, give or take one tick, are taken first.  Too few errors: all count.
         """
         if self.loss != "pinball":
             return point
         p = self.period if self.seasonal_raise else 0
+        k = self.neighbours
+        # sample index of the kept history's first: it is replayed through rebuilt models
+        base = getattr(self, "_replay_from", self._at - len(self._hist))
+        hist = None
+        if p < 3 and k:
+            fast = self._raise_near(name, point, base)
+            if fast is not None:
+                return fast
         out = []
         for h, f in enumerate(point):
             res = self._resid[name][min(h, self.horizon - 1)]
-            errs = []
-            if p >= 3:
-                first = self._at - len(res)  # sample index of res[0]
-                target = self._at + h
-                errs = [e for j, e in enumerate(res) if (first + j - target + 1) % p <= 2]
-            if len(errs) < 5:
-                errs = list(res)
-            if len(errs) >= 5:
-                errs.sort()
-                f = f + errs[min(len(errs) - 1, int(self.quantile * len(errs)))]
+            n = len(res)
+            if n >= 5:
+                r = np.fromiter(res, float, n)
+                first = self._at - n  # sample index of res[0]
+                idx = np.arange(n)
+                if p >= 3:
+                    same = np.flatnonzero((first + idx - (self._at + h) + 1) % p <= 2)
+                    if len(same) >= 5:
+                        idx = same
+                if k and len(idx) > k and first >= base:
+                    if hist is None:
+                        hist = np.fromiter(self._hist, float, len(self._hist))
+                    dist = np.abs(hist[first - base + idx] - r[idx] - f)
+                    # the k nearest, the most recent first among equals
+                    idx = idx[::-1][np.argsort(dist[::-1], kind="stable")[:k]]
+                errs = np.sort(r[idx])
+                f = f + float(errs[min(len(errs) - 1, int(self.quantile * len(errs)))])
             out.append(max(0.0, f))
         return out
+
+    def _raise_near(self, name: str, point: list[float], base: int) -> list[float] | None:
+        """:meth:`_raise` from the nearest forecasts' errors, every step at once (the same
+        figures; a tick's raises are most of what a candidate costs to learn).  None where the
+        steps do not line up: steps kept unequally long, or beyond the kept steps."""
+        per_step = self._resid[name]
+        n, steps = len(per_step[0]), len(point)
+        k = self.neighbours
+        first = self._at - n
+        if steps > len(per_step) or n <= k or first < base \
+                or any(len(d) != n for d in per_step[:steps]):
+            return None
+        r = np.fromiter(itertools.chain.from_iterable(per_step[:steps]), float,
+                        n * steps).reshape(steps, n)
+        off = first - base
+        hist = np.fromiter(itertools.islice(self._hist, off, off + n), float, n)
+        dist = np.abs(hist - r - np.asarray(point, float)[:, None])[:, ::-1]
+        near = np.take_along_axis(r[:, ::-1], np.argsort(dist, axis=1, kind="stable")[:, :k],
+                                  axis=1)
+        near.sort(axis=1)
+        raised = np.asarray(point, float) + near[:, min(k - 1, int(self.quantile * k))]
+        return [max(0.0, float(v)) for v in raised]
 
     def _choose(self) -> None:
         ready = {n: l for n, l in self._loss.items() if self._scored.get(n, 0) >= self.min_scored}
@@ -418,6 +473,7 @@ class AutoForecaster(Base):
         # checkpoints written before the blend and the allocation floor existed
         self.__dict__.setdefault("floor", False)
         self.__dict__.setdefault("release_after", 0)  # before the floor's release existed
+        self.__dict__.setdefault("neighbours", 0)  # before the raise came from near forecasts
         if "_step_err" not in self.__dict__:
             self._step_err = {n: [[0.0, 0.0] for _ in range(self.horizon)] for n in self._models}
         det = self._detector

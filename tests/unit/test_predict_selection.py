@@ -106,10 +106,12 @@ def test_recent_error_is_not_seeded_by_the_first_sample():
 
 
 def test_seasonal_raise_uses_the_errors_at_that_phase():
-    """Errors only in the burst phase raise the burst forecast, not the idle ticks."""
+    """Errors only in the burst phase raise the burst forecast, not the idle ticks (the raise
+    from all errors, neighbours=0, does raise them)."""
     def run(seasonal_raise):
         a = AutoForecaster(candidates=("last_value", "seasonal_naive"), period=8,
-                           quantile=0.95, seasonal_raise=seasonal_raise, horizon=1)
+                           quantile=0.95, seasonal_raise=seasonal_raise, horizon=1,
+                           neighbours=0)
         rnd = random.Random(2)
         for i in range(300):
             a.learn_one((1000.0 + rnd.uniform(-300, 300)) if i % 8 == 0 else 50.0)
@@ -184,7 +186,7 @@ def test_the_allocation_floor_covers_what_it_covers():
 
     def run(floor):
         a = AutoForecaster(candidates=("seasonal_naive",), period=2, horizon=1, quantile=0.9,
-                           floor=floor)
+                           floor=floor, neighbours=0)  # the raise from all errors: highs too
         for y in series:
             a.learn_one(y)
         return a
