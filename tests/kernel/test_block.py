@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -177,3 +178,64 @@ def test_block_limit_restored_by_journal_and_hand_edit_respected(loopdev, adopte
                           journal.path], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
     assert writer.current(cg, dev) == IoLimit()
+
+
+#: a synchronous O_DIRECT writer paced at a rate (as ``fio --rate_iops`` paces the shipped
+#: ``fio_flush`` trace's flush): says "ready" once its device is open, then writes for argv[3] s
+PACED_WRITER = """
+import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096); rate = float(sys.argv[2]); end = float(sys.argv[3])
+print("ready", flush=True)
+t0 = time.monotonic(); n = 0
+while time.monotonic() - t0 < end:
+    due = t0 + n / rate
+    if due > time.monotonic(): time.sleep(due - time.monotonic())
+    os.pwritev(fd, [buf], 4096 * (n % 4000)); n += 1
+"""
+
+
+def waiting_share(cg, device: str, rate: int, seconds: float = 1.5) -> float:
+    """The share of samples (about every ms) in which the paced writer, in ``cg``, was in
+    uninterruptible sleep."""
+    procs = [os.path.join(d, "cgroup.procs") for d in cg.dirs.values()]
+
+    def enter():
+        for p in procs:
+            with open(p, "w") as f:
+                f.write(str(os.getpid()))
+    p = subprocess.Popen([sys.executable, "-c", PACED_WRITER, device, str(rate),
+                          str(seconds + 1.0)], preexec_fn=enter, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # past its first IOs
+        states = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with open(f"/proc/{p.pid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+            time.sleep(0.001)
+    finally:
+        p.wait(timeout=30)
+    assert p.returncode == 0
+    return states.count("D") / len(states)
+
+
+def test_a_held_writer_waits_all_the_time_whatever_it_wanted(loopdev, task_cgroup):
+    """Why IO keeps the growth rule (README, round 8; tools/measure_io_wait.py): CPU's throttled
+    time says how much a cap held back, but a writer held below the rate it is paced at waits on
+    the throttle nearly all the time at any cap.  Its wait says that it is held, not by how much,
+    so no demand can be read from it."""
+    journal, cg = task_cgroup
+    enforcer = IoEnforcer(journal, io_writer(detect_mounts()))
+    dev = resolve_device(loopdev)
+    free = waiting_share(cg, loopdev, 100)
+    held = {}
+    for cap in (50, 10):
+        enforcer.apply(cg, dev, IoLimit.iops(cap))
+        held[cap] = waiting_share(cg, loopdev, 100)
+    enforcer.restore()
+    assert enforcer.current(cg, dev) == IoLimit()
+    assert free < 0.5, free
+    assert held[50] > 0.9 and held[10] > 0.9, held
