@@ -160,6 +160,9 @@ class SwapManager:
         self.swap_log: deque[SwapRecord] = deque(maxlen=log_size)
         #: admitted tasks whose grant stands until they have real samples (hold_admission)
         self.admission_holds: dict[str, AdmissionHold] = {}
+        #: (task, resource) whose censoring is judged by use against the allocation (no flag
+        #: from the kernel): ``demand`` keeps their expected use under the saturation line
+        self._judged: set[tuple[str, Resource]] = set()
 
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, task: ManagedTask) -> None:
@@ -286,7 +289,10 @@ class SwapManager:
         """
         held = self.pool.allocation(resource, task) if resource in self.pool else 0
         if censored is None:
+            self._judged.add((task, resource))
             censored = held > 0 and used >= self.saturation * held
+        else:
+            self._judged.discard((task, resource))
         if not censored:
             return used
         limit = self.tasks[task].limit(resource).max_units if task in self.tasks else None
@@ -299,7 +305,14 @@ class SwapManager:
 
     def demand(self, task: str, resource: Resource, forecast: float,
                observed: float | None = None) -> int:
-        """Forecast plus headroom, at least the observed demand, clamped to the task's limits."""
+        """Forecast plus headroom, at least the observed demand, clamped to the task's limits.
+
+        Where no kernel flag says whether the cap held a task (``observed_demand`` judged it by
+        use), the task is asked more than ``want / saturation`` whatever the headroom: a task
+        held at what it was forecast to use, using it, reads as held back (use at the
+        saturation line) and is grown, so an exact forecast would double a steady task's
+        allocation every other tick.
+        """
         t = self._task(task)
         # A diverged forecast (inf, nan) asks for the whole pool, never raises in the tick; a
         # finite demand above the pool stays as it is, so the shortfall reaches the overflow hook.
@@ -307,7 +320,10 @@ class SwapManager:
             want = max(0.0, forecast, observed or 0.0)
         else:
             want = float(self.pool.total(resource))
-        return t.limit(resource).clamp(math.ceil(want * (1.0 + self.headroom)))
+        ask = want * (1.0 + self.headroom)
+        if (task, resource) in self._judged and 0.0 < self.saturation <= 1.0 and want > 0:
+            ask = max(ask, math.floor(want / self.saturation) + 1.0)
+        return t.limit(resource).clamp(math.ceil(ask))
 
     def proactive_allocation(self, forecasts: Mapping[str, Mapping[Resource, float]],
                              observed: Mapping[str, Mapping[Resource, float]] | None = None,

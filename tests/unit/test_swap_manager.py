@@ -230,3 +230,57 @@ def test_hold_is_dropped_with_the_task():
     m.remove_task("crit")
     assert m.admission_holds == {}
     assert m.pool.allocation(CPU, "crit") == 0
+
+
+IO = ResourceType.STORAGE_IOPS
+
+
+def _steady(m, task, r, use, ticks, censored=None):
+    """Tick by tick, as Daemon.tick does: observe (capped by what it holds), then allocate the
+    exact forecast (the steady use itself); returns the allocations."""
+    held = []
+    for _ in range(ticks):
+        alloc = m.pool.allocation(r, task)
+        used = min(use, alloc) if alloc else use
+        seen = m.observed_demand(task, r, used, censored)
+        m.proactive_allocation({task: {r: float(use)}}, {task: {r: seen}})
+        held.append(m.pool.allocation(r, task))
+    return held
+
+
+def test_an_exact_forecast_is_not_read_as_held_back_where_use_is_the_only_judge():
+    """Where no kernel flag says whether a cap held a task, a task using 90% (saturation) of
+    what it holds counts as held, and is grown.  An allocation of exactly the forecast use
+    would then be read as held every other tick and doubled: a steady 80 IO/s was allocated
+    160 half the time.  So the allocation asks more than use / saturation."""
+    pool = ResourcePool()
+    pool.register_resource(IO, 1000)
+    pool.register_resource(CPU, 2000)
+    m = SwapManager(pool, headroom=0.0)
+    m.add_task(ManagedTask("scan", Priority.NORMAL, {IO: Limits(), CPU: Limits()}))
+    held = _steady(m, "scan", IO, 80, 20)
+    assert held[1:] == [89] * 19  # the least above 80 / 0.9
+    # Where the kernel says (CPU: throttled or not), the forecast is allocated as it is.
+    assert _steady(m, "scan", CPU, 800, 5, censored=False)[1:] == [800] * 4
+    # A headroom above the margin is the policy's own, and stays as it was (reactive's 20%).
+    m.headroom = 0.2
+    assert _steady(m, "scan", IO, 80, 3)[-1] == 96
+
+
+def test_without_the_margin_an_exact_forecast_doubles_every_other_tick():
+    """What the margin prevents, shown on the same path with the judgement switched off."""
+    pool = ResourcePool()
+    pool.register_resource(IO, 1000)
+    m = SwapManager(pool, headroom=0.0)
+    m.add_task(ManagedTask("scan", Priority.NORMAL, {IO: Limits()}))
+    m.saturation = 1.5  # out of (0, 1]: no margin (use never reaches 1.5x what it holds)
+    assert _steady(m, "scan", IO, 80, 6)[1:] == [80] * 5
+    m.saturation = 0.9
+    m._judged.clear()
+    original = SwapManager.demand
+
+    def no_margin(self, task, resource, forecast, observed=None):
+        self._judged.discard((task, resource))
+        return original(self, task, resource, forecast, observed)
+    m.demand = no_margin.__get__(m)
+    assert 160 in _steady(m, "scan", IO, 80, 6)
