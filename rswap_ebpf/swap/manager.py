@@ -176,6 +176,7 @@ class SwapManager:
         changes = self.deallocate_resources(name)
         self.tasks.pop(name, None)
         self.admission_holds.pop(name, None)
+        self._judged = {k for k in self._judged if k[0] != name}
         if self.policy is not None:
             self.policy.forget(name)
         self._record(AllocationResult(changes=changes))
