@@ -109,6 +109,8 @@ def allocation(traces, seasonal_raise: bool) -> None:
                                                             "seasonal_raise": raise_})
                 rows.append((f"proactive q={q:g}" + (" +phase" if raise_ else ""),
                              pr.total("proactive", "shortfall"), pr.total("proactive", "slack")))
+                if q == 0.9 and not raise_:
+                    default_run = pr  # the default forecaster: its per-task split below
         # the same default without the floor's release (every burst's level held a tick more),
         # and with the raise from all recent errors (before round 8), not the nearest forecasts'
         for label, change in (("no release", {"release_after": 0}),
@@ -131,9 +133,8 @@ def allocation(traces, seasonal_raise: bool) -> None:
             print(f"{os.path.basename(tr.source):<18.18} {p:<26} {s:>9.0f} {l:>9.0f} "
                   f"{s / rs if rs else 0:>12.2f} {l / rl if rl else 0:>12.2f} {matched}")
         # per task: where each policy's shortfall and slack are
-        pr = replay(tr, ("proactive",))
         for s_r in res.by_policy("reactive"):
-            s_p = next(x for x in pr.scores if (x.task, x.resource) == (s_r.task, s_r.resource))
+            s_p = next(x for x in default_run.scores if (x.task, x.resource) == (s_r.task, s_r.resource))
             print(f"{os.path.basename(tr.source):<18.18} task {s_r.task} ({s_r.resource.key}):"
                   f" reactive {s_r.shortfall:.0f} / {s_r.slack:.0f}, proactive q=0.9 "
                   f"{s_p.shortfall:.0f} / {s_p.slack:.0f} ({s_p.model})")
