@@ -14,7 +14,7 @@ from rswap_ebpf.enforce.journal import Journal
 from rswap_ebpf.replay import throttled_reading
 from rswap_ebpf.sense.cpu import CpuCollector
 
-from .helpers import BUSY, TIME_SCALE, busy_process, proc_cpu_s, scratch_cgroup
+from .helpers import BUSY, CLK_TCK, TIME_SCALE, busy_process, proc_cpu_s, scratch_cgroup
 
 #: Busy for half of every 20 ms of work, asleep for the rest, for 60 s at most.
 HALF_BUSY = [sys.executable, "-c", "import time\nend=time.monotonic()+60\n"
@@ -114,6 +114,33 @@ def _ticks(drv, tasks, n):
     return used, censored, withheld
 
 
+def _busy_mc() -> float:
+    """Millicore-seconds the whole host has been busy (``/proc/stat``: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) * 1000.0 / CLK_TCK
+
+
+def _quiet_ticks(drv, tasks, n, tries=5):
+    """:func:`_ticks` on a host where nothing but the task ran: the reading is exact only then.
+
+    Under CPU contention from outside the group a throttled task also waits on the runqueue, and
+    ``cpu.stat`` counts only the time its quota held it (two unmanaged busy loops on this 2-vCPU
+    VM took a busy task's reading from 1000 to about 500 millicores).  A shared CI host has such
+    seconds now and then (the test needed its one rerun in about one CI run in three), so a tick
+    in which the rest of the host was busy is measured again, up to ``tries`` times.
+    """
+    for _ in range(tries):
+        b0, t0 = _busy_mc(), time.monotonic()
+        used, censored, withheld = _ticks(drv, tasks, n)
+        others = (_busy_mc() - b0) / (time.monotonic() - t0) - used
+        if others < 150.0:
+            return used, censored, withheld
+    raise AssertionError(f"the host was busy with other work through {tries} tries "
+                         f"({others:.0f} millicores besides the task): measure on a quiet host")
+
+
 @pytest.mark.parametrize("load", ["busy", "half"])
 def test_a_throttled_task_reads_as_what_it_waited_for(tmp_path, pin_dir, unique_name, load):
     """The CPU driver's reading of a throttled task (BPF use + ``cpu.stat``'s throttled time)
@@ -130,11 +157,11 @@ def test_a_throttled_task_reads_as_what_it_waited_for(tmp_path, pin_dir, unique_
         drv.open()
         try:
             with busy_process(list(dirs.values()), BUSY if load == "busy" else HALF_BUSY):
-                demand, censored, withheld = _ticks(drv, {"t": cg}, 2)
+                demand, censored, withheld = _quiet_ticks(drv, {"t": cg}, 2)
                 assert not censored and withheld is None, "uncapped, yet throttled"
                 drv.apply(cg, 200)
                 _ticks(drv, {"t": cg}, 1)  # the tick the quota came in
-                used, censored, withheld = _ticks(drv, {"t": cg}, 1)
+                used, censored, withheld = _quiet_ticks(drv, {"t": cg}, 1)
         finally:
             drv.close()
             assert not journal.restore().failed
