@@ -282,6 +282,27 @@ def clairvoyant_bound(trace: Trace, slack_budget: float, reading: str = "demand"
     return best * trace.interval
 
 
+def at_equal_slack(points: Sequence[tuple[float, float]], slack: float) -> float | None:
+    """Reactive's shortfall at ``slack``, from its ``(slack, shortfall)`` at several headrooms.
+
+    The points' lower envelope (each point that has less shortfall than every point with less
+    slack), read linearly between its neighbours: the shortfall a headroom between two measured
+    ones gives, about.  Past the most slack measured, the least shortfall measured.  None where
+    ``slack`` is below the least reactive spends at any headroom measured (at 0 it holds what it
+    just saw: no headroom spends less).
+    """
+    env: list[tuple[float, float]] = []
+    for sl, sh in sorted(points):
+        if not env or sh < env[-1][1]:
+            env.append((sl, sh))
+    if not env or slack < env[0][0]:
+        return None
+    for (l0, s0), (l1, s1) in zip(env, env[1:]):
+        if l0 <= slack <= l1:
+            return s0 + (s1 - s0) * (slack - l0) / (l1 - l0) if l1 > l0 else min(s0, s1)
+    return env[-1][1]
+
+
 def _scored_over(spec, window: int):
     """Model selection scores candidates over the ticks the allocation looks at: ``window``,
     unless the spec says otherwise (a model that wins five ticks ahead may lose the next one)."""

@@ -7,7 +7,9 @@
 2. Allocation: `rswap replay` totals per trace (capped the daemon's way: policies learn from
    SwapManager.observed_demand); proactive at several quantiles vs the reactive baseline, both at
    its default headroom and at the least headroom in a grid whose slack is at least proactive's
-   (the same slack budget: the bar's "at equal or lower slack").
+   (the same slack budget: the bar's "at equal or lower slack").  Then the same at every
+   quantile, against reactive's whole frontier (headroom from 0, read between the headrooms
+   measured), for the trace and for each task.
 3. Store: the SQLite profile database after TASKS x 6 resources x HOURS of ticks every
    INTERVAL seconds (samples every tick, a checkpoint of a real trained profile every
    checkpoint_every ticks, 300 s rollups), its size on disk, and the write time per tick.
@@ -31,7 +33,8 @@ from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
-from rswap_ebpf.replay import KERNEL_READS, clairvoyant_bound, default_totals, replay  # noqa: E402
+from rswap_ebpf.replay import (KERNEL_READS, at_equal_slack, clairvoyant_bound,  # noqa: E402
+                               default_totals, replay)
 from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
@@ -43,6 +46,9 @@ QUANTILES = (0.5, 0.6, 0.75, 0.9)
 #: steps of 0.05 up to 3 since round 8 (it was 0.2, 0.5, 1, 1.5, 2, 3, 5, 10: the step above
 #: proactive's slack could hold far more, so reactive looked better than at equal slack)
 REACTIVE_HEADROOMS = tuple(round(0.2 + 0.05 * i, 2) for i in range(57)) + (4.0, 5.0, 7.5, 10.0)
+#: reactive's frontier for "at equal slack" (round 9): from no headroom at all up
+FRONTIER_HEADROOMS = (0.0, 0.05, 0.1, 0.15) + REACTIVE_HEADROOMS
+FRONTIER_QUANTILES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
 WARMUP = 50  # ticks: the second MAE leaves out what every model needs to find the period
@@ -62,10 +68,11 @@ def mae(spec, series, scale) -> tuple[float, float]:
 
 def accuracy(traces) -> None:
     print(f"== 1-tick-ahead MAE (units): whole trace / after {WARMUP} ticks ==")
-    cols = ["period"] + list(MODELS) + ["auto(mae)", "auto/SN"]
+    cols = ["period"] + list(MODELS) + ["auto(mae)", "SN online", "auto/SN"]
     print(f"{'TRACE':<16} {'TASK':<10} {'RES':<4} " + " ".join(f"{c:>14}" for c in cols))
     for tr in traces:
         totals = default_totals(tr)
+        summed = {m: [0.0, 0.0] for m in ("auto(mae)", "seasonal_naive", "SN online")}
         for (task, r), series in tr.demand.items():
             p = detect(list(series), max_period=60)[0]
             row = {}
@@ -82,15 +89,28 @@ def accuracy(traces) -> None:
                 row[m] = mae(spec, series, totals[r])
             row["auto(mae)"] = mae({"name": "auto", "loss": "mae", "horizon": 1}, series,
                                    totals[r])
+            # seasonal-naive as it runs online: its period found by the same detector as it goes
+            row["SN online"] = mae({"name": "auto", "loss": "mae", "horizon": 1,
+                                    "candidates": ["seasonal_naive"]}, series, totals[r])
             ratio = row["auto(mae)"][0] / row["seasonal_naive"][0] if row["seasonal_naive"][0] else 0
             name = os.path.basename(tr.source)[:16]
             late = row["auto(mae)"][1] / row["seasonal_naive"][1] if row["seasonal_naive"][1] else 0
             print(f"{name:<16} {task:<10.10} {r.key:<4} {p:>14} "
                   + " ".join(f"{row[c][0]:>6.0f} / {row[c][1]:>5.0f}"
-                             for c in list(MODELS) + ["auto(mae)"])
+                             for c in list(MODELS) + ["auto(mae)", "SN online"])
                   + f" {ratio:>6.2f} / {late:>5.2f}"
                   + ("  beats SN after warm-up" if late < 0.995 else
                      "  ties SN" if late <= 1.005 else "  LOSES to SN"))
+            for m in summed:  # a trace's tasks share one unit (its pool): their errors add
+                summed[m][0] += row[m][0]
+                summed[m][1] += row[m][1]
+        a, sn, so = summed["auto(mae)"], summed["seasonal_naive"], summed["SN online"]
+        print(f"{os.path.basename(tr.source)[:16]:<16} {'(all tasks)':<15} summed MAE: auto "
+              f"{a[0]:.0f} / {a[1]:.0f}; seasonal-naive given the period {sn[0]:.0f} / "
+              f"{sn[1]:.0f} ({a[0] / sn[0] if sn[0] else 0:.2f} / "
+              f"{a[1] / sn[1] if sn[1] else 0:.2f}); finding it online {so[0]:.0f} / "
+              f"{so[1]:.0f} ({a[0] / so[0] if so[0] else 0:.2f} / "
+              f"{a[1] / so[1] if so[1] else 0:.2f})")
     print()
 
 
@@ -158,6 +178,44 @@ def allocation(traces, seasonal_raise: bool) -> None:
                           f"{os_:.0f} / {ol:.0f}, proactive q={q:g} {ps:.0f} / {pl:.0f} "
                           f"({ps / os_ if os_ else 0:.2f}x short, {pl / ol if ol else 0:.2f}x "
                           f"slack) {met}")
+    print()
+
+
+def equal_slack(traces) -> None:
+    """Proactive at each quantile against reactive at the same slack, read off reactive's
+    frontier (its shortfall and slack at every headroom from 0, :func:`at_equal_slack`), for the
+    trace and for each of its tasks (reactive's headroom is per task too: one frontier each)."""
+    print("== proactive's shortfall / reactive's at the same slack (reactive's frontier over "
+          f"headroom {FRONTIER_HEADROOMS[0]:g}-{FRONTIER_HEADROOMS[-1]:g}) ==")
+    print("   '<' : less slack than reactive spends at 0 headroom; the ratio is to its "
+          "shortfall there.  0/0: neither runs short")
+    for tr in traces:
+        name = os.path.basename(tr.source)
+        runs = [replay(tr, ("reactive",), headroom=h) for h in FRONTIER_HEADROOMS]
+        keys = [(s.task, s.resource) for s in runs[0].by_policy("reactive")]
+        front = {None: [(r.total("reactive", "slack"), r.total("reactive", "shortfall"))
+                        for r in runs]}
+        for k in keys:
+            front[k] = [next((s.slack, s.shortfall) for s in r.by_policy("reactive")
+                             if (s.task, s.resource) == k) for r in runs]
+
+        def ratio(k, short, slack) -> str:
+            at = at_equal_slack(front[k], slack)
+            if at is None:
+                at0 = front[k][0][1]
+                return f"<{short / at0:.2f}" if at0 else "<-"
+            return f"{short / at:.2f}" if at else ("0/0" if not short else "inf")
+
+        cells = [f"{'q':>5} {'trace':>12}"] + [f"{t[:10] + ' (' + r.key + ')':>17}"
+                                               for t, r in keys]
+        print(f"{name:<18.18} " + " ".join(cells))
+        for q in FRONTIER_QUANTILES:
+            pr = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q})
+            row = [f"{q:>5g}", f"{ratio(None, pr.total('proactive', 'shortfall'), pr.total('proactive', 'slack')):>12}"]
+            for k in keys:
+                s = next(x for x in pr.by_policy("proactive") if (x.task, x.resource) == k)
+                row.append(f"{ratio(k, s.shortfall, s.slack):>17}")
+            print(f"{name:<18.18} " + " ".join(row), flush=True)
     print()
 
 
@@ -231,6 +289,7 @@ def main() -> int:
     traces = [read_trace(f) for f in sorted(glob.glob(os.path.join(DATA, "*.csv")))]
     accuracy(traces)
     allocation(traces, not a.no_phase_rows)
+    equal_slack(traces)
     if not a.skip_store:
         store(a.tasks, a.hours, a.interval, a.checkpoint_every)
     return 0

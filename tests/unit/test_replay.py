@@ -231,3 +231,16 @@ def test_clairvoyant_bound_is_below_every_policy_replayed():
     step = Trace((0.0, 1.0, 2.0, 3.0), {("a", CPU): (0.0, 500.0, 0.0, 0.0)})
     assert least_cost([0.0, 500.0, 0.0, 0.0], 500, 1.0, 10.0) == pytest.approx(500.0)
     assert clairvoyant_bound(step, 0.0) > 0  # with no slack at all, something goes short
+
+
+def test_at_equal_slack_reads_reactives_frontier_between_its_headrooms():
+    from rswap_ebpf.replay import at_equal_slack
+    # (slack, shortfall) at four headrooms; the third is worse than the second (a grid wobble)
+    pts = [(100.0, 900.0), (300.0, 500.0), (400.0, 600.0), (700.0, 200.0)]
+    assert at_equal_slack(pts, 50.0) is None  # reactive never spends this little
+    assert at_equal_slack(pts, 100.0) == pytest.approx(900.0)
+    assert at_equal_slack(pts, 200.0) == pytest.approx(700.0)  # halfway along 900 -> 500
+    # the wobble is off the envelope: from (300, 500) straight to (700, 200)
+    assert at_equal_slack(pts, 400.0) == pytest.approx(425.0)
+    assert at_equal_slack(pts, 5000.0) == pytest.approx(200.0)  # beyond: the least measured
+    assert at_equal_slack([], 10.0) is None
