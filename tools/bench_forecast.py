@@ -51,6 +51,25 @@ FRONTIER_HEADROOMS = (0.0, 0.05, 0.1, 0.15) + REACTIVE_HEADROOMS
 FRONTIER_QUANTILES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
+_RUNS: dict = {}
+
+
+def _proactive(tr, q: float):
+    """Proactive's replay of ``tr`` at quantile ``q`` (deterministic: both tables share one)."""
+    key = (tr.source, "proactive", q)
+    if key not in _RUNS:
+        _RUNS[key] = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q})
+    return _RUNS[key]
+
+
+def _reactive(tr, h: float):
+    """Reactive's replay of ``tr`` at headroom ``h``, shared the same way."""
+    key = (tr.source, "reactive", h)
+    if key not in _RUNS:
+        _RUNS[key] = replay(tr, ("reactive",), headroom=h)
+    return _RUNS[key]
+
+
 WARMUP = 50  # ticks: the second MAE leaves out what every model needs to find the period
 
 
@@ -125,8 +144,9 @@ def allocation(traces, seasonal_raise: bool) -> None:
                 ("static", "reactive", "vpa")]
         for raise_ in (False, True) if seasonal_raise else (False,):
             for q in QUANTILES:
-                pr = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q,
-                                                            "seasonal_raise": raise_})
+                pr = _proactive(tr, q) if not raise_ else replay(
+                    tr, ("proactive",), forecaster={"name": "auto", "quantile": q,
+                                                   "seasonal_raise": True})
                 rows.append((f"proactive q={q:g}" + (" +phase" if raise_ else ""),
                              pr.total("proactive", "shortfall"), pr.total("proactive", "slack")))
                 if q == 0.9 and not raise_:
@@ -140,7 +160,7 @@ def allocation(traces, seasonal_raise: bool) -> None:
                          pr.total("proactive", "slack")))
         frontier = []
         for h in REACTIVE_HEADROOMS:
-            rr = replay(tr, ("reactive",), headroom=h)
+            rr = _reactive(tr, h)
             frontier.append((h, rr.total("reactive", "shortfall"), rr.total("reactive", "slack")))
         for p, s, l in rows:
             matched = ""
@@ -191,7 +211,7 @@ def equal_slack(traces) -> None:
           "shortfall there.  0/0: neither runs short")
     for tr in traces:
         name = os.path.basename(tr.source)
-        runs = [replay(tr, ("reactive",), headroom=h) for h in FRONTIER_HEADROOMS]
+        runs = [_reactive(tr, h) for h in FRONTIER_HEADROOMS]
         keys = [(s.task, s.resource) for s in runs[0].by_policy("reactive")]
         front = {None: [(r.total("reactive", "slack"), r.total("reactive", "shortfall"))
                         for r in runs]}
@@ -210,7 +230,7 @@ def equal_slack(traces) -> None:
                                                for t, r in keys]
         print(f"{name:<18.18} " + " ".join(cells))
         for q in FRONTIER_QUANTILES:
-            pr = replay(tr, ("proactive",), forecaster={"name": "auto", "quantile": q})
+            pr = _proactive(tr, q)
             row = [f"{q:>5g}", f"{ratio(None, pr.total('proactive', 'shortfall'), pr.total('proactive', 'slack')):>12}"]
             for k in keys:
                 s = next(x for x in pr.by_policy("proactive") if (x.task, x.resource) == k)
