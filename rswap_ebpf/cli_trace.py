@@ -23,6 +23,9 @@ holt_winters, snarimax, quantile_lags, auto (online selection); parameters as
 name:key=value,key=value.
 A throttled CPU tick shows the policies what --reading says (default: the tick's demand, about
 what the CPU driver reads from cpu.stat's throttled time).
+With both reactive and proactive run, a last table compares them at equal slack: reactive is
+replayed again at every headroom from 0 to 10, and proactive's shortfall is divided by
+reactive's at proactive's slack (per task and in total; --headroom does not change it).
 """
 
 
@@ -98,7 +101,7 @@ def _pairs(items: list[str], option: str) -> list[tuple[str, str]]:
 
 def cmd_replay(args) -> int:
     from .predict.forecasters import make_forecaster
-    from .replay import POLICIES, format_table, replay
+    from .replay import POLICIES, format_equal_slack, format_table, reactive_frontier, replay
     from .resources import check_units, parse_resource
     from .swap.manager import Priority
     from .trace import read_trace
@@ -120,6 +123,11 @@ def cmd_replay(args) -> int:
     print(f"{args.trace}: {len(trace.times)} ticks of {trace.interval:g}s, "
           f"{len(trace.tasks)} task(s), pool {pool}")
     print(format_table(result))
+    if {"reactive", "proactive"} <= set(args.policy or POLICIES):
+        frontier = reactive_frontier(trace, totals=totals, priorities=priorities,
+                                     reading=args.reading)
+        print()
+        print(format_equal_slack(result, frontier))
     print(f"(replayed in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     return 0
 

@@ -282,6 +282,53 @@ def clairvoyant_bound(trace: Trace, slack_budget: float, reading: str = "demand"
     return best * trace.interval
 
 
+#: reactive's headrooms for its frontier: from none at all up, finely to 3
+FRONTIER_HEADROOMS = tuple(round(0.05 * i, 2) for i in range(61)) + (4.0, 5.0, 7.5, 10.0)
+
+
+def frontier_of(runs: Sequence[ReplayResult], policy: str = "reactive"
+                ) -> dict[tuple[str, ResourceType] | None, list[tuple[float, float]]]:
+    """``(slack, shortfall)`` of ``policy`` in each run (one run per headroom), per task x
+    resource and (key None) summed over them: the points :func:`at_equal_slack` reads."""
+    out: dict = {None: [(r.total(policy, "slack"), r.total(policy, "shortfall")) for r in runs]}
+    for r in runs:
+        for sc in r.by_policy(policy):
+            out.setdefault((sc.task, sc.resource), []).append((sc.slack, sc.shortfall))
+    return out
+
+
+def reactive_frontier(trace: Trace, headrooms: Sequence[float] = FRONTIER_HEADROOMS, **kwargs):
+    """Reactive replayed at each of ``headrooms`` (the other arguments as :func:`replay`'s):
+    :func:`frontier_of` its runs.  A reactive replay takes milliseconds."""
+    return frontier_of([replay(trace, ("reactive",), headroom=h, **kwargs) for h in headrooms])
+
+
+def format_equal_slack(result: ReplayResult, frontier, policy: str = "proactive") -> str:
+    """``policy``'s shortfall against reactive's at the same slack, per task x resource and
+    summed: the comparison that does not depend on reactive's one headroom."""
+    lines = [f"At equal slack: {policy}'s shortfall / reactive's at {policy}'s slack (reactive "
+             f"replayed at headroom {min(FRONTIER_HEADROOMS):g}-{max(FRONTIER_HEADROOMS):g}, "
+             "read between them).",
+             f"'<': {policy} spends less slack than reactive at no headroom; the ratio is to "
+             "reactive's shortfall there.",
+             f"{'TASK':<12} {'RES':<5} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11} "
+             f"{'REACTIVE SHORT':>15} {'RATIO':>7}"]
+    rows = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
+            for s in sorted(result.by_policy(policy), key=lambda s: (s.task, s.resource.key))]
+    rows.append((None, "total", "", result.total(policy, "shortfall"),
+                 result.total(policy, "slack")))
+    for key, task, res, short, slack in rows:
+        pts = frontier.get(key, [])
+        at = at_equal_slack(pts, slack)
+        mark = ""
+        if at is None and pts:
+            at, mark = min(pts)[1], "<"  # reactive's shortfall at its least slack
+        ratio = f"{mark}{short / at:.2f}" if at else ("0/0" if not short else "-")
+        lines.append(f"{task:<12.12} {res:<5} {short:>11.0f} {slack:>11.0f} "
+                     f"{_fmt(at):>15} {ratio:>7}")
+    return "\n".join(lines)
+
+
 def at_equal_slack(points: Sequence[tuple[float, float]], slack: float) -> float | None:
     """Reactive's shortfall at ``slack``, from its ``(slack, shortfall)`` at several headrooms.
 

@@ -33,8 +33,8 @@ from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
-from rswap_ebpf.replay import (KERNEL_READS, at_equal_slack, clairvoyant_bound,  # noqa: E402
-                               default_totals, replay)
+from rswap_ebpf.replay import (FRONTIER_HEADROOMS, KERNEL_READS, at_equal_slack,  # noqa: E402
+                               clairvoyant_bound, default_totals, frontier_of, replay)
 from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
@@ -45,9 +45,7 @@ QUANTILES = (0.5, 0.6, 0.75, 0.9)
 #: reactive's headroom, searched for the least whose slack is at least proactive's ("matched");
 #: steps of 0.05 up to 3 since round 8 (it was 0.2, 0.5, 1, 1.5, 2, 3, 5, 10: the step above
 #: proactive's slack could hold far more, so reactive looked better than at equal slack)
-REACTIVE_HEADROOMS = tuple(round(0.2 + 0.05 * i, 2) for i in range(57)) + (4.0, 5.0, 7.5, 10.0)
-#: reactive's frontier for "at equal slack" (round 9): from no headroom at all up
-FRONTIER_HEADROOMS = (0.0, 0.05, 0.1, 0.15) + REACTIVE_HEADROOMS
+REACTIVE_HEADROOMS = tuple(h for h in FRONTIER_HEADROOMS if h >= 0.2)
 FRONTIER_QUANTILES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
@@ -211,13 +209,8 @@ def equal_slack(traces) -> None:
           "shortfall there.  0/0: neither runs short")
     for tr in traces:
         name = os.path.basename(tr.source)
-        runs = [_reactive(tr, h) for h in FRONTIER_HEADROOMS]
-        keys = [(s.task, s.resource) for s in runs[0].by_policy("reactive")]
-        front = {None: [(r.total("reactive", "slack"), r.total("reactive", "shortfall"))
-                        for r in runs]}
-        for k in keys:
-            front[k] = [next((s.slack, s.shortfall) for s in r.by_policy("reactive")
-                             if (s.task, s.resource) == k) for r in runs]
+        front = frontier_of([_reactive(tr, h) for h in FRONTIER_HEADROOMS])
+        keys = [k for k in front if k is not None]
 
         def ratio(k, short, slack) -> str:
             at = at_equal_slack(front[k], slack)

@@ -244,3 +244,39 @@ def test_at_equal_slack_reads_reactives_frontier_between_its_headrooms():
     assert at_equal_slack(pts, 400.0) == pytest.approx(425.0)
     assert at_equal_slack(pts, 5000.0) == pytest.approx(200.0)  # beyond: the least measured
     assert at_equal_slack([], 10.0) is None
+
+
+def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
+    """With reactive and proactive both run, the last table divides proactive's shortfall by
+    reactive's at proactive's slack, per task and in total, from reactive replayed at every
+    headroom; --headroom changes reactive's row above, not that comparison."""
+    from rswap_ebpf.replay import at_equal_slack, reactive_frontier
+    p = tmp_path / "t.csv"
+    trace = _periodic_trace(120)
+    _write(p, trace)
+    outs = []
+    for headroom in ("0.2", "1.0"):
+        assert main(["replay", str(p), "--policy", "reactive", "--policy", "proactive",
+                     "--headroom", headroom]) == 0
+        outs.append(capsys.readouterr().out)
+    tables = [o[o.index("At equal slack"):] for o in outs]
+    assert tables[0] == tables[1]
+    rows = {line.split()[0]: line.split() for line in tables[0].splitlines()[3:]}
+    assert set(rows) == {"web", "batch", "total"}
+    res = replay(read_trace(str(p)), ("proactive",))
+    front = reactive_frontier(read_trace(str(p)))
+    web = next(s for s in res.by_policy("proactive") if s.task == "web")
+    for task, sc in (("web", web), ("total", None)):
+        pts = front[("web", CPU) if sc else None]
+        slack = sc.slack if sc else res.total("proactive", "slack")
+        short = sc.shortfall if sc else res.total("proactive", "shortfall")
+        at = at_equal_slack(pts, slack)
+        below = at is None  # proactive spends less than reactive at no headroom
+        if below:
+            at = min(pts)[1]
+        assert rows[task][-1].startswith("<") == below
+        assert float(rows[task][-2]) == pytest.approx(at, abs=0.5)
+        assert rows[task][-1].lstrip("<") == f"{short / at:.2f}"
+    # without reactive there is nothing to compare with: no table
+    assert main(["replay", str(p), "--policy", "proactive"]) == 0
+    assert "At equal slack" not in capsys.readouterr().out
