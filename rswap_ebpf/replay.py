@@ -315,7 +315,7 @@ def format_equal_slack(result: ReplayResult, frontier, policy: str = "proactive"
              f"{'REACTIVE SHORT':>15} {'RATIO':>7}"]
     rows = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
             for s in sorted(result.by_policy(policy), key=lambda s: (s.task, s.resource.key))]
-    rows.append((None, "total", "", result.total(policy, "shortfall"),
+    rows.append((None, "(total)", "", result.total(policy, "shortfall"),
                  result.total(policy, "slack")))
     for key, task, res, short, slack in rows:
         pts = frontier.get(key, [])

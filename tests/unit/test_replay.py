@@ -262,11 +262,11 @@ def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
     tables = [o[o.index("At equal slack"):] for o in outs]
     assert tables[0] == tables[1]
     rows = {line.split()[0]: line.split() for line in tables[0].splitlines()[3:]}
-    assert set(rows) == {"web", "batch", "total"}
+    assert set(rows) == {"web", "batch", "(total)"}
     res = replay(read_trace(str(p)), ("proactive",))
     front = reactive_frontier(read_trace(str(p)))
     web = next(s for s in res.by_policy("proactive") if s.task == "web")
-    for task, sc in (("web", web), ("total", None)):
+    for task, sc in (("web", web), ("(total)", None)):
         pts = front[("web", CPU) if sc else None]
         slack = sc.slack if sc else res.total("proactive", "slack")
         short = sc.shortfall if sc else res.total("proactive", "shortfall")
