@@ -309,8 +309,8 @@ def format_equal_slack(result: ReplayResult, frontier, policy: str = "proactive"
     lines = [f"At equal slack: {policy}'s shortfall / reactive's at {policy}'s slack (reactive "
              f"replayed at headroom {min(FRONTIER_HEADROOMS):g}-{max(FRONTIER_HEADROOMS):g}, "
              "read between them).",
-             f"'<': {policy} spends less slack than reactive at no headroom; the ratio is to "
-             "reactive's shortfall there.",
+             f"'<': {policy} spends less slack than reactive at any headroom; the ratio is to "
+             "reactive's shortfall at no headroom.",
              f"{'TASK':<12} {'RES':<5} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11} "
              f"{'REACTIVE SHORT':>15} {'RATIO':>7}"]
     rows = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
@@ -318,15 +318,28 @@ def format_equal_slack(result: ReplayResult, frontier, policy: str = "proactive"
     rows.append((None, "(total)", "", result.total(policy, "shortfall"),
                  result.total(policy, "slack")))
     for key, task, res, short, slack in rows:
-        pts = frontier.get(key, [])
-        at = at_equal_slack(pts, slack)
-        mark = ""
-        if at is None and pts:
-            at, mark = min(pts)[1], "<"  # reactive's shortfall at its least slack
-        ratio = f"{mark}{short / at:.2f}" if at else ("0/0" if not short else "-")
+        at, ratio = equal_slack_ratio(frontier.get(key, []), short, slack)
         lines.append(f"{task:<12.12} {res:<5} {short:>11.0f} {slack:>11.0f} "
                      f"{_fmt(at):>15} {ratio:>7}")
     return "\n".join(lines)
+
+
+def equal_slack_ratio(points: Sequence[tuple[float, float]], short: float, slack: float
+                      ) -> tuple[float | None, str]:
+    """Reactive's shortfall at ``slack`` (:func:`at_equal_slack`) and ``short`` over it, as
+    printed: ``<`` first where ``slack`` is below the least reactive spends (the ratio is then to
+    reactive's shortfall at its least headroom: ``points`` come in headroom order, as
+    :func:`frontier_of` gives them), ``0/0`` where neither runs short.
+
+    At the least headroom, not at the least slack: a task's slack can be least at a large
+    headroom, where the other tasks' headroom takes the pool from it and it runs short.
+    """
+    at, mark = at_equal_slack(points, slack), ""
+    if at is None and points:
+        at, mark = points[0][1], "<"
+    if at:
+        return at, f"{mark}{short / at:.2f}"
+    return at, "0/0" if not short else "-"
 
 
 def at_equal_slack(points: Sequence[tuple[float, float]], slack: float) -> float | None:

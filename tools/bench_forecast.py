@@ -33,8 +33,8 @@ from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
-from rswap_ebpf.replay import (FRONTIER_HEADROOMS, KERNEL_READS, at_equal_slack,  # noqa: E402
-                               clairvoyant_bound, default_totals, frontier_of, replay)
+from rswap_ebpf.replay import (FRONTIER_HEADROOMS, KERNEL_READS, clairvoyant_bound,  # noqa: E402
+                               default_totals, equal_slack_ratio, frontier_of, replay)
 from rswap_ebpf.resources import ResourceType  # noqa: E402
 from rswap_ebpf.trace import read_trace  # noqa: E402
 
@@ -201,33 +201,28 @@ def allocation(traces, seasonal_raise: bool) -> None:
 
 def equal_slack(traces) -> None:
     """Proactive at each quantile against reactive at the same slack, read off reactive's
-    frontier (its shortfall and slack at every headroom from 0, :func:`at_equal_slack`), for the
+    frontier (its shortfall and slack at every headroom from 0, ``equal_slack_ratio``), for the
     trace and for each of its tasks (reactive's headroom is per task too: one frontier each)."""
     print("== proactive's shortfall / reactive's at the same slack (reactive's frontier over "
           f"headroom {FRONTIER_HEADROOMS[0]:g}-{FRONTIER_HEADROOMS[-1]:g}) ==")
-    print("   '<' : less slack than reactive spends at 0 headroom; the ratio is to its "
-          "shortfall there.  0/0: neither runs short")
+    print("   '<' : less slack than reactive spends at any headroom; the ratio is to its "
+          "shortfall at 0 headroom.  0/0: neither runs short")
     for tr in traces:
         name = os.path.basename(tr.source)
         front = frontier_of([_reactive(tr, h) for h in FRONTIER_HEADROOMS])
         keys = [k for k in front if k is not None]
-
-        def ratio(k, short, slack) -> str:
-            at = at_equal_slack(front[k], slack)
-            if at is None:
-                at0 = front[k][0][1]
-                return f"<{short / at0:.2f}" if at0 else "<-"
-            return f"{short / at:.2f}" if at else ("0/0" if not short else "inf")
 
         cells = [f"{'q':>5} {'trace':>12}"] + [f"{t[:10] + ' (' + r.key + ')':>17}"
                                                for t, r in keys]
         print(f"{name:<18.18} " + " ".join(cells))
         for q in FRONTIER_QUANTILES:
             pr = _proactive(tr, q)
-            row = [f"{q:>5g}", f"{ratio(None, pr.total('proactive', 'shortfall'), pr.total('proactive', 'slack')):>12}"]
+            total = equal_slack_ratio(front[None], pr.total("proactive", "shortfall"),
+                                      pr.total("proactive", "slack"))[1]
+            row = [f"{q:>5g}", f"{total:>12}"]
             for k in keys:
                 s = next(x for x in pr.by_policy("proactive") if (x.task, x.resource) == k)
-                row.append(f"{ratio(k, s.shortfall, s.slack):>17}")
+                row.append(f"{equal_slack_ratio(front[k], s.shortfall, s.slack)[1]:>17}")
             print(f"{name:<18.18} " + " ".join(row), flush=True)
     print()
 

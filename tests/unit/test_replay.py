@@ -273,7 +273,7 @@ def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
         at = at_equal_slack(pts, slack)
         below = at is None  # proactive spends less than reactive at no headroom
         if below:
-            at = min(pts)[1]
+            at = pts[0][1]  # reactive at no headroom
         assert rows[task][-1].startswith("<") == below
         assert float(rows[task][-2]) == pytest.approx(at, abs=0.5)
         assert rows[task][-1].lstrip("<") == f"{short / at:.2f}"
