@@ -128,8 +128,8 @@ def _quiet_ticks(drv, tasks, n, tries=5):
     Under CPU contention from outside the group a throttled task also waits on the runqueue, and
     ``cpu.stat`` counts only the time its quota held it (two unmanaged busy loops on this 2-vCPU
     VM took a busy task's reading from 1000 to about 500 millicores).  A shared CI host has such
-    seconds now and then (the test needed its one rerun in about one CI run in three), so a tick
-    in which the rest of the host was busy is measured again, up to ``tries`` times.
+    seconds now and then (the test needed its one rerun in two of round 8's three CI runs), so
+    a tick in which the rest of the host was busy is measured again, up to ``tries`` times.
     """
     for _ in range(tries):
         b0, t0 = _busy_mc(), time.monotonic()
