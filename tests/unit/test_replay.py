@@ -280,3 +280,20 @@ def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
     # without reactive there is nothing to compare with: no table
     assert main(["replay", str(p), "--policy", "proactive"]) == 0
     assert "At equal slack" not in capsys.readouterr().out
+
+
+_DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.mark.parametrize("path", sorted(_DATA.glob("*.csv")) + sorted(_DATA.glob("holdout/*.csv")),
+                         ids=lambda p: str(p.relative_to(_DATA)))
+def test_shipped_traces_read_and_repeat(path):
+    """Every shipped trace (and held-out one) is in the documented format, 150 one-second ticks
+    of two tasks, and at least one of its tasks repeats: the detector finds a period in it."""
+    from rswap_ebpf.predict.period import detect
+
+    tr = read_trace(str(path))
+    assert len(tr.times) == 150 and tr.interval == pytest.approx(1.0, abs=0.05)
+    assert len({task for task, _ in tr.demand}) == 2
+    periods = [detect(list(s), max_period=60)[0] for s in tr.demand.values()]
+    assert max(periods) >= 2, periods
