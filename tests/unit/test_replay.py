@@ -1,6 +1,7 @@
 """Record format and replay: the same SwapManager and forecasters over a trace, without root."""
 from __future__ import annotations
 
+import pathlib
 import random
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from rswap_ebpf.cli import main
 from rswap_ebpf.cli_trace import parse_spec
 from rswap_ebpf.errors import ConfigError
+from rswap_ebpf.predict.period import detect
 from rswap_ebpf.replay import default_totals, format_table, replay
 from rswap_ebpf.resources import ResourceType
 from rswap_ebpf.trace import Trace, TraceWriter, read_trace
@@ -282,7 +284,7 @@ def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
     assert "At equal slack" not in capsys.readouterr().out
 
 
-_DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "data"
+_DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.mark.parametrize("path", sorted(_DATA.glob("*.csv")) + sorted(_DATA.glob("holdout/*.csv")),
@@ -290,8 +292,6 @@ _DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "data"
 def test_shipped_traces_read_and_repeat(path):
     """Every shipped trace (and held-out one) is in the documented format, 150 one-second ticks
     of two tasks, and at least one of its tasks repeats: the detector finds a period in it."""
-    from rswap_ebpf.predict.period import detect
-
     tr = read_trace(str(path))
     assert len(tr.times) == 150 and tr.interval == pytest.approx(1.0, abs=0.05)
     assert len({task for task, _ in tr.demand}) == 2
