@@ -45,7 +45,7 @@ def confine(path: str, base: str, what: str = "path") -> str:
     Rejects NUL bytes, ``..`` that climbs out, and symlinks that point elsewhere, so that nothing
     in a configuration can make root write outside the mount it names.
     """
-    from .errors import ConfigError
+    from rswap_ebpf.errors import ConfigError
 
     if "\x00" in path:
         raise ConfigError(what, "contains a NUL byte")

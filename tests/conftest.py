@@ -63,9 +63,9 @@ def unique_name():
 
 
 def rswap_cmd() -> list[str]:
-    """The installed console script when present, else ``python -m rswap_ebpf.cli``."""
+    """The installed console script when present, else ``python -m rswap_ebpf.cli.main``."""
     exe = shutil.which("rswap", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "rswap_ebpf.cli"]
+    return [exe] if exe else [sys.executable, "-m", "rswap_ebpf.cli.main"]
 
 
 def run_rswap(*args, env=None, timeout=120, **kw) -> subprocess.CompletedProcess:

@@ -258,8 +258,8 @@ cpu = {{ min = 100 }}
 
 
 def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
-    from rswap_ebpf.enforce.cgroup import detect_mounts
-    from rswap_ebpf.enforce.journal import remove_cgroup_dir
+    from rswap_ebpf.host.cgroup import detect_mounts
+    from rswap_ebpf.host.journal import remove_cgroup_dir
 
     d = os.path.join(tmp, f"{mode}-{rep}")
     os.makedirs(os.path.join(d, "www"))
@@ -304,7 +304,7 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
             env.update(RSWAP_STATE_DIR=os.path.join(d, "state"), RSWAP_RUN_DIR=os.path.join(d, "run"),
                        RSWAP_PIN_DIR=f"/sys/fs/bpf/{tag}")
             log = open(os.path.join(a.log_dir, f"{mode}-{rep}.log"), "w") if a.log_dir else subprocess.DEVNULL
-            daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli", "run", "--config", cfg,
+            daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli.main", "run", "--config", cfg,
                                        "--count", str(int((a.seconds + 60) / a.interval))],
                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
             # the BPF program is compiled after the tasks start: wait for the first tick

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfiler  # noqa: E402
-from rswap_ebpf.resources import ResourcePool, ResourceType  # noqa: E402
+from rswap_ebpf.model.resources import ResourcePool, ResourceType  # noqa: E402
 from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager  # noqa: E402
 
 CPU = ResourceType.PROCESSOR_CYCLES
@@ -108,7 +108,7 @@ def _switch_storm(seconds: float) -> None:
 def bpf_cost(seconds: float) -> list[tuple[str, float, int]]:
     from bcc import BPF
 
-    from rswap_ebpf.sense.cpu import CpuCollector
+    from rswap_ebpf.host.cpu.collector import CpuCollector
 
     stats_path = "/proc/sys/kernel/bpf_stats_enabled"
     with open(stats_path) as f:

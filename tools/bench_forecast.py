@@ -38,10 +38,10 @@ from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402
-from rswap_ebpf.replay import (FRONTIER_HEADROOMS, KERNEL_READS, clairvoyant_bound,  # noqa: E402
+from rswap_ebpf.offline.replay import (FRONTIER_HEADROOMS, KERNEL_READS, clairvoyant_bound,  # noqa: E402
                                default_totals, equal_slack_ratio, frontier_of, replay)
-from rswap_ebpf.resources import ResourceType  # noqa: E402
-from rswap_ebpf.trace import read_trace  # noqa: E402
+from rswap_ebpf.model.resources import ResourceType  # noqa: E402
+from rswap_ebpf.offline.trace import read_trace  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 MODELS = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractional", "seasonal_level",

@@ -21,9 +21,9 @@ import tempfile
 import time
 import uuid
 
-from rswap_ebpf.enforce.tc import Iface
-from rswap_ebpf.sense.block import BlockCollector
-from rswap_ebpf.sense.net import NetCollector
+from rswap_ebpf.host.net.tc import Iface
+from rswap_ebpf.host.io.collector import BlockCollector
+from rswap_ebpf.host.net.collector import NetCollector
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 RECEIVER = r"""

@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from rswap_ebpf.sense import bpf as bpfmod  # noqa: E402
-from rswap_ebpf.sense.pmu import SOFTWARE_COUNTERS, PmuCollector, pmu_available  # noqa: E402
+from rswap_ebpf.host.cache.pmu import SOFTWARE_COUNTERS, PmuCollector, pmu_available  # noqa: E402
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 BPF_ENABLE_STATS = 32

@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rswap_ebpf.control import request  # noqa: E402
+from rswap_ebpf.server.control import request  # noqa: E402
 from rswap_ebpf.errors import RswapError  # noqa: E402
 
 CONFIG = """
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     # blocks the daemon on its next warning.
     log_path = f"{tmp}/daemon.log"
     log = open(log_path, "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli", "run", "--config",
+    daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli.main", "run", "--config",
                                f"{tmp}/soak.toml", "--count", "100000000"], env=env,
                               stdout=log, stderr=subprocess.STDOUT, text=True)
     rows = []

@@ -33,8 +33,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rswap_ebpf.enforce.cgroup import detect_mounts  # noqa: E402
-from rswap_ebpf.enforce.journal import remove_cgroup_dir  # noqa: E402
+from rswap_ebpf.host.cgroup import detect_mounts  # noqa: E402
+from rswap_ebpf.host.journal import remove_cgroup_dir  # noqa: E402
 from tools.record_traces import loop_device  # noqa: E402
 
 WRITER = """

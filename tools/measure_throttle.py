@@ -3,7 +3,7 @@
 
 The CPU driver reads a throttled task's demand as the CPU it used plus the time its runnable
 threads waited throttled (``cpu.stat``: ``throttled_time`` in v1, ``throttled_usec`` in v2), and
-``rswap replay --reading`` models that reading (:func:`rswap_ebpf.replay.throttled_reading`).
+``rswap replay --reading`` models that reading (:func:`rswap_ebpf.offline.replay.throttled_reading`).
 This runs loads in a scratch cgroup, first uncapped (their demand), then held at each quota, and
 prints the kernel's reading next to the demand and the ``backlog`` model:
 
@@ -27,9 +27,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rswap_ebpf.enforce.cgroup import detect_mounts  # noqa: E402
-from rswap_ebpf.enforce.journal import remove_cgroup_dir  # noqa: E402
-from rswap_ebpf.replay import throttled_reading  # noqa: E402
+from rswap_ebpf.host.cgroup import detect_mounts  # noqa: E402
+from rswap_ebpf.host.journal import remove_cgroup_dir  # noqa: E402
+from rswap_ebpf.offline.replay import throttled_reading  # noqa: E402
 
 WORKER = """
 import sys, time

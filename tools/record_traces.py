@@ -154,7 +154,7 @@ def main() -> int:
                        RSWAP_STATE_DIR=os.path.join(tmp, "state"),
                        RSWAP_PIN_DIR=f"/sys/fs/bpf/rswap-rec-{os.getpid()}")
             out = os.path.join(a.out_dir, f"{name}.csv")
-            cmd = [sys.executable, "-m", "rswap_ebpf.cli", "record", "--config", conf,
+            cmd = [sys.executable, "-m", "rswap_ebpf.cli.main", "record", "--config", conf,
                    "--output", out, "--count", str(a.seconds)]
             print("recording", out, file=sys.stderr)
             rc = subprocess.call(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -23,7 +23,7 @@ import struct
 from collections import deque
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import ConfigError
+from rswap_ebpf.errors import ConfigError
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -461,7 +461,7 @@ class QuantileLags(Base):
 
 def auto(**params):
     """Online model selection over every forecaster above (see :mod:`.selection`)."""
-    from .selection import AutoForecaster
+    from rswap_ebpf.predict.selection import AutoForecaster
 
     return AutoForecaster(**params)
 

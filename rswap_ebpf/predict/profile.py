@@ -13,8 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..resources import Resource, ResourceId, ResourceType, parse_resource
-from .forecasters import Forecaster, make_forecaster, single
+from rswap_ebpf.model.resources import Resource, ResourceId, ResourceType, parse_resource
+from rswap_ebpf.predict.forecasters import Forecaster, make_forecaster, single
 
 DEFAULT_HISTORY = 600
 

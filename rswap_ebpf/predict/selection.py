@@ -40,10 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
-from .forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalFractional,
+from rswap_ebpf.errors import ConfigError
+from rswap_ebpf.predict.forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalFractional,
                           SeasonalLevel, SeasonalNaive, holt_winters, single, snarimax)
-from .period import PeriodDetector
+from rswap_ebpf.predict.period import PeriodDetector
 
 CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractional",
               "seasonal_level", "holt_winters", "snarimax", "quantile_lags", "median", "blend")

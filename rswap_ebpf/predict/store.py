@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError, RswapError
+from rswap_ebpf.errors import ConfigError, RswapError
 
 DB_FILE = "profiles.db"
 

@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, ResourceError
-from ..resources import Resource, ResourcePool, check_units
+from rswap_ebpf.errors import ConfigError, ResourceError
+from rswap_ebpf.model.resources import Resource, ResourcePool, check_units
 
 log = logging.getLogger(__name__)
 

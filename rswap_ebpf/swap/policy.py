@@ -12,7 +12,7 @@ guarantees (tiers, minimums, max-min fairness, pool invariants) hold whatever it
   (minimum hold time), and then by at most ``max_step_down`` units (or that fraction of the pool
   when below 1) per tick.
 
->>> from rswap_ebpf.resources import ResourceType
+>>> from rswap_ebpf.model.resources import ResourceType
 >>> p = StabilityPolicy(hold_ticks=2, deadband=0.1, max_step_down=300)
 >>> cpu = ResourceType.PROCESSOR_CYCLES
 >>> [p.adjust(cpu, 2000, {"a": d}, {"a": held})["a"] for d, held in
@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
-from ..resources import ResourceType
+from rswap_ebpf.errors import ConfigError
+from rswap_ebpf.model.resources import ResourceType
 
 
 @dataclass

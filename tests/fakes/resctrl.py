@@ -45,7 +45,7 @@ import json
 import os
 import shutil
 
-from rswap_ebpf.enforce.resctrl import ResctrlFS, register_fs
+from rswap_ebpf.host.cache.resctrl import ResctrlFS, register_fs
 
 _GROUP_FILES = ("schemata", "tasks", "cpus", "cpus_list", "mode", "size")
 

@@ -7,7 +7,7 @@ The fake (tests/fakes/resctrl.py, the kernel's documented resctrl interface) val
 Python, inside the process that makes them; this rebuilds the fake a test (or a previous, killed
 ``rswap``) left at ``RSWAP_RESCTRL_ROOT`` from its state file, registers it as the resctrl
 filesystem there (what the in-process tests do with ``FakeResctrl(...)``), and hands the
-arguments to ``rswap_ebpf.cli.main``.  Nothing else differs from the installed ``rswap``.
+arguments to ``rswap_ebpf.cli.main.main``.  Nothing else differs from the installed ``rswap``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     state = os.environ.get("RSWAP_FAKE_RESCTRL_STATE")
     if state:  # unset: no fake was set up (a test's teardown before it made one), plain rswap
         FakeResctrl.attach(os.environ["RSWAP_RESCTRL_ROOT"], state)
-    from rswap_ebpf.cli import main as rswap_main
+    from rswap_ebpf.cli.main import main as rswap_main
 
     return rswap_main(argv)
 

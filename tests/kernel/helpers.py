@@ -9,8 +9,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-from rswap_ebpf.enforce.cgroup import V2_CONTROLLERS, cpu_writer, detect_mounts
-from rswap_ebpf.enforce.journal import remove_cgroup_dir
+from rswap_ebpf.host.cgroup import V2_CONTROLLERS, cpu_writer, detect_mounts
+from rswap_ebpf.host.journal import remove_cgroup_dir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Wall-clock stretch for tests paced against real time: 1 on real hardware; tools/vm_test sets

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from rswap_ebpf.enforce.blkio import IoEnforcer, IoLimit, io_writer, resolve_device
-from rswap_ebpf.enforce.cgroup import CgroupManager, detect_mounts
-from rswap_ebpf.enforce.journal import Journal
-from rswap_ebpf.sense.block import BlockCollector, kdev
+from rswap_ebpf.host.io.enforcer import IoEnforcer, IoLimit, io_writer, resolve_device
+from rswap_ebpf.host.cgroup import CgroupManager, detect_mounts
+from rswap_ebpf.host.journal import Journal
+from rswap_ebpf.host.io.collector import BlockCollector, kdev
 from tests.kernel.helpers import root_controllers
 
 
@@ -173,7 +173,7 @@ def test_block_limit_restored_by_journal_and_hand_edit_respected(loopdev, adopte
     assert (now.riops, now.wiops) == expect
     # A fresh process replays the journal (what `rswap restore` does): originals come back.
     out = subprocess.run([os.sys.executable, "-c",
-                          "import sys; from rswap_ebpf.enforce.journal import Journal; "
+                          "import sys; from rswap_ebpf.host.journal import Journal; "
                           "r = Journal(sys.argv[1]).restore(); print(r.failed)",
                           journal.path], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -43,7 +43,7 @@ def test_dry_run_plans_but_writes_no_limit(tmp_path, rswap_env, unique_name):
     import subprocess
     import time
 
-    from rswap_ebpf.enforce.cgroup import detect_mounts
+    from rswap_ebpf.host.cgroup import detect_mounts
 
     from ..conftest import rswap_cmd
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from rswap_ebpf.drivers.cpu import CpuDriver
-from rswap_ebpf.enforce.cgroup import CgroupManager, FileApplier, cpu_writer, detect_mounts
-from rswap_ebpf.enforce.journal import Journal
-from rswap_ebpf.replay import throttled_reading
-from rswap_ebpf.sense.cpu import CpuCollector
+from rswap_ebpf.host.cpu.driver import CpuDriver
+from rswap_ebpf.host.cgroup import CgroupManager, FileApplier, cpu_writer, detect_mounts
+from rswap_ebpf.host.journal import Journal
+from rswap_ebpf.offline.replay import throttled_reading
+from rswap_ebpf.host.cpu.collector import CpuCollector
 
 from .helpers import BUSY, CLK_TCK, TIME_SCALE, busy_process, proc_cpu_s, scratch_cgroup
 

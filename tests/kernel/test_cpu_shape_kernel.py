@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from rswap_ebpf.enforce.cgroup import (CgroupManager, CpuShape, FileApplier, burst_supported,
+from rswap_ebpf.host.cgroup import (CgroupManager, CpuShape, FileApplier, burst_supported,
                                        cpu_writer, detect_mounts)
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.host.journal import Journal
 
 from .helpers import scratch_cgroup
 

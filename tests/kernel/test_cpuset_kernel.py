@@ -10,10 +10,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from rswap_ebpf.enforce.cgroup import CgroupManager, FileApplier, detect_mounts
-from rswap_ebpf.enforce.cpuset import (CpusetIsolator, CriticalIsolation, IsolationPolicy,
+from rswap_ebpf.host.cgroup import CgroupManager, FileApplier, detect_mounts
+from rswap_ebpf.host.cpu.cpuset import (CpusetIsolator, CriticalIsolation, IsolationPolicy,
                                        cpuset_hierarchy, format_cpulist, parse_cpulist)
-from rswap_ebpf.enforce.journal import Journal, remove_cgroup_dir, write_file
+from rswap_ebpf.host.journal import Journal, remove_cgroup_dir, write_file
 
 from ..conftest import rswap_cmd, run_rswap
 from .helpers import scratch_cgroup

@@ -12,7 +12,7 @@ filters, the resctrl groups and schemata, and the pins with what they were befor
 resctrl is the fake mount (tests/fakes/resctrl.py, which validates writes as the kernel does, in
 the process that makes them): every ``rswap`` here runs through tests/fakes/rswap_fake_resctrl.py,
 which rebuilds the fake from the state file the previous (killed) process left and then calls
-``rswap_ebpf.cli.main``.  The tree starts with an operator's group ``ops`` holding the adopted
+``rswap_ebpf.cli.main.main``.  The tree starts with an operator's group ``ops`` holding the adopted
 task's process; rswap moves it into its own group, narrows the default group, and every round
 must end with ``ops`` holding it again and each schemata byte for byte as before.
 tests/kernel/test_crash_resctrl.py crashes the enforcer in-process at every single step as well.
@@ -33,7 +33,7 @@ import time
 
 import pytest
 
-from rswap_ebpf.enforce.cgroup import detect_mounts
+from rswap_ebpf.host.cgroup import detect_mounts
 from tests.fakes.resctrl import FakeResctrl
 from tests.kernel.helpers import TIME_SCALE, scratch_cgroup, set_cpu_limit
 

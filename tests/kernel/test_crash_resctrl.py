@@ -15,8 +15,8 @@ import random
 
 import pytest
 
-from rswap_ebpf.enforce import resctrl
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.host.cache import resctrl
+from rswap_ebpf.host.journal import Journal
 from tests.fakes.resctrl import FakeResctrl
 
 PIDS = (1, 100, 101, 102, 103, 104)

@@ -14,7 +14,7 @@ import pytest
 
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.store import ProfileStore
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.model.resources import ResourceType
 from tests.conftest import rswap_cmd, run_rswap
 from tests.kernel.helpers import scratch_cgroup, set_cpu_limit
 

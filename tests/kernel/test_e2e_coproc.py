@@ -13,7 +13,7 @@ import re
 import stat
 import sys
 
-from rswap_ebpf.enforce.cgroup import detect_mounts
+from rswap_ebpf.host.cgroup import detect_mounts
 
 from ..conftest import run_rswap
 from .helpers import TIME_SCALE

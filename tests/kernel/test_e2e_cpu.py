@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rswap_ebpf.enforce.cgroup import detect_mounts
+from rswap_ebpf.host.cgroup import detect_mounts
 
 from ..conftest import rswap_cmd, run_rswap
 from .helpers import TIME_SCALE

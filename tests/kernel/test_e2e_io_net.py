@@ -9,11 +9,11 @@ import sys
 import time
 
 
-from rswap_ebpf import config as configmod
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.enforce.blkio import io_writer, resolve_device
-from rswap_ebpf.enforce.cgroup import detect_mounts
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.runtime import config as configmod
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.host.io.enforcer import io_writer, resolve_device
+from rswap_ebpf.host.cgroup import detect_mounts
+from rswap_ebpf.model.resources import ResourceType
 
 from ..conftest import run_rswap
 

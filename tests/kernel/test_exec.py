@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from rswap_ebpf.enforce.cgroup import detect_mounts
+from rswap_ebpf.host.cgroup import detect_mounts
 
 from ..conftest import rswap_cmd, run_rswap
 from .helpers import TIME_SCALE, scratch_cgroup
@@ -115,7 +115,7 @@ def _tasks(d):
 def test_socket_is_root_only_and_status_answers_through_it(daemon):
     st = os.stat(daemon["sock"])
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
-    from rswap_ebpf.control import request
+    from rswap_ebpf.server.control import request
 
     r = request("status", path=daemon["sock"])
     assert daemon["batch"] in r["status"]["tasks"] and r["status"]["queue"] == []

@@ -17,8 +17,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rswap_ebpf import bpfinfo
-from rswap_ebpf.sense.cpu import MAPS, CpuCollector
+from rswap_ebpf.host import bpfinfo
+from rswap_ebpf.host.cpu.collector import MAPS, CpuCollector
 
 from ..conftest import rswap_cmd, run_rswap
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from rswap_ebpf import config as configmod
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.runtime import config as configmod
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.model.resources import ResourceType
 
 from ..conftest import ROOT
 
@@ -38,7 +38,7 @@ cache = {{ min = 2 }}
 
 
 def _absent():
-    from rswap_ebpf import doctor
+    from rswap_ebpf.cli.main import doctor
 
     return [c for c in (doctor.check_resctrl(), doctor.check_nvml()) if c.status == "missing"]
 

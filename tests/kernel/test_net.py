@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from rswap_ebpf.enforce.cgroup import CgroupManager, detect_mounts
-from rswap_ebpf.enforce.journal import Journal
-from rswap_ebpf.enforce.tc import HtbEnforcer, Iface, IngressShaper, parse_iface
+from rswap_ebpf.host.cgroup import CgroupManager, detect_mounts
+from rswap_ebpf.host.journal import Journal
+from rswap_ebpf.host.net.tc import HtbEnforcer, Iface, IngressShaper, parse_iface
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.sense.net import EGRESS, INGRESS, NetCollector
+from rswap_ebpf.host.net.collector import EGRESS, INGRESS, NetCollector
 
 MBIT = 1_000_000 // 8  # bytes/s
 
@@ -209,7 +209,7 @@ def test_net_journal_restore_in_fresh_process_removes_everything(netpair, pin_di
     assert "htb" in tc_show(ns_a, "qdisc") and "clsact" in tc_show(ns_a, "qdisc")
     assert "rswap" in tc_show(ns_a, "filter egress")
     out = subprocess.run([sys.executable, "-c",
-                          "import sys; from rswap_ebpf.enforce.journal import Journal; "
+                          "import sys; from rswap_ebpf.host.journal import Journal; "
                           "r = Journal(sys.argv[1]).restore(); print(r.failed)", journal.path],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
@@ -293,7 +293,7 @@ def test_net_original_root_qdisc_comes_back_with_its_options(mq_netns, rswap_env
             assert any(line.startswith("qdisc htb 1: root") for line in shown())
             if fresh_process:
                 out = subprocess.run([sys.executable, "-c",
-                                      "import sys; from rswap_ebpf.enforce.journal import Journal; "
+                                      "import sys; from rswap_ebpf.host.journal import Journal; "
                                       "print(Journal(sys.argv[1]).restore().failed)", journal.path],
                                      capture_output=True, text=True, timeout=60)
                 assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
@@ -384,7 +384,7 @@ def test_net_ingress_journal_restore_in_fresh_process(netpair, pin_dir, journal,
     name = ingress.ifb.name
     assert "htb" in tc_show(ns_a, "qdisc", dev=name)
     out = subprocess.run([sys.executable, "-c",
-                          "import sys; from rswap_ebpf.enforce.journal import Journal; "
+                          "import sys; from rswap_ebpf.host.journal import Journal; "
                           "r = Journal(sys.argv[1]).restore(); print(r.failed)", journal.path],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

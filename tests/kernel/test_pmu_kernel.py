@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from rswap_ebpf.sense.pmu import PmuCollector
+from rswap_ebpf.host.cache.pmu import PmuCollector
 
 pytestmark = pytest.mark.kernel
 

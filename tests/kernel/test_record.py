@@ -10,8 +10,8 @@ import shutil
 import sqlite3
 
 from tests.conftest import run_rswap
-from rswap_ebpf.enforce.cgroup import detect_mounts
-from rswap_ebpf.trace import read_trace
+from rswap_ebpf.host.cgroup import detect_mounts
+from rswap_ebpf.offline.trace import read_trace
 
 
 def _config(tmp_path, name):

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from rswap_ebpf import config
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.sense import bpf as bpfmod
+from rswap_ebpf.runtime import config
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.host import bpf as bpfmod
 from tests.kernel.helpers import BUSY, scratch_cgroup
 
 

@@ -14,14 +14,14 @@ import os
 
 import pytest
 
-from rswap_ebpf import config as configmod
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.drivers import DriverContext
-from rswap_ebpf.drivers.cache import CacheDriver, ResctrlShared
-from rswap_ebpf.enforce.cgroup import CgroupMounts, FileApplier
-from rswap_ebpf.enforce.journal import Journal
-from rswap_ebpf.resources import ResourceType
-from rswap_ebpf.sense.pmu import PmuReplay
+from rswap_ebpf.runtime import config as configmod
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.host.registry import DriverContext
+from rswap_ebpf.host.cache.driver import CacheDriver, ResctrlShared
+from rswap_ebpf.host.cgroup import CgroupMounts, FileApplier
+from rswap_ebpf.host.journal import Journal
+from rswap_ebpf.model.resources import ResourceType
+from rswap_ebpf.host.cache.pmu import PmuReplay
 from tests.fakes.resctrl import FakeResctrl
 
 CACHE = ResourceType.CACHE

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from rswap_ebpf.enforce import journal as journalmod
-from rswap_ebpf.enforce.cgroup import CgroupManager, CgroupMounts
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.host import journal as journalmod
+from rswap_ebpf.host.cgroup import CgroupManager, CgroupMounts
+from rswap_ebpf.host.journal import Journal
 
 
 class SubtreeControl:
@@ -38,7 +38,7 @@ def test_controllers_enabled_root_down_and_restored(tmp_path, monkeypatch):
     (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     (root / "cgroup.subtree_control").write_text("memory\n")
     fake = SubtreeControl(journalmod.write_file)
-    monkeypatch.setattr("rswap_ebpf.enforce.cgroup.write_file", fake)
+    monkeypatch.setattr("rswap_ebpf.host.cgroup.write_file", fake)
     monkeypatch.setattr(journalmod, "write_file", fake)
 
     real_mkdir = os.mkdir

@@ -6,9 +6,9 @@ non-root cgroup that enables a controller for its children may hold no process i
 """
 from __future__ import annotations
 
-from rswap_ebpf.enforce import journal as journalmod
-from rswap_ebpf.enforce.cgroup import CgroupManager, CgroupMounts
-from rswap_ebpf.enforce.journal import Journal, _process_home
+from rswap_ebpf.host import journal as journalmod
+from rswap_ebpf.host.cgroup import CgroupManager, CgroupMounts
+from rswap_ebpf.host.journal import Journal, _process_home
 from tests.unit.test_cgroup_v2_controllers import SubtreeControl
 
 
@@ -26,7 +26,7 @@ def test_an_adopted_cgroup_gets_its_ancestors_controllers_and_restore_takes_them
     cgroup(root / "app.slice")
     cgroup(root / "app.slice" / "web.service")
     fake = SubtreeControl(journalmod.write_file)
-    monkeypatch.setattr("rswap_ebpf.enforce.cgroup.write_file", fake)
+    monkeypatch.setattr("rswap_ebpf.host.cgroup.write_file", fake)
     monkeypatch.setattr(journalmod, "write_file", fake)
     j = Journal(str(tmp_path / "journal.jsonl"))
     mgr = CgroupManager(j, CgroupMounts("unified", str(root), {}))

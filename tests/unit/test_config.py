@@ -1,9 +1,9 @@
 """Configuration validation: one clear error naming the field, before anything is applied."""
 import pytest
 
-from rswap_ebpf import config
+from rswap_ebpf.runtime import config
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.swap.manager import Priority
 
 CPU = ResourceType.PROCESSOR_CYCLES

@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rswap_ebpf import config, paths
-from rswap_ebpf.enforce.cgroup import (CgroupManager, CgroupMounts, CgroupV2CpuWriter, FileApplier,
+from rswap_ebpf.runtime import config
+from rswap_ebpf import paths
+from rswap_ebpf.host.cgroup import (CgroupManager, CgroupMounts, CgroupV2CpuWriter, FileApplier,
                                        check_task_name)
-from rswap_ebpf.enforce.journal import Journal
-from rswap_ebpf.enforce.resctrl import GROUP_PREFIX, ResctrlEnforcer
+from rswap_ebpf.host.journal import Journal
+from rswap_ebpf.host.cache.resctrl import GROUP_PREFIX, ResctrlEnforcer
 from rswap_ebpf.errors import ConfigError, EnforceError
 from tests.fakes.resctrl import FakeResctrl
 
@@ -154,7 +155,7 @@ def test_resctrl_group_planted_as_symlink_is_refused(tmp_path):
 @pytest.mark.parametrize("value", ["../../etc/passwd", "/etc/passwd", "/dev/null", "null",
                                    "sda\u0000", "1:2:3", "x:y", ""])
 def test_io_device_that_is_not_a_whole_block_device_is_refused(value):
-    from rswap_ebpf.enforce.blkio import resolve_device
+    from rswap_ebpf.host.io.enforcer import resolve_device
 
     with pytest.raises(ConfigError):
         resolve_device(value)
@@ -163,7 +164,7 @@ def test_io_device_that_is_not_a_whole_block_device_is_refused(value):
 @pytest.mark.parametrize("value", ["../x", "a/b", "x\u0000", "", "ns:a/b", "a" * 16, "..", ".",
                                    "..:va", ".:va", "ns/..:va", "eth0 ", ":"])
 def test_interface_names_that_are_paths_are_refused(value):
-    from rswap_ebpf.enforce.tc import parse_iface
+    from rswap_ebpf.host.net.tc import parse_iface
 
     before = set(os.listdir("/var/run/netns")) if os.path.isdir("/var/run/netns") else set()
     with pytest.raises(ConfigError):

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from rswap_ebpf import control
-from rswap_ebpf.control import ControlServer, Deferred, raw_request, request
+from rswap_ebpf.server import control
+from rswap_ebpf.server.control import ControlServer, Deferred, raw_request, request
 from rswap_ebpf.errors import ConfigError, RswapError
 
 

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from rswap_ebpf import config as configmod
-from rswap_ebpf.coproc import Coproc, CoprocSpec, ProbeError, parse_probe_output
-from rswap_ebpf.drivers import DriverContext
-from rswap_ebpf.drivers.coproc import make
-from rswap_ebpf.enforce.cgroup import CgroupMounts, FileApplier, TaskCgroup
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.runtime import config as configmod
+from rswap_ebpf.host.coproc.device import Coproc, CoprocSpec, ProbeError, parse_probe_output
+from rswap_ebpf.host.registry import DriverContext
+from rswap_ebpf.host.coproc.driver import make
+from rswap_ebpf.host.cgroup import CgroupMounts, FileApplier, TaskCgroup
+from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.errors import ConfigError, EnforceError
 
 

@@ -16,20 +16,20 @@ import sys
 
 import pytest
 
-from rswap_ebpf import config as configmod
-from rswap_ebpf.control import Peer
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.doctor import check_coprocs
-from rswap_ebpf.enforce.cgroup import CgroupMounts
+from rswap_ebpf.runtime import config as configmod
+from rswap_ebpf.server.control import Peer
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.cli.doctor import check_coprocs
+from rswap_ebpf.host.cgroup import CgroupMounts
 from rswap_ebpf.errors import ConfigError, ResourceError
-from rswap_ebpf.metrics import MetricsExporter
+from rswap_ebpf.server.metrics import MetricsExporter
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.store import ProfileStore
-from rswap_ebpf.replay import replay
-from rswap_ebpf.resources import (ResourceId, ResourcePool, ResourceType, parse_resource)
-from rswap_ebpf.sched import Scheduler, parse_limits
+from rswap_ebpf.offline.replay import replay
+from rswap_ebpf.model.resources import (ResourceId, ResourcePool, ResourceType, parse_resource)
+from rswap_ebpf.server.scheduler import Scheduler, parse_limits
 from rswap_ebpf.swap.manager import Limits
-from rswap_ebpf.trace import TraceWriter, read_trace
+from rswap_ebpf.offline.trace import TraceWriter, read_trace
 
 COPROC = ResourceType.SPECIALIZED_COPROC
 FPGA, NPU = ResourceId(COPROC, "fpga0"), ResourceId(COPROC, "npu")

@@ -11,14 +11,14 @@ import os
 
 import pytest
 
-from rswap_ebpf.config import Config, DaemonConfig, parse
-from rswap_ebpf.daemon import Daemon, TaskRuntime
-from rswap_ebpf.drivers.cpu import TIER_SHAPES, tier_shapes
-from rswap_ebpf.enforce.cgroup import (CgroupMounts, CgroupV1CpuWriter, CgroupV2CpuWriter,
+from rswap_ebpf.runtime.config import Config, DaemonConfig, parse
+from rswap_ebpf.runtime.daemon import Daemon, TaskRuntime
+from rswap_ebpf.host.cpu.driver import TIER_SHAPES, tier_shapes
+from rswap_ebpf.host.cgroup import (CgroupMounts, CgroupV1CpuWriter, CgroupV2CpuWriter,
                                        CpuShape, TaskCgroup, burst_supported)
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.forecasters import SeasonalNaive
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.model.resources import ResourceType
 
 CPU = ResourceType.PROCESSOR_CYCLES
 
@@ -146,7 +146,7 @@ def test_cpu_floor_is_kept_under_the_quota_and_weight_not_taken_from_the_pool(v1
     """With a CPU driver, a critical task's seasonal floor goes to its cgroup (quota and shares
     at least the floor plus headroom) while its units, and so what batch is left, follow the
     window's forecast: reserving the floor kept batch at static partitioning's level."""
-    from rswap_ebpf.drivers.cpu import CpuDriver
+    from rswap_ebpf.host.cpu.driver import CpuDriver
     from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority
 
     cg, d_ = v1
@@ -172,7 +172,7 @@ def test_cpu_floor_is_kept_under_the_quota_and_weight_not_taken_from_the_pool(v1
 
 
 def test_burst_on_a_unified_host_where_no_cgroup_has_cpu_yet(tmp_path, monkeypatch):
-    from rswap_ebpf.enforce import cgroup as cgroup_mod
+    from rswap_ebpf.host import cgroup as cgroup_mod
 
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     (tmp_path / "system.slice").mkdir()  # systemd's slices, cpu not enabled: no cpu.* files
@@ -187,7 +187,7 @@ def test_burst_on_a_unified_host_where_no_cgroup_has_cpu_yet(tmp_path, monkeypat
 
 
 def test_kernel_release_comparison():
-    from rswap_ebpf.enforce.cgroup import _kernel_at_least
+    from rswap_ebpf.host.cgroup import _kernel_at_least
 
     assert _kernel_at_least(5, 14, "6.1.0-50-amd64")
     assert _kernel_at_least(5, 14, "5.14.0")

@@ -14,16 +14,16 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
-from rswap_ebpf.config import parse
-from rswap_ebpf.drivers.cpu import CpuDriver
-from rswap_ebpf.enforce import cpuset
-from rswap_ebpf.enforce.cgroup import CgroupMounts, FileApplier, TaskCgroup
-from rswap_ebpf.enforce.cpuset import (CpusetIsolator, CriticalIsolation, IsolationPolicy,
+from rswap_ebpf.runtime.config import parse
+from rswap_ebpf.host.cpu.driver import CpuDriver
+from rswap_ebpf.host.cpu import cpuset
+from rswap_ebpf.host.cgroup import CgroupMounts, FileApplier, TaskCgroup
+from rswap_ebpf.host.cpu.cpuset import (CpusetIsolator, CriticalIsolation, IsolationPolicy,
                                        cores_wanted, cpuset_hierarchy, format_cpulist,
                                        parse_cpulist, split_cores)
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.errors import ConfigError, FeatureMissing
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.model.resources import ResourceType
 
 
 def test_docstring_examples():
@@ -250,7 +250,7 @@ def test_config_option_is_a_bool_and_threshold_a_positive_number():
 
 
 def test_doctor_says_ok_or_missing_with_the_fix(tmp_path):
-    from rswap_ebpf.doctor import check_cpuset
+    from rswap_ebpf.cli.doctor import check_cpuset
 
     mounts, root = _v1_tree(tmp_path)
     ok = check_cpuset(mounts)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rswap_ebpf.fairlock import FairRLock
+from rswap_ebpf.runtime.fairlock import FairRLock
 
 
 def busy(seconds: float) -> None:

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from rswap_ebpf.enforce import resctrl
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.host.cache import resctrl
+from rswap_ebpf.host.journal import Journal
 from tests.fakes.resctrl import FakeResctrl
 from tests.kernel.test_crash_resctrl import digest
 

@@ -16,10 +16,10 @@ import pytest
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.forecasters import make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
-from rswap_ebpf.replay import replay
-from rswap_ebpf.resources import ResourceId, ResourcePool, ResourceType
+from rswap_ebpf.offline.replay import replay
+from rswap_ebpf.model.resources import ResourceId, ResourcePool, ResourceType
 from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
-from rswap_ebpf.trace import Trace
+from rswap_ebpf.offline.trace import Trace
 from tests.unit.test_coproc_multi import Card, _daemon
 
 CPU = ResourceType.PROCESSOR_CYCLES

@@ -7,7 +7,7 @@ import pytest
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.forecasters import available, make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.model.resources import ResourceType
 
 CPU = ResourceType.PROCESSOR_CYCLES
 PERIODIC = [1500.0 if i % 10 < 3 else 50.0 for i in range(80)]

@@ -6,7 +6,7 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rswap_ebpf import config
+from rswap_ebpf.runtime import config
 from rswap_ebpf.errors import RswapError
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),

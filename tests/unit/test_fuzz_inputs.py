@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rswap_ebpf import config
-from rswap_ebpf.coproc import Coproc, CoprocSpec, ProbeError, parse_probe_output
+from rswap_ebpf.runtime import config
+from rswap_ebpf.host.coproc.device import Coproc, CoprocSpec, ProbeError, parse_probe_output
 from rswap_ebpf.errors import ConfigError, RswapError
-from rswap_ebpf.resources import ResourceType
-from rswap_ebpf.trace import HEADER, read_trace
+from rswap_ebpf.model.resources import ResourceType
+from rswap_ebpf.offline.trace import HEADER, read_trace
 
 FAST = settings(max_examples=2000, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -163,9 +163,9 @@ request = st.fixed_dictionaries(
 @pytest.fixture
 def scheduler(tmp_path, rswap_env):
     """The real control-socket dispatcher over a daemon on a fake cgroup2 tree (replayed CPU)."""
-    from rswap_ebpf.daemon import Daemon
-    from rswap_ebpf.enforce.cgroup import CgroupMounts
-    from rswap_ebpf.sched import Scheduler
+    from rswap_ebpf.runtime.daemon import Daemon
+    from rswap_ebpf.host.cgroup import CgroupMounts
+    from rswap_ebpf.server.scheduler import Scheduler
     from tests.unit.test_metrics import CONFIG, TRACE, ReplayDriver
 
     cgroot = tmp_path / "cgroup"
@@ -194,7 +194,7 @@ def daemon_state(d) -> tuple:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(request)
 def test_control_requests_fuzz(scheduler, req):
-    from rswap_ebpf.control import Deferred, Peer
+    from rswap_ebpf.server.control import Deferred, Peer
 
     req.pop("command", None)  # never let the fuzzer start programs
     d = scheduler.daemon

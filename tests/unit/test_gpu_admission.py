@@ -15,15 +15,15 @@ import time
 
 import pytest
 
-from rswap_ebpf import config
-from rswap_ebpf.control import Deferred, Peer
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.drivers.gpu import GpuDriver, gpu_need
-from rswap_ebpf.enforce.cgroup import CgroupMounts
+from rswap_ebpf.runtime import config
+from rswap_ebpf.server.control import Deferred, Peer
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.host.gpu.driver import GpuDriver, gpu_need
+from rswap_ebpf.host.cgroup import CgroupMounts
 from rswap_ebpf.predict.profile import TaskProfiler
-from rswap_ebpf.resources import ResourceType
-from rswap_ebpf.sched import Scheduler
-from rswap_ebpf.sense.nvml import NvmlCollector
+from rswap_ebpf.model.resources import ResourceType
+from rswap_ebpf.server.scheduler import Scheduler
+from rswap_ebpf.host.gpu.nvml import NvmlCollector
 from rswap_ebpf.swap.manager import Limits
 from tests.fakes.pynvml import FakeGpu, FakeNvml
 

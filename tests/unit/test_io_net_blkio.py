@@ -11,10 +11,10 @@ import os
 
 import pytest
 
-from rswap_ebpf.enforce.blkio import (BlockDevice, CgroupV1IoWriter, CgroupV2IoWriter, IoEnforcer,
+from rswap_ebpf.host.io.enforcer import (BlockDevice, CgroupV1IoWriter, CgroupV2IoWriter, IoEnforcer,
                                       IoLimit, resolve_device)
-from rswap_ebpf.enforce.cgroup import TaskCgroup
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.host.cgroup import TaskCgroup
+from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.errors import ConfigError
 
 DEV = BlockDevice(7, 3, "/dev/loop3")
@@ -106,7 +106,7 @@ def test_bad_device_names(name, msg):
 
 
 def test_config_names_the_field_and_applies_nothing():
-    from rswap_ebpf import config
+    from rswap_ebpf.runtime import config
 
     with pytest.raises(ConfigError) as err:
         config.parse('[[task]]\nname = "a"\ncgroup = "x"\nio = { min = 1 }\n')
@@ -117,8 +117,8 @@ def test_config_names_the_field_and_applies_nothing():
 
 
 def test_net_ingress_option_is_a_boolean():
-    from rswap_ebpf import config as configmod
-    from rswap_ebpf.resources import ResourceType
+    from rswap_ebpf.runtime import config as configmod
+    from rswap_ebpf.model.resources import ResourceType
 
     cfg = configmod.parse("[resources.net]\ntotal = 1000000\ningress = true\n")
     assert cfg.options[ResourceType.NETWORK_BANDWIDTH] == {"ingress": True}

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from rswap_ebpf.daemon import Lock
+from rswap_ebpf.runtime.daemon import Lock
 from rswap_ebpf.errors import AlreadyRunning
 
 HOLD = ("import sys, time\n"
-        "from rswap_ebpf.daemon import Lock\n"
+        "from rswap_ebpf.runtime.daemon import Lock\n"
         "Lock().acquire(); print('held', flush=True); time.sleep(60)")
 
 

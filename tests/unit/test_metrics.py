@@ -11,13 +11,13 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rswap_ebpf import config
-from rswap_ebpf.bpfinfo import ProgramStats
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.drivers.base import ResourceDriver
-from rswap_ebpf.enforce.cgroup import CgroupMounts
-from rswap_ebpf.metrics import MetricsExporter, metric_name
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.runtime import config
+from rswap_ebpf.host.bpfinfo import ProgramStats
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.host.driver import ResourceDriver
+from rswap_ebpf.host.cgroup import CgroupMounts
+from rswap_ebpf.server.metrics import MetricsExporter, metric_name
+from rswap_ebpf.model.resources import ResourceType
 
 CPU = ResourceType.PROCESSOR_CYCLES
 

@@ -6,10 +6,10 @@ import pytest
 
 import pynvml
 
-from rswap_ebpf.drivers.gpu import GpuDriver
-from rswap_ebpf.enforce.cgroup import TaskCgroup
+from rswap_ebpf.host.gpu.driver import GpuDriver
+from rswap_ebpf.host.cgroup import TaskCgroup
 from rswap_ebpf.errors import FeatureMissing
-from rswap_ebpf.sense.nvml import NvmlCollector
+from rswap_ebpf.host.gpu.nvml import NvmlCollector
 from tests.fakes.pynvml import FakeGpu, FakeNvml
 
 GiB = 2**30

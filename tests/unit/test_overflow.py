@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.overflow import OverflowHook
-from rswap_ebpf.resources import ResourcePool, ResourceType
+from rswap_ebpf.runtime.overflow import OverflowHook
+from rswap_ebpf.model.resources import ResourcePool, ResourceType
 from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, Shortfall, SwapManager
 
 CPU = ResourceType.PROCESSOR_CYCLES

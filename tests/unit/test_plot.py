@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.plot import load_history, render
+from rswap_ebpf.offline.plot import load_history, render
 from tests.conftest import run_rswap
 from tests.unit.test_top import replayed  # noqa: F401  (fixture)
 

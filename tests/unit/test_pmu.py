@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from rswap_ebpf.errors import FeatureMissing
-from rswap_ebpf.sense import pmu
+from rswap_ebpf.host.cache import pmu
 
 
 def test_no_pmu_is_missing_with_why_and_fix(tmp_path, monkeypatch):

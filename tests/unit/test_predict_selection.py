@@ -9,7 +9,7 @@ from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.forecasters import make_forecaster
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.selection import AutoForecaster, pinball
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.model.resources import ResourceType
 
 CPU = ResourceType.PROCESSOR_CYCLES
 

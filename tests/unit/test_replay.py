@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from rswap_ebpf.cli import main
-from rswap_ebpf.cli_trace import parse_spec
+from rswap_ebpf.cli.main import main
+from rswap_ebpf.cli.trace import parse_spec
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.period import detect
-from rswap_ebpf.replay import default_totals, format_table, replay
-from rswap_ebpf.resources import ResourceType
-from rswap_ebpf.trace import Trace, TraceWriter, read_trace
+from rswap_ebpf.offline.replay import default_totals, format_table, replay
+from rswap_ebpf.model.resources import ResourceType
+from rswap_ebpf.offline.trace import Trace, TraceWriter, read_trace
 
 CPU = ResourceType.PROCESSOR_CYCLES
 
@@ -189,7 +189,7 @@ def test_the_throttled_reading_models():
     busy thread as its demand at any cap and a half-busy one from its demand (cap there) to a
     whole CPU (cap 0), linearly in the share held back; ``demand`` is the demand; neither reads
     above the host."""
-    from rswap_ebpf.replay import throttled_reading
+    from rswap_ebpf.offline.replay import throttled_reading
 
     assert throttled_reading(2000.0, 200.0, 4000) == pytest.approx(2000.0)
     assert throttled_reading(1000.0, 10.0, 4000) == pytest.approx(1000.0)
@@ -205,7 +205,7 @@ def test_the_throttled_reading_models():
 
 
 def test_auto_is_scored_over_the_replay_window():
-    from rswap_ebpf.replay import _scored_over
+    from rswap_ebpf.offline.replay import _scored_over
 
     assert _scored_over(None, 3) == {"name": "auto", "horizon": 3}
     assert _scored_over({"name": "auto", "quantile": 0.5}, 1) == {
@@ -218,7 +218,7 @@ def test_clairvoyant_bound_is_below_every_policy_replayed():
     """The dynamic program's least shortfall + lam * slack is a lower bound: every policy replayed
     on the daemon's path (no pool contention here) costs at least that, and the dual bound on
     shortfall at a policy's own slack is never above that policy's shortfall."""
-    from rswap_ebpf.replay import clairvoyant_bound, least_cost
+    from rswap_ebpf.offline.replay import clairvoyant_bound, least_cost
 
     tr = _periodic_trace(60)
     totals = {CPU: 4000}  # room for both: the per-task bound assumes the pool never binds
@@ -236,7 +236,7 @@ def test_clairvoyant_bound_is_below_every_policy_replayed():
 
 
 def test_at_equal_slack_reads_reactives_frontier_between_its_headrooms():
-    from rswap_ebpf.replay import at_equal_slack
+    from rswap_ebpf.offline.replay import at_equal_slack
     # (slack, shortfall) at four headrooms; the third is worse than the second (a grid wobble)
     pts = [(100.0, 900.0), (300.0, 500.0), (400.0, 600.0), (700.0, 200.0)]
     assert at_equal_slack(pts, 50.0) is None  # reactive never spends this little
@@ -252,7 +252,7 @@ def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
     """With reactive and proactive both run, the last table divides proactive's shortfall by
     reactive's at proactive's slack, per task and in total, from reactive replayed at every
     headroom; --headroom changes reactive's row above, not that comparison."""
-    from rswap_ebpf.replay import at_equal_slack, reactive_frontier
+    from rswap_ebpf.offline.replay import at_equal_slack, reactive_frontier
     p = tmp_path / "t.csv"
     trace = _periodic_trace(120)
     _write(p, trace)

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from rswap_ebpf.enforce import resctrl
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.host.cache import resctrl
+from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.errors import EnforceError, FeatureMissing, RswapError
 from tests.fakes.resctrl import FakeResctrl
 

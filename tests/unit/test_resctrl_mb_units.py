@@ -12,12 +12,12 @@ import os
 
 import pytest
 
-from rswap_ebpf import config as configmod
-from rswap_ebpf.drivers import DriverContext
-from rswap_ebpf.drivers import membw as membwmod
-from rswap_ebpf.enforce import resctrl
-from rswap_ebpf.enforce.cgroup import CgroupMounts, FileApplier, TaskCgroup
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.runtime import config as configmod
+from rswap_ebpf.host.registry import DriverContext
+from rswap_ebpf.host.cache import membw as membwmod
+from rswap_ebpf.host.cache import resctrl
+from rswap_ebpf.host.cgroup import CgroupMounts, FileApplier, TaskCgroup
+from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.errors import ConfigError
 from tests.fakes.resctrl import FakeResctrl
 

@@ -6,14 +6,14 @@ import os
 
 import pytest
 
-from rswap_ebpf import config as configmod
-from rswap_ebpf.drivers import DriverContext
-from rswap_ebpf.drivers import cache as cachemod
-from rswap_ebpf.drivers import membw as membwmod
-from rswap_ebpf.enforce.cgroup import CgroupMounts, FileApplier, TaskCgroup
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.runtime import config as configmod
+from rswap_ebpf.host.registry import DriverContext
+from rswap_ebpf.host.cache import driver as cachemod
+from rswap_ebpf.host.cache import membw as membwmod
+from rswap_ebpf.host.cgroup import CgroupMounts, FileApplier, TaskCgroup
+from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.errors import FeatureMissing
-from rswap_ebpf.sense.resctrl_mon import MbmCollector
+from rswap_ebpf.host.cache.monitor import MbmCollector
 from tests.fakes.resctrl import FakeResctrl
 
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rswap_ebpf.errors import ConfigError, ResourceError
-from rswap_ebpf.resources import ResourcePool, ResourceType, check_units
+from rswap_ebpf.model.resources import ResourcePool, ResourceType, check_units
 
 CPU = ResourceType.PROCESSOR_CYCLES
 

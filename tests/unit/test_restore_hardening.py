@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
-from rswap_ebpf.enforce import journal as journalmod
-from rswap_ebpf.enforce.cgroup import CgroupManager, CgroupMounts
-from rswap_ebpf.enforce.journal import Journal
+from rswap_ebpf.host import journal as journalmod
+from rswap_ebpf.host.cgroup import CgroupManager, CgroupMounts
+from rswap_ebpf.host.journal import Journal
 from tests.unit.test_cgroup_v2_controllers import SubtreeControl
 
 
@@ -35,7 +35,7 @@ class FakeCgroupFs:
         monkeypatch.setattr(os, "mkdir", self.mkdir)
         monkeypatch.setattr(os, "rmdir", self.rmdir)
         monkeypatch.setattr(journalmod, "write_file", self.write)
-        monkeypatch.setattr("rswap_ebpf.enforce.cgroup.write_file", self.write)
+        monkeypatch.setattr("rswap_ebpf.host.cgroup.write_file", self.write)
 
     def _ours(self, path):
         return os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep)
@@ -255,7 +255,7 @@ def test_rswap_restore_reports_refused_entries_and_exits_1(tmp_path, mounts):
                   [{"op": "write", "path": str(quota), "original": "50000\n"},
                    {"op": "write", "path": str(outside / "victim"), "original": "pwned"}])
     env = {**os.environ, "RSWAP_STATE_DIR": str(state), "RSWAP_RUN_DIR": str(tmp_path / "run")}
-    r = subprocess.run([sys.executable, "-m", "rswap_ebpf.cli", "restore"], env=env,
+    r = subprocess.run([sys.executable, "-m", "rswap_ebpf.cli.main", "restore"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "refused" in r.stderr and "victim" in r.stderr

@@ -12,7 +12,7 @@ import pytest
 from rswap_ebpf.predict.forecasters import make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.store import ProfileStore, Retention, task_identity
-from rswap_ebpf.resources import ResourceType
+from rswap_ebpf.model.resources import ResourceType
 
 CPU = ResourceType.PROCESSOR_CYCLES
 IO = ResourceType.STORAGE_IOPS
@@ -157,7 +157,7 @@ def test_a_restart_after_a_gap_keeps_the_seasonal_phase(tmp_path, monkeypatch):
     from rswap_ebpf.predict.forecasters import make_forecaster
     from rswap_ebpf.predict.profile import TaskProfiler
     from rswap_ebpf.predict.store import ProfileStore
-    from rswap_ebpf.resources import ResourceType
+    from rswap_ebpf.model.resources import ResourceType
 
     cpu = ResourceType.PROCESSOR_CYCLES
     clock = [1000.0]

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rswap_ebpf.errors import ResourceError
-from rswap_ebpf.resources import ResourcePool, ResourceType
+from rswap_ebpf.model.resources import ResourcePool, ResourceType
 from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
 
 CPU = ResourceType.PROCESSOR_CYCLES

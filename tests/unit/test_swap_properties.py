@@ -12,7 +12,7 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rswap_ebpf.resources import ResourcePool, ResourceType
+from rswap_ebpf.model.resources import ResourcePool, ResourceType
 from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
 from rswap_ebpf.swap.policy import StabilityPolicy
 

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from rswap_ebpf import config
-from rswap_ebpf.cli_ops import shipped
+from rswap_ebpf.runtime import config
+from rswap_ebpf.cli.ops import shipped
 from tests.conftest import run_rswap
 
 UNIT_DIRS = ("/usr/lib/systemd/system", "/lib/systemd/system")

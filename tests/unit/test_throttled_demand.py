@@ -12,14 +12,14 @@ import math
 
 import pytest
 
-from rswap_ebpf import config
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.drivers.base import ResourceDriver
-from rswap_ebpf.drivers.cpu import CpuDriver
-from rswap_ebpf.enforce.cgroup import (CgroupMounts, CgroupV1CpuWriter, CgroupV2CpuWriter,
+from rswap_ebpf.runtime import config
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.host.driver import ResourceDriver
+from rswap_ebpf.host.cpu.driver import CpuDriver
+from rswap_ebpf.host.cgroup import (CgroupMounts, CgroupV1CpuWriter, CgroupV2CpuWriter,
                                        TaskCgroup, ThrottleStats)
-from rswap_ebpf.resources import ResourcePool, ResourceType
-from rswap_ebpf.sense.cpu import CpuDelta
+from rswap_ebpf.model.resources import ResourcePool, ResourceType
+from rswap_ebpf.host.cpu.collector import CpuDelta
 from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
 
 CPU = ResourceType.PROCESSOR_CYCLES
@@ -175,7 +175,7 @@ def test_the_daemon_allocates_what_a_throttled_task_waited_for(tmp_path, rswap_e
 def test_doctor_says_whether_the_kernel_gives_the_throttled_time(tmp_path):
     """`rswap doctor`: ok where a cpu.stat (the root's or a child's) counts the time, a fallback
     that says what happens instead where it counts periods only or nothing."""
-    from rswap_ebpf.doctor import check_throttled_time
+    from rswap_ebpf.cli.doctor import check_throttled_time
 
     v1 = tmp_path / "cpu"
     v1.mkdir()

@@ -7,10 +7,10 @@ import re
 import pytest
 from rich.console import Console
 
-from rswap_ebpf import config
-from rswap_ebpf.daemon import Daemon
-from rswap_ebpf.enforce.cgroup import CgroupMounts
-from rswap_ebpf.top import fmt_units, render, run_top
+from rswap_ebpf.runtime import config
+from rswap_ebpf.runtime.daemon import Daemon
+from rswap_ebpf.host.cgroup import CgroupMounts
+from rswap_ebpf.cli.top import fmt_units, render, run_top
 from tests.conftest import run_rswap
 from tests.unit.test_metrics import CONFIG, TRACE, ReplayDriver
 

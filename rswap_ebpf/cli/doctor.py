@@ -1,0 +1,316 @@
+"""``rswap doctor``: every kernel feature rswap uses, probed, each ok / missing / fallback."""
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterable
+
+from rswap_ebpf import paths
+from rswap_ebpf.host.driver import FeatureCheck
+from rswap_ebpf.errors import FeatureMissing
+from rswap_ebpf.model.resources import ResourceType
+
+CPU = ResourceType.PROCESSOR_CYCLES
+
+
+def _ok(feature, detail="", needed=()):
+    return FeatureCheck(feature, "ok", detail, "", tuple(needed))
+
+
+def _missing(feature, detail, fix="", needed=()):
+    return FeatureCheck(feature, "missing", detail, fix, tuple(needed))
+
+
+def _fallback(feature, detail, fix="", needed=()):
+    return FeatureCheck(feature, "fallback", detail, fix, tuple(needed))
+
+
+def _is_mount(path: str, fstype: str) -> bool:
+    try:
+        with open(os.path.join(paths.root("PROCFS_ROOT"), "self/mounts")) as f:
+            return any(line.split()[1] == path and line.split()[2] == fstype for line in f)
+    except OSError:
+        return False
+
+
+def check_root() -> FeatureCheck:
+    if os.geteuid() == 0:
+        return _ok("root", "running as uid 0", [CPU])
+    return _missing("root", f"running as uid {os.geteuid()}", "run rswap as root (sudo)", [CPU])
+
+
+def check_bcc() -> FeatureCheck:
+    from rswap_ebpf.host import bpf
+
+    try:
+        bcc = bpf.import_bcc()
+    except FeatureMissing as err:
+        return _missing("bcc", err.why, err.fix, [CPU])
+    return _ok("bcc", f"{getattr(bcc, '__version__', '?')} from {os.path.dirname(bcc.__file__)}", [CPU])
+
+
+def check_headers() -> FeatureCheck:
+    kver = platform.release()
+    build = f"/lib/modules/{kver}/build"
+    if not os.path.exists(os.path.join(build, "include")):
+        return _missing("kernel headers", f"{build} is missing",
+                        "apt-get install linux-headers-amd64, then tools/setup links them", [CPU])
+    target = os.path.realpath(build)
+    if kver.split("-")[0].rsplit(".", 1)[0] not in os.path.basename(target):
+        return _fallback("kernel headers", f"{build} -> {target} (another kernel version): "
+                         "rswap reads only tracepoint args and helpers, never struct fields",
+                         needed=[CPU])
+    return _ok("kernel headers", target, [CPU])
+
+
+def check_bpffs() -> FeatureCheck:
+    root = paths.root("BPFFS_ROOT")
+    if _is_mount(root, "bpf"):
+        return _ok("bpffs", f"mounted on {root}; maps pin under {paths.pin_dir()}", [CPU])
+    return _missing("bpffs", f"{root} is not a bpf filesystem",
+                    f"mount -t bpf bpf {root} (tools/setup does)", [CPU])
+
+
+def check_tracefs() -> FeatureCheck:
+    for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if os.path.exists(os.path.join(p, "events/sched/sched_switch")):
+            return _ok("tracefs", f"{p}", [])
+    return _fallback("tracefs", "not mounted: only raw tracepoints can be used",
+                     "mount -t tracefs tracefs /sys/kernel/tracing")
+
+
+def check_sched_switch() -> FeatureCheck:
+    from rswap_ebpf.host import bpf
+
+    if os.geteuid() != 0:
+        return _missing("sched_switch hook", "cannot probe without root", "run as root", [CPU])
+    if bpf.raw_tracepoint_supported():
+        return _ok("sched_switch hook", "raw_tracepoint:sched_switch", [CPU])
+    if bpf.tracepoint_exists("sched", "sched_switch"):
+        return _fallback("sched_switch hook", "tracepoint:sched:sched_switch (no raw tracepoints)",
+                         needed=[CPU])
+    return _missing("sched_switch hook", "no raw tracepoint and no tracefs event",
+                    "mount tracefs; kernel needs CONFIG_BPF_EVENTS", [CPU])
+
+
+def check_cpu_program() -> Iterable[FeatureCheck]:
+    """Load the real program once: proves BPF syscall, JIT, compile, pinning and batch drain."""
+    from rswap_ebpf.host.cpu.collector import CpuCollector
+
+    if os.geteuid() != 0:
+        return [_missing("BPF program load", "needs root", "run as root", [CPU])]
+    col = CpuCollector(flush_hz=5, pin=True)
+    try:
+        col.open()
+    except FeatureMissing as err:
+        return [_missing(err.feature, err.why, err.fix, [CPU])]
+    try:
+        col.drain()
+        out = [_ok("BPF program load", f"cpu.bpf.c on {col.attach_point}", [CPU]),
+               _ok("map pinning", f"{len(col.pinned)} maps under {paths.pin_dir()}", [CPU])]
+        out.append(_ok("periodic flush", "software cpu-clock perf event") if col.flush else
+                   _fallback("periodic flush", "no software perf events: a task is charged at "
+                             "its next switch only"))
+        return out
+    finally:
+        col.close()
+
+
+def check_cgroups() -> Iterable[FeatureCheck]:
+    from rswap_ebpf.host.cgroup import cpu_writer, detect_mounts
+
+    try:
+        m = detect_mounts()
+    except FeatureMissing as err:
+        return [_missing("cgroups", err.why, err.fix, [CPU])]
+    out = []
+    if m.mode == "unified":
+        out.append(_ok("cgroup mode", f"unified (cgroup2 at {m.unified})", [CPU]))
+    elif m.mode == "hybrid":
+        out.append(_fallback("cgroup mode", f"hybrid: cgroup2 at {m.unified} for identity, v1 "
+                             f"controllers {', '.join(sorted(m.v1))} for limits", needed=[CPU]))
+    else:
+        out.append(_fallback("cgroup mode", "legacy v1 only: BPF cannot attribute by cgroup id",
+                             needed=[CPU]))
+    try:
+        w = cpu_writer(m)
+        files = "cpu.max/cpu.weight" if w.version == "v2" else "cpu.cfs_quota_us/cpu.shares"
+        out.append(_ok("cpu controller", f"cgroup {w.version} ({files})", [CPU]))
+    except FeatureMissing as err:
+        out.append(_missing("cpu controller", err.why, err.fix, [CPU]))
+        return out
+    out.append(check_cfs_burst(m))
+    out.append(check_throttled_time(m, w))
+    out.append(check_cpuset(m))
+    return out
+
+
+def check_throttled_time(mounts, writer) -> FeatureCheck:
+    """A throttled task's demand is read as use + the time it waited throttled (drivers.cpu):
+    ``cpu.stat``'s ``throttled_time`` (v1, ns) or ``throttled_usec`` (v2)."""
+    root = mounts.v1.get("cpu") if writer.version == "v1" else mounts.unified
+    dirs = [root] if root else []
+    try:
+        dirs += sorted(e.path for e in os.scandir(root) if e.is_dir())[:32] if root else []
+    except OSError:
+        pass
+    counts_only = False
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "cpu.stat")) as f:
+                keys = {line.split(" ", 1)[0] for line in f}
+        except OSError:
+            continue
+        found = keys & {"throttled_time", "throttled_usec"}
+        if found:
+            return _ok("throttled time", f"cpu.stat {found.pop()}: a throttled task is seen at "
+                       "what it used plus what it waited for", [CPU])
+        counts_only = counts_only or "nr_throttled" in keys
+    if writer.version == "v2" and "cpu" in mounts.v2_controllers():
+        # cgroup2's cpu controller has always counted throttled_usec; no cgroup may enable it yet
+        return _ok("throttled time", "cpu.stat throttled_usec (where the cpu controller is "
+                   "enabled): a throttled task is seen at what it used plus what it waited for",
+                   [CPU])
+    detail = ("cpu.stat counts throttled periods but not the time" if counts_only
+              else "no cpu.stat with throttling counters found")
+    return _fallback("throttled time", f"{detail}: a throttled task's allocation grows x2 a tick "
+                     "until its quota no longer binds", "a kernel with CONFIG_CFS_BANDWIDTH",
+                     [CPU])
+
+
+def check_cpuset(mounts) -> FeatureCheck:
+    """``critical_isolate`` keeps lower tiers off a critical burst's cores (enforce.cpuset)."""
+    from rswap_ebpf.host.cpu.cpuset import allowed_cpus, cpuset_hierarchy
+
+    try:
+        version, root = cpuset_hierarchy(mounts)
+    except FeatureMissing as err:
+        return _missing("cpuset isolation", err.why, err.fix, [CPU])
+    allowed = allowed_cpus(version, root)
+    if len(allowed) < 2:
+        return _missing("cpuset isolation", f"{len(allowed)} CPU: no core to isolate",
+                        "a host with 2 or more CPUs", [CPU])
+    where = (f"cgroup v1 at {root}: lower tiers get rswap/<task> there" if version == "v1" else
+             f"cgroup v2 at {root}: cpuset is enabled for rswap's cgroups when needed")
+    return _ok("cpuset isolation", f"[resources.cpu] critical_isolate: {where}; "
+               f"{len(allowed)} CPUs, at most {len(allowed) - 1} kept for a critical burst", [CPU])
+
+
+def check_cfs_burst(mounts) -> FeatureCheck:
+    """CFS burst lets a critical task spend quota it saved at a burst's edge (drivers.cpu)."""
+    from rswap_ebpf.host.cgroup import burst_supported, cpu_writer
+
+    found = burst_supported(mounts)
+    if found:
+        return _ok("cfs burst", f"{found}: critical tasks carry one quota of unused CPU time", [CPU])
+    return _fallback("cfs burst", f"no {cpu_writer(mounts).burst_file} (kernel before 5.14 or "
+                     "CONFIG_CFS_BANDWIDTH off): critical tasks get quota without burst credit, "
+                     "so a burst's first period can be throttled", "a 5.14+ kernel", [CPU])
+
+
+def check_pmu() -> FeatureCheck:
+    from rswap_ebpf.host.cache.pmu import PMU_EVENTS_DIR, pmu_available, pmu_missing
+
+    if pmu_available():
+        return _ok("hardware PMU", f"{PMU_EVENTS_DIR}/cache-misses present", [ResourceType.CACHE])
+    err = pmu_missing()
+    return _missing("hardware PMU", err.why, err.fix, [ResourceType.CACHE])
+
+
+def check_resctrl() -> FeatureCheck:
+    root = paths.root("RESCTRL_ROOT")
+    if os.path.exists(os.path.join(root, "schemata")):
+        return _ok("resctrl", f"mounted on {root}", [ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH])
+    try:
+        with open("/proc/filesystems") as f:
+            known = "resctrl" in f.read()
+    except OSError:
+        known = False
+    why = ("the kernel supports it but it is not mounted" if known else
+           "the kernel has no resctrl (no Intel RDT / AMD QoS, or CONFIG_X86_CPU_RESCTRL off)")
+    fix = "mount -t resctrl resctrl /sys/fs/resctrl" if known else "needs RDT-capable hardware"
+    return _missing("resctrl", why, fix, [ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH])
+
+
+def check_nvml(nvml=None) -> FeatureCheck:
+    from rswap_ebpf.host.gpu.nvml import NvmlCollector
+
+    try:
+        with NvmlCollector(nvml) as col:
+            devs = col.drain().devices
+    except FeatureMissing as err:
+        return _missing("NVML", err.why, err.fix, [ResourceType.GPU_MEMORY])
+    names = ", ".join(f"{d.index}: {d.name} {d.total_bytes >> 20} MiB" for d in devs)
+    return _ok("NVML", f"{len(devs)} GPU(s): {names}", [ResourceType.GPU_MEMORY])
+
+
+def check_block_tracepoints() -> FeatureCheck:
+    from rswap_ebpf.host.io.collector import BlockCollector
+
+    io = [ResourceType.STORAGE_IOPS]
+    try:
+        issue, complete, owner, flags = BlockCollector.probe()
+    except FeatureMissing as err:
+        return _missing("block tracepoints", err.why, err.fix, io)
+    detail = " + ".join(f"tracepoint:{':'.join(p)}" for p in (issue, complete, owner) if p)
+    if "-DRSWAP_RQ_NO_BYTES" in flags:
+        return _fallback("block tracepoints", detail + " (no bytes field: nr_sector * 512)", needed=io)
+    if owner is None:
+        return _fallback("block tracepoints", detail + " (no block_getrq: requests kblockd issues "
+                         "are charged to it, not to their submitter)", needed=io)
+    return _ok("block tracepoints", detail, io)
+
+
+def check_clsact() -> FeatureCheck:
+    """The qdisc kinds the net driver needs, from the kernel's list (no interface is touched)."""
+    net = [ResourceType.NETWORK_BANDWIDTH]
+    try:
+        with open("/proc/net/psched"):
+            pass
+    except OSError:
+        return _missing("tc", "no /proc/net/psched (CONFIG_NET_SCHED off?)", "a kernel with tc", net)
+    mods = "/proc/modules"
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        return _missing("tc clsact + cls_bpf", "pyroute2 is not installed", "run tools/setup", net)
+    return _ok("tc clsact + cls_bpf", "pyroute2 present; attach is checked when rswap starts "
+               f"(see {mods} or CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_BPF, CONFIG_NET_SCH_HTB)", net)
+
+
+def check_coprocs(config) -> list[FeatureCheck]:
+    """Each co-processor the configuration registers: its probe run once, with no task."""
+    from rswap_ebpf.host.coproc.device import Coproc, CoprocSpec, ProbeError
+
+    out = []
+    for r, opts in sorted(getattr(config, "options", {}).items(), key=lambda kv: kv[0].key):
+        if r.type is not ResourceType.SPECIALIZED_COPROC or "probe" not in opts:
+            continue
+        spec = CoprocSpec.from_options(opts, config.totals.get(r) or 0)
+        feature = f"co-processor {spec.name}"
+        try:
+            Coproc(spec).probe({})
+        except ProbeError as err:
+            out.append(_missing(feature, str(err), "fix the probe command (rswap_ebpf/coproc.py "
+                                "describes what it is sent and must print)", [r]))
+            continue
+        apply = f", apply {' '.join(spec.apply)!r}" if spec.apply else ", no apply command"
+        out.append(_ok(feature, f"{spec.total_units} units; probe {' '.join(spec.probe)!r} "
+                       f"answered{apply}", [r]))
+    return out
+
+
+def run_checks(config=None) -> list[FeatureCheck]:
+    out = [check_root(), check_bcc(), check_headers(), check_bpffs(), check_tracefs(),
+           check_sched_switch()]
+    out += list(check_cpu_program())
+    out += list(check_cgroups())
+    out += [check_pmu(), check_resctrl(), check_nvml()]
+    out += [check_block_tracepoints(), check_clsact()]
+    if config is not None:
+        out += check_coprocs(config)
+    return out
+
+
+def needed_missing(checks: list[FeatureCheck], needed: set) -> list[FeatureCheck]:
+    return [c for c in checks if c.status == "missing" and set(c.needed_by) & needed]

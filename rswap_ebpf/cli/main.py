@@ -1,0 +1,224 @@
+"""The ``rswap`` command."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+
+from rswap_ebpf.runtime import config as configmod
+from rswap_ebpf import paths
+from rswap_ebpf.errors import ConfigError, RswapError
+
+EPILOG_RUN = """examples:
+  sudo rswap run                      # the embedded demo: a bursty critical task and a batch job
+  sudo rswap run --count 30           # 30 ticks, then stop and restore the host
+  sudo rswap run --config /etc/rswap/rswap.toml --interval 0.5
+  sudo rswap run --dry-run            # sense and plan, write no limit
+"""
+
+EPILOG = """examples:
+  sudo rswap run                      # the demo: a bursty critical task beside a batch job
+  sudo rswap doctor                   # what this kernel offers rswap
+  rswap status                        # the running daemon's pool and tasks
+  sudo rswap restore                  # after a crash: put the host back
+
+Bad input exits with status 2 and changes nothing. Run 'rswap COMMAND --help' for details.
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (0.05 <= v <= 3600):
+        raise argparse.ArgumentTypeError(f"must be between 0.05 and 3600 seconds, got {text}")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rswap", description="Pool this host's resources and hand them to tasks before "
+        "they become bottlenecks (eBPF sensing, River forecasts, cgroup enforcement).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log what rswap does")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the control loop", epilog=EPILOG_RUN,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Run the control loop. Without --config, runs the embedded "
+                         "demo: two workloads it starts itself and stops on exit.")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration (default: the demo)")
+    run.add_argument("--interval", type=_positive_float, metavar="SECONDS",
+                     help="seconds per tick (overrides daemon.interval)")
+    run.add_argument("--count", type=_count, metavar="N", help="stop after N ticks")
+    run.add_argument("--dry-run", action="store_true", help="plan and print, write no limit")
+    run.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
+    from rswap_ebpf.cli.ops import add_run_options
+
+    add_run_options(run)  # --metrics-port, --metrics-address, --history
+
+    st = sub.add_parser("status", help="show the running daemon's pool and tasks")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    doc = sub.add_parser("doctor", help="check the kernel features rswap uses")
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    doc.add_argument("--config", metavar="FILE", help="exit non-zero if a feature it needs is missing")
+
+    rs = sub.add_parser("restore", help="undo what a killed rswap left behind")
+    rs.add_argument("--state-dir", metavar="DIR", help=f"journal location (default {paths.STATE_DIR})")
+
+    for module in COMMAND_MODULES:
+        for name, handler in importlib.import_module(module).register(sub).items():
+            _HANDLERS[name] = handler
+    return p
+
+
+#: Modules adding subcommands: each has ``register(subparsers) -> {name: handler(args) -> int}``.
+COMMAND_MODULES: tuple[str, ...] = (
+    "rswap_ebpf.cli.ops",
+    "rswap_ebpf.cli.trace",
+    "rswap_ebpf.cli.tasks",
+)
+_HANDLERS: dict = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="rswap: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        handlers = {"run": cmd_run, "status": cmd_status, "doctor": cmd_doctor,
+                    "restore": cmd_restore, **_HANDLERS}
+        return handlers[args.command](args)
+    except RswapError as err:
+        print(f"rswap: error: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise RswapError(f"rswap {what} needs root (it loads BPF and writes cgroups); try sudo")
+
+
+def cmd_run(args) -> int:
+    cfg = configmod.load(args.config)
+    if args.ebpf:
+        from rswap_ebpf.host.bpf import bpf_source_dir
+
+        print((bpf_source_dir() / "cpu.bpf.c").read_text())
+        return 0
+    if args.interval:
+        from dataclasses import replace
+
+        cfg = replace(cfg, daemon=replace(cfg.daemon, interval=args.interval))
+    if not cfg.tasks:
+        raise ConfigError("task", f"{cfg.source} defines no [[task]]; nothing to do")
+    _need_root("run")
+    from rswap_ebpf.runtime.daemon import Daemon
+
+    from rswap_ebpf.cli.ops import observe
+
+    daemon = Daemon(cfg, dry_run=args.dry_run)
+    with observe(daemon, args):
+        return daemon.run(args.count)
+
+
+def cmd_status(args) -> int:
+    from rswap_ebpf.runtime.daemon import Lock, status_path
+
+    from rswap_ebpf.server.control import NotRunning, answer_timeout, request
+
+    st = None
+    try:  # the daemon's own answer, through the control socket (root)...
+        st = request("status", timeout=answer_timeout(5))["status"]
+    except NotRunning:
+        pass
+    except RswapError:  # ...else (not root) the status file it writes every tick
+        pass
+    path = status_path()
+    if st is None and (not Lock.held() or not os.path.exists(path)):
+        raise RswapError("no rswap daemon is running (start one with: sudo rswap run)")
+    if st is None:
+        with open(path) as f:
+            st = json.load(f)
+    if args.json:
+        json.dump(st, sys.stdout, indent=2)
+        print()
+        return 0
+    age = time.time() - st["time"]
+    print(f"rswap pid {st['pid']}, tick {st['tick']} ({age:.1f}s ago)"
+          + (", dry run" if st.get("dry_run") else ""))
+    for key, r in st["pool"].items():
+        print(f"pool {key}: total {r['total']} {r['unit']}, available {r['available']}")
+    rw = max([5] + [len(k) for k in st["pool"]])  # coproc:fpga0
+    print(f"{'TASK':<12} {'PRIO':<8} {'RES':<{rw}} {'USED':>8} {'FORECAST':>9} {'ALLOC':>8}  MODEL (MAE)")
+    for name, t in st["tasks"].items():
+        for key, v in t["resources"].items():
+            mae = "" if v["mae"] is None else f" ({v['mae']})"
+            print(f"{name:<12.12} {t['priority']:<8} {key:<{rw}} {v['usage']:>8} {v['forecast']:>9} "
+                  f"{v['allocation']:>8}  {v['model']}{mae}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from rswap_ebpf.cli.doctor import needed_missing, run_checks
+
+    cfg = configmod.load(args.config) if args.config else None
+    checks = run_checks(cfg)
+    if cfg is not None:
+        needed = cfg.resources
+    else:
+        from rswap_ebpf.model.resources import ResourceType
+
+        needed = {ResourceType.PROCESSOR_CYCLES}
+    bad = needed_missing(checks, needed)
+    if args.json:
+        json.dump([{"feature": c.feature, "status": c.status, "detail": c.detail, "fix": c.fix,
+                    "needed_by": [r.key for r in c.needed_by]} for c in checks], sys.stdout, indent=2)
+        print()
+    else:
+        for c in checks:
+            fix = f"  -> {c.fix}" if c.fix and c.status != "ok" else ""
+            print(f"{c.status:<9} {c.feature:<20} {c.detail}{fix}")
+        if bad:
+            print(f"\n{len(bad)} feature(s) this configuration needs are missing.")
+    return 1 if bad else 0
+
+
+def cmd_restore(args) -> int:
+    _need_root("restore")
+    from rswap_ebpf.runtime.daemon import Lock, restore_host
+
+    if Lock.held():
+        raise RswapError("an rswap daemon is running; stop it (it restores on exit) instead")
+    state_dir = args.state_dir or paths.root("STATE_DIR")
+    restored, failed, pins = restore_host(state_dir)
+    for f in failed:
+        print(f"rswap: could not restore {f}", file=sys.stderr)
+    print(f"rswap: restored {restored} change(s), removed {pins} pinned map(s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""``rswap top``: a live view of the running daemon, tasks x resources, like ``top``.
+
+It reads the status file the daemon rewrites each tick (``RUN_DIR/status.json``), so it needs no
+root, loads nothing, and cannot disturb the daemon.  A row is red when a task uses more than it is
+allocated (allocation did not lead demand) and yellow when its forecast is above its allocation
+(the pool could not grant what was forecast).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from rswap_ebpf.errors import RswapError
+
+
+def read_status() -> dict[str, Any]:
+    """The running daemon's last status, or an error saying none is running."""
+    from rswap_ebpf.runtime.daemon import Lock, status_path
+
+    path = status_path()
+    if not Lock.held() or not os.path.exists(path):
+        raise RswapError("no rswap daemon is running (start one with: sudo rswap run)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise RswapError(f"cannot read {path}: {err}") from err
+
+
+def fmt_units(value: float | int | None, unit: str) -> str:
+    """A value in a resource's unit, the way operators read it (``1500m``, ``1.5GiB``, ``40%``)."""
+    if value is None:
+        return "-"
+    v = float(value)
+    if unit == "millicores":
+        return f"{v:.0f}m"
+    if unit == "percent":
+        return f"{v:.0f}%"
+    if unit in ("bytes", "bytes_per_s"):
+        suffix = "/s" if unit == "bytes_per_s" else ""
+        for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
+            if abs(v) < 1024 or prefix == "Ti":
+                return (f"{v:.0f}B" if not prefix else f"{v:.1f}{prefix}B") + suffix
+            v /= 1024
+    if unit == "iops":
+        return f"{v / 1000:.1f}k iops" if v >= 10000 else f"{v:.0f} iops"
+    return f"{v:g} {unit}"
+
+
+def render(status: Mapping[str, Any], now: float | None = None) -> Group:
+    """One frame: a header (daemon, pool) and the tasks x resources table."""
+    now = time.time() if now is None else now
+    age = max(0.0, now - status.get("time", now))
+    units = {k: r.get("unit", "units") for k, r in status.get("pool", {}).items()}
+    head = Text(f"rswap pid {status.get('pid', '?')}  tick {status.get('tick', 0)}  "
+                f"every {status.get('interval', 0):g}s  updated {age:.1f}s ago"
+                + ("  (dry run)" if status.get("dry_run") else ""), style="bold")
+    pool = Text("pool: " + ",  ".join(
+        f"{k} {fmt_units(r['available'], r['unit'])} free of {fmt_units(r['total'], r['unit'])}"
+        for k, r in status.get("pool", {}).items()))
+    table = Table(box=None, header_style="bold reverse", pad_edge=False, expand=False)
+    for col, justify in (("TASK", "left"), ("PRIO", "left"), ("RES", "left"), ("USAGE", "right"),
+                         ("FORECAST", "right"), ("ALLOC", "right"), ("SHORT", "right"),
+                         ("MODEL (MAE)", "left")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    short = {(s["task"], s["resource"]): s["wanted"] - s["granted"] for s in status.get("shortfalls", ())}
+    for name, t in status.get("tasks", {}).items():
+        if t.get("exited") is not None:
+            table.add_row(name, t.get("priority", ""), "", "", "", "", "",
+                          f"exited ({t['exited']})", style="dim")
+            continue
+        for res, v in t.get("resources", {}).items():
+            unit = units.get(res, "units")
+            style = ""
+            if v.get("usage", 0) > v.get("allocation", 0):
+                style = "red"
+            elif v.get("forecast", 0) > v.get("allocation", 0):
+                style = "yellow"
+            model = v.get("model") or "-"
+            if v.get("mae") is not None:
+                model += f" ({fmt_units(v['mae'], unit)})"
+            missing = short.get((name, res))
+            table.add_row(name, t.get("priority", ""), res, fmt_units(v.get("usage"), unit),
+                          fmt_units(v.get("forecast"), unit), fmt_units(v.get("allocation"), unit),
+                          fmt_units(missing, unit) if missing else "", model, style=style)
+    events = [f"{s['resource']}: {s['to']} took {fmt_units(s['units'], units.get(s['resource'], 'units'))} "
+              f"from {s['from']} ({s['reason']})" for s in status.get("swaps", ())]
+    parts = [head, pool, table]
+    if events:
+        parts.append(Text("swaps this tick: " + ";  ".join(events), style="cyan"))
+    return Group(*parts)
+
+
+def run_top(interval: float, count: int | None = None, live: bool = True,
+            console: Console | None = None) -> int:
+    """Refresh every ``interval`` seconds, ``count`` times (forever when None)."""
+    console = console or Console()
+    status = read_status()
+    shown = 0
+    if live and console.is_terminal:
+        from rich.live import Live
+
+        with Live(render(status), console=console, auto_refresh=False, screen=False) as view:
+            shown = 1
+            while count is None or shown < count:
+                time.sleep(interval)
+                view.update(render(_latest(status)), refresh=True)
+                shown += 1
+        return 0
+    while True:
+        console.print(render(status))
+        shown += 1
+        if count is not None and shown >= count:
+            return 0
+        time.sleep(interval)
+        status = _latest(status)
+        console.print()
+
+
+def _latest(previous: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return read_status()
+    except RswapError:
+        return {**previous, "tasks": {}, "swaps": [], "shortfalls": [],
+                "pool": previous.get("pool", {}), "pid": f"{previous.get('pid')} (stopped)"}

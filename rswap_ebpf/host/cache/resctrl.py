@@ -1,0 +1,660 @@
+"""resctrl: last-level cache ways (CAT / AMD L3 QoS) and memory bandwidth (MBA) per task.
+
+Follows the kernel's interface (Documentation/arch/x86/resctrl.rst):
+
+- ``info/L3/{cbm_mask,min_cbm_bits,num_closids,shareable_bits[,sparse_masks]}`` and
+  ``info/MB/{bandwidth_gran,min_bandwidth,num_closids}`` bound what may be written;
+- one control group = one directory with ``schemata`` (``L3:<id>=<hexmask>;...`` and
+  ``MB:<id>=<percent>;...``), ``tasks`` (one thread id per write) and ``mon_data/``;
+- the root directory is the default group (CLOSID 0) every other thread is in.
+
+Mode: one control group per task (``rswap-<task>``) when ``num_closids - 1`` (CLOSID 0 is the
+default group) covers every task; otherwise one group per priority tier (``rswap-critical``,
+``rswap-normal``, ``rswap-batch``), each tier given the sum of its tasks' ways and percent.  The
+mode is chosen once in :meth:`ResctrlEnforcer.open` and reported in ``mode``.
+
+Memory-bandwidth units: rswap allocates percent of a domain everywhere, and converts to what the
+kernel's ``MB`` lines hold on this host (:attr:`ResctrlInfo.mb_unit`): Intel MBA takes percent
+(``min_bandwidth``..100, rounded up to ``bandwidth_gran``); AMD takes an absolute rate in multiples
+of 1/8 GB/s up to the hardware's maximum (``min_bandwidth`` 0, ``bandwidth_gran`` 1,
+``delay_linear`` 0, the default group holding the maximum, e.g. 2048 = 256 GB/s); a mount with
+``-o mba_MBps`` (the MBA software controller) takes MiB/s, default 4294967295.  Percent is of
+``[resources.membw] peak_bytes_per_s`` where given (required for mba_MBps), else on AMD of the
+hardware maximum; 100 % writes the unthrottled default.
+
+Cache layout: each group gets one contiguous mask (the kernel rejects non-contiguous ones unless
+``sparse_masks`` says 1) of as many ways as it is allocated.  Critical groups are packed from bit
+0 upwards, then normal; batch groups are packed from the top bit downwards, so a change to a
+batch allocation never moves a critical mask.  A group allocated fewer ways than
+``min_cbm_bits`` is given the unallocated ways (or the top ``min_cbm_bits``, overlapping the
+lowest-priority group) because the kernel refuses a smaller mask.  With ``isolate_default`` the
+default group is narrowed the same way, so the ordinary processes of the host stop evicting what
+critical tasks keep in their exclusive ways.
+
+Every change is journalled before it is made (``custom`` entries of kind ``resctrl``): groups
+created, each group's original ``schemata`` text, and each thread's original group; restore puts
+back the original schemata text byte for byte, the threads where they were, and removes the groups.
+
+The file operations go through a :class:`ResctrlFS`; :class:`OsResctrlFS` is the kernel's files,
+and the tests substitute a fake tree that validates writes as the kernel does.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from rswap_ebpf import paths
+from rswap_ebpf.errors import EnforceError, FeatureMissing, RswapError
+from rswap_ebpf.host.journal import Journal, allow_root, register_undo
+
+log = logging.getLogger(__name__)
+
+GROUP_PREFIX = "rswap-"
+JOURNAL_KIND = "resctrl"
+MB_MAX_PERCENT = 100
+MBA_MAX_MBPS = 2**32 - 1   # the default MB value under mba_MBps (the kernel's MBA_MAX_MBPS)
+#: ``ResctrlInfo.mb_unit`` values: what a number on an ``MB:`` line means on this host
+MB_PERCENT, MB_AMD_EIGHTH_GBPS, MB_MIBPS = "percent", "1/8 GB/s (AMD)", "MiB/s (mba_MBps)"
+TIERS = ("critical", "normal", "batch")
+
+
+# -- the file seam ----------------------------------------------------------------------------
+
+class ResctrlFS:
+    """The file operations the enforcer needs: one method per system call it makes."""
+
+    def read(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def write(self, path: str, text: str) -> None:
+        """One write(2), as resctrl files expect (a schemata or a tid per write)."""
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+
+class OsResctrlFS(ResctrlFS):
+    """The kernel's resctrl files."""
+
+
+_FILESYSTEMS: dict[str, ResctrlFS] = {}
+
+
+def register_fs(root: str, fs: ResctrlFS | None) -> None:
+    """Route operations below ``root`` through ``fs`` (a fake tree in tests); None removes it.
+
+    The journal's undo handler runs with nothing but the journalled data, so this is how it finds
+    the same seam the enforcer used.
+    """
+    root = os.path.realpath(root)
+    if fs is None:
+        _FILESYSTEMS.pop(root, None)
+    else:
+        _FILESYSTEMS[root] = fs
+        allow_root(root)  # the journal's restore may act below it
+
+
+def fs_for(root: str) -> ResctrlFS:
+    return _FILESYSTEMS.get(os.path.realpath(root)) or OsResctrlFS()
+
+
+# -- what the hardware allows ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResctrlInfo:
+    """The bounds from ``info/``; ``has_l3`` / ``has_mb`` say which resources the host has."""
+
+    root: str
+    num_closids: int
+    cbm_mask: int = 0
+    min_cbm_bits: int = 1
+    shareable_bits: int = 0
+    sparse_masks: bool = False
+    l3_domains: tuple[int, ...] = ()
+    bw_gran: int = 10
+    min_bw: int = 10
+    mb_domains: tuple[int, ...] = ()
+    mon_features: tuple[str, ...] = ()
+    mb_unit: str = MB_PERCENT
+    mb_max: int = MB_MAX_PERCENT    # the largest MB value the kernel accepts (unthrottled)
+
+    @property
+    def has_l3(self) -> bool:
+        return bool(self.cbm_mask)
+
+    @property
+    def has_mb(self) -> bool:
+        return bool(self.mb_domains)
+
+    @property
+    def cbm_len(self) -> int:
+        return self.cbm_mask.bit_length()
+
+    @property
+    def ways(self) -> int:
+        return bin(self.cbm_mask).count("1")
+
+    def mb_value(self, percent: int, peak_bytes_per_s: float | None = None) -> int:
+        """The ``MB`` value for ``percent`` of a domain, as the kernel keeps it: within
+        [min_bw, max], rounded up to the granularity (``bw_validate()``: ``roundup(bw, bw_gran)``).
+
+        On AMD and under mba_MBps the value is a rate: ``percent`` of ``peak_bytes_per_s`` (on AMD,
+        without a peak, of the hardware maximum); 100 % is the unthrottled maximum.
+        """
+        gran = max(1, self.bw_gran)
+        if self.mb_unit == MB_PERCENT:
+            pct = min(MB_MAX_PERCENT, max(self.min_bw, int(percent)))
+            return min(MB_MAX_PERCENT, -(-pct // gran) * gran)
+        if percent >= MB_MAX_PERCENT:
+            return self.mb_max
+        if self.mb_unit == MB_AMD_EIGHTH_GBPS:
+            raw = (percent / 100 * peak_bytes_per_s * 8 / 1e9 if peak_bytes_per_s
+                   else percent / 100 * self.mb_max)
+        else:
+            if not peak_bytes_per_s:
+                raise EnforceError(self.root, "resctrl is mounted with mba_MBps (MB values are "
+                                   "MiB/s): set [resources.membw] peak_bytes_per_s")
+            # The software controller takes any rate: no range check, no rounding.
+            return min(self.mb_max, max(1, math.ceil(percent / 100 * peak_bytes_per_s / 2**20)))
+        value = -(-math.ceil(raw) // gran) * gran
+        return min(self.mb_max, max(self.min_bw, 1, value))
+
+
+def parse_schemata(text: str) -> dict[str, dict[int, str]]:
+    """``"L3:0=fff;1=fff\\nMB:0=100"`` -> ``{"L3": {0: "fff", 1: "fff"}, "MB": {0: "100"}}``."""
+    out: dict[str, dict[int, str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name, _, doms = line.partition(":")
+        entries = out.setdefault(name.strip(), {})
+        for item in doms.split(";"):
+            if not item.strip():
+                continue
+            dom, _, value = item.partition("=")
+            entries[int(dom.strip())] = value.strip()
+    return out
+
+
+def read_info(root: str | None = None, fs: ResctrlFS | None = None) -> ResctrlInfo:
+    """Read ``info/`` and the default group's schemata (for the domain ids) under ``root``."""
+    root = root or paths.root("RESCTRL_ROOT")
+    fs = fs or fs_for(root)
+
+    def value(*parts: str, default: str | None = None) -> str:
+        path = os.path.join(root, "info", *parts)
+        if not fs.exists(path):
+            if default is None:
+                raise FeatureMissing("resctrl", f"{path} is missing: not a resctrl mount?")
+            return default
+        return fs.read(path).strip()
+
+    try:
+        schemata = parse_schemata(fs.read(os.path.join(root, "schemata")))
+    except OSError as err:
+        raise FeatureMissing("resctrl", f"cannot read {root}/schemata: {err.strerror}",
+                             "mount -t resctrl resctrl /sys/fs/resctrl") from None
+    closids = []
+    kw: dict = {}
+    if fs.isdir(os.path.join(root, "info", "L3")):
+        kw.update(cbm_mask=int(value("L3", "cbm_mask"), 16),
+                  min_cbm_bits=int(value("L3", "min_cbm_bits")),
+                  shareable_bits=int(value("L3", "shareable_bits", default="0"), 16),
+                  sparse_masks=value("L3", "sparse_masks", default="0") == "1",
+                  l3_domains=tuple(sorted(schemata.get("L3", {}))))
+        closids.append(int(value("L3", "num_closids")))
+    if fs.isdir(os.path.join(root, "info", "MB")):
+        kw.update(bw_gran=int(value("MB", "bandwidth_gran")),
+                  min_bw=int(value("MB", "min_bandwidth")),
+                  mb_domains=tuple(sorted(schemata.get("MB", {}))))
+        kw.update(_mb_unit(root, schemata.get("MB", {}), kw["min_bw"],
+                           value("MB", "delay_linear", default="1") == "1"))
+        closids.append(int(value("MB", "num_closids")))
+    if fs.isdir(os.path.join(root, "info", "L3_MON")):
+        kw["mon_features"] = tuple(value("L3_MON", "mon_features", default="").split())
+    if not closids:
+        raise FeatureMissing("resctrl allocation", f"{root}/info has neither L3 nor MB",
+                             "the CPU has no cache or bandwidth allocation (CAT/MBA)")
+    # The kernel offers the smallest num_closids of the enabled resources.
+    return ResctrlInfo(root=root, num_closids=min(closids), **kw)
+
+
+def _mb_unit(root: str, default_mb: Mapping[int, str], min_bw: int, delay_linear: bool) -> dict:
+    """What ``MB`` values mean here.  The kernel keeps the default group at the largest value
+    (100, AMD's max_bw, or MBA_MAX_MBPS) unless someone lowered it; AMD also shows
+    ``min_bandwidth`` 0 and ``delay_linear`` 0, and mba_MBps is a mount option."""
+    values = [int(v) for v in default_mb.values() if v.strip().isdigit()]
+    top = max(values, default=MB_MAX_PERCENT)
+    if top == MBA_MAX_MBPS or _mount_has_option(root, "mba_MBps"):
+        return {"mb_unit": MB_MIBPS, "mb_max": MBA_MAX_MBPS}
+    if top > MB_MAX_PERCENT or (min_bw == 0 and not delay_linear):
+        return {"mb_unit": MB_AMD_EIGHTH_GBPS, "mb_max": top}
+    return {}
+
+
+def _resctrl_mount_options(root: str) -> list[str] | None:
+    """The options of the kernel's resctrl mount at ``root``, or None where ``root`` is not one."""
+    try:
+        with open(os.path.join(paths.root("PROCFS_ROOT"), "mounts")) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[2] == "resctrl" and \
+                        os.path.realpath(parts[1]) == os.path.realpath(root):
+                    return parts[3].split(",")
+    except OSError:
+        pass
+    return None
+
+
+def _mount_has_option(root: str, option: str) -> bool:
+    return option in (_resctrl_mount_options(root) or [])
+
+
+def ensure_mounted(journal: Journal | None = None, root: str | None = None) -> str:
+    """The resctrl root, mounting it (journalled, so restore unmounts it) when the kernel has it."""
+    root = root or paths.root("RESCTRL_ROOT")
+    fs = fs_for(root)
+    if fs.exists(os.path.join(root, "schemata")):
+        return root
+    try:
+        with open(os.path.join(paths.root("PROCFS_ROOT"), "filesystems")) as f:
+            known = any(line.split()[-1] == "resctrl" for line in f if line.strip())
+    except OSError:
+        known = False
+    if not known:
+        raise FeatureMissing("resctrl", "/proc/filesystems does not list resctrl (no Intel RDT / "
+                             "AMD PQoS, or a kernel without CONFIG_X86_CPU_RESCTRL)",
+                             "needs RDT-capable hardware and a kernel built with resctrl")
+    if journal is not None:
+        journal.record_custom(JOURNAL_KIND, {"action": "mount", "root": root})
+    proc = subprocess.run(["mount", "-t", "resctrl", "resctrl", root], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FeatureMissing("resctrl", f"mount -t resctrl resctrl {root} failed: "
+                             f"{proc.stderr.strip() or proc.returncode}")
+    return root
+
+
+# -- cache masks ------------------------------------------------------------------------------
+
+def contiguous_mask(first_bit: int, nbits: int) -> int:
+    return ((1 << nbits) - 1) << first_bit if nbits > 0 else 0
+
+
+def layout_masks(info: ResctrlInfo, ways: Mapping[str, int], tiers: Mapping[str, str],
+                 default_group: str | None = None) -> dict[str, int]:
+    """One contiguous cache mask per group from its ways, as described in the module docstring.
+
+    ``tiers``: group -> "critical" | "normal" | "batch".  ``default_group``: also give that group
+    (the root, when isolating it) the unallocated ways.  Allocations larger than the hardware are
+    refused, never silently truncated.
+    """
+    n = info.cbm_len
+    wanted = {g: max(0, int(w)) for g, w in ways.items()}
+    exclusive = {g: w for g, w in wanted.items() if w >= max(1, info.min_cbm_bits)}
+    if sum(exclusive.values()) > n:
+        raise RswapError(f"resctrl: {sum(exclusive.values())} ways asked, the cache has {n}")
+    masks: dict[str, int] = {}
+    low = 0
+    for tier in ("critical", "normal"):
+        for g in sorted(x for x in exclusive if tiers.get(x) == tier):
+            masks[g] = contiguous_mask(low, exclusive[g])
+            low += exclusive[g]
+    high = n
+    for g in sorted(x for x in exclusive if tiers.get(x) not in ("critical", "normal")):
+        high -= exclusive[g]
+        masks[g] = contiguous_mask(high, exclusive[g])
+    free = high - low
+    need = max(1, info.min_cbm_bits)
+    if free >= need:
+        leftover = contiguous_mask(low, free)
+    else:
+        # Too few unallocated ways for a legal mask: widen the gap into the batch ways above it
+        # (or, with no batch group, into the ways below it), so critical ways are shared last.
+        start = low if high < n else max(0, high - need)
+        leftover = contiguous_mask(min(start, n - need), need)
+        log.warning("resctrl: %d unallocated way(s) < min_cbm_bits %d: groups below the minimum "
+                    "share mask %x", free, need, leftover)
+    for g in wanted:
+        if g not in masks:
+            masks[g] = leftover
+    if default_group is not None:
+        masks[default_group] = leftover
+    return masks
+
+
+def check_mask(info: ResctrlInfo, mask: int) -> None:
+    """The checks ``cbm_validate()`` makes, so a bad plan fails here, with a reason."""
+    if mask == 0 and info.min_cbm_bits > 0 or mask & ~info.cbm_mask:
+        raise RswapError(f"resctrl: mask {mask:x} out of range (cbm_mask {info.cbm_mask:x})")
+    bits = bin(mask).count("1")
+    low = (mask & -mask).bit_length() - 1
+    if not info.sparse_masks and mask >> low != (1 << bits) - 1:
+        raise RswapError(f"resctrl: mask {mask:x} has non-consecutive 1-bits")
+    if bits < info.min_cbm_bits:
+        raise RswapError(f"resctrl: mask {mask:x} has fewer than {info.min_cbm_bits} bits")
+
+
+# -- the enforcer -----------------------------------------------------------------------------
+
+@dataclass
+class _Group:
+    name: str
+    tier: str
+    path: str
+    created: bool
+    members: set[int] = field(default_factory=set)  # tids rswap placed here
+
+
+class ResctrlEnforcer:
+    """``apply()`` ways and percent per task, ``current()`` schemata, ``restore()`` the host."""
+
+    def __init__(self, journal: Journal, root: str | None = None, fs: ResctrlFS | None = None,
+                 isolate_default: bool = True, dry_run: bool = False):
+        self.journal = journal
+        self.root = root or paths.root("RESCTRL_ROOT")
+        self.fs = fs or fs_for(self.root)
+        self.isolate_default = isolate_default
+        self.dry_run = dry_run
+        self.info: ResctrlInfo | None = None
+        self.mode = ""
+        self.groups: dict[str, _Group] = {}  # group name -> group
+        self.group_of_task: dict[str, str] = {}
+        self.ways: dict[str, int] = {}
+        self.percent: dict[str, int] = {}
+        self._journalled_schemata: set[str] = set()
+        self._last_written: dict[str, str] = {}
+        self._kernel_mount: bool | None = None  # is self.root the kernel's resctrl mount?
+        #: what 100 % of a domain moves, for hosts whose MB values are rates (AMD, mba_MBps)
+        self.mb_peak_bytes_per_s: float | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+    def open(self, tasks: Mapping[str, str], mount: bool = True) -> str:
+        """Create the groups for ``tasks`` (name -> tier); return the mode chosen."""
+        if mount and not self.dry_run:
+            ensure_mounted(self.journal, self.root)
+        self.info = read_info(self.root, self.fs)
+        per_task = len(tasks) <= self.info.num_closids - 1
+        self.mode = "per-task" if per_task else "per-tier"
+        if not per_task:
+            log.warning("resctrl: %d tasks but %d CLOSIDs (one is the default group): one group "
+                        "per priority tier", len(tasks), self.info.num_closids)
+        for task, tier in tasks.items():
+            tier = tier if tier in TIERS else "normal"
+            gname = GROUP_PREFIX + (task if per_task else tier)
+            self.group_of_task[task] = gname
+            if gname not in self.groups:
+                self.groups[gname] = _Group(gname, tier, os.path.join(self.root, gname), False)
+        needed = len(self.groups)
+        if needed > self.info.num_closids - 1:
+            raise FeatureMissing("resctrl CLOSIDs", f"{needed} groups needed, the hardware has "
+                                 f"{self.info.num_closids - 1} besides the default group")
+        if not self.dry_run:
+            for g in self.groups.values():
+                self._create(g)
+        return self.mode
+
+    def _create(self, g: _Group) -> None:
+        if self.fs.isdir(g.path):
+            # A group left by a crash was removed by restore; one that exists now is an admin's.
+            raise EnforceError(g.path, "a resctrl group of this name already exists; "
+                               "remove it or run rswap restore")
+        self.journal.record_custom(JOURNAL_KIND, {"action": "mkdir", "root": self.root,
+                                                  "group": g.name})
+        try:
+            self.fs.mkdir(g.path)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise FeatureMissing("resctrl CLOSIDs", f"no free CLOSID for {g.name}: "
+                                     f"{self._last_cmd_status()}") from err
+            raise EnforceError(g.path, f"cannot create: {err.strerror}") from err
+        g.created = True
+
+    # -- planning --------------------------------------------------------------------------
+    def _group_schemata(self, ways: Mapping[str, int], percent: Mapping[str, int]
+                        ) -> dict[str, str]:
+        """Group path -> schemata text to write (only the resources rswap was given)."""
+        info = self._need_info()
+        tiers = {g.name: g.tier for g in self.groups.values()}
+        out: dict[str, list[str]] = {}
+        if info.has_l3 and ways:
+            gw: dict[str, int] = {g: 0 for g in self.groups}
+            for task, w in ways.items():
+                gw[self.group_of_task[task]] += int(w)
+            default = "" if self.isolate_default else None
+            masks = layout_masks(info, gw, tiers, default_group=default)
+            for g, mask in masks.items():
+                check_mask(info, mask)
+                line = "L3:" + ";".join(f"{d}={mask:x}" for d in info.l3_domains)
+                out.setdefault(g, []).append(line)
+        if info.has_mb and percent:
+            gp: dict[str, int] = {g: 0 for g in self.groups}
+            for task, p in percent.items():
+                gp[self.group_of_task[task]] += int(p)
+            for g, p in gp.items():
+                v = info.mb_value(p, self.mb_peak_bytes_per_s)
+                out.setdefault(g, []).append("MB:" + ";".join(f"{d}={v}" for d in info.mb_domains))
+        return {(self.root if g == "" else self.groups[g].path): "\n".join(lines) + "\n"
+                for g, lines in out.items()}
+
+    def plan(self, ways: Mapping[str, int] | None = None,
+             percent: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+        """``(schemata path, text)`` pairs for these allocations (unchanged groups left out)."""
+        self._check_tasks(ways or {}, percent or {})
+        w = {**self.ways, **(ways or {})}
+        p = {**self.percent, **(percent or {})}
+        writes = []
+        for gpath, text in self._group_schemata(w, p).items():
+            path = os.path.join(gpath, "schemata")
+            if self._last_written.get(path) != text:
+                writes.append((path, text))
+        # Shrinking groups first, so no two exclusive masks overlap in between writes.
+        return sorted(writes, key=lambda pv: self._mask_bits(pv[1]) - self._mask_bits(
+            self._last_written.get(pv[0]) or self._read_or_empty(pv[0])))
+
+    def _read_or_empty(self, path: str) -> str:
+        try:
+            return self.fs.read(path)
+        except OSError:
+            return ""
+
+    @staticmethod
+    def _mask_bits(text: str) -> int:
+        for name, doms in parse_schemata(text).items():
+            if name == "L3" and doms:
+                return bin(int(next(iter(doms.values())), 16)).count("1")
+        return 0
+
+    def _check_tasks(self, *maps: Mapping[str, int]) -> None:
+        for m in maps:
+            for task in m:
+                if task not in self.group_of_task:
+                    raise RswapError(f"resctrl: task {task!r} was not given to open()")
+
+    # -- applying --------------------------------------------------------------------------
+    def apply(self, ways: Mapping[str, int] | None = None,
+              percent: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+        """Write every schemata these allocations change, in one go (one tick)."""
+        writes = self.plan(ways, percent)
+        self.ways.update(ways or {})
+        self.percent.update(percent or {})
+        if self.dry_run:
+            return writes
+        for path, text in writes:
+            self._write_schemata(path, text)
+        return writes
+
+    def _write_schemata(self, path: str, text: str) -> None:
+        if path not in self._journalled_schemata:
+            original = self.fs.read(path)
+            group = os.path.relpath(os.path.dirname(path), self.root)
+            self.journal.record_custom(JOURNAL_KIND, {"action": "schemata", "root": self.root,
+                                                      "group": "" if group == "." else group,
+                                                      "original": original})
+            self._journalled_schemata.add(path)
+        try:
+            self.fs.write(path, text)
+        except OSError as err:
+            raise EnforceError(path, f"kernel refused {text.strip()!r}: "
+                               f"{self._last_cmd_status() or err.strerror}") from err
+        self._last_written[path] = text
+
+    def place(self, task: str, pids: Iterable[int]) -> int:
+        """Move every thread of ``pids`` into ``task``'s group; return how many moved."""
+        g = self.groups[self.group_of_task[task]]
+        moved = 0
+        tasks_file = os.path.join(g.path, "tasks")
+        if self.dry_run:
+            return 0
+        already = set(_ints(self.fs.read(tasks_file)))
+        for pid in pids:
+            for tid in _threads(pid):
+                if tid in already:
+                    continue
+                origin = self.group_of_tid(tid)
+                if origin is None:
+                    continue  # exited
+                self.journal.record_custom(JOURNAL_KIND, {"action": "move", "root": self.root,
+                                                          "tid": tid, "group": origin})
+                try:
+                    self.fs.write(tasks_file, str(tid))
+                except OSError as err:
+                    if err.errno == errno.ESRCH:
+                        continue
+                    raise EnforceError(tasks_file, f"cannot move thread {tid}: "
+                                       f"{self._last_cmd_status() or err.strerror}") from err
+                g.members.add(tid)
+                moved += 1
+        return moved
+
+    def group_of_tid(self, tid: int) -> str | None:
+        """The control group ``tid`` is in ("" = default group), or None if it is not running."""
+        # /proc/<tid>/cpu_resctrl_groups names the group in the kernel's own resctrl mount (and
+        # says "res:/" on a kernel built with it where nothing is mounted): it is the answer only
+        # when self.root is that mount.  Elsewhere (a tree given by RSWAP_RESCTRL_ROOT) the
+        # tasks files are.  Debian's 6.1 has the file; trusting it put a thread of a fake tree's
+        # "ops" group back in the default group on restore.
+        if self._kernel_mount is None:
+            self._kernel_mount = _resctrl_mount_options(self.root) is not None
+        if self._kernel_mount:
+            proc = os.path.join(paths.root("PROCFS_ROOT"), str(tid), "cpu_resctrl_groups")
+            try:
+                with open(proc) as f:
+                    for line in f:
+                        if line.startswith("res:"):
+                            return line[4:].strip().strip("/")
+            except OSError:
+                pass
+        for name in [""] + [n for n in self.fs.listdir(self.root) if n not in ("info", "mon_data",
+                                                                                 "mon_groups")]:
+            d = os.path.join(self.root, name)
+            tasks = os.path.join(d, "tasks")
+            if name and not self.fs.exists(tasks):
+                continue
+            if tid in _ints(self.fs.read(tasks)):
+                return name
+        return None
+
+    # -- reading back ----------------------------------------------------------------------
+    def current(self) -> dict[str, str]:
+        """Group name ("" = default) -> its schemata text as the kernel shows it now."""
+        out = {"": self.fs.read(os.path.join(self.root, "schemata"))}
+        for g in self.groups.values():
+            p = os.path.join(g.path, "schemata")
+            if self.fs.exists(p):
+                out[g.name] = self.fs.read(p)
+        return out
+
+    def masks(self) -> dict[str, int]:
+        """Group -> the L3 mask of its first domain, as the kernel shows it now."""
+        out = {}
+        for g, text in self.current().items():
+            doms = parse_schemata(text).get("L3")
+            if doms:
+                out[g] = int(next(iter(doms.values())), 16)
+        return out
+
+    def restore(self) -> None:
+        """Undo through the journal (the same path a fresh ``rswap restore`` takes)."""
+        self.journal.restore()
+        self.groups.clear()
+        self._journalled_schemata.clear()
+        self._last_written.clear()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _need_info(self) -> ResctrlInfo:
+        if self.info is None:
+            raise RswapError("resctrl: open() first")
+        return self.info
+
+    def _last_cmd_status(self) -> str:
+        try:
+            return self.fs.read(os.path.join(self.root, "info", "last_cmd_status")).strip()
+        except OSError:
+            return ""
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split() if x.strip().isdigit()]
+
+
+def _threads(pid: int) -> list[int]:
+    """Thread ids of ``pid``: ``tasks`` takes one thread per write, unlike ``cgroup.procs``."""
+    d = os.path.join(paths.root("PROCFS_ROOT"), str(pid), "task")
+    try:
+        return sorted(int(t) for t in os.listdir(d))
+    except OSError:
+        return [pid]
+
+
+# -- undo -------------------------------------------------------------------------------------
+
+def _undo(data: dict) -> None:
+    root = data["root"]
+    fs = fs_for(root)
+    action = data["action"]
+    if action == "schemata":
+        d = os.path.join(root, data["group"]) if data["group"] else root
+        path = os.path.join(d, "schemata")
+        if fs.exists(path):
+            fs.write(path, data["original"])
+    elif action == "move":
+        d = os.path.join(root, data["group"]) if data["group"] else root
+        try:
+            fs.write(os.path.join(d, "tasks"), str(data["tid"]))
+        except OSError as err:
+            if err.errno not in (errno.ESRCH, errno.ENOENT):
+                raise
+    elif action == "mkdir":
+        path = os.path.join(root, data["group"])
+        if fs.isdir(path):
+            fs.rmdir(path)  # the kernel moves the group's remaining threads to the default group
+    elif action == "mount":
+        if fs.exists(os.path.join(root, "schemata")):
+            subprocess.run(["umount", root], check=True, capture_output=True)
+
+
+register_undo(JOURNAL_KIND, _undo)
