@@ -24,10 +24,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
+from rswap_ebpf.predict.registry import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfiler  # noqa: E402
 from rswap_ebpf.model.resources import ResourcePool, ResourceType  # noqa: E402
-from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager  # noqa: E402
+from rswap_ebpf.model.limits import Limits, Priority  # noqa: E402
+from rswap_ebpf.swap.manager import ManagedTask, SwapManager  # noqa: E402
 
 CPU = ResourceType.PROCESSOR_CYCLES
 

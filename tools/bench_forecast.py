@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rswap_ebpf.predict.forecasters import make_forecaster  # noqa: E402
+from rswap_ebpf.predict.registry import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.period import detect  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfile, freeze  # noqa: E402
 from rswap_ebpf.predict.store import ProfileStore, Retention  # noqa: E402

@@ -11,6 +11,7 @@ import time
 
 from rswap_ebpf.runtime import config as configmod
 from rswap_ebpf import paths
+from rswap_ebpf.cli import args as args_
 from rswap_ebpf.errors import ConfigError, RswapError
 
 EPILOG_RUN = """examples:
@@ -30,26 +31,6 @@ Bad input exits with status 2 and changes nothing. Run 'rswap COMMAND --help' fo
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not (0.05 <= v <= 3600):
-        raise argparse.ArgumentTypeError(f"must be between 0.05 and 3600 seconds, got {text}")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rswap", description="Pool this host's resources and hand them to tasks before "
@@ -63,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run the control loop. Without --config, runs the embedded "
                          "demo: two workloads it starts itself and stops on exit.")
     run.add_argument("--config", metavar="FILE", help="TOML configuration (default: the demo)")
-    run.add_argument("--interval", type=_positive_float, metavar="SECONDS",
+    run.add_argument("--interval", type=args_.interval, metavar="SECONDS",
                      help="seconds per tick (overrides daemon.interval)")
-    run.add_argument("--count", type=_count, metavar="N", help="stop after N ticks")
+    run.add_argument("--count", type=args_.count, metavar="N", help="stop after N ticks")
     run.add_argument("--dry-run", action="store_true", help="plan and print, write no limit")
     run.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
     from rswap_ebpf.cli.ops import add_run_options
@@ -116,11 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _need_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise RswapError(f"rswap {what} needs root (it loads BPF and writes cgroups); try sudo")
-
-
 def cmd_run(args) -> int:
     cfg = configmod.load(args.config)
     if args.ebpf:
@@ -134,7 +110,7 @@ def cmd_run(args) -> int:
         cfg = replace(cfg, daemon=replace(cfg.daemon, interval=args.interval))
     if not cfg.tasks:
         raise ConfigError("task", f"{cfg.source} defines no [[task]]; nothing to do")
-    _need_root("run")
+    args_.need_root("run")
     from rswap_ebpf.runtime.daemon import Daemon
 
     from rswap_ebpf.cli.ops import observe
@@ -207,7 +183,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    _need_root("restore")
+    args_.need_root("restore")
     from rswap_ebpf.runtime.daemon import Lock, restore_host
 
     if Lock.held():

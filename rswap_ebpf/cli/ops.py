@@ -9,6 +9,8 @@ import argparse
 import sys
 from importlib import resources as importlib_resources
 
+from rswap_ebpf.cli import args as args_
+
 EPILOG_TOP = """examples:
   rswap top             # refresh every second until Ctrl-C
   rswap top 2 10        # every 2 seconds, 10 times
@@ -31,26 +33,14 @@ EPILOG_MAPS = """examples:
 """
 
 
-def _interval(text: str) -> float:
-    from rswap_ebpf.cli.main import _positive_float
-
-    return _positive_float(text)
-
-
-def _count(text: str) -> int:
-    from rswap_ebpf.cli.main import _count as count
-
-    return count(text)
-
-
 def register(sub) -> dict:
     top = sub.add_parser("top", help="live view of tasks x resources (usage, forecast, allocation)",
                          epilog=EPILOG_TOP, formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="A live terminal view of the running daemon, read from its "
                          "status file each interval.")
-    top.add_argument("interval", nargs="?", type=_interval, default=1.0,
+    top.add_argument("interval", nargs="?", type=args_.interval, default=1.0,
                      help="seconds between refreshes (default 1)")
-    top.add_argument("count", nargs="?", type=_count, help="number of refreshes (default: forever)")
+    top.add_argument("count", nargs="?", type=args_.count, help="number of refreshes (default: forever)")
     top.add_argument("--no-live", action="store_true",
                      help="print each frame one after another instead of redrawing the screen")
 

@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 
+from rswap_ebpf.cli import args as args_
+
 EX_TEMPFAIL = 75
 
 EPILOG_EXEC = """examples:
@@ -34,44 +36,15 @@ EPILOG_TASK = """examples:
 """
 
 
-def _limit(text: str) -> tuple[str, str]:
-    """``cpu=500`` or ``500`` (CPU millicores)."""
-    key, sep, value = text.partition("=")
-    if not sep:
-        key, value = "cpu", text
-    if not key or not value:
-        raise argparse.ArgumentTypeError(f"expected RESOURCE=UNITS (cpu=500), got {text!r}")
-    return key.strip(), value.strip()
-
-
-def _forecaster(text: str):
-    if text.strip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
-    return text
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return v
-
-
 def _common(p) -> None:
     p.add_argument("--name", required=True, help="the task's stable name (its profile's key)")
     p.add_argument("--priority", default="normal", choices=["critical", "normal", "batch"])
-    p.add_argument("--min", action="append", type=_limit, default=[], metavar="RES=UNITS",
+    p.add_argument("--min", action="append", type=args_.limit, default=[], metavar="RES=UNITS",
                    help="guaranteed minimum (repeatable; a bare number is cpu millicores; a named "
                         "co-processor is coproc:NAME=UNITS)")
-    p.add_argument("--max", action="append", type=_limit, default=[], metavar="RES=UNITS",
+    p.add_argument("--max", action="append", type=args_.limit, default=[], metavar="RES=UNITS",
                    help="maximum (repeatable)")
-    p.add_argument("--forecaster", type=_forecaster, metavar="NAME|JSON",
+    p.add_argument("--forecaster", type=args_.forecaster, metavar="NAME|JSON",
                    help="forecaster for this task (last_value, seasonal_naive, holt_winters, "
                         "auto, or a JSON table such as '{\"name\": \"seasonal_naive\", \"period\": 8}')")
 
@@ -85,7 +58,7 @@ def register(sub) -> dict:
     _common(ex)
     ex.add_argument("--wait", action="store_true",
                     help="when the pool is short, wait in the priority queue instead of failing")
-    ex.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+    ex.add_argument("--timeout", type=args_.seconds(), metavar="SECONDS",
                     help="with --wait: give up after this long (exit 75)")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
@@ -124,7 +97,6 @@ def _print_error(reply: dict) -> None:
 
 
 def cmd_exec(args) -> int:
-    from rswap_ebpf.cli.main import _need_root
     from rswap_ebpf.server.control import answer_timeout, raw_request
 
     argv = _argv(args.argv)
@@ -132,7 +104,7 @@ def cmd_exec(args) -> int:
         from rswap_ebpf.errors import ConfigError
 
         raise ConfigError("COMMAND", "give the command to run after --")
-    _need_root("exec")
+    args_.need_root("exec")
     req = {"op": "exec.allocate", "name": args.name, "priority": args.priority,
            "limits": _limits(args), "wait": args.wait, "timeout": args.timeout}
     if args.forecaster is not None:
@@ -205,10 +177,9 @@ def _run_in(procs: list[str], argv: list[str], name: str, env: dict | None = Non
 
 
 def cmd_task(args) -> int:
-    from rswap_ebpf.cli.main import _need_root
     from rswap_ebpf.server.control import answer_timeout, raw_request
 
-    _need_root("task")
+    args_.need_root("task")
     if args.task_command == "list":
         reply = raw_request({"op": "task.list"}, timeout=answer_timeout())
         if not reply.get("ok"):

@@ -100,10 +100,10 @@ def _pairs(items: list[str], option: str) -> list[tuple[str, str]]:
 
 
 def cmd_replay(args) -> int:
-    from rswap_ebpf.predict.forecasters import make_forecaster
+    from rswap_ebpf.predict.registry import make_forecaster
     from rswap_ebpf.offline.replay import POLICIES, format_equal_slack, format_table, reactive_frontier, replay
     from rswap_ebpf.model.resources import check_units, parse_resource
-    from rswap_ebpf.swap.manager import Priority
+    from rswap_ebpf.model.limits import Priority
     from rswap_ebpf.offline.trace import read_trace
 
     spec = parse_spec(args.forecaster)

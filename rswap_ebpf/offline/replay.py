@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.model.resources import ResourcePool, ResourceType
-from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
+from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 from rswap_ebpf.offline.trace import Trace
 
 POLICIES = ("static", "reactive", "vpa", "proactive")

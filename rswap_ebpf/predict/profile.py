@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rswap_ebpf.model.resources import Resource, ResourceId, ResourceType, parse_resource
-from rswap_ebpf.predict.forecasters import Forecaster, make_forecaster, single
+from rswap_ebpf.predict.forecasters import Forecaster, single
+from rswap_ebpf.predict.registry import make_forecaster
 
 DEFAULT_HISTORY = 600
 

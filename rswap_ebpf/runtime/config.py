@@ -15,10 +15,10 @@ from typing import Any
 from rswap_ebpf import paths
 from rswap_ebpf.host.cgroup import check_task_name
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.model.resources import (MULTI_INSTANCE, Resource, ResourceId, ResourceType, check_instance_name,
                         check_units, parse_resource)
-from rswap_ebpf.swap.manager import Limits, Priority
+from rswap_ebpf.model.limits import Limits, Priority
 
 DEFAULT_CONFIG = "default.toml"
 

@@ -28,7 +28,7 @@ from rswap_ebpf.host.cgroup import CgroupManager, FileApplier, TaskCgroup, detec
 from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.errors import AlreadyRunning, FeatureMissing, RswapError
 from rswap_ebpf.runtime.fairlock import FairRLock
-from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.profile import Prediction, TaskProfiler
 from rswap_ebpf.model.resources import Resource, ResourcePool, ResourceType
 from rswap_ebpf.host import bpf as bpfmod

@@ -36,9 +36,10 @@ from rswap_ebpf.runtime.config import TaskConfig, parse_task_limits
 from rswap_ebpf.server.control import Deferred, Peer, error_reply
 from rswap_ebpf.host.cgroup import check_task_name
 from rswap_ebpf.errors import ConfigError, RswapError
-from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.model.resources import Resource, ResourceType
-from rswap_ebpf.swap.manager import Limits, Priority, Shortfall
+from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.swap.manager import Shortfall
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ tier that needs them, never the other way round.  What cannot be granted is repo
 """
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import time
@@ -18,38 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from rswap_ebpf.errors import ConfigError, ResourceError
+from rswap_ebpf.model.limits import Limits, Priority
 from rswap_ebpf.model.resources import Resource, ResourcePool, check_units
 
 log = logging.getLogger(__name__)
-
-
-class Priority(enum.IntEnum):
-    """Lower value = served first."""
-
-    CRITICAL = 0
-    NORMAL = 1
-    BATCH = 2
-
-    @classmethod
-    def parse(cls, text: object, field_name: str = "priority") -> Priority:
-        if isinstance(text, Priority):
-            return text
-        try:
-            return cls[str(text).strip().upper()]
-        except KeyError:
-            raise ConfigError(field_name, f"{text!r} is not a priority "
-                                          "(critical, normal or batch)") from None
-
-
-@dataclass(frozen=True)
-class Limits:
-    min_units: int = 0
-    max_units: int | None = None
-
-    def clamp(self, units: int) -> int:
-        if self.max_units is not None:
-            units = min(units, self.max_units)
-        return max(units, self.min_units)
 
 
 @dataclass(frozen=True)

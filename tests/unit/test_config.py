@@ -4,7 +4,7 @@ import pytest
 from rswap_ebpf.runtime import config
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.model.resources import ResourceType
-from rswap_ebpf.swap.manager import Priority
+from rswap_ebpf.model.limits import Priority
 
 CPU = ResourceType.PROCESSOR_CYCLES
 

@@ -28,7 +28,7 @@ from rswap_ebpf.predict.store import ProfileStore
 from rswap_ebpf.offline.replay import replay
 from rswap_ebpf.model.resources import (ResourceId, ResourcePool, ResourceType, parse_resource)
 from rswap_ebpf.server.scheduler import Scheduler, parse_limits
-from rswap_ebpf.swap.manager import Limits
+from rswap_ebpf.model.limits import Limits
 from rswap_ebpf.offline.trace import TraceWriter, read_trace
 
 COPROC = ResourceType.SPECIALIZED_COPROC

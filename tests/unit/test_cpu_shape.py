@@ -147,7 +147,8 @@ def test_cpu_floor_is_kept_under_the_quota_and_weight_not_taken_from_the_pool(v1
     at least the floor plus headroom) while its units, and so what batch is left, follow the
     window's forecast: reserving the floor kept batch at static partitioning's level."""
     from rswap_ebpf.host.cpu.driver import CpuDriver
-    from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority
+    from rswap_ebpf.model.limits import Limits, Priority
+    from rswap_ebpf.swap.manager import ManagedTask
 
     cg, d_ = v1
     drv = CpuDriver(CgroupMounts("hybrid", None, {"cpu": str(tmp_path)}), applier=None,

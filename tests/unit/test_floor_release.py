@@ -14,11 +14,12 @@ import pickle
 import pytest
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
 from rswap_ebpf.offline.replay import replay
 from rswap_ebpf.model.resources import ResourceId, ResourcePool, ResourceType
-from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
+from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 from rswap_ebpf.offline.trace import Trace
 from tests.unit.test_coproc_multi import Card, _daemon
 

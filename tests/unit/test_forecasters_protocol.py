@@ -5,7 +5,7 @@ import pickle
 import pytest
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.forecasters import available, make_forecaster
+from rswap_ebpf.predict.registry import available, make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.model.resources import ResourceType
 

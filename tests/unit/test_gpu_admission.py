@@ -24,7 +24,7 @@ from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.server.scheduler import Scheduler
 from rswap_ebpf.host.gpu.nvml import NvmlCollector
-from rswap_ebpf.swap.manager import Limits
+from rswap_ebpf.model.limits import Limits
 from tests.fakes.pynvml import FakeGpu, FakeNvml
 
 GiB = 2**30

@@ -14,7 +14,7 @@ import random
 import pytest
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
 
 

@@ -12,7 +12,8 @@ import pytest
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.runtime.overflow import OverflowHook
 from rswap_ebpf.model.resources import ResourcePool, ResourceType
-from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, Shortfall, SwapManager
+from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.swap.manager import ManagedTask, Shortfall, SwapManager
 
 CPU = ResourceType.PROCESSOR_CYCLES
 

@@ -10,6 +10,7 @@ import pytest
 
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict import forecasters as fc
+from rswap_ebpf.predict import registry
 from rswap_ebpf.predict.selection import AutoForecaster
 
 
@@ -18,12 +19,12 @@ def _series(n=160, period=8, seed=3):
     return [max(0.0, (900.0 if i % period < 3 else 40.0) + rnd.gauss(0, 30)) for i in range(n)]
 
 
-ALL = fc.available()
+ALL = registry.available()
 
 
 @pytest.fixture(params=ALL)
 def forecaster(request):
-    return fc.make_forecaster(request.param, scale=1000)
+    return registry.make_forecaster(request.param, scale=1000)
 
 
 def test_every_shipped_forecaster_is_checked():
@@ -104,9 +105,9 @@ def test_quantile_lags_sits_above_the_median():
 ])
 def test_bad_parameters_are_config_errors(spec, field):
     with pytest.raises(ConfigError) as e:
-        fc.make_forecaster(spec)
+        registry.make_forecaster(spec)
     assert field in e.value.field
 
 
 def test_default_forecaster_is_model_selection():
-    assert isinstance(fc.make_forecaster(None), AutoForecaster)
+    assert isinstance(registry.make_forecaster(None), AutoForecaster)

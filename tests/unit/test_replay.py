@@ -97,7 +97,7 @@ def test_proactive_beats_reactive_on_a_periodic_trace():
 
 
 def test_priorities_make_swaps_from_batch():
-    from rswap_ebpf.swap.manager import Priority
+    from rswap_ebpf.model.limits import Priority
 
     tr = _periodic_trace(120)
     tight = replay(tr, ["reactive"], totals={CPU: 1500},

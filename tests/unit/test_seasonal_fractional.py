@@ -6,7 +6,8 @@ import random
 import pytest
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.forecasters import SeasonalFractional, SeasonalNaive, make_forecaster
+from rswap_ebpf.predict.forecasters import SeasonalFractional, SeasonalNaive
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
 
 

@@ -6,7 +6,8 @@ import random
 import pytest
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.forecasters import SeasonalLevel, SeasonalNaive, make_forecaster
+from rswap_ebpf.predict.forecasters import SeasonalLevel, SeasonalNaive
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
 from tests.unit.test_seasonal_fractional import _mae
 

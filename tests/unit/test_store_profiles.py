@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from rswap_ebpf.predict.forecasters import make_forecaster
+from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.store import ProfileStore, Retention, task_identity
 from rswap_ebpf.model.resources import ResourceType
@@ -154,7 +154,7 @@ def test_a_restart_after_a_gap_keeps_the_seasonal_phase(tmp_path, monkeypatch):
     """Down for 5 ticks of a 10-tick period: the restored model expects the burst 5 ticks sooner."""
     import time as _time
 
-    from rswap_ebpf.predict.forecasters import make_forecaster
+    from rswap_ebpf.predict.registry import make_forecaster
     from rswap_ebpf.predict.profile import TaskProfiler
     from rswap_ebpf.predict.store import ProfileStore
     from rswap_ebpf.model.resources import ResourceType

@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 from rswap_ebpf.errors import ResourceError
 from rswap_ebpf.model.resources import ResourcePool, ResourceType
-from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
+from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 
 CPU = ResourceType.PROCESSOR_CYCLES
 

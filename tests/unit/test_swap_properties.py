@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rswap_ebpf.model.resources import ResourcePool, ResourceType
-from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
+from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 from rswap_ebpf.swap.policy import StabilityPolicy
 
 CPU = ResourceType.PROCESSOR_CYCLES

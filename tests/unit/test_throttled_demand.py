@@ -20,7 +20,8 @@ from rswap_ebpf.host.cgroup import (CgroupMounts, CgroupV1CpuWriter, CgroupV2Cpu
                                        TaskCgroup, ThrottleStats)
 from rswap_ebpf.model.resources import ResourcePool, ResourceType
 from rswap_ebpf.host.cpu.collector import CpuDelta
-from rswap_ebpf.swap.manager import Limits, ManagedTask, Priority, SwapManager
+from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 
 CPU = ResourceType.PROCESSOR_CYCLES
 S = 1_000_000_000

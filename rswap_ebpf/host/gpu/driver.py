@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from rswap_ebpf.host.cgroup import TaskCgroup, Write
 from rswap_ebpf.model.resources import ResourceType
-from rswap_ebpf.swap.manager import Limits
+from rswap_ebpf.model.limits import Limits
 from rswap_ebpf.host.gpu.nvml import GpuSample, NvmlCollector
 from rswap_ebpf.host.driver import DriverContext, ResourceDriver
 
