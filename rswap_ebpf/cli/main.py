@@ -12,7 +12,12 @@ import time
 from rswap_ebpf.runtime import config as configmod
 from rswap_ebpf import paths
 from rswap_ebpf.cli import args as args_
+from rswap_ebpf.cli.format import Column, fmt_units, render_table
 from rswap_ebpf.errors import ConfigError, RswapError
+
+STATUS_COLUMNS = (Column("TASK"), Column("PRIO"), Column("RES"), Column("USED", ">"),
+                  Column("FORECAST", ">"), Column("ALLOC", ">"), Column("MODEL (MAE)"))
+DOCTOR_COLUMNS = (Column("STATUS"), Column("FEATURE"), Column("DETAIL"))
 
 EPILOG_RUN = """examples:
   sudo rswap run                      # the embedded demo: a bursty critical task and a batch job
@@ -146,14 +151,18 @@ def cmd_status(args) -> int:
     print(f"rswap pid {st['pid']}, tick {st['tick']} ({age:.1f}s ago)"
           + (", dry run" if st.get("dry_run") else ""))
     for key, r in st["pool"].items():
-        print(f"pool {key}: total {r['total']} {r['unit']}, available {r['available']}")
-    rw = max([5] + [len(k) for k in st["pool"]])  # coproc:fpga0
-    print(f"{'TASK':<12} {'PRIO':<8} {'RES':<{rw}} {'USED':>8} {'FORECAST':>9} {'ALLOC':>8}  MODEL (MAE)")
+        print(f"pool {key}: total {fmt_units(r['total'], r['unit'])}, "
+              f"available {fmt_units(r['available'], r['unit'])}")
+    units = {k: r["unit"] for k, r in st["pool"].items()}
+    rows = []
     for name, t in st["tasks"].items():
         for key, v in t["resources"].items():
-            mae = "" if v["mae"] is None else f" ({v['mae']})"
-            print(f"{name:<12.12} {t['priority']:<8} {key:<{rw}} {v['usage']:>8} {v['forecast']:>9} "
-                  f"{v['allocation']:>8}  {v['model']}{mae}")
+            unit = units.get(key, "units")
+            mae = "" if v["mae"] is None else f" ({fmt_units(v['mae'], unit)})"
+            rows.append([name, t["priority"], key, fmt_units(v["usage"], unit),
+                         fmt_units(v["forecast"], unit), fmt_units(v["allocation"], unit),
+                         f"{v['model']}{mae}"])
+    print(render_table(STATUS_COLUMNS, rows))
     return 0
 
 
@@ -174,9 +183,9 @@ def cmd_doctor(args) -> int:
                     "needed_by": [r.key for r in c.needed_by]} for c in checks], sys.stdout, indent=2)
         print()
     else:
-        for c in checks:
-            fix = f"  -> {c.fix}" if c.fix and c.status != "ok" else ""
-            print(f"{c.status:<9} {c.feature:<20} {c.detail}{fix}")
+        print(render_table(DOCTOR_COLUMNS, [
+            [c.status, c.feature, c.detail + (f"  -> {c.fix}" if c.fix and c.status != "ok" else "")]
+            for c in checks]))
         if bad:
             print(f"\n{len(bad)} feature(s) this configuration needs are missing.")
     return 1 if bad else 0

@@ -104,9 +104,12 @@ def cmd_maps(args) -> int:
 
         print(f"rswap: no maps pinned under {paths.pin_dir()} (is rswap running?)")
         return 1
-    for p in pins:
-        print(f"{p.name:<24} {p.map_type:<16} key {p.key_size:>3}B value {p.value_size:>5}B "
-              f"max {p.max_entries:>7}  {p.dump_command}")
+    from rswap_ebpf.cli.format import Column, render_table
+
+    print(render_table((Column("MAP"), Column("TYPE"), Column("KEY", ">"), Column("VALUE", ">"),
+                        Column("MAX", ">"), Column("DUMP WITH")),
+                       [[p.name, p.map_type, f"{p.key_size}B", f"{p.value_size}B", p.max_entries,
+                         p.dump_command] for p in pins]))
     return 0
 
 

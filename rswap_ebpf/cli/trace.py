@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 
+from rswap_ebpf.cli.format import Column, render_table
 from rswap_ebpf.errors import ConfigError
 
 EPILOG_RECORD = """examples:
@@ -101,7 +102,7 @@ def _pairs(items: list[str], option: str) -> list[tuple[str, str]]:
 
 def cmd_replay(args) -> int:
     from rswap_ebpf.predict.registry import make_forecaster
-    from rswap_ebpf.offline.replay import POLICIES, format_equal_slack, format_table, reactive_frontier, replay
+    from rswap_ebpf.offline.replay import POLICIES, reactive_frontier, replay
     from rswap_ebpf.model.resources import check_units, parse_resource
     from rswap_ebpf.model.limits import Priority
     from rswap_ebpf.offline.trace import read_trace
@@ -171,3 +172,62 @@ def cmd_record(args) -> int:
         code = daemon.run(args.count)
     print(f"rswap: trace written to {args.output}", file=sys.stderr)
     return code
+
+
+REPLAY_COLUMNS = (Column("POLICY"), Column("TASK"), Column("RES"), Column("MODEL"),
+                  Column("MAE", ">"), Column("MAPE%", ">"), Column("SHORT(u*s)", ">"),
+                  Column("SLACK(u*s)", ">"), Column("CHANGES", ">"), Column("SWAPS", ">"))
+TOTAL_COLUMNS = (Column("POLICY"), Column("SHORT(u*s)", ">"), Column("SLACK(u*s)", ">"))
+VS_REACTIVE = (Column("SHORT/reactive", ">"), Column("SLACK/reactive", ">"))
+EQUAL_SLACK_COLUMNS = (Column("TASK"), Column("RES"), Column("SHORT(u*s)", ">"),
+                       Column("SLACK(u*s)", ">"), Column("REACTIVE SHORT", ">"), Column("RATIO", ">"))
+
+
+def _fig(v: float | None, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def format_table(result) -> str:
+    """The per task x resource table of a :class:`~rswap_ebpf.offline.replay.ReplayResult`,
+    then one total line per policy with ratios vs reactive."""
+    policies = list(dict.fromkeys(s.policy for s in result.scores))
+    rows = [[p, s.task, s.resource.key, s.model or "-", _fig(s.mae), _fig(s.mape),
+             _fig(s.shortfall), _fig(s.slack), s.changes, s.swaps]
+            for p in policies
+            for s in sorted(result.by_policy(p), key=lambda s: (s.task, s.resource.key))]
+    ref = "reactive" if "reactive" in policies else None
+    totals = []
+    for p in policies:
+        short, slack = result.total(p, "shortfall"), result.total(p, "slack")
+        row = [p, _fig(short), _fig(slack)]
+        if ref:
+            row += [_ratio(short, result.total(ref, "shortfall")),
+                    _ratio(slack, result.total(ref, "slack"))]
+        totals.append(row)
+    return (render_table(REPLAY_COLUMNS, rows) + "\n\n"
+            + render_table(TOTAL_COLUMNS + (VS_REACTIVE if ref else ()), totals))
+
+
+def format_equal_slack(result, frontier, policy: str = "proactive") -> str:
+    """``policy``'s shortfall against reactive's at the same slack, per task x resource and
+    summed: the comparison that does not depend on reactive's one headroom."""
+    from rswap_ebpf.offline.replay import FRONTIER_HEADROOMS, equal_slack_ratio
+
+    notes = [f"At equal slack: {policy}'s shortfall / reactive's at {policy}'s slack (reactive "
+             f"replayed at headroom {min(FRONTIER_HEADROOMS):g}-{max(FRONTIER_HEADROOMS):g}, "
+             "read between them).",
+             f"'<': {policy} spends less slack than reactive at any headroom; the ratio is to "
+             "reactive's shortfall at no headroom."]
+    scored = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
+              for s in sorted(result.by_policy(policy), key=lambda s: (s.task, s.resource.key))]
+    scored.append((None, "(total)", "", result.total(policy, "shortfall"),
+                   result.total(policy, "slack")))
+    rows = []
+    for key, task, res, short, slack in scored:
+        at, ratio = equal_slack_ratio(frontier.get(key, []), short, slack)
+        rows.append([task, res, _fig(short), _fig(slack), _fig(at), ratio])
+    return "\n".join(notes + [render_table(EQUAL_SLACK_COLUMNS, rows)])

@@ -304,27 +304,6 @@ def reactive_frontier(trace: Trace, headrooms: Sequence[float] = FRONTIER_HEADRO
     return frontier_of([replay(trace, ("reactive",), headroom=h, **kwargs) for h in headrooms])
 
 
-def format_equal_slack(result: ReplayResult, frontier, policy: str = "proactive") -> str:
-    """``policy``'s shortfall against reactive's at the same slack, per task x resource and
-    summed: the comparison that does not depend on reactive's one headroom."""
-    lines = [f"At equal slack: {policy}'s shortfall / reactive's at {policy}'s slack (reactive "
-             f"replayed at headroom {min(FRONTIER_HEADROOMS):g}-{max(FRONTIER_HEADROOMS):g}, "
-             "read between them).",
-             f"'<': {policy} spends less slack than reactive at any headroom; the ratio is to "
-             "reactive's shortfall at no headroom.",
-             f"{'TASK':<12} {'RES':<5} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11} "
-             f"{'REACTIVE SHORT':>15} {'RATIO':>7}"]
-    rows = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
-            for s in sorted(result.by_policy(policy), key=lambda s: (s.task, s.resource.key))]
-    rows.append((None, "(total)", "", result.total(policy, "shortfall"),
-                 result.total(policy, "slack")))
-    for key, task, res, short, slack in rows:
-        at, ratio = equal_slack_ratio(frontier.get(key, []), short, slack)
-        lines.append(f"{task:<12.12} {res:<5} {short:>11.0f} {slack:>11.0f} "
-                     f"{_fmt(at):>15} {ratio:>7}")
-    return "\n".join(lines)
-
-
 def equal_slack_ratio(points: Sequence[tuple[float, float]], short: float, slack: float
                       ) -> tuple[float | None, str]:
     """Reactive's shortfall at ``slack`` (:func:`at_equal_slack`) and ``short`` over it, as
@@ -379,37 +358,3 @@ def _percentile(values, q: float) -> float:
     if not xs:
         return 0.0
     return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def _fmt(v: float | None, spec: str = ".0f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_table(result: ReplayResult) -> str:
-    """The per task x resource table, then one total line per policy with ratios vs reactive."""
-    rw = max([5] + [len(s.resource.key) for s in result.scores])  # coproc:fpga0
-    mw = max([15] + [len(s.model or "-") for s in result.scores])  # seasonal_fractional
-    lines = [f"{'POLICY':<10} {'TASK':<12} {'RES':<{rw}} {'MODEL':<{mw}} {'MAE':>7} {'MAPE%':>6} "
-             f"{'SHORT(u*s)':>11} {'SLACK(u*s)':>11} {'CHANGES':>7} {'SWAPS':>5}"]
-    policies = list(dict.fromkeys(s.policy for s in result.scores))
-    for p in policies:
-        for s in sorted(result.by_policy(p), key=lambda s: (s.task, s.resource.key)):
-            lines.append(f"{p:<10} {s.task:<12.12} {s.resource.key:<{rw}} {s.model or '-':<{mw}} "
-                         f"{_fmt(s.mae):>7} {_fmt(s.mape):>6} {s.shortfall:>11.0f} "
-                         f"{s.slack:>11.0f} {s.changes:>7} {s.swaps:>5}")
-    lines.append("")
-    ref = "reactive" if "reactive" in policies else None
-    lines.append(f"{'POLICY':<10} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11}"
-                 + (f" {'SHORT/reactive':>15} {'SLACK/reactive':>15}" if ref else ""))
-    for p in policies:
-        short, slack = result.total(p, "shortfall"), result.total(p, "slack")
-        line = f"{p:<10} {short:>11.0f} {slack:>11.0f}"
-        if ref:
-            rs, rl = result.total(ref, "shortfall"), result.total(ref, "slack")
-            line += f" {_ratio(short, rs):>15} {_ratio(slack, rl):>15}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "-"
