@@ -37,6 +37,7 @@ from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.model.resources import ResourcePool, ResourceType
 from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.model.stats import quantile
 from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 from rswap_ebpf.offline.trace import Trace
 
@@ -210,7 +211,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
             if policy == "reactive":
                 f = seen
             elif policy == "vpa":
-                f = _percentile(recent[(t, r)], 0.9)
+                f = quantile(recent[(t, r)], 0.9, "higher")
             else:
                 profiler.update_prediction(t, r, seen)
                 continue
@@ -351,10 +352,3 @@ def _scored_over(spec, window: int):
     if isinstance(spec, dict) and spec.get("name") == "auto" and "horizon" not in spec:
         return {**spec, "horizon": window}
     return spec
-
-
-def _percentile(values, q: float) -> float:
-    xs = sorted(values)
-    if not xs:
-        return 0.0
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
