@@ -115,16 +115,7 @@ def cmd_maps(args) -> int:
 
 def add_run_options(run) -> None:
     """``rswap run`` options for watching the daemon (called by cli.build_parser)."""
-    def port(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a TCP port, got {text!r}") from None
-        if not 0 <= v <= 65535:
-            raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {text}")
-        return v
-
-    run.add_argument("--metrics-port", type=port, metavar="PORT",
+    run.add_argument("--metrics-port", type=args_.port, metavar="PORT",
                      help="serve Prometheus metrics on http://ADDRESS:PORT/metrics")
     run.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
                      help="address the metrics server binds (default 127.0.0.1; 0.0.0.0 for "

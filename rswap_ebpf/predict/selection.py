@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rswap_ebpf.errors import ConfigError
+from rswap_ebpf.model.checks import check_bool, check_fraction, check_whole
 from rswap_ebpf.predict.forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalFractional,
                           SeasonalLevel, SeasonalNaive, holt_winters, single, snarimax)
 from rswap_ebpf.predict.period import PeriodDetector
@@ -102,8 +103,7 @@ class AutoForecaster(Base):
                 raise ConfigError("forecaster.candidates", f"{comb!r} combines at least two others")
         if loss not in LOSSES:
             raise ConfigError("forecaster.loss", f"{loss!r} is not one of {', '.join(LOSSES)}")
-        if not 0.0 < float(quantile) < 1.0:
-            raise ConfigError("forecaster.quantile", "must be between 0 and 1 (exclusive)")
+        check_fraction(quantile, "forecaster.quantile")
         self.candidates = tuple(candidates)
         self.loss = loss
         self.quantile = float(quantile)
@@ -116,21 +116,10 @@ class AutoForecaster(Base):
         self.min_scored = int(min_scored)
         self.hysteresis = float(hysteresis)
         self.calibration = max(5, int(calibration))
-        if not isinstance(seasonal_raise, bool):  # TOML gives a bool; "false" must not be true
-            raise ConfigError("forecaster.seasonal_raise", "must be true or false")
-        self.seasonal_raise = seasonal_raise
-        if not isinstance(floor, bool):
-            raise ConfigError("forecaster.floor", "must be true or false")
-        self.floor = floor
-        if isinstance(release_after, bool) or not isinstance(release_after, int) \
-                or release_after < 0:
-            raise ConfigError("forecaster.release_after",
-                              "must be a whole number of periods, 0 or more (0: never release)")
-        self.release_after = release_after
-        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
-            raise ConfigError("forecaster.neighbours",
-                              "must be a whole number of errors, 0 or more (0: all of them)")
-        self.neighbours = neighbours
+        self.seasonal_raise = check_bool(seasonal_raise, "forecaster.seasonal_raise")
+        self.floor = check_bool(floor, "forecaster.floor")
+        self.release_after = check_whole(release_after, "forecaster.release_after")  # 0: never
+        self.neighbours = check_whole(neighbours, "forecaster.neighbours")  # 0: all errors
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
         self._detector = PeriodDetector(max_period=self.max_period, every=3)

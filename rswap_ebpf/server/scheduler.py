@@ -39,6 +39,7 @@ from rswap_ebpf.errors import ConfigError, RswapError
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.model.resources import Resource, ResourceType
 from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.model.checks import check_number
 from rswap_ebpf.model.stats import quantile
 from rswap_ebpf.swap.manager import Shortfall
 
@@ -192,9 +193,8 @@ class Scheduler:
         make_forecaster(fc, field="forecaster")
         limits = parse_limits(req.get("limits") or {}, d.pool.types(), "limits")
         timeout = req.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout < 0):
-            raise ConfigError("timeout", f"expected seconds, got {timeout!r}")
+        if timeout is not None:
+            check_number(timeout, "timeout", 0)
         self._check_free_name(name)
         er = ExecRequest(name, prio, fc, limits, bool(req.get("wait")), timeout)
         plan = self.plan(er)
