@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds per tick (overrides daemon.interval)")
     run.add_argument("--count", type=args_.count, metavar="N", help="stop after N ticks")
     run.add_argument("--dry-run", action="store_true", help="plan and print, write no limit")
-    run.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
+    run.add_argument("--ebpf", action="store_true",
+                     help="print the BPF programs this configuration loads and exit")
     from rswap_ebpf.cli.ops import add_run_options
 
     add_run_options(run)  # --metrics-port, --metrics-address, --history
@@ -106,8 +107,12 @@ def cmd_run(args) -> int:
     cfg = configmod.load(args.config)
     if args.ebpf:
         from rswap_ebpf.host.bpf import bpf_source_dir
+        from rswap_ebpf.host.registry import bpf_programs
 
-        print((bpf_source_dir() / "cpu.bpf.c").read_text())
+        src = bpf_source_dir()
+        for name in ["rswap.h", *bpf_programs(cfg.resources)]:
+            print(f"/* ===== bpf/{name} ===== */")
+            print((src / name).read_text())
         return 0
     if args.interval:
         from dataclasses import replace

@@ -54,7 +54,6 @@ CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractio
 #: recent error at that step, weighted by the inverse square of that error (a forecast
 #: combination, which can beat every model in it)
 COMBINERS = ("median", "blend")
-COMBINED = "median"  # kept for older imports
 #: the blend combines the few models with the least recent error at each step: a trimmed
 #: combination (a model that has gone badly wrong gets no say at all, not merely a small one)
 BLEND_TOP = 3
@@ -425,10 +424,6 @@ class AutoForecaster(Base):
             return list(pend[-1][1][:horizon])
         return self._raise(self.serving, self._point(self.serving, horizon))
 
-    def point_forecast(self, horizon: int) -> list[float]:
-        """The serving model's own forecast, before any raise to the quantile."""
-        return self._point(self.serving, horizon)
-
     # -- checkpoints ---------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """Compact: the period detector's window is the tail of the kept history (not stored
@@ -488,7 +483,3 @@ class AutoForecaster(Base):
     def serving_loss(self) -> float | None:
         return self._loss.get(self.serving)
 
-    @property
-    def serving_mae(self) -> float | None:
-        v = self._mae.get(self.serving)
-        return v if v is None or math.isfinite(v) else None

@@ -611,8 +611,3 @@ def _undo_ifb(data: dict) -> None:
 
 register_undo(MIRRED_KIND, _undo_mirred)
 register_undo(IFB_KIND, _undo_ifb)
-
-
-def rates_text(classes: Mapping[int, HtbClass]) -> str:
-    return ", ".join(f"{c >> 16:x}:{c & 0xffff:x} rate {h.rate_bytes_per_s * 8 / 1e6:.1f}Mbit "
-                     f"ceil {h.ceil_bytes_per_s * 8 / 1e6:.1f}Mbit" for c, h in sorted(classes.items()))
