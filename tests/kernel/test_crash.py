@@ -4,7 +4,7 @@ The daemon runs as a real subprocess (``rswap run``) on real cgroups (an existin
 known CFS quota and shares, holding a process, plus rswap-owned command tasks), a root qdisc on a
 veth in a network namespace made here, with its BPF programs loaded and maps pinned in a private
 ``RSWAP_PIN_DIR``.  Each round kills it either at a random time or, through the journal's fault
-hook (``RSWAP_FAULT_KILL_AFTER_JOURNAL=N``), right after its Nth journal entry is fsynced and before
+hook (tests/kernel/journal_fault.py N), right after its Nth journal entry is fsynced and before
 the change it announces is made.  Then the round runs ``rswap restore`` (or, every few rounds, a
 fresh ``rswap run`` that restores on start) and compares the cgroup files, the qdiscs, classes and
 filters, the resctrl groups and schemata, and the pins with what they were before the first start.
@@ -313,10 +313,14 @@ def prog_ids_held_by_processes() -> set[int]:
     return held
 
 
-def start(host, extra_env=None, count=200) -> subprocess.Popen:
-    env = {**os.environ, **host.env, **(extra_env or {})}
-    return subprocess.Popen(rswap_cmd() + ["run", "--config", host.config, "--count", str(count)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(host, kill_after_journal: int | None = None, count=200) -> subprocess.Popen:
+    """``rswap run``; with ``kill_after_journal=N`` through tests/kernel/journal_fault.py, which
+    SIGKILLs it right after its Nth journal entry is on disk."""
+    cmd = rswap_cmd() if kill_after_journal is None else \
+        [sys.executable, "-m", "tests.kernel.journal_fault", str(kill_after_journal)]
+    return subprocess.Popen(cmd + ["run", "--config", host.config, "--count", str(count)],
+                            env={**os.environ, **host.env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def wait_dead(p: subprocess.Popen, timeout: float) -> str:
@@ -375,8 +379,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     t_start = time.monotonic()
     for round_no in range(ROUNDS):
         hook = round_no % 2 == 0
-        extra = {"RSWAP_FAULT_KILL_AFTER_JOURNAL": str(rng.randint(1, 20))} if hook else {}
-        p = start(host, extra)
+        p = start(host, rng.randint(1, 20) if hook else None)
         # The hook kills it mid-apply; a timer kills it anywhere (also a hook whose N is past
         # the last entry of this run).
         delay = window + 1 if hook else rng.uniform(0, window)
