@@ -323,6 +323,8 @@ ENFORCER_MODULES: tuple[str, ...] = (
     "rswap_ebpf.host.cpu.cpuset",
     "rswap_ebpf.host.io.enforcer",
     "rswap_ebpf.host.net.tc",
+    "rswap_ebpf.host.net.htb",
+    "rswap_ebpf.host.net.ingress",
     "rswap_ebpf.host.cache.resctrl",
 )
 

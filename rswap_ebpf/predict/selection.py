@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import struct
 from array import array
 from collections import deque
