@@ -326,7 +326,9 @@ class RiverForecaster(Base):
         return out
 
     def clone(self):
-        return type(self)(self.model.clone(), self.scale, self.warmup)
+        c = type(self)(self.model.clone(), self.scale, self.warmup)
+        c.name = self.name  # holt_winters / snarimax name the instance, not the class
+        return c
 
 
 def holt_winters(alpha: float = 0.5, beta: float = 0.05, gamma: float = 0.5,
