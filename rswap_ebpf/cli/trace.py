@@ -62,7 +62,7 @@ def register(sub) -> dict:
                      help="what a throttled CPU tick shows the policies: the recorded demand "
                           "(default; what use + throttled time reads, roughly), 'backlog' (the "
                           "higher reading of threads with work held back), or 'growth' (no "
-                          "reading: twice the allocation, as before round 7)")
+                          "reading: the manager's rule of twice the allocation)")
     return {"record": cmd_record, "replay": cmd_replay}
 
 

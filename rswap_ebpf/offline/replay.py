@@ -55,7 +55,7 @@ KERNEL_CENSORS = frozenset({ResourceType.PROCESSOR_CYCLES})
 KERNEL_READS = frozenset({ResourceType.PROCESSOR_CYCLES})
 #: How replay models that reading on a throttled tick (``--reading``): ``demand``, the recorded
 #: demand itself (the default); ``backlog``, what a backlog adds (:func:`throttled_reading`);
-#: ``growth``, no reading at all: the manager's growth rule, as before round 7.
+#: ``growth``, no reading at all: the manager's growth rule (twice the allocation).
 READINGS = ("demand", "backlog", "growth")
 
 
@@ -67,8 +67,8 @@ def throttled_reading(demand, cap, total, model: str = "backlog"):
     held back, so across a tick it had work in throughout, the reading runs linearly from the
     demand (cap at the demand) to a whole CPU per thread (cap 0), with the fewest threads that
     use the demand: ``d + (1 - cap/d) * (n*1000 - d)``, ``n = ceil(d/1000)``.  ``demand``: the
-    demand itself.  Measured on this VM's 6.18 kernel (``tools/measure_throttle.py``, README
-    round 7), held at 200 and 500 millicores for 3 s: ``backlog`` is within 5% for busy
+    demand itself.  Measured on a 6.18 kernel (``tools/measure_throttle.py``), held at 200
+    and 500 millicores for 3 s: ``backlog`` is within 5% for busy
     threads, a half-busy thread, rswap's demo spinners, ``stress-ng --cpu-load`` and ``dd``,
     where ``demand`` reads up to 37% low; both read low for two threads busy 30%.  In the second
     a burst begins in it is the other way: the reading is 0.03-1.3x the demand, as throttled

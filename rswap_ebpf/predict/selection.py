@@ -9,9 +9,9 @@ scores are averaged with an exponential decay of ``half_life`` samples.
 
 With the pinball loss the forecaster serves an upper quantile, and the headroom comes from the
 data: every candidate's point forecast is raised by the ``quantile`` of its own recent errors at
-that step ahead (split-conformal style, over the last ``calibration`` samples; since round 8 only
-the errors of the ``neighbours`` past forecasts nearest in value count, so a forecast of an idle
-tick is raised by what idle forecasts missed, not by the bursts' errors), and candidates are
+that step ahead (split-conformal style, over the last ``calibration`` samples; only the errors
+of the ``neighbours`` past forecasts nearest in value count, so a forecast of an idle tick is
+raised by what idle forecasts missed, not by the bursts' errors), and candidates are
 ranked on those raised forecasts.  With ``loss="mae"`` the point forecasts serve as they are.
 
 Seasonal candidates get the period found online by :class:`~.period.PeriodDetector`; when it
