@@ -101,3 +101,17 @@ def test_cli_top_without_daemon_says_so(rswap_env):
     (12_000_000, "bytes_per_s", "12.0MB/s"), (20000, "iops", "20.0k iops"), (4, "ways", "4 ways")])
 def test_units_read_the_way_operators_expect(value, unit, text):
     assert fmt_units(value, unit) == text
+
+
+def test_status_prints_the_same_figures_as_top(replayed, rswap_env):
+    """``rswap status`` and ``rswap top`` share one fmt_units: the same number reads the same."""
+    res = run_rswap("status", env=rswap_env)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()
+            if line.startswith(("web", "batch"))}
+    st = replayed.status()
+    web = st["tasks"]["web"]["resources"]["cpu"]
+    assert rows["web"][:6] == ["web", "critical", "cpu", fmt_units(web["usage"], "millicores"),
+                               fmt_units(web["forecast"], "millicores"),
+                               fmt_units(web["allocation"], "millicores")]
+    assert "pool cpu: total 2000m, available 0m" in res.stdout
