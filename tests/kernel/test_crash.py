@@ -372,7 +372,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     first_prog_id = max(rswap_prog_ids() or {0: ""})
     progs_before = set(prog_ids_held_by_processes())
     journal = os.path.join(host.env["RSWAP_STATE_DIR"], "journal.jsonl")
-    seen = {"hook": 0, "timer": 0, "changed": 0, "restart": 0, "max_entries": 0}
+    seen = {"hook": 0, "hook_fired": 0, "timer": 0, "changed": 0, "restart": 0, "max_entries": 0}
     first_change = time_to_first_change(host, journal, baseline)
     # Kills land anywhere in a window that covers the start and a few ticks after it.
     window = max(MAX_KILL_S * TIME_SCALE, 2 * first_change)
@@ -385,6 +385,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
         delay = window + 1 if hook else rng.uniform(0, window)
         try:
             p.wait(timeout=delay)
+            seen["hook_fired"] += hook  # dead before the timer: the hook killed it
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGKILL)
         err = wait_dead(p, timeout=30)
@@ -426,7 +427,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     print(f"\n{ROUNDS} rounds in {elapsed:.0f}s (first change {first_change:.1f}s after the start, "
           f"kills within {window:.1f}s): {seen}")
     # The rounds exercised both kinds of kill, and most left something for restore to undo.
-    assert seen["hook"] and seen["timer"]
+    assert seen["hook"] and seen["timer"] and seen["hook_fired"], seen
     assert seen["changed"] >= ROUNDS // 4, seen
     # resctrl comes late in a run, so fewer kills find it changed: about a third of the rounds on
     # this host, 1 of 20 in the emulated stock-kernel VM (tools/vm_test), where the kill window
