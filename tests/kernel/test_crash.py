@@ -379,7 +379,8 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     t_start = time.monotonic()
     for round_no in range(ROUNDS):
         hook = round_no % 2 == 0
-        p = start(host, rng.randint(1, 20) if hook else None)
+        kill_after = rng.randint(1, 20) if hook else None
+        p = start(host, kill_after)
         # The hook kills it mid-apply; a timer kills it anywhere (also a hook whose N is past
         # the last entry of this run).
         delay = window + 1 if hook else rng.uniform(0, window)
@@ -414,7 +415,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
         after = host.snapshot()
         diff = {k: _differences(baseline[k], after.get(k)) for k in baseline
                 if after.get(k) != baseline[k]}
-        assert not diff, (round_no, "hook" if hook else "timer", extra, diff, err[-2000:],
+        assert not diff, (round_no, "hook" if hook else "timer", kill_after, diff, err[-2000:],
                           r.stdout[-2000:], "".join(entries)[-4000:])
         assert not os.path.exists(journal), round_no
     # Nothing of ours stays loaded: every rswap program loaded since the start is gone or still
