@@ -50,6 +50,8 @@ import debian_tools  # tools/debian_tools.py, beside this script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from rswap_ebpf.model.stats import quantile  # noqa: E402  (after the path above)
+
 PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "stress-ng": "stress-ng"}
 
 NGINX_CONF = """\
@@ -199,8 +201,8 @@ def load(d: str, port: int, start: float, seconds: float, a) -> tuple[list[float
 
 
 def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * (len(xs) - 1)))] * 1000 if xs else float("nan")
+    """The ``q`` quantile of latencies ``xs`` (seconds) in ms: a latency a request really had."""
+    return quantile(xs, q, "lower") * 1000 if xs else float("nan")
 
 
 def bogo_rate(path: str, wait_s: float = 15) -> float:

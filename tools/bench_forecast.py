@@ -48,8 +48,8 @@ MODELS = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractional"
           "holt_winters", "snarimax", "quantile_lags")
 QUANTILES = (0.5, 0.6, 0.75, 0.9)
 #: reactive's headroom, searched for the least whose slack is at least proactive's ("matched");
-#: steps of 0.05 up to 3 since round 8 (it was 0.2, 0.5, 1, 1.5, 2, 3, 5, 10: the step above
-#: proactive's slack could hold far more, so reactive looked better than at equal slack)
+#: steps of 0.05 up to 3 (coarser steps let the one above proactive's slack hold far more, so
+#: reactive looked better than at equal slack)
 REACTIVE_HEADROOMS = tuple(h for h in FRONTIER_HEADROOMS if h >= 0.2)
 FRONTIER_QUANTILES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
@@ -160,7 +160,7 @@ def allocation(traces, seasonal_raise: bool) -> None:
                 if q == 0.9 and not raise_:
                     default_run = pr  # the default forecaster: its per-task split below
         # the same default without the floor's release (every burst's level held a tick more),
-        # and with the raise from all recent errors (before round 8), not the nearest forecasts'
+        # and with the raise from all recent errors, not the nearest forecasts'
         for label, change in (("no release", {"release_after": 0}),
                               ("all errors", {"neighbours": 0})):
             pr = replay(tr, ("proactive",), forecaster={"name": "auto", **change})
@@ -192,7 +192,7 @@ def allocation(traces, seasonal_raise: bool) -> None:
               f"x reactive's)" + ("  -> the bar cannot be met here" if lb > 0.5 * rs else ""))
         if any(r in KERNEL_READS for r in tr.resources):
             # What a throttled CPU tick shows, modelled otherwise (replay --reading): the higher
-            # reading of a backlog, and no reading (the growth rule, before round 7); ratios to
+            # reading of a backlog, and no reading (the manager's growth rule); ratios to
             # reactive under the same reading.
             for reading in ("backlog", "growth"):
                 alt = replay(tr, ("reactive",), reading=reading)

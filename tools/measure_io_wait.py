@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Does a throttled block writer show how much IO it wanted?  (Needs root; round 8.)
+"""Does a throttled block writer show how much IO it wanted?  (Needs root.)
 
 CPU has such a reading: ``cpu.stat``'s throttled time, the time runnable threads waited on
 the quota (``tools/measure_throttle.py``).  Cgroup v1 ``blkio.throttle`` counts only the IO

@@ -14,7 +14,7 @@ while, with private run/state/pin directories so it never meets a running daemon
 * fio_flush.csv (IO/s): ``fio`` 4 KiB O_DIRECT random writes at 300 IO/s for 2 s, then 6 s
   asleep (a periodic flush or checkpoint), beside a steady ``fio`` reader at 80 IO/s, both on a
   loop device made for the recording and removed after it.
-* compile_cron.csv (held out, since round 10): ``gcc -O2`` of a generated 400-function C file
+* compile_cron.csv (held out: no default was tuned on it): ``gcc -O2`` of a generated 400-function C file
   (about 2 s of CPU), then 8 s asleep, in a shell loop (a periodic build), beside rswap's demo
   ``burst`` with its own period (5 s busy every 15 s).  No default was chosen on it.
 

@@ -5,22 +5,30 @@ import argparse
 import json
 import os
 
-from rswap_ebpf.errors import RswapError
+from rswap_ebpf.errors import ConfigError, RswapError
+from rswap_ebpf.model.checks import check_number, check_whole
+
+
+def _number_text(text: str, convert, what: str):
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _checked(check, *args):
+    """The shared check (model/checks.py), its message as argparse prints one."""
+    try:
+        return check(*args)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
 
 
 def seconds(lo: float = 0.0, hi: float | None = None):
     """An argparse type for a number of seconds in ``[lo, hi]``."""
 
     def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-        if v != v or v < lo or (hi is not None and v > hi):
-            span = f"between {lo:g} and {hi:g} seconds" if hi is not None else \
-                f"at least {lo:g} seconds"
-            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
-        return v
+        return _checked(check_number, _number_text(text, float, "seconds"), "seconds", lo, hi)
 
     return parse
 
@@ -31,12 +39,14 @@ interval = seconds(0.05, 3600)
 
 def count(text: str) -> int:
     """A whole number of at least 1 (ticks, refreshes)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return _checked(check_whole, _number_text(text, int, "a whole number"), "count", 1)
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    v = _number_text(text, int, "a TCP port")
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {text}")
     return v
 
 

@@ -12,7 +12,12 @@ import time
 from rswap_ebpf.runtime import config as configmod
 from rswap_ebpf import paths
 from rswap_ebpf.cli import args as args_
+from rswap_ebpf.cli.format import Column, fmt_units, render_table
 from rswap_ebpf.errors import ConfigError, RswapError
+
+STATUS_COLUMNS = (Column("TASK"), Column("PRIO"), Column("RES"), Column("USED", ">"),
+                  Column("FORECAST", ">"), Column("ALLOC", ">"), Column("MODEL (MAE)"))
+DOCTOR_COLUMNS = (Column("STATUS"), Column("FEATURE"), Column("DETAIL"))
 
 EPILOG_RUN = """examples:
   sudo rswap run                      # the embedded demo: a bursty critical task and a batch job
@@ -48,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds per tick (overrides daemon.interval)")
     run.add_argument("--count", type=args_.count, metavar="N", help="stop after N ticks")
     run.add_argument("--dry-run", action="store_true", help="plan and print, write no limit")
-    run.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
+    run.add_argument("--ebpf", action="store_true",
+                     help="print the BPF programs this configuration loads and exit")
     from rswap_ebpf.cli.ops import add_run_options
 
     add_run_options(run)  # --metrics-port, --metrics-address, --history
@@ -101,8 +107,12 @@ def cmd_run(args) -> int:
     cfg = configmod.load(args.config)
     if args.ebpf:
         from rswap_ebpf.host.bpf import bpf_source_dir
+        from rswap_ebpf.host.registry import bpf_programs
 
-        print((bpf_source_dir() / "cpu.bpf.c").read_text())
+        src = bpf_source_dir()
+        for name in ["rswap.h", *bpf_programs(cfg.resources)]:
+            print(f"/* ===== bpf/{name} ===== */")
+            print((src / name).read_text())
         return 0
     if args.interval:
         from dataclasses import replace
@@ -146,14 +156,18 @@ def cmd_status(args) -> int:
     print(f"rswap pid {st['pid']}, tick {st['tick']} ({age:.1f}s ago)"
           + (", dry run" if st.get("dry_run") else ""))
     for key, r in st["pool"].items():
-        print(f"pool {key}: total {r['total']} {r['unit']}, available {r['available']}")
-    rw = max([5] + [len(k) for k in st["pool"]])  # coproc:fpga0
-    print(f"{'TASK':<12} {'PRIO':<8} {'RES':<{rw}} {'USED':>8} {'FORECAST':>9} {'ALLOC':>8}  MODEL (MAE)")
+        print(f"pool {key}: total {fmt_units(r['total'], r['unit'])}, "
+              f"available {fmt_units(r['available'], r['unit'])}")
+    units = {k: r["unit"] for k, r in st["pool"].items()}
+    rows = []
     for name, t in st["tasks"].items():
         for key, v in t["resources"].items():
-            mae = "" if v["mae"] is None else f" ({v['mae']})"
-            print(f"{name:<12.12} {t['priority']:<8} {key:<{rw}} {v['usage']:>8} {v['forecast']:>9} "
-                  f"{v['allocation']:>8}  {v['model']}{mae}")
+            unit = units.get(key, "units")
+            mae = "" if v["mae"] is None else f" ({fmt_units(v['mae'], unit)})"
+            rows.append([name, t["priority"], key, fmt_units(v["usage"], unit),
+                         fmt_units(v["forecast"], unit), fmt_units(v["allocation"], unit),
+                         f"{v['model']}{mae}"])
+    print(render_table(STATUS_COLUMNS, rows))
     return 0
 
 
@@ -174,9 +188,9 @@ def cmd_doctor(args) -> int:
                     "needed_by": [r.key for r in c.needed_by]} for c in checks], sys.stdout, indent=2)
         print()
     else:
-        for c in checks:
-            fix = f"  -> {c.fix}" if c.fix and c.status != "ok" else ""
-            print(f"{c.status:<9} {c.feature:<20} {c.detail}{fix}")
+        print(render_table(DOCTOR_COLUMNS, [
+            [c.status, c.feature, c.detail + (f"  -> {c.fix}" if c.fix and c.status != "ok" else "")]
+            for c in checks]))
         if bad:
             print(f"\n{len(bad)} feature(s) this configuration needs are missing.")
     return 1 if bad else 0

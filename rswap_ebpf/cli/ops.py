@@ -104,24 +104,18 @@ def cmd_maps(args) -> int:
 
         print(f"rswap: no maps pinned under {paths.pin_dir()} (is rswap running?)")
         return 1
-    for p in pins:
-        print(f"{p.name:<24} {p.map_type:<16} key {p.key_size:>3}B value {p.value_size:>5}B "
-              f"max {p.max_entries:>7}  {p.dump_command}")
+    from rswap_ebpf.cli.format import Column, render_table
+
+    print(render_table((Column("MAP"), Column("TYPE"), Column("KEY", ">"), Column("VALUE", ">"),
+                        Column("MAX", ">"), Column("DUMP WITH")),
+                       [[p.name, p.map_type, f"{p.key_size}B", f"{p.value_size}B", p.max_entries,
+                         p.dump_command] for p in pins]))
     return 0
 
 
 def add_run_options(run) -> None:
     """``rswap run`` options for watching the daemon (called by cli.build_parser)."""
-    def port(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a TCP port, got {text!r}") from None
-        if not 0 <= v <= 65535:
-            raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {text}")
-        return v
-
-    run.add_argument("--metrics-port", type=port, metavar="PORT",
+    run.add_argument("--metrics-port", type=args_.port, metavar="PORT",
                      help="serve Prometheus metrics on http://ADDRESS:PORT/metrics")
     run.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
                      help="address the metrics server binds (default 127.0.0.1; 0.0.0.0 for "

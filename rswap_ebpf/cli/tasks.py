@@ -189,12 +189,13 @@ def cmd_task(args) -> int:
             json.dump({"tasks": reply["tasks"], "queued": reply["queued"]}, sys.stdout, indent=2)
             print()
             return 0
-        print(f"{'TASK':<16} {'PRIO':<8} {'SOURCE':<7} {'PIDS':>5}  ALLOCATION")
-        for t in reply["tasks"]:
-            alloc = ", ".join(f"{k} {v}" for k, v in t["allocation"].items())
-            print(f"{t['name']:<16.16} {t['priority']:<8} {t['source']:<7} {t['pids']:>5}  {alloc}")
-        for name in reply["queued"]:
-            print(f"{name:<16.16} (waiting for units)")
+        from rswap_ebpf.cli.format import Column, render_table
+
+        rows = [[t["name"], t["priority"], t["source"], t["pids"],
+                 ", ".join(f"{k} {v}" for k, v in t["allocation"].items())] for t in reply["tasks"]]
+        rows += [[name, "", "queued", "", "(waiting for units)"] for name in reply["queued"]]
+        print(render_table((Column("TASK"), Column("PRIO"), Column("SOURCE"), Column("PIDS", ">"),
+                            Column("ALLOCATION")), rows))
         return 0
     if args.task_command == "remove":
         reply = raw_request({"op": "task.remove", "name": args.name}, timeout=answer_timeout())

@@ -14,10 +14,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console, Group
-from rich.table import Table
 from rich.text import Text
 
+from rswap_ebpf.cli.format import Column, column_widths, fmt_units, format_row, header
 from rswap_ebpf.errors import RswapError
+
+COLUMNS = (Column("TASK"), Column("PRIO"), Column("RES"), Column("USAGE", ">"),
+           Column("FORECAST", ">"), Column("ALLOC", ">"), Column("SHORT", ">"),
+           Column("MODEL (MAE)"))
 
 
 def read_status() -> dict[str, Any]:
@@ -34,26 +38,6 @@ def read_status() -> dict[str, Any]:
         raise RswapError(f"cannot read {path}: {err}") from err
 
 
-def fmt_units(value: float | int | None, unit: str) -> str:
-    """A value in a resource's unit, the way operators read it (``1500m``, ``1.5GiB``, ``40%``)."""
-    if value is None:
-        return "-"
-    v = float(value)
-    if unit == "millicores":
-        return f"{v:.0f}m"
-    if unit == "percent":
-        return f"{v:.0f}%"
-    if unit in ("bytes", "bytes_per_s"):
-        suffix = "/s" if unit == "bytes_per_s" else ""
-        for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
-            if abs(v) < 1024 or prefix == "Ti":
-                return (f"{v:.0f}B" if not prefix else f"{v:.1f}{prefix}B") + suffix
-            v /= 1024
-    if unit == "iops":
-        return f"{v / 1000:.1f}k iops" if v >= 10000 else f"{v:.0f} iops"
-    return f"{v:g} {unit}"
-
-
 def render(status: Mapping[str, Any], now: float | None = None) -> Group:
     """One frame: a header (daemon, pool) and the tasks x resources table."""
     now = time.time() if now is None else now
@@ -65,16 +49,12 @@ def render(status: Mapping[str, Any], now: float | None = None) -> Group:
     pool = Text("pool: " + ",  ".join(
         f"{k} {fmt_units(r['available'], r['unit'])} free of {fmt_units(r['total'], r['unit'])}"
         for k, r in status.get("pool", {}).items()))
-    table = Table(box=None, header_style="bold reverse", pad_edge=False, expand=False)
-    for col, justify in (("TASK", "left"), ("PRIO", "left"), ("RES", "left"), ("USAGE", "right"),
-                         ("FORECAST", "right"), ("ALLOC", "right"), ("SHORT", "right"),
-                         ("MODEL (MAE)", "left")):
-        table.add_column(col, justify=justify, no_wrap=True)
+    rows: list[tuple[list[str], str]] = []
     short = {(s["task"], s["resource"]): s["wanted"] - s["granted"] for s in status.get("shortfalls", ())}
     for name, t in status.get("tasks", {}).items():
         if t.get("exited") is not None:
-            table.add_row(name, t.get("priority", ""), "", "", "", "", "",
-                          f"exited ({t['exited']})", style="dim")
+            rows.append(([name, t.get("priority", ""), "", "", "", "", "", f"exited ({t['exited']})"],
+                         "dim"))
             continue
         for res, v in t.get("resources", {}).items():
             unit = units.get(res, "units")
@@ -87,9 +67,15 @@ def render(status: Mapping[str, Any], now: float | None = None) -> Group:
             if v.get("mae") is not None:
                 model += f" ({fmt_units(v['mae'], unit)})"
             missing = short.get((name, res))
-            table.add_row(name, t.get("priority", ""), res, fmt_units(v.get("usage"), unit),
+            rows.append(([name, t.get("priority", ""), res, fmt_units(v.get("usage"), unit),
                           fmt_units(v.get("forecast"), unit), fmt_units(v.get("allocation"), unit),
-                          fmt_units(missing, unit) if missing else "", model, style=style)
+                          fmt_units(missing, unit) if missing else "", model], style))
+    widths = column_widths(COLUMNS, [cells for cells, _ in rows])
+    table = Text(no_wrap=True)
+    table.append(header(COLUMNS, widths), style="bold reverse")
+    for cells, style in rows:
+        table.append("\n")
+        table.append(format_row(COLUMNS, cells, widths), style=style)
     events = [f"{s['resource']}: {s['to']} took {fmt_units(s['units'], units.get(s['resource'], 'units'))} "
               f"from {s['from']} ({s['reason']})" for s in status.get("swaps", ())]
     parts = [head, pool, table]

@@ -5,6 +5,8 @@ import argparse
 import sys
 import time
 
+from rswap_ebpf.cli import args as args_
+from rswap_ebpf.cli.format import Column, render_table
 from rswap_ebpf.errors import ConfigError
 
 EPILOG_RECORD = """examples:
@@ -34,8 +36,8 @@ def register(sub) -> dict:
                          epilog=EPILOG_RECORD, formatter_class=argparse.RawDescriptionHelpFormatter)
     rec.add_argument("--output", "-o", required=True, metavar="TRACE", help="CSV file to write")
     rec.add_argument("--config", metavar="FILE", help="TOML configuration (default: the demo)")
-    rec.add_argument("--interval", type=float, metavar="SECONDS", help="seconds per sample")
-    rec.add_argument("--count", type=int, metavar="N", help="stop after N ticks")
+    rec.add_argument("--interval", type=args_.interval, metavar="SECONDS", help="seconds per sample")
+    rec.add_argument("--count", type=args_.count, metavar="N", help="stop after N ticks")
 
     rep = sub.add_parser("replay", help="score allocation policies on a recorded trace (no root)",
                          epilog=EPILOG_REPLAY, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +51,7 @@ def register(sub) -> dict:
                      help="pool size (default: the trace's highest summed demand)")
     rep.add_argument("--priority", action="append", default=[], metavar="TASK=TIER",
                      help="critical, normal (default) or batch")
-    rep.add_argument("--window", type=int, default=1, metavar="TICKS",
+    rep.add_argument("--window", type=args_.count, default=1, metavar="TICKS",
                      help="proactive look-ahead: allocate for the peak of the next N ticks")
     rep.add_argument("--headroom", type=float, default=0.2,
                      help="reactive policy's headroom (default 0.2)")
@@ -60,7 +62,7 @@ def register(sub) -> dict:
                      help="what a throttled CPU tick shows the policies: the recorded demand "
                           "(default; what use + throttled time reads, roughly), 'backlog' (the "
                           "higher reading of threads with work held back), or 'growth' (no "
-                          "reading: twice the allocation, as before round 7)")
+                          "reading: the manager's rule of twice the allocation)")
     return {"record": cmd_record, "replay": cmd_replay}
 
 
@@ -101,7 +103,7 @@ def _pairs(items: list[str], option: str) -> list[tuple[str, str]]:
 
 def cmd_replay(args) -> int:
     from rswap_ebpf.predict.registry import make_forecaster
-    from rswap_ebpf.offline.replay import POLICIES, format_equal_slack, format_table, reactive_frontier, replay
+    from rswap_ebpf.offline.replay import POLICIES, reactive_frontier, replay
     from rswap_ebpf.model.resources import check_units, parse_resource
     from rswap_ebpf.model.limits import Priority
     from rswap_ebpf.offline.trace import read_trace
@@ -112,8 +114,6 @@ def cmd_replay(args) -> int:
               for k, v in _pairs(args.total, "--total")}
     priorities = {k: Priority.parse(v, "--priority") for k, v in _pairs(args.priority,
                                                                          "--priority")}
-    if args.window < 1:
-        raise ConfigError("--window", "must be at least 1")
     trace = read_trace(args.trace)
     t0 = time.perf_counter()
     result = replay(trace, args.policy or POLICIES, spec, totals, args.headroom,
@@ -141,11 +141,7 @@ def cmd_record(args) -> int:
 
     cfg = configmod.load(args.config)
     if args.interval is not None:
-        if not 0.05 <= args.interval <= 3600:
-            raise ConfigError("--interval", "must be between 0.05 and 3600 seconds")
         cfg = replace(cfg, daemon=replace(cfg.daemon, interval=args.interval))
-    if args.count is not None and args.count < 1:
-        raise ConfigError("--count", "must be at least 1")
     if not cfg.tasks:
         raise ConfigError("task", f"{cfg.source} defines no [[task]]; nothing to record")
     if os.geteuid() != 0:
@@ -171,3 +167,62 @@ def cmd_record(args) -> int:
         code = daemon.run(args.count)
     print(f"rswap: trace written to {args.output}", file=sys.stderr)
     return code
+
+
+REPLAY_COLUMNS = (Column("POLICY"), Column("TASK"), Column("RES"), Column("MODEL"),
+                  Column("MAE", ">"), Column("MAPE%", ">"), Column("SHORT(u*s)", ">"),
+                  Column("SLACK(u*s)", ">"), Column("CHANGES", ">"), Column("SWAPS", ">"))
+TOTAL_COLUMNS = (Column("POLICY"), Column("SHORT(u*s)", ">"), Column("SLACK(u*s)", ">"))
+VS_REACTIVE = (Column("SHORT/reactive", ">"), Column("SLACK/reactive", ">"))
+EQUAL_SLACK_COLUMNS = (Column("TASK"), Column("RES"), Column("SHORT(u*s)", ">"),
+                       Column("SLACK(u*s)", ">"), Column("REACTIVE SHORT", ">"), Column("RATIO", ">"))
+
+
+def _fig(v: float | None, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def format_table(result) -> str:
+    """The per task x resource table of a :class:`~rswap_ebpf.offline.replay.ReplayResult`,
+    then one total line per policy with ratios vs reactive."""
+    policies = list(dict.fromkeys(s.policy for s in result.scores))
+    rows = [[p, s.task, s.resource.key, s.model or "-", _fig(s.mae), _fig(s.mape),
+             _fig(s.shortfall), _fig(s.slack), s.changes, s.swaps]
+            for p in policies
+            for s in sorted(result.by_policy(p), key=lambda s: (s.task, s.resource.key))]
+    ref = "reactive" if "reactive" in policies else None
+    totals = []
+    for p in policies:
+        short, slack = result.total(p, "shortfall"), result.total(p, "slack")
+        row = [p, _fig(short), _fig(slack)]
+        if ref:
+            row += [_ratio(short, result.total(ref, "shortfall")),
+                    _ratio(slack, result.total(ref, "slack"))]
+        totals.append(row)
+    return (render_table(REPLAY_COLUMNS, rows) + "\n\n"
+            + render_table(TOTAL_COLUMNS + (VS_REACTIVE if ref else ()), totals))
+
+
+def format_equal_slack(result, frontier, policy: str = "proactive") -> str:
+    """``policy``'s shortfall against reactive's at the same slack, per task x resource and
+    summed: the comparison that does not depend on reactive's one headroom."""
+    from rswap_ebpf.offline.replay import FRONTIER_HEADROOMS, equal_slack_ratio
+
+    notes = [f"At equal slack: {policy}'s shortfall / reactive's at {policy}'s slack (reactive "
+             f"replayed at headroom {min(FRONTIER_HEADROOMS):g}-{max(FRONTIER_HEADROOMS):g}, "
+             "read between them).",
+             f"'<': {policy} spends less slack than reactive at any headroom; the ratio is to "
+             "reactive's shortfall at no headroom."]
+    scored = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
+              for s in sorted(result.by_policy(policy), key=lambda s: (s.task, s.resource.key))]
+    scored.append((None, "(total)", "", result.total(policy, "shortfall"),
+                   result.total(policy, "slack")))
+    rows = []
+    for key, task, res, short, slack in scored:
+        at, ratio = equal_slack_ratio(frontier.get(key, []), short, slack)
+        rows.append([task, res, _fig(short), _fig(slack), _fig(at), ratio])
+    return "\n".join(notes + [render_table(EQUAL_SLACK_COLUMNS, rows)])

@@ -573,10 +573,6 @@ def online_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def iter_writes(writes: Iterable[Write]) -> str:
-    return "\n".join(f"{p} <- {v}" for p, v in writes)
-
-
 #: What each controller's files in a child hold until someone configures them
 #: (Documentation/admin-guide/cgroup-v2.rst); a file not listed here (stat, pressure...) is not
 #: configuration.  ``cpu.max`` is judged by its quota alone (the period may differ).

@@ -87,7 +87,6 @@ class Journal:
                 raise JournalError(
                     f"cannot write the journal {self.path}: {err.strerror}; nothing was changed"
                 ) from err
-        _fault_point()
 
     def record_write(self, path: str) -> bool:
         """Journal ``path``'s current content unless already journalled; True if recorded now."""
@@ -191,24 +190,6 @@ class Journal:
 
     def __bool__(self) -> bool:
         return os.path.exists(self.path) and bool(self.entries())
-
-
-_FAULT_ENV = "RSWAP_FAULT_KILL_AFTER_JOURNAL"
-_appended = 0
-
-
-def _fault_point() -> None:
-    """Crash-safety tests: ``RSWAP_FAULT_KILL_AFTER_JOURNAL=N`` SIGKILLs this process right after
-    its Nth entry is on disk and before the change it announces is made."""
-    global _appended
-    at = os.environ.get(_FAULT_ENV)
-    if not at:
-        return
-    _appended += 1
-    if str(_appended) == at.strip():
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _describe(entry: dict) -> str:
@@ -342,6 +323,8 @@ ENFORCER_MODULES: tuple[str, ...] = (
     "rswap_ebpf.host.cpu.cpuset",
     "rswap_ebpf.host.io.enforcer",
     "rswap_ebpf.host.net.tc",
+    "rswap_ebpf.host.net.htb",
+    "rswap_ebpf.host.net.ingress",
     "rswap_ebpf.host.cache.resctrl",
 )
 

@@ -26,6 +26,23 @@ FACTORIES: dict[ResourceType, str] = {
     ResourceType.NETWORK_BANDWIDTH: "net.driver:make",
 }
 
+#: resource -> the ``bpf/*.bpf.c`` its driver loads (each includes ``rswap.h``); the cache
+#: driver loads ``pmu.bpf.c`` only where the host has a PMU.  ``rswap run --ebpf`` prints these.
+BPF_PROGRAMS: dict[ResourceType, tuple[str, ...]] = {
+    ResourceType.PROCESSOR_CYCLES: ("cpu.bpf.c",),
+    ResourceType.CACHE: ("pmu.bpf.c",),
+    ResourceType.STORAGE_IOPS: ("block.bpf.c",),
+    ResourceType.NETWORK_BANDWIDTH: ("net.bpf.c",),
+}
+
+
+def bpf_programs(resources) -> list[str]:
+    """The BPF programs the drivers of ``resources`` load, in a stable order, each once (CPU's
+    when ``resources`` is empty: the daemon then runs the CPU driver alone)."""
+    types = {r.type for r in resources} or {ResourceType.PROCESSOR_CYCLES}
+    return [p for t in ResourceType if t in types for p in BPF_PROGRAMS.get(t, ())]
+
+
 #: resources whose hardware many hosts lack (no RDT, no PMU, no GPU): when their driver raises
 #: FeatureMissing the daemon reports them as missing and runs the others.
 MAY_BE_ABSENT: frozenset[ResourceType] = frozenset({

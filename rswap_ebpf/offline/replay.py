@@ -37,6 +37,7 @@ from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.model.resources import ResourcePool, ResourceType
 from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.model.stats import quantile
 from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 from rswap_ebpf.offline.trace import Trace
 
@@ -54,7 +55,7 @@ KERNEL_CENSORS = frozenset({ResourceType.PROCESSOR_CYCLES})
 KERNEL_READS = frozenset({ResourceType.PROCESSOR_CYCLES})
 #: How replay models that reading on a throttled tick (``--reading``): ``demand``, the recorded
 #: demand itself (the default); ``backlog``, what a backlog adds (:func:`throttled_reading`);
-#: ``growth``, no reading at all: the manager's growth rule, as before round 7.
+#: ``growth``, no reading at all: the manager's growth rule (twice the allocation).
 READINGS = ("demand", "backlog", "growth")
 
 
@@ -66,8 +67,8 @@ def throttled_reading(demand, cap, total, model: str = "backlog"):
     held back, so across a tick it had work in throughout, the reading runs linearly from the
     demand (cap at the demand) to a whole CPU per thread (cap 0), with the fewest threads that
     use the demand: ``d + (1 - cap/d) * (n*1000 - d)``, ``n = ceil(d/1000)``.  ``demand``: the
-    demand itself.  Measured on this VM's 6.18 kernel (``tools/measure_throttle.py``, README
-    round 7), held at 200 and 500 millicores for 3 s: ``backlog`` is within 5% for busy
+    demand itself.  Measured on a 6.18 kernel (``tools/measure_throttle.py``), held at 200
+    and 500 millicores for 3 s: ``backlog`` is within 5% for busy
     threads, a half-busy thread, rswap's demo spinners, ``stress-ng --cpu-load`` and ``dd``,
     where ``demand`` reads up to 37% low; both read low for two threads busy 30%.  In the second
     a burst begins in it is the other way: the reading is 0.03-1.3x the demand, as throttled
@@ -210,7 +211,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
             if policy == "reactive":
                 f = seen
             elif policy == "vpa":
-                f = _percentile(recent[(t, r)], 0.9)
+                f = quantile(recent[(t, r)], 0.9, "higher")
             else:
                 profiler.update_prediction(t, r, seen)
                 continue
@@ -304,27 +305,6 @@ def reactive_frontier(trace: Trace, headrooms: Sequence[float] = FRONTIER_HEADRO
     return frontier_of([replay(trace, ("reactive",), headroom=h, **kwargs) for h in headrooms])
 
 
-def format_equal_slack(result: ReplayResult, frontier, policy: str = "proactive") -> str:
-    """``policy``'s shortfall against reactive's at the same slack, per task x resource and
-    summed: the comparison that does not depend on reactive's one headroom."""
-    lines = [f"At equal slack: {policy}'s shortfall / reactive's at {policy}'s slack (reactive "
-             f"replayed at headroom {min(FRONTIER_HEADROOMS):g}-{max(FRONTIER_HEADROOMS):g}, "
-             "read between them).",
-             f"'<': {policy} spends less slack than reactive at any headroom; the ratio is to "
-             "reactive's shortfall at no headroom.",
-             f"{'TASK':<12} {'RES':<5} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11} "
-             f"{'REACTIVE SHORT':>15} {'RATIO':>7}"]
-    rows = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
-            for s in sorted(result.by_policy(policy), key=lambda s: (s.task, s.resource.key))]
-    rows.append((None, "(total)", "", result.total(policy, "shortfall"),
-                 result.total(policy, "slack")))
-    for key, task, res, short, slack in rows:
-        at, ratio = equal_slack_ratio(frontier.get(key, []), short, slack)
-        lines.append(f"{task:<12.12} {res:<5} {short:>11.0f} {slack:>11.0f} "
-                     f"{_fmt(at):>15} {ratio:>7}")
-    return "\n".join(lines)
-
-
 def equal_slack_ratio(points: Sequence[tuple[float, float]], short: float, slack: float
                       ) -> tuple[float | None, str]:
     """Reactive's shortfall at ``slack`` (:func:`at_equal_slack`) and ``short`` over it, as
@@ -372,44 +352,3 @@ def _scored_over(spec, window: int):
     if isinstance(spec, dict) and spec.get("name") == "auto" and "horizon" not in spec:
         return {**spec, "horizon": window}
     return spec
-
-
-def _percentile(values, q: float) -> float:
-    xs = sorted(values)
-    if not xs:
-        return 0.0
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def _fmt(v: float | None, spec: str = ".0f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_table(result: ReplayResult) -> str:
-    """The per task x resource table, then one total line per policy with ratios vs reactive."""
-    rw = max([5] + [len(s.resource.key) for s in result.scores])  # coproc:fpga0
-    mw = max([15] + [len(s.model or "-") for s in result.scores])  # seasonal_fractional
-    lines = [f"{'POLICY':<10} {'TASK':<12} {'RES':<{rw}} {'MODEL':<{mw}} {'MAE':>7} {'MAPE%':>6} "
-             f"{'SHORT(u*s)':>11} {'SLACK(u*s)':>11} {'CHANGES':>7} {'SWAPS':>5}"]
-    policies = list(dict.fromkeys(s.policy for s in result.scores))
-    for p in policies:
-        for s in sorted(result.by_policy(p), key=lambda s: (s.task, s.resource.key)):
-            lines.append(f"{p:<10} {s.task:<12.12} {s.resource.key:<{rw}} {s.model or '-':<{mw}} "
-                         f"{_fmt(s.mae):>7} {_fmt(s.mape):>6} {s.shortfall:>11.0f} "
-                         f"{s.slack:>11.0f} {s.changes:>7} {s.swaps:>5}")
-    lines.append("")
-    ref = "reactive" if "reactive" in policies else None
-    lines.append(f"{'POLICY':<10} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11}"
-                 + (f" {'SHORT/reactive':>15} {'SLACK/reactive':>15}" if ref else ""))
-    for p in policies:
-        short, slack = result.total(p, "shortfall"), result.total(p, "slack")
-        line = f"{p:<10} {short:>11.0f} {slack:>11.0f}"
-        if ref:
-            rs, rl = result.total(ref, "shortfall"), result.total(ref, "slack")
-            line += f" {_ratio(short, rs):>15} {_ratio(slack, rl):>15}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "-"

@@ -24,6 +24,7 @@ from collections import deque
 from typing import Any, Protocol, runtime_checkable
 
 from rswap_ebpf.errors import ConfigError
+from rswap_ebpf.model.checks import check_fraction
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -325,7 +326,9 @@ class RiverForecaster(Base):
         return out
 
     def clone(self):
-        return type(self)(self.model.clone(), self.scale, self.warmup)
+        c = type(self)(self.model.clone(), self.scale, self.warmup)
+        c.name = self.name  # holt_winters / snarimax name the instance, not the class
+        return c
 
 
 def holt_winters(alpha: float = 0.5, beta: float = 0.05, gamma: float = 0.5,
@@ -378,8 +381,7 @@ class QuantileLags(Base):
 
     def __init__(self, quantile: float = 0.9, period: int = 0, lags: int = 3,
                  max_horizon: int = 8, lr: float = 0.02) -> None:
-        if not 0.0 < float(quantile) < 1.0:
-            raise ConfigError("forecaster.quantile", "must be between 0 and 1 (exclusive)")
+        check_fraction(quantile, "forecaster.quantile")
         if int(period) < 0 or int(lags) < 1 or int(max_horizon) < 1 or float(lr) <= 0:
             raise ConfigError("forecaster", "period >= 0, lags >= 1, max_horizon >= 1, lr > 0")
         self.quantile = float(quantile)

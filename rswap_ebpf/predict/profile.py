@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rswap_ebpf.model.resources import Resource, ResourceId, ResourceType, parse_resource
+from rswap_ebpf.model.stats import quantile
 from rswap_ebpf.predict.forecasters import Forecaster, single
 from rswap_ebpf.predict.registry import make_forecaster
 
@@ -37,17 +38,7 @@ class Prediction:
 
     def over_window(self, how: str | float = "peak") -> float:
         """What the allocator asks for: the window's peak, or a quantile of it."""
-        return self.peak if how == "peak" else _quantile(self.series, float(how))
-
-
-def _quantile(series, q: float) -> float:
-    xs = sorted(series)
-    if not xs:
-        return 0.0
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+        return self.peak if how == "peak" else quantile(self.series, float(how))
 
 
 @dataclass(frozen=True)
@@ -307,7 +298,7 @@ class TaskProfiler:
             series = prof.forecast(max(1, window))
             out[r] = Prediction(task, r, tuple(series), max(series), prof.model_name,
                                 prof.mae, len(prof.history),
-                                _quantile(series, self.quantile_level), self.quantile_level,
+                                quantile(series, self.quantile_level), self.quantile_level,
                                 prof.loss)
         return out
 

@@ -9,9 +9,9 @@ scores are averaged with an exponential decay of ``half_life`` samples.
 
 With the pinball loss the forecaster serves an upper quantile, and the headroom comes from the
 data: every candidate's point forecast is raised by the ``quantile`` of its own recent errors at
-that step ahead (split-conformal style, over the last ``calibration`` samples; since round 8 only
-the errors of the ``neighbours`` past forecasts nearest in value count, so a forecast of an idle
-tick is raised by what idle forecasts missed, not by the bursts' errors), and candidates are
+that step ahead (split-conformal style, over the last ``calibration`` samples; only the errors
+of the ``neighbours`` past forecasts nearest in value count, so a forecast of an idle tick is
+raised by what idle forecasts missed, not by the bursts' errors), and candidates are
 ranked on those raised forecasts.  With ``loss="mae"`` the point forecasts serve as they are.
 
 Seasonal candidates get the period found online by :class:`~.period.PeriodDetector`; when it
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import struct
 from array import array
 from collections import deque
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rswap_ebpf.errors import ConfigError
+from rswap_ebpf.model.checks import check_bool, check_fraction, check_whole
 from rswap_ebpf.predict.forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalFractional,
                           SeasonalLevel, SeasonalNaive, holt_winters, single, snarimax)
 from rswap_ebpf.predict.period import PeriodDetector
@@ -53,7 +53,6 @@ CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractio
 #: recent error at that step, weighted by the inverse square of that error (a forecast
 #: combination, which can beat every model in it)
 COMBINERS = ("median", "blend")
-COMBINED = "median"  # kept for older imports
 #: the blend combines the few models with the least recent error at each step: a trimmed
 #: combination (a model that has gone badly wrong gets no say at all, not merely a small one)
 BLEND_TOP = 3
@@ -102,8 +101,7 @@ class AutoForecaster(Base):
                 raise ConfigError("forecaster.candidates", f"{comb!r} combines at least two others")
         if loss not in LOSSES:
             raise ConfigError("forecaster.loss", f"{loss!r} is not one of {', '.join(LOSSES)}")
-        if not 0.0 < float(quantile) < 1.0:
-            raise ConfigError("forecaster.quantile", "must be between 0 and 1 (exclusive)")
+        check_fraction(quantile, "forecaster.quantile")
         self.candidates = tuple(candidates)
         self.loss = loss
         self.quantile = float(quantile)
@@ -116,21 +114,10 @@ class AutoForecaster(Base):
         self.min_scored = int(min_scored)
         self.hysteresis = float(hysteresis)
         self.calibration = max(5, int(calibration))
-        if not isinstance(seasonal_raise, bool):  # TOML gives a bool; "false" must not be true
-            raise ConfigError("forecaster.seasonal_raise", "must be true or false")
-        self.seasonal_raise = seasonal_raise
-        if not isinstance(floor, bool):
-            raise ConfigError("forecaster.floor", "must be true or false")
-        self.floor = floor
-        if isinstance(release_after, bool) or not isinstance(release_after, int) \
-                or release_after < 0:
-            raise ConfigError("forecaster.release_after",
-                              "must be a whole number of periods, 0 or more (0: never release)")
-        self.release_after = release_after
-        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
-            raise ConfigError("forecaster.neighbours",
-                              "must be a whole number of errors, 0 or more (0: all of them)")
-        self.neighbours = neighbours
+        self.seasonal_raise = check_bool(seasonal_raise, "forecaster.seasonal_raise")
+        self.floor = check_bool(floor, "forecaster.floor")
+        self.release_after = check_whole(release_after, "forecaster.release_after")  # 0: never
+        self.neighbours = check_whole(neighbours, "forecaster.neighbours")  # 0: all errors
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
         self._detector = PeriodDetector(max_period=self.max_period, every=3)
@@ -436,10 +423,6 @@ class AutoForecaster(Base):
             return list(pend[-1][1][:horizon])
         return self._raise(self.serving, self._point(self.serving, horizon))
 
-    def point_forecast(self, horizon: int) -> list[float]:
-        """The serving model's own forecast, before any raise to the quantile."""
-        return self._point(self.serving, horizon)
-
     # -- checkpoints ---------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """Compact: the period detector's window is the tail of the kept history (not stored
@@ -499,7 +482,3 @@ class AutoForecaster(Base):
     def serving_loss(self) -> float | None:
         return self._loss.get(self.serving)
 
-    @property
-    def serving_mae(self) -> float | None:
-        v = self._mae.get(self.serving)
-        return v if v is None or math.isfinite(v) else None

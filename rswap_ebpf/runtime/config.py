@@ -19,6 +19,7 @@ from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.model.resources import (MULTI_INSTANCE, Resource, ResourceId, ResourceType, check_instance_name,
                         check_units, parse_resource)
 from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.model.checks import check_bool, check_number
 
 DEFAULT_CONFIG = "default.toml"
 
@@ -124,13 +125,7 @@ def _only(table: dict, allowed: set[str], where: str) -> None:
             raise ConfigError(f"{prefix}{key}", f"unknown setting (known: {', '.join(sorted(allowed))})")
 
 
-def _number(value: Any, field_name: str, lo: float, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(field_name, f"expected a number, got {value!r}")
-    if value != value or value < lo or (hi is not None and value > hi):
-        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(field_name, f"must be {bound}, got {value!r}")
-    return float(value)
+_number = check_number
 
 
 def _daemon(d: Any) -> DaemonConfig:
@@ -221,10 +216,7 @@ def _resources(tables: list[tuple[Resource, dict, str]]) -> dict[Resource, int |
     return out
 
 
-def _bool_option(value: Any, field_name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(field_name, f"expected true or false, got {value!r}")
-    return value
+_bool_option = check_bool
 
 
 def _argv_option(value: Any, field_name: str) -> tuple[str, ...]:

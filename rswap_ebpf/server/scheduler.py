@@ -39,6 +39,8 @@ from rswap_ebpf.errors import ConfigError, RswapError
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.model.resources import Resource, ResourceType
 from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.model.checks import check_number
+from rswap_ebpf.model.stats import quantile
 from rswap_ebpf.swap.manager import Shortfall
 
 log = logging.getLogger(__name__)
@@ -191,9 +193,8 @@ class Scheduler:
         make_forecaster(fc, field="forecaster")
         limits = parse_limits(req.get("limits") or {}, d.pool.types(), "limits")
         timeout = req.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout < 0):
-            raise ConfigError("timeout", f"expected seconds, got {timeout!r}")
+        if timeout is not None:
+            check_number(timeout, "timeout", 0)
         self._check_free_name(name)
         er = ExecRequest(name, prio, fc, limits, bool(req.get("wait")), timeout)
         plan = self.plan(er)
@@ -236,8 +237,7 @@ class Scheduler:
             if p is not None:
                 # The forecast left by its last run describes how that run ended; a start needs
                 # what the task usually holds at its busy times: the 90th percentile of its past.
-                past = sorted(prof.history) if prof is not None else []
-                busy = past[int(0.9 * (len(past) - 1))] if past else 0.0
+                busy = quantile(prof.history, 0.9, "lower") if prof is not None else 0.0
                 predicted[r] = round(max(p.peak, busy), 1)
                 units = lim.clamp(math.ceil(max(0.0, predicted[r]) * (1 + mgr.headroom)))
             else:

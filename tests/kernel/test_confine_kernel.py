@@ -9,7 +9,8 @@ import pytest
 
 from rswap_ebpf.host.cgroup import CgroupManager, detect_mounts
 from rswap_ebpf.host.journal import Journal
-from rswap_ebpf.host.net.tc import CLSACT_KIND, FILTER_KIND, ROOT_KIND, parse_iface
+from rswap_ebpf.host.net.htb import ROOT_KIND
+from rswap_ebpf.host.net.tc import CLSACT_KIND, FILTER_KIND, parse_iface
 from rswap_ebpf.errors import ConfigError
 from tests.kernel.helpers import scratch_cgroup
 

@@ -4,7 +4,7 @@ The daemon runs as a real subprocess (``rswap run``) on real cgroups (an existin
 known CFS quota and shares, holding a process, plus rswap-owned command tasks), a root qdisc on a
 veth in a network namespace made here, with its BPF programs loaded and maps pinned in a private
 ``RSWAP_PIN_DIR``.  Each round kills it either at a random time or, through the journal's fault
-hook (``RSWAP_FAULT_KILL_AFTER_JOURNAL=N``), right after its Nth journal entry is fsynced and before
+hook (tests/kernel/journal_fault.py N), right after its Nth journal entry is fsynced and before
 the change it announces is made.  Then the round runs ``rswap restore`` (or, every few rounds, a
 fresh ``rswap run`` that restores on start) and compares the cgroup files, the qdiscs, classes and
 filters, the resctrl groups and schemata, and the pins with what they were before the first start.
@@ -313,10 +313,14 @@ def prog_ids_held_by_processes() -> set[int]:
     return held
 
 
-def start(host, extra_env=None, count=200) -> subprocess.Popen:
-    env = {**os.environ, **host.env, **(extra_env or {})}
-    return subprocess.Popen(rswap_cmd() + ["run", "--config", host.config, "--count", str(count)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(host, kill_after_journal: int | None = None, count=200) -> subprocess.Popen:
+    """``rswap run``; with ``kill_after_journal=N`` through tests/kernel/journal_fault.py, which
+    SIGKILLs it right after its Nth journal entry is on disk."""
+    cmd = rswap_cmd() if kill_after_journal is None else \
+        [sys.executable, "-m", "tests.kernel.journal_fault", str(kill_after_journal)]
+    return subprocess.Popen(cmd + ["run", "--config", host.config, "--count", str(count)],
+                            env={**os.environ, **host.env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def wait_dead(p: subprocess.Popen, timeout: float) -> str:
@@ -368,20 +372,21 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     first_prog_id = max(rswap_prog_ids() or {0: ""})
     progs_before = set(prog_ids_held_by_processes())
     journal = os.path.join(host.env["RSWAP_STATE_DIR"], "journal.jsonl")
-    seen = {"hook": 0, "timer": 0, "changed": 0, "restart": 0, "max_entries": 0}
+    seen = {"hook": 0, "hook_fired": 0, "timer": 0, "changed": 0, "restart": 0, "max_entries": 0}
     first_change = time_to_first_change(host, journal, baseline)
     # Kills land anywhere in a window that covers the start and a few ticks after it.
     window = max(MAX_KILL_S * TIME_SCALE, 2 * first_change)
     t_start = time.monotonic()
     for round_no in range(ROUNDS):
         hook = round_no % 2 == 0
-        extra = {"RSWAP_FAULT_KILL_AFTER_JOURNAL": str(rng.randint(1, 20))} if hook else {}
-        p = start(host, extra)
+        kill_after = rng.randint(1, 20) if hook else None
+        p = start(host, kill_after)
         # The hook kills it mid-apply; a timer kills it anywhere (also a hook whose N is past
         # the last entry of this run).
         delay = window + 1 if hook else rng.uniform(0, window)
         try:
             p.wait(timeout=delay)
+            seen["hook_fired"] += hook  # dead before the timer: the hook killed it
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGKILL)
         err = wait_dead(p, timeout=30)
@@ -410,7 +415,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
         after = host.snapshot()
         diff = {k: _differences(baseline[k], after.get(k)) for k in baseline
                 if after.get(k) != baseline[k]}
-        assert not diff, (round_no, "hook" if hook else "timer", extra, diff, err[-2000:],
+        assert not diff, (round_no, "hook" if hook else "timer", kill_after, diff, err[-2000:],
                           r.stdout[-2000:], "".join(entries)[-4000:])
         assert not os.path.exists(journal), round_no
     # Nothing of ours stays loaded: every rswap program loaded since the start is gone or still
@@ -423,7 +428,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     print(f"\n{ROUNDS} rounds in {elapsed:.0f}s (first change {first_change:.1f}s after the start, "
           f"kills within {window:.1f}s): {seen}")
     # The rounds exercised both kinds of kill, and most left something for restore to undo.
-    assert seen["hook"] and seen["timer"]
+    assert seen["hook"] and seen["timer"] and seen["hook_fired"], seen
     assert seen["changed"] >= ROUNDS // 4, seen
     # resctrl comes late in a run, so fewer kills find it changed: about a third of the rounds on
     # this host, 1 of 20 in the emulated stock-kernel VM (tools/vm_test), where the kill window

@@ -11,7 +11,9 @@ import pytest
 
 from rswap_ebpf.host.cgroup import CgroupManager, detect_mounts
 from rswap_ebpf.host.journal import Journal
-from rswap_ebpf.host.net.tc import HtbEnforcer, Iface, IngressShaper, parse_iface
+from rswap_ebpf.host.net.htb import HtbEnforcer
+from rswap_ebpf.host.net.ingress import IngressShaper
+from rswap_ebpf.host.net.tc import Iface, parse_iface
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.host.net.collector import EGRESS, INGRESS, NetCollector
 

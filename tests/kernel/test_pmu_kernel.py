@@ -2,7 +2,8 @@
 
 The program is built with RSWAP_PMU_REPLAY (counters read from a BPF array this test fills) and
 RSWAP_PMU_TEST_RUN (not attached; executed with BPF_PROG_TEST_RUN on the calling thread, which is
-then `current`), so each run_switch() is one sched_switch of this process with known counter values.
+then `current`: tests/kernel/pmu_test_run.py), so each run_switch() is one sched_switch of this
+process with known counter values.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 
 import pytest
 
-from rswap_ebpf.host.cache.pmu import PmuCollector
+from tests.kernel.pmu_test_run import PmuTestRun
 
 pytestmark = pytest.mark.kernel
 
@@ -39,7 +40,7 @@ def replay(col, values):
 
 
 def test_each_switch_charges_the_previous_slice(pinned_cpu, pin_dir):
-    with PmuCollector(test_run=True) as col:
+    with PmuTestRun() as col:
         assert os.path.exists(os.path.join(pin_dir, "rswap_pmu_task"))
         replay(col, [(100, 1000), (150, 1300), (175, 1400)])
         d = col.drain()
@@ -53,7 +54,7 @@ def test_each_switch_charges_the_previous_slice(pinned_cpu, pin_dir):
 
 
 def test_counter_going_backwards_is_not_charged(pinned_cpu, pin_dir):
-    with PmuCollector(test_run=True) as col:
+    with PmuTestRun() as col:
         replay(col, [(1000, 5000), (10, 20), (30, 50)])
         d = col.drain()
         me = d.task[os.getpid()]
@@ -62,7 +63,7 @@ def test_counter_going_backwards_is_not_charged(pinned_cpu, pin_dir):
 
 
 def test_sampling_measures_every_nth_slice_and_scales(pinned_cpu, pin_dir):
-    with PmuCollector(test_run=True, sample=4) as col:
+    with PmuTestRun(sample=4) as col:
         # Switch numbers 1..9 on this CPU; slices starting at switches 4 and 8 are measured.
         replay(col, [(i * 10, i * 100) for i in range(1, 10)])
         me = col.drain().task[os.getpid()]

@@ -13,8 +13,6 @@ import sys
 
 import pytest
 
-from rswap_ebpf.host.cache import resctrl
-from rswap_ebpf.host.journal import Journal
 from tests.fakes.resctrl import FakeResctrl
 from tests.kernel.test_crash_resctrl import digest
 
@@ -65,25 +63,3 @@ def test_live_pids_are_this_hosts_threads(tmp_path):
             fake.write(os.path.join(fake.root, "g", "tasks"), str(p.pid))
     finally:
         fake.close()
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="rswap restore needs root")
-def test_rswap_restore_in_a_subprocess_undoes_groups_through_the_fake(tmp_path):
-    fake = make(tmp_path, pids=(1, 100, 101))
-    baseline = digest(fake.root)
-    state = tmp_path / "state"
-    journal = Journal(str(state / "journal.jsonl"))
-    enf = resctrl.ResctrlEnforcer(journal, root=fake.root, fs=fake)
-    enf.open({"web": "critical", "batch": "batch"}, mount=False)
-    enf.apply(ways={"web": 4, "batch": 2}, percent={"web": 60, "batch": 20})
-    journal.close()
-    fake.close()
-    assert digest(fake.root) != baseline
-    env = {**os.environ, "RSWAP_STATE_DIR": str(state), "RSWAP_RUN_DIR": str(tmp_path / "run"),
-           "RSWAP_RESCTRL_ROOT": fake.root, "RSWAP_FAKE_RESCTRL_STATE": fake.state_file,
-           "RSWAP_PIN_DIR": str(tmp_path / "pins"),
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "tests.fakes.rswap_fake_resctrl", "restore"],
-                       env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert r.returncode == 0, (r.stdout, r.stderr)
-    assert digest(fake.root) == baseline

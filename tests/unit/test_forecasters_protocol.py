@@ -13,19 +13,83 @@ CPU = ResourceType.PROCESSOR_CYCLES
 PERIODIC = [1500.0 if i % 10 < 3 else 50.0 for i in range(80)]
 
 
-@pytest.mark.parametrize("name", available())
-def test_protocol(name):
+def _fed(f, series=PERIODIC):
+    for y in series:
+        assert f.learn_one(y) is None
+    return f
+
+
+def _valid(out, horizon):
+    return len(out) == horizon and all(isinstance(v, float) and math.isfinite(v) and v >= 0
+                                       for v in out)
+
+
+# The conformance suite every registered forecaster must pass (as river.checks runs over every
+# estimator): one sample at a time, forecasts of the asked length, finite and non-negative,
+# hyper-parameters only from __init__ (so clone() rebuilds it), and no hidden randomness.
+FORECASTERS = available()
+
+
+@pytest.mark.parametrize("name", FORECASTERS)
+def test_forecast_has_the_horizon_asked_before_and_after_learning(name):
     f = make_forecaster(name, scale=2000)
-    assert len(f.forecast(3)) == 3  # before any sample
-    for y in PERIODIC:
-        f.learn_one(y)
-    out = f.forecast(7)
-    assert len(out) == 7
-    assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in out)
+    assert _valid(f.forecast(3), 3) and _valid(f.forecast(1), 1)
+    _fed(f)
+    for h in (1, 7, 12):
+        assert _valid(f.forecast(h), h), (h, f.forecast(h))
+
+
+@pytest.mark.parametrize("name", FORECASTERS)
+def test_learn_one_takes_x_as_river_does(name):
+    f = make_forecaster(name, scale=2000)
+    f.learn_one(10.0, x=None)
+    f.learn_one(12.0, {})
+    assert _valid(f.forecast(2, xs=None), 2)
+
+
+@pytest.mark.parametrize("name", FORECASTERS)
+@pytest.mark.parametrize("series", [[0.0] * 60, [5.0] * 59 + [1e9], [1e-9, 1e6] * 40],
+                         ids=["idle", "spike", "alternating"])
+def test_odd_inputs_still_give_finite_non_negative_forecasts(name, series):
+    assert _valid(_fed(make_forecaster(name, scale=2000), series).forecast(5), 5)
+
+
+@pytest.mark.parametrize("name", FORECASTERS)
+def test_same_input_same_forecast(name):
+    a = _fed(make_forecaster(name, scale=2000))
+    b = _fed(make_forecaster(name, scale=2000))
+    assert a.forecast(7) == b.forecast(7)
+
+
+@pytest.mark.parametrize("name", FORECASTERS)
+def test_clone_is_the_same_model_untrained(name):
+    f = _fed(make_forecaster(name, scale=2000))
+    trained = f.forecast(7)
     clone = f.clone()
-    assert clone.forecast(2) == [0.0, 0.0] or len(clone.forecast(2)) == 2
+    assert type(clone) is type(f) and clone.name == f.name and clone is not f
+    assert clone.forecast(3) == make_forecaster(name, scale=2000).forecast(3)  # learnt nothing
+    assert _fed(clone).forecast(7) == trained  # same hyper-parameters: same model
+    _fed(clone, [1e6] * 30)
+    assert f.forecast(7) == trained  # no state shared with the original
+
+
+@pytest.mark.parametrize("name", [n for n in FORECASTERS if n not in ("holt_winters", "snarimax")])
+def test_hyper_parameters_are_stored_under_their_names(name):
+    """River's rule: every ``__init__`` argument is an attribute of the same name (what clone
+    and repr read); holt_winters and snarimax are factories around River's own models."""
+    import inspect
+
+    f = make_forecaster(name, scale=2000)
+    params = [p for p in inspect.signature(type(f).__init__).parameters if p != "self"]
+    assert all(hasattr(f, p) for p in params), [p for p in params if not hasattr(f, p)]
+    assert repr(f).startswith(type(f).__name__ + "(")
+
+
+@pytest.mark.parametrize("name", FORECASTERS)
+def test_a_checkpoint_restores_the_same_forecast(name):
+    f = _fed(make_forecaster(name, scale=2000))
     restored = pickle.loads(pickle.dumps(f))
-    assert restored.forecast(7) == pytest.approx(out)
+    assert restored.forecast(7) == pytest.approx(f.forecast(7))
 
 
 def test_seasonal_models_see_the_burst_coming():

@@ -10,7 +10,8 @@ from rswap_ebpf.cli.main import main
 from rswap_ebpf.cli.trace import parse_spec
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.period import detect
-from rswap_ebpf.offline.replay import default_totals, format_table, replay
+from rswap_ebpf.cli.trace import format_table
+from rswap_ebpf.offline.replay import default_totals, replay
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.offline.trace import Trace, TraceWriter, read_trace
 

@@ -10,7 +10,8 @@ from rich.console import Console
 from rswap_ebpf.runtime import config
 from rswap_ebpf.runtime.daemon import Daemon
 from rswap_ebpf.host.cgroup import CgroupMounts
-from rswap_ebpf.cli.top import fmt_units, render, run_top
+from rswap_ebpf.cli.format import fmt_units
+from rswap_ebpf.cli.top import render, run_top
 from tests.conftest import run_rswap
 from tests.unit.test_metrics import CONFIG, TRACE, ReplayDriver
 
@@ -97,6 +98,20 @@ def test_cli_top_without_daemon_says_so(rswap_env):
 
 @pytest.mark.parametrize("value,unit,text", [
     (1500, "millicores", "1500m"), (40, "percent", "40%"), (1536, "bytes", "1.5KiB"),
-    (12 * 1024 * 1024, "bytes_per_s", "12.0MiB/s"), (20000, "iops", "20.0k iops"), (4, "ways", "4 ways")])
+    (12_000_000, "bytes_per_s", "12.0MB/s"), (20000, "iops", "20.0k iops"), (4, "ways", "4 ways")])
 def test_units_read_the_way_operators_expect(value, unit, text):
     assert fmt_units(value, unit) == text
+
+
+def test_status_prints_the_same_figures_as_top(replayed, rswap_env):
+    """``rswap status`` and ``rswap top`` share one fmt_units: the same number reads the same."""
+    res = run_rswap("status", env=rswap_env)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()
+            if line.startswith(("web", "batch"))}
+    st = replayed.status()
+    web = st["tasks"]["web"]["resources"]["cpu"]
+    assert rows["web"][:6] == ["web", "critical", "cpu", fmt_units(web["usage"], "millicores"),
+                               fmt_units(web["forecast"], "millicores"),
+                               fmt_units(web["allocation"], "millicores")]
+    assert "pool cpu: total 2000m, available 0m" in res.stdout

@@ -6,13 +6,13 @@ switching out.  Where the host has no PMU (most VMs), :meth:`PmuCollector.open` 
 :class:`FeatureMissing` and the Cache resource reports ``missing`` instead of zeros.
 
 ``replay=True`` builds the same program with its counter source replaced by a BPF array that user
-space fills (``set_counters``); with ``test_run=True`` the handler is not attached and
-:meth:`PmuCollector.run_switch` executes it through ``BPF_PROG_TEST_RUN`` on the calling thread, so
-tests drive the real accounting with recorded counter values.
+space fills (``set_counters``), so the real accounting can be driven with recorded counter
+values.  How the handler is hooked to sched_switch is :meth:`PmuCollector._attach_flags` and
+:meth:`PmuCollector._attached`; tests/kernel/pmu_test_run.py overrides them to run the handler
+through ``BPF_PROG_TEST_RUN`` instead.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from dataclasses import dataclass, field
@@ -38,9 +38,6 @@ HARDWARE_COUNTERS = ((PERF_TYPE_HARDWARE, PERF_COUNT_HW_CACHE_MISSES),
 #: Stand-ins with the same read path, for measuring the read's cost on hosts without a PMU.
 SOFTWARE_COUNTERS = ((PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CONTEXT_SWITCHES),
                      (PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK))
-
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
-_BPF_PROG_TEST_RUN = 10
 
 
 def pmu_available(events_dir: str | None = None) -> bool:
@@ -88,19 +85,17 @@ class PmuCollector(bpf.BpfCollector):
 
     MAPS = MAPS
 
-    def __init__(self, sample: int = 1, replay: bool = False, test_run: bool = False,
+    def __init__(self, sample: int = 1, replay: bool = False,
                  pin: bool = True, no_read: bool = False,
                  counters: tuple[tuple[int, int], ...] = HARDWARE_COUNTERS):
         if sample < 1:
             raise ValueError("sample must be at least 1")
         super().__init__(pin)
         self.sample = sample
-        self.replay = replay or test_run
-        self.test_run = test_run
+        self.replay = replay
         self.no_read = no_read
         self.counters = counters
         self.attach_point = ""
-        self._fn = None
 
     def flags(self) -> list[str]:
         f = [f"-DRSWAP_PMU_SAMPLE={self.sample}", f"-DRSWAP_NR_CPUS={os.cpu_count() or 1}"]
@@ -108,15 +103,23 @@ class PmuCollector(bpf.BpfCollector):
             f.append("-DRSWAP_PMU_REPLAY")
         if self.no_read:
             f.append("-DRSWAP_PMU_NO_READ")
-        if self.test_run:
-            f.append("-DRSWAP_PMU_TEST_RUN")
-        elif bpf.raw_tracepoint_supported():
-            f.append("-DRSWAP_RAW_TP")
-        elif not bpf.tracepoint_exists("sched", "sched_switch"):
+        return f + self._attach_flags()
+
+    def _attach_flags(self) -> list[str]:
+        """The handler's hook: the raw sched_switch tracepoint where the kernel has it, else
+        tracefs' (bcc attaches either when the program loads)."""
+        if bpf.raw_tracepoint_supported():
+            return ["-DRSWAP_RAW_TP"]
+        if not bpf.tracepoint_exists("sched", "sched_switch"):
             raise FeatureMissing("sched_switch", "neither the raw tracepoint nor tracefs' "
                                  "sched:sched_switch is available",
                                  "mount tracefs: mount -t tracefs tracefs /sys/kernel/tracing")
-        return f
+        return []
+
+    def _attached(self, flags: list[str]) -> str:
+        """Where the loaded handler runs (status and doctor print it)."""
+        return ("raw_tracepoint:sched_switch" if "-DRSWAP_RAW_TP" in flags
+                else "tracepoint:sched:sched_switch")
 
     def open(self) -> PmuCollector:
         hardware = self.counters[0][0] == PERF_TYPE_HARDWARE
@@ -125,13 +128,7 @@ class PmuCollector(bpf.BpfCollector):
         flags = self.flags()
         self._bpf = bpf.load("pmu.bpf.c", flags)
         try:
-            if self.test_run:
-                bcc = bpf.import_bcc()
-                self._fn = self._bpf.load_func(b"rswap_pmu_switch", bcc.BPF.RAW_TRACEPOINT)
-                self.attach_point = "BPF_PROG_TEST_RUN"
-            else:
-                self.attach_point = ("raw_tracepoint:sched_switch" if "-DRSWAP_RAW_TP" in flags
-                                     else "tracepoint:sched:sched_switch")
+            self.attach_point = self._attached(flags)
             if not self.replay and not self.no_read:
                 self._open_counters()
         except BaseException:
@@ -158,26 +155,6 @@ class PmuCollector(bpf.BpfCollector):
         t[t.Key(0)] = t.Leaf(misses)
         t[t.Key(1)] = t.Leaf(refs)
 
-    def run_switch(self) -> None:
-        """Test-run mode: execute the sched_switch handler once, as the calling thread.
-
-        ``BPF_PROG_TEST_RUN`` without ``BPF_F_TEST_RUN_ON_CPU`` runs it on the current CPU with
-        ``current`` = the caller, so pin the caller to one CPU to stay on one per-CPU state.
-        """
-        if self._fn is None:
-            raise RuntimeError("run_switch needs PmuCollector(test_run=True)")
-        attr = (ctypes.c_uint8 * 80)()
-        ctypes.c_uint32.from_buffer(attr, 0).value = self._fn.fd
-        libc = ctypes.CDLL(None, use_errno=True)
-        nr = _NR_BPF.get(os.uname().machine)
-        if nr is None:
-            raise FeatureMissing("BPF_PROG_TEST_RUN", f"no bpf(2) number known for {os.uname().machine}")
-        rc = libc.syscall(nr, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise FeatureMissing("BPF_PROG_TEST_RUN", f"raw tracepoint test run failed: "
-                                 f"{os.strerror(err)}", "needs Linux 5.10 or later")
-
     # -- reading -----------------------------------------------------------------------------
     def drain(self) -> PmuDelta:
         interval = self._interval_ns()
@@ -186,10 +163,6 @@ class PmuCollector(bpf.BpfCollector):
         dropped = self._counters("rswap_pmu_stats",
                                  ("task_map_full", "cgroup_map_full", "counter_reset"))
         return PmuDelta(interval, task, cgroup, dropped)
-
-    def close(self) -> None:
-        super().close()
-        self._fn = None
 
 
 def _drain(table) -> dict[int, PmuCounts]:

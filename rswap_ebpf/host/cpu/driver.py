@@ -110,10 +110,11 @@ class CpuDriver(ResourceDriver):
 
     def withheld(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
         """Millicores a throttled task's runnable threads waited for (``throttled_time`` over
-        the tick): use + this is what it would have run.  Measured on this VM's 6.18 kernel
-        (README, round 7): exact for busy threads; above the demand for threads that also sleep,
-        up to a whole CPU per thread, as their backlog keeps them runnable; at or below it in
-        the tick a burst begins, as the kernel adds the time when a period unthrottles them.
+        the tick): use + this is what it would have run.  Measured on a 6.18 kernel
+        (tools/measure_throttle.py): exact for busy threads; above the demand for threads that
+        also sleep, up to a whole CPU per thread, as their backlog keeps them runnable; at or
+        below it in the tick a burst begins, as the kernel adds the time when a period
+        unthrottles them.
         Below the demand, too, when processes outside the group keep the CPUs busy: the time a
         throttled task then waits on the runqueue is not throttled time (two unmanaged busy
         loops on a 2-vCPU VM took a busy task held at 200 millicores from 1000 to about 500)."""

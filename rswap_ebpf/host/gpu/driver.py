@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from rswap_ebpf.host.cgroup import TaskCgroup, Write
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.model.limits import Limits
+from rswap_ebpf.model.stats import quantile
 from rswap_ebpf.host.gpu.nvml import GpuSample, NvmlCollector
 from rswap_ebpf.host.driver import DriverContext, ResourceDriver
 
@@ -76,8 +77,7 @@ def gpu_need(profiler, task: str, limits: Limits | None, window: int,
     lim = limits if limits is not None else Limits()
     if prof is not None and any(prof.history):
         peak = profiler.get_predicted_needs(task, window)[r].peak
-        past = sorted(prof.history)
-        predicted = max(peak, past[int(0.9 * (len(past) - 1))])
+        predicted = max(peak, quantile(prof.history, 0.9, "lower"))
         return lim.clamp(math.ceil(predicted * (1 + headroom))), round(predicted, 1)
     if limits is None:
         return None

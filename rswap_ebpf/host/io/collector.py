@@ -28,10 +28,6 @@ def kdev(major: int, minor: int) -> int:
     return (major << 20) | minor
 
 
-def kdev_split(dev: int) -> tuple[int, int]:
-    return dev >> 20, dev & ((1 << 20) - 1)
-
-
 @dataclass(frozen=True)
 class IoCounts:
     """Requests and bytes issued, and service time of those completed, over one interval."""
@@ -79,13 +75,6 @@ class IoDelta:
         total = IoCounts()
         for (cg, d), c in self.cgroup.items():
             if cg in ids and (dev is None or d == dev):
-                total = total + c
-        return total
-
-    def for_task(self, tgid: int, dev: int | None = None) -> IoCounts:
-        total = IoCounts()
-        for (t, d), c in self.task.items():
-            if t == tgid and (dev is None or d == dev):
                 total = total + c
         return total
 

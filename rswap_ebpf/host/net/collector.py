@@ -53,7 +53,7 @@ class NetDelta:
 
 
 class BccClassMap:
-    """:class:`rswap_ebpf.host.net.tc.ClassMap` over the loaded program's ``rswap_net_class``."""
+    """:class:`rswap_ebpf.host.net.htb.ClassMap` over the loaded program's ``rswap_net_class``."""
 
     def __init__(self, table):
         self.table = table

@@ -2,14 +2,16 @@
 
 With ``[resources.net] ingress = true`` a task's allocation also caps what it receives: the
 interface's ingress goes through an ifb with the same class per task (classified per flow, see
-:class:`rswap_ebpf.host.net.tc.IngressShaper`).  Usage, and so the forecast, is egress bytes/s.
+:class:`rswap_ebpf.host.net.ingress.IngressShaper`).  Usage, and so the forecast, is egress bytes/s.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from rswap_ebpf.host.cgroup import TaskCgroup
-from rswap_ebpf.host.net.tc import HtbClass, HtbEnforcer, Iface, IngressShaper, link_speed_bytes_per_s
+from rswap_ebpf.host.net.htb import HtbClass, HtbEnforcer
+from rswap_ebpf.host.net.ingress import IngressShaper
+from rswap_ebpf.host.net.tc import Iface, link_speed_bytes_per_s
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.net.collector import EGRESS, NetCollector

@@ -1,56 +1,34 @@
-"""Traffic control through pyroute2: the clsact BPF hook and the per-task HTB tree.
+"""Traffic control through pyroute2: interfaces, qdisc capture, and the clsact BPF hook.
 
-Layout rswap builds on a task's egress interface::
+rswap's collector attaches its cls_bpf (direct-action) filters on a ``clsact`` qdisc, prio
+RSWAP_PRIO, on ingress and egress; the per-task shaping built on top lives in
+:mod:`rswap_ebpf.host.net.htb` (egress HTB tree) and :mod:`rswap_ebpf.host.net.ingress` (ifb).
 
-    clsact  ffff:    ingress + egress cls_bpf (direct-action) filters, prio RSWAP_PRIO
-    htb     1:       root, ``default 0``: traffic of no task goes out unshaped (HTB direct)
-      class 1:1      rate = ceil = interface total
-        class 1:<n>  one per task: rate = allocation, ceil = allocation + spare
-
-The egress BPF program writes the task's class id into ``skb->priority`` (HTB classifies by it),
-looking it up by the socket's cgroup in the ``rswap_net_class`` map (a :class:`ClassMap`).
-
-Every change is journalled first as a ``custom`` entry with an undo handler registered here, so
-``rswap restore`` in a fresh process removes the filters, the clsact qdisc rswap added, and puts the
-interface's original root qdisc back.  The original root qdisc is journalled as the kernel dumped
-it: kind, handle and the raw ``TCA_OPTIONS`` payload (and, under ``mq``, each per-queue child the
-same way); restore recreates whatever differs with those very bytes, so a non-default setting
-(``fq_codel limit 1234``, ``pfifo limit 50``) comes back as it was, whatever the kind.  A root qdisc
-with classes or filters of its own (htb, tbf, prio...) cannot be captured that way and is refused
-before anything changes.
+Every change is journalled first as a ``custom`` entry with an undo handler registered where it
+is made, so ``rswap restore`` in a fresh process removes the filters and the clsact qdisc rswap
+added.  A qdisc is captured as the kernel dumps it (:class:`QdiscState`: kind, handle and the raw
+``TCA_OPTIONS`` payload), so it can be recreated with those very bytes.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import functools
-import logging
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from rswap_ebpf.errors import ConfigError, EnforceError, FeatureMissing
 from rswap_ebpf.host.journal import Journal, register_undo
 
-log = logging.getLogger(__name__)
-
 RSWAP_PRIO = 0xC0DE          # filter priority marking rswap's cls_bpf filters
-HTB_MAJOR = 0x1
-ROOT_CLASS = 0x10001         # 1:1
-FIRST_TASK_MINOR = 0x10
-MIN_RATE_BYTES = 125         # HTB needs a rate > 0: 1 kbit/s
-#: Root qdiscs rswap may replace: their whole configuration is their options (mq: its per-queue
-#: children, journalled too), so kind + handle + options recreate them exactly.
-RESTORABLE_ROOTS = {"noqueue", "pfifo_fast", "fq_codel", "fq", "sfq", "pfifo", "bfifo", "mq", "cake"}
 TC_H_ROOT = 0xFFFFFFFF
 _TCA_KIND, _TCA_OPTIONS = 1, 2
 _NLMSG_HDR, _TCMSG_LEN = 16, 20
 _IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 CLSACT_KIND = "tc-clsact"
 FILTER_KIND = "tc-bpf-filter"
-ROOT_KIND = "tc-root"
 
 
 @dataclass(frozen=True)
@@ -310,309 +288,3 @@ def _undo_clsact(data: dict) -> None:
 
 register_undo(FILTER_KIND, _undo_filter)
 register_undo(CLSACT_KIND, _undo_clsact)
-
-
-# -- HTB ------------------------------------------------------------------------------------------
-class ClassMap(Protocol):
-    """cgroup2 id -> HTB class id, read by the egress BPF program (``rswap_net_class``)."""
-
-    def set(self, cgroup_id: int, classid: int) -> None: ...
-
-    def remove(self, cgroup_id: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class HtbClass:
-    classid: int
-    rate_bytes_per_s: int
-    ceil_bytes_per_s: int
-
-
-class HtbEnforcer:
-    """One HTB class per task on one interface: apply()/current()/restore()."""
-
-    def __init__(self, journal: Journal, iface: Iface, total_bytes_per_s: int,
-                 class_map: ClassMap | None = None, dry_run: bool = False):
-        self.journal = journal
-        self.iface = iface
-        self.total = max(MIN_RATE_BYTES, int(total_bytes_per_s))
-        self.class_map = class_map
-        self.dry_run = dry_run
-        self.classes: dict[str, int] = {}
-        self.rates: dict[str, int] = {}
-        self._cgroups: dict[str, set[int]] = {}
-        self._ready = False
-        self.planned: list[tuple[str, HtbClass]] = []
-
-    def setup(self) -> None:
-        """Journal the original root qdisc, then put rswap's HTB root and its 1:1 class there."""
-        if self._ready or self.dry_run:
-            self._ready = True
-            return
-        with ipr(self.iface) as ip:
-            idx = ifindex(ip, self.iface)
-            root, children = root_state(ip, idx)
-            kind = root.kind if root is not None else "noqueue"
-            handle = root.handle if root is not None else 0
-            if kind == "htb" and handle == HTB_MAJOR << 16 and self._journalled_root():
-                pass  # ours, from this run's journal (a restart after restore failed)
-            elif kind not in RESTORABLE_ROOTS:
-                raise EnforceError(f"tc:{self.iface}", f"root qdisc {kind} {handle >> 16:x}: has a "
-                                   "configuration rswap cannot restore; remove it or choose another "
-                                   "interface")
-            self.journal.record_custom(ROOT_KIND, {
-                **self.iface.as_dict(), "kind": kind, "handle": handle,
-                "options": root.as_dict()["options"] if root is not None else None,
-                "children": [c.as_dict() for c in children]})
-            try:
-                ip.tc("replace", "htb", idx, HTB_MAJOR << 16, default=0)
-                ip.tc("replace-class", "htb", idx, ROOT_CLASS, parent=HTB_MAJOR << 16,
-                      rate=self.total, ceil=self.total)
-            except Exception as err:
-                raise _nl_error(err, self.iface, "htb qdisc") from None
-        self._ready = True
-
-    def _journalled_root(self) -> bool:
-        return any(e.get("kind") == ROOT_KIND and e["data"].get("name") == self.iface.name
-                   for e in self.journal.entries() if e.get("op") == "custom")
-
-    def classid(self, task: str) -> int:
-        if task not in self.classes:
-            self.classes[task] = (HTB_MAJOR << 16) | (FIRST_TASK_MINOR + len(self.classes))
-        return self.classes[task]
-
-    def spare(self) -> int:
-        return max(0, self.total - sum(self.rates.values()))
-
-    def apply(self, task: str, cgroup_ids: set[int], bytes_per_s: int) -> list[HtbClass]:
-        """Set ``task``'s rate, refresh every class's ceil to rate + spare, map its cgroups."""
-        self.setup()
-        self.rates[task] = max(MIN_RATE_BYTES, int(bytes_per_s))
-        cid = self.classid(task)
-        spare = self.spare()
-        done = []
-        for name, rate in self.rates.items():
-            cls = HtbClass(self.classid(name), rate, min(self.total, rate + spare))
-            if self.dry_run:
-                self.planned.append((name, cls))
-                continue
-            with ipr(self.iface) as ip:
-                idx = ifindex(ip, self.iface)
-                try:
-                    ip.tc("replace-class", "htb", idx, cls.classid, parent=ROOT_CLASS,
-                          rate=cls.rate_bytes_per_s, ceil=cls.ceil_bytes_per_s)
-                except Exception as err:
-                    raise _nl_error(err, self.iface, "htb class") from None
-            done.append(cls)
-        if self.class_map is not None and not self.dry_run:
-            old = self._cgroups.get(task, set())
-            for cg in old - cgroup_ids:
-                self.class_map.remove(cg)
-            for cg in cgroup_ids:
-                self.class_map.set(cg, cid)
-            self._cgroups[task] = set(cgroup_ids)
-        return done
-
-    def current(self) -> dict[int, HtbClass]:
-        """Class id -> rate and ceil as the kernel has them now."""
-        out = {}
-        with ipr(self.iface) as ip:
-            idx = ifindex(ip, self.iface)
-            for c in ip.get_classes(index=idx):
-                if _kind(c) != "htb":
-                    continue
-                parms = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
-                rate64 = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_RATE64")
-                ceil64 = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_CEIL64")
-                out[c["handle"]] = HtbClass(c["handle"], rate64 or parms["rate"],
-                                            ceil64 or parms["ceil"])
-        return out
-
-    def forget(self, task: str) -> None:
-        """A task left: its class stays until restore, its cgroups are unmapped."""
-        for cg in self._cgroups.pop(task, set()):
-            if self.class_map is not None:
-                self.class_map.remove(cg)
-        self.rates.pop(task, None)
-
-    def restore(self) -> None:
-        """Put the original root qdisc back (this enforcer's journal entries, newest first)."""
-        for cgs in self._cgroups.values():
-            for cg in cgs:
-                if self.class_map is not None:
-                    self.class_map.remove(cg)
-        self._cgroups.clear()
-        for entry in reversed(self.journal.entries()):
-            if entry.get("op") == "custom" and entry.get("kind") == ROOT_KIND and \
-                    entry["data"].get("name") == self.iface.name and \
-                    entry["data"].get("netns") == self.iface.netns:
-                _undo_root(entry["data"])
-        self._ready = False
-        self.rates.clear()
-        self.classes.clear()
-
-
-def _undo_root(data: dict) -> None:
-    """Take rswap's HTB root away and recreate the journalled root (and mq children) if the
-    kernel's default is not it.  Entries from before options were journalled compare by kind."""
-    iface = Iface(data["name"], data.get("netns"))
-    exact = "options" in data
-    want = QdiscState(data["kind"], data.get("handle") or 0, TC_H_ROOT,
-                      bytes.fromhex(data["options"]) if data.get("options") is not None else None)
-    try:
-        with ipr(iface) as ip:
-            idx = ip.link_lookup(ifname=iface.name)
-            if not idx:
-                return
-            idx = idx[0]
-            root, _ = root_state(ip, idx)
-            if root is not None and root.kind == "htb":
-                try:
-                    ip.tc("del", "htb", idx, root.handle)
-                except Exception as err:
-                    if getattr(err, "code", None) not in (errno.ENOENT, errno.EINVAL):
-                        raise
-            # Deleting the root reinstates the kernel's default; recreate the original if differs.
-            root, _ = root_state(ip, idx)
-            if not want.same_as(root, exact):
-                try:
-                    create_qdisc(ip, idx, want)
-                except Exception as err:
-                    # Same handle, other kind: the kernel will not replace across kinds.
-                    if getattr(err, "code", None) != errno.EINVAL or root is None or not root.handle:
-                        raise
-                    ip.tc("del", root.kind, idx, root.handle)
-                    create_qdisc(ip, idx, want)
-            _, now = root_state(ip, idx)
-            have = {c.parent: c for c in now}
-            for child in map(QdiscState.from_dict, data.get("children", [])):
-                if not child.same_as(have.get(child.parent)):
-                    create_qdisc(ip, idx, child)
-    except ConfigError:
-        return
-
-
-register_undo(ROOT_KIND, _undo_root)
-
-
-# -- ingress through an ifb -------------------------------------------------------------------
-IFB_KIND = "tc-ifb"
-MIRRED_KIND = "tc-mirred"
-MIRRED_PRIO = RSWAP_PRIO + 1  # after rswap's ingress BPF filter, which sets the class
-
-
-def ifb_name(idx: int) -> str:
-    return f"rswifb{idx}"
-
-
-class IngressShaper:
-    """Shape what ``iface`` receives: its clsact ingress is redirected (u32 match-all + mirred)
-    to an ifb device rswap creates in the same namespace, whose root is an :class:`HtbEnforcer`
-    with the same class per task as egress.
-
-    What selects a task's class on ingress is the *flow*, not the cgroup: at ingress no socket has
-    been looked up yet.  rswap's ingress BPF filter (which runs before the redirect) sets
-    ``skb->priority`` from the flow table the egress program fills for each classified socket
-    (remote addr:port, local addr:port, protocol).  A flow the task has not yet sent on goes
-    through the ifb unshaped.  Needs the collector's clsact (NetCollector(flows=True)).
-    """
-
-    def __init__(self, journal: Journal, iface: Iface, total_bytes_per_s: int,
-                 egress: HtbEnforcer | None = None, dry_run: bool = False):
-        self.journal = journal
-        self.iface = iface
-        self.dry_run = dry_run
-        self.ifb: Iface | None = None
-        self.total = total_bytes_per_s
-        self.egress = egress
-        self.htb: HtbEnforcer | None = None
-
-    def setup(self) -> None:
-        if self.htb is not None:
-            return
-        if self.dry_run:
-            self.htb = HtbEnforcer(self.journal, self.iface, self.total, dry_run=True)
-            return
-        with ipr(self.iface) as ip:
-            idx = ifindex(ip, self.iface)
-            if not any(_kind(q) == "clsact" for q in _qdiscs(ip, idx)):
-                raise EnforceError(f"tc:{self.iface}", "ingress shaping needs rswap's clsact "
-                                   "filters on the interface (open the NetCollector first)")
-            name = ifb_name(idx)
-            if not ip.link_lookup(ifname=name):
-                self.journal.record_custom(IFB_KIND, {"name": name, "netns": self.iface.netns})
-                try:
-                    ip.link("add", ifname=name, kind="ifb")
-                except Exception as err:
-                    if getattr(err, "code", None) == errno.EOPNOTSUPP:
-                        raise FeatureMissing("ifb", f"{self.iface}: {err}",
-                                             "the kernel needs CONFIG_IFB (modprobe ifb)") from None
-                    raise EnforceError(f"tc:{self.iface}", f"ifb {name}: {err}") from None
-            ifb_idx = ip.link_lookup(ifname=name)[0]
-            ip.link("set", index=ifb_idx, state="up")
-            self.journal.record_custom(MIRRED_KIND, {**self.iface.as_dict(), "parent": "ffff:fff2"})
-            try:
-                ip.tc("add-filter", "u32", idx, parent=0xFFFFFFF2, prio=MIRRED_PRIO,
-                      protocol=0x0003, target=0x1, keys=["0x0/0x0+0"],
-                      action={"kind": "mirred", "direction": "egress", "action": "redirect",
-                              "ifindex": ifb_idx})
-            except Exception as err:
-                raise _nl_error(err, self.iface, "mirred redirect to ifb") from None
-        self.ifb = Iface(name, self.iface.netns)
-        self.htb = HtbEnforcer(self.journal, self.ifb, self.total)
-        if self.egress is not None:
-            self.htb.classes = self.egress.classes  # one class id per task, both directions
-
-    def apply(self, task: str, bytes_per_s: int) -> list[HtbClass]:
-        """The task's ingress class: rate = allocation, ceil = allocation + spare."""
-        self.setup()
-        assert self.htb is not None
-        return self.htb.apply(task, set(), bytes_per_s)
-
-    def current(self) -> dict[int, HtbClass]:
-        return self.htb.current() if self.htb is not None and self.ifb is not None else {}
-
-    def forget(self, task: str) -> None:
-        if self.htb is not None:
-            self.htb.forget(task)
-
-    def restore(self) -> None:
-        """The ifb's HTB, the redirect, then the ifb itself (this shaper's journal entries)."""
-        if self.htb is not None and self.ifb is not None:
-            self.htb.restore()
-        for entry in reversed(self.journal.entries()):
-            if entry.get("op") != "custom" or entry["data"].get("netns") != self.iface.netns:
-                continue
-            if entry.get("kind") == MIRRED_KIND and entry["data"].get("name") == self.iface.name:
-                _undo_mirred(entry["data"])
-            elif entry.get("kind") == IFB_KIND and self.ifb is not None and \
-                    entry["data"].get("name") == self.ifb.name:
-                _undo_ifb(entry["data"])
-        self.htb = None
-        self.ifb = None
-
-
-def _undo_mirred(data: dict) -> None:
-    # pyroute2 builds u32 options even for a delete: give it the match-all again.
-    _tc_del_if_present(data, "del-filter", "u32", parent=0xFFFFFFF2, prio=MIRRED_PRIO,
-                       protocol=0x0003, target=0x1, keys=["0x0/0x0+0"])
-
-
-def _undo_ifb(data: dict) -> None:
-    iface = Iface(data["name"], data.get("netns"))
-    try:
-        with ipr(iface) as ip:
-            idx = ip.link_lookup(ifname=iface.name)
-            if idx:
-                ip.link("del", index=idx[0])
-    except ConfigError:
-        return
-
-
-register_undo(MIRRED_KIND, _undo_mirred)
-register_undo(IFB_KIND, _undo_ifb)
-
-
-def rates_text(classes: Mapping[int, HtbClass]) -> str:
-    return ", ".join(f"{c >> 16:x}:{c & 0xffff:x} rate {h.rate_bytes_per_s * 8 / 1e6:.1f}Mbit "
-                     f"ceil {h.ceil_bytes_per_s * 8 / 1e6:.1f}Mbit" for c, h in sorted(classes.items()))
