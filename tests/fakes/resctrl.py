@@ -15,7 +15,9 @@ fs/resctrl (rdtgroup.c, ctrlmondata.c):
 How honest it is: the files are real files on disk (readers see them with open()), but the
 kernel's *validation on write* can only happen in code, so writes must go through
 :meth:`FakeResctrl.write` (the :class:`ResctrlFS` seam the enforcer uses).  It reproduces
-``rdtgroup_schemata_write()`` (buffer must end in a newline; unknown resource or domain, a
+``rdtgroup_schemata_write()`` (buffer must end in a newline, refused before last_cmd_status is
+cleared; the status cleared to ``ok``; an unknown domain id -> EINVAL with no message, so the
+status reads ``ok``; an unknown resource, a
 non-hex or out-of-range mask, non-consecutive 1-bits unless sparse_masks, fewer than min_cbm_bits
 bits, an MB value outside [min_bandwidth, 100] -> EINVAL with the kernel's last_cmd_status text;
 MB rounded *up* to bandwidth_gran; a failed write changes nothing), ``rdtgroup_tasks_write()``
@@ -236,6 +238,7 @@ class FakeResctrl(ResctrlFS):
     def _write_schemata(self, group: str, buf: str) -> None:
         if not buf or not buf.endswith("\n"):  # rdtgroup_schemata_write(): -EINVAL, no message
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        self._status("ok")  # rdt_last_cmd_clear(): after the newline check, before parsing
         staged = {"L3": dict(self.groups[group]["L3"]), "MB": dict(self.groups[group]["MB"])}
         for line in buf.splitlines():
             line = line.strip()
@@ -255,7 +258,9 @@ class FakeResctrl(ResctrlFS):
                 if not eq or dom_id is None:
                     self._fail("Missing '=' or non-numeric domain")
                 if dom_id not in self.domains:
-                    self._fail(f"Unknown domain {dom_id}")  # parse_line(): -EINVAL
+                    # parse_line() finds no domain of that id and returns -EINVAL without a
+                    # message: last_cmd_status reads "ok" beside the error.
+                    raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
                 staged[name][dom_id] = (self._cbm_validate(value.strip()) if name == "L3"
                                         else self._bw_validate(value.strip()))
         self.groups[group]["L3"], self.groups[group]["MB"] = staged["L3"], staged["MB"]

@@ -58,17 +58,51 @@ def test_fake_rejects_non_contiguous_mask(fake):
     assert read(fake, "g") == before  # a failed write changes nothing
 
 
-def test_fake_rejects_too_few_bits_unknown_domain_and_missing_newline(fake):
+def test_fake_rejects_too_few_bits_out_of_range_and_unknown_resource(fake):
     fake.mkdir(os.path.join(fake.root, "g"))
     path = os.path.join(fake.root, "g", "schemata")
-    for bad, why in (("L3:0=1\n", "at least 2 bits"), ("L3:7=ff\n", "Unknown domain"),
-                     ("L3:0=fffff0\n", "out of range"), ("MB:0=5\n", "out of range"),
-                     ("XX:0=1\n", "Unknown or unsupported")):
+    for bad, why in (("L3:0=1\n", "at least 2 bits"), ("L3:0=fffff0\n", "out of range"),
+                     ("MB:0=5\n", "out of range"), ("XX:0=1\n", "Unknown or unsupported")):
         with pytest.raises(OSError):
             fake.write(path, bad)
         assert why in read(fake, "", "info/last_cmd_status")
+
+
+def test_unknown_domain_is_einval_with_last_cmd_status_ok(fake):
+    # parse_line() returns -EINVAL for a domain id it does not know and puts no message: the
+    # status was cleared when the command began, so it reads "ok" beside the error.
+    fake.mkdir(os.path.join(fake.root, "g"))
+    path = os.path.join(fake.root, "g", "schemata")
     with pytest.raises(OSError):
-        fake.write(path, "L3:0=ff")  # the kernel wants the trailing newline
+        fake.write(path, "L3:0=1\n")
+    with pytest.raises(OSError) as exc:
+        fake.write(path, "L3:7=ff\n")
+    assert exc.value.errno == errno.EINVAL
+    assert read(fake, "", "info/last_cmd_status") == "ok\n"
+
+
+def test_unknown_domain_refusal_names_the_errno_not_ok(fake, journal):
+    e = enforcer(fake, journal)
+    e.open(TASKS, mount=False)
+    with pytest.raises(EnforceError) as exc:
+        e._write_schemata(os.path.join(fake.root, "rswap-web", "schemata"), "L3:7=ff\n")
+    assert "Invalid argument" in str(exc.value) and ": ok" not in str(exc.value)
+    e.restore()
+
+
+def test_missing_newline_leaves_the_status_stale_so_the_enforcer_adds_it(fake, journal):
+    fake.mkdir(os.path.join(fake.root, "g"))
+    path = os.path.join(fake.root, "g", "schemata")
+    with pytest.raises(OSError):
+        fake.write(path, "L3:0=1\n")           # leaves "Need at least 2 bits ..."
+    with pytest.raises(OSError):
+        fake.write(path, "L3:0=ff")            # refused before the status is cleared
+    assert "at least 2 bits" in read(fake, "", "info/last_cmd_status")   # stale
+    e = enforcer(fake, journal)
+    e.open(TASKS, mount=False)
+    e._write_schemata(os.path.join(fake.root, "rswap-web", "schemata"), "L3:0=ff")
+    assert read(fake, "rswap-web").startswith("L3:0=000ff")
+    e.restore()
 
 
 def test_fake_rounds_mb_up_to_granularity_and_pads_like_show_doms(fake):

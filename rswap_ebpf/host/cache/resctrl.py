@@ -133,7 +133,7 @@ class ResctrlEnforcer:
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise FeatureMissing("resctrl CLOSIDs", f"no free CLOSID for {g.name}: "
-                                     f"{self._last_cmd_status()}") from err
+                                     f"{self._refusal(err)}") from err
             raise EnforceError(g.path, f"cannot create: {err.strerror}") from err
         g.created = True
 
@@ -212,6 +212,10 @@ class ResctrlEnforcer:
         return writes
 
     def _write_schemata(self, path: str, text: str) -> None:
+        if not text.endswith("\n"):
+            # rdtgroup_schemata_write() refuses a buffer without its newline *before* it clears
+            # last_cmd_status: the refusal would be reported with an older command's text.
+            text += "\n"
         if path not in self._journalled_schemata:
             original = self.fs.read(path)
             group = os.path.relpath(os.path.dirname(path), self.root)
@@ -223,7 +227,7 @@ class ResctrlEnforcer:
             self.fs.write(path, text)
         except OSError as err:
             raise EnforceError(path, f"kernel refused {text.strip()!r}: "
-                               f"{self._last_cmd_status() or err.strerror}") from err
+                               f"{self._refusal(err)}") from err
         self._last_written[path] = text
 
     def place(self, task: str, pids: Iterable[int]) -> int:
@@ -249,7 +253,7 @@ class ResctrlEnforcer:
                     if err.errno == errno.ESRCH:
                         continue
                     raise EnforceError(tasks_file, f"cannot move thread {tid}: "
-                                       f"{self._last_cmd_status() or err.strerror}") from err
+                                       f"{self._refusal(err)}") from err
                 g.members.add(tid)
                 moved += 1
         return moved
@@ -319,6 +323,18 @@ class ResctrlEnforcer:
             return self.fs.read(os.path.join(self.root, "info", "last_cmd_status")).strip()
         except OSError:
             return ""
+
+    def _refusal(self, err: OSError) -> str:
+        """Why the kernel refused: ``last_cmd_status`` when it says something, else the errno.
+
+        The kernel clears the status at the start of a command and reads ``ok`` when nothing was
+        put there since; some refusals put nothing (an unknown domain id in ``parse_line()``
+        returns EINVAL silently), so ``ok`` beside an error means "see errno", never success.
+        """
+        status = self._last_cmd_status()
+        if status and status != "ok":
+            return status
+        return f"{err.strerror} (errno {err.errno}; last_cmd_status said nothing)"
 
 
 def _ints(text: str) -> list[int]:
