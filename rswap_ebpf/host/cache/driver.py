@@ -1,7 +1,9 @@
 """Cache: L3 ways per task through resctrl (CAT / AMD L3 QoS), sensed by CMT occupancy.
 
 Usage in ways = the group's ``llc_occupancy`` over the bytes one way holds (the default group's
-``size`` over the number of ways).  Occupancy cannot exceed the ways a task's mask gives it, so it
+``size`` over the number of ways), judged per L3 domain and the largest taken: a mask applies in
+every domain, and a task on one socket of a two-socket host fills its share there while the other
+socket's L3 holds none of it (an average over domains would read half).  Occupancy cannot exceed the ways a task's mask gives it, so it
 hides how many more the task wants.  Per-task cache misses from the PMU collector are the second
 signal: a task that fills its ways *and* misses more than its calm baseline (its miss rate, a
 moving average over the ticks it was not pressed) is reported censored, so the swap manager grows
@@ -82,15 +84,21 @@ class ResctrlShared:
                 self.enforcer.place(name, cg.pids())
 
     def way_bytes(self) -> float:
-        """Bytes one L3 way holds in one domain, from the default group's ``size``."""
+        """Bytes one L3 way holds in the first domain (see :meth:`way_bytes_by_domain`)."""
+        per = self.way_bytes_by_domain()
+        return next(iter(per.values()), 0.0)
+
+    def way_bytes_by_domain(self) -> dict[int, float]:
+        """Bytes one L3 way holds in each domain, from the default group's ``size``; under CDP
+        from its ``L3DATA`` line (what a task's data occupies)."""
         fs, root = self.enforcer.fs, self.enforcer.root
         try:
-            sizes = parse_schemata(fs.read(os.path.join(root, "size"))).get("L3", {})
-            masks = parse_schemata(fs.read(os.path.join(root, "schemata"))).get("L3", {})
-            dom = next(iter(sizes))
-            return int(sizes[dom]) / max(1, bin(int(masks[dom], 16)).count("1"))
-        except (OSError, StopIteration, KeyError, ValueError):
-            return 0.0
+            sizes = _l3_line(parse_schemata(fs.read(os.path.join(root, "size"))))
+            masks = _l3_line(parse_schemata(fs.read(os.path.join(root, "schemata"))))
+            return {d: int(sizes[d]) / max(1, bin(int(masks[d], 16)).count("1"))
+                    for d in sorted(sizes) if d in masks}
+        except (OSError, KeyError, ValueError):
+            return {}
 
     def close(self) -> None:
         self._users -= 1
@@ -99,6 +107,13 @@ class ResctrlShared:
         if self.monitor is not None:
             self.monitor.close()
         self._opened = False
+
+
+def _l3_line(parsed: Mapping[str, dict[int, str]]) -> dict[int, str]:
+    for name in ("L3", "L3DATA", "L3CODE"):
+        if parsed.get(name):
+            return parsed[name]
+    return {}
 
 
 def shared(ctx: DriverContext) -> ResctrlShared:
@@ -158,22 +173,24 @@ class CacheDriver(ResourceDriver):
             secs = delta.interval_ns / 1e9
             self.miss_rate = {n: m / secs for n, m in self.last_misses.items()} if secs > 0 else {}
         sample = self.rs.sample(tasks)
-        way = self.rs.way_bytes()
-        if sample is None or way <= 0:
+        way = self.rs.way_bytes_by_domain()
+        if sample is None or not way or min(way.values()) <= 0:
             if not self.miss_rate:
                 return {}
             # No occupancy monitor: the ways held, with misses telling whether they are enough.
             held = {n: float(self.rs.enforcer.ways.get(n, 0)) for n in tasks if n in self.miss_rate}
             self._judge(held)
             return held
-        ndom = max(1, len(self.rs.info.l3_domains))
         out = {}
         for name in tasks:
-            held = sample.occupancy_bytes.get(name)
-            if held is None:
+            held = sample.occupancy_by_domain.get(name)
+            if not held:
                 continue
             share = _tier_share(self.rs.enforcer, name, self.rs.enforcer.ways, self.last_misses)
-            out[name] = held * share / ndom / way
+            # The domain where it holds the most ways: a mask's ways apply in every domain, so
+            # that is the domain where the mask binds.
+            out[name] = max(b * share / way[d] for d, b in held.items() if d in way) \
+                if any(d in way for d in held) else 0.0
         self._judge(out)
         return out
 

@@ -1,9 +1,11 @@
 """Memory bandwidth: percent per task through resctrl MBA, sensed by MBM ``mbm_total_bytes``.
 
-Usage in percent = the task's bytes/s over the host's peak bytes/s, which is
-``[resources.membw] peak_bytes_per_s`` when configured, else the highest total rate seen so far
-(so the first ticks overstate usage until a busy period has been seen; configure the peak, e.g.
-from a STREAM run, for steady figures).
+Usage in percent = the task's bytes/s *in its busiest L3 domain* over one domain's peak bytes/s,
+which is ``[resources.membw] peak_bytes_per_s`` when configured (per domain: what one ``MB:<id>=``
+value governs), else the highest rate seen in any one domain so far (so the first ticks overstate
+usage until a busy period has been seen; configure the peak, e.g. from a STREAM run on one
+socket, for steady figures).  An MB value applies per domain, so a sum over domains would let a
+task on one socket read as half its use of that socket's bandwidth.
 """
 from __future__ import annotations
 
@@ -56,12 +58,15 @@ class MemBwDriver(ResourceDriver):
         sample = self.rs.sample(tasks)
         if sample is None:
             return {}
-        rates = {n: sample.bytes_per_s(n) for n in tasks if n in sample.total_bytes}
+        per_dom = {n: sample.bytes_per_s_by_domain(n) for n in tasks if n in sample.total_bytes}
+        rates = {n: max(r.values(), default=0.0) for n, r in per_dom.items()}
         # In per-tier mode every member reads the same group: count each group once.
-        seen_groups: dict[str, float] = {}
-        for n, r in rates.items():
+        seen_groups: dict[str, dict[int, float]] = {}
+        for n, r in per_dom.items():
             seen_groups[self.rs.enforcer.group_of_task[n]] = r
-        self.seen_peak = max(self.seen_peak, sum(seen_groups.values()))
+        domains = {d for r in seen_groups.values() for d in r}
+        self.seen_peak = max([self.seen_peak] + [sum(r.get(d, 0.0) for r in seen_groups.values())
+                                                 for d in domains])
         peak = self.peak_bytes_per_s or self.seen_peak
         if peak <= 0:
             return {n: 0.0 for n in rates}
