@@ -13,14 +13,18 @@ default group) covers every task; otherwise one group per priority tier (``rswap
 ``rswap-normal``, ``rswap-batch``), each tier given the sum of its tasks' ways and percent.  The
 mode is chosen once in :meth:`ResctrlEnforcer.open` and reported in ``mode``.
 
-Memory-bandwidth units: rswap allocates percent of a domain everywhere, and converts to what the
-kernel's ``MB`` lines hold on this host (:attr:`ResctrlInfo.mb_unit`): Intel MBA takes percent
-(``min_bandwidth``..100, rounded up to ``bandwidth_gran``); AMD takes an absolute rate in multiples
-of 1/8 GB/s up to the hardware's maximum (``min_bandwidth`` 0, ``bandwidth_gran`` 1,
-``delay_linear`` 0, the default group holding the maximum, e.g. 2048 = 256 GB/s); a mount with
-``-o mba_MBps`` (the MBA software controller) takes MiB/s, default 4294967295.  Percent is of
-``[resources.membw] peak_bytes_per_s`` where given (required for mba_MBps), else on AMD of the
-hardware maximum; 100 % writes the unthrottled default.
+Memory-bandwidth units (:attr:`ResctrlInfo.mb_unit`): on AMD an ``MB`` value is an absolute rate
+in multiples of 1/8 GB/s up to the hardware's maximum (``min_bandwidth`` 0, ``bandwidth_gran`` 1,
+``delay_linear`` 0, the default group holding the maximum, e.g. 2048 = 256 GB/s); under
+``-o mba_MBps`` (the MBA software controller) it is MiB/s, default 4294967295.  There ``percent``
+is of ``[resources.membw] peak_bytes_per_s`` (required for mba_MBps; on AMD without it, of the
+hardware maximum) and the same rate is what MBM senses: one unit both ways.  On Intel without
+mba_MBps an ``MB`` value is a *throttle level* (``min_bandwidth``..100, rounded up to
+``bandwidth_gran``): the delay the core inserts, not a share of bandwidth (resctrl.rst: the same
+level gives different bandwidth with different thread counts and access patterns).  ``percent``
+there is passed through as that level; the membw driver does not write its allocation as a level
+but steers the level per group from what MBM measures (``levels=``), as the kernel's software
+controller does under mba_MBps.  100 % writes the unthrottled default everywhere.
 
 Cache layout: each group gets one contiguous mask (the kernel rejects non-contiguous ones unless
 ``sparse_masks`` says 1) of as many ways as it is allocated.  Critical groups are packed from bit
@@ -89,6 +93,8 @@ class ResctrlEnforcer:
         self.group_of_task: dict[str, str] = {}
         self.ways: dict[str, int] = {}
         self.percent: dict[str, int] = {}
+        #: group name -> MBA throttle level, overriding ``percent`` (Intel percent mode)
+        self.levels: dict[str, int] = {}
         self._journalled_schemata: set[str] = set()
         self._last_written: dict[str, str] = {}
         self._kernel_mount: bool | None = None  # is self.root the kernel's resctrl mount?
@@ -138,8 +144,8 @@ class ResctrlEnforcer:
         g.created = True
 
     # -- planning --------------------------------------------------------------------------
-    def _group_schemata(self, ways: Mapping[str, int], percent: Mapping[str, int]
-                        ) -> dict[str, str]:
+    def _group_schemata(self, ways: Mapping[str, int], percent: Mapping[str, int],
+                        levels: Mapping[str, int] | None = None) -> dict[str, str]:
         """Group path -> schemata text to write (only the resources rswap was given)."""
         info = self._need_info()
         tiers = {g.name: g.tier for g in self.groups.values()}
@@ -154,24 +160,41 @@ class ResctrlEnforcer:
                 check_mask(info, mask)
                 line = "L3:" + ";".join(f"{d}={mask:x}" for d in info.l3_domains)
                 out.setdefault(g, []).append(line)
-        if info.has_mb and percent:
+        levels = levels or {}
+        if info.has_mb and (percent or levels):
             gp: dict[str, int] = {g: 0 for g in self.groups}
             for task, p in percent.items():
                 gp[self.group_of_task[task]] += int(p)
             for g, p in gp.items():
-                v = info.mb_value(p, self.mb_peak_bytes_per_s)
+                if g in levels:
+                    if info.mb_unit != MB_PERCENT:
+                        raise RswapError("resctrl: throttle levels are Intel MBA's unit; this "
+                                         f"host's MB values are {info.mb_unit}")
+                    v = info.mb_value(levels[g])
+                elif not percent:
+                    continue
+                else:
+                    v = info.mb_value(p, self.mb_peak_bytes_per_s)
                 out.setdefault(g, []).append("MB:" + ";".join(f"{d}={v}" for d in info.mb_domains))
         return {(self.root if g == "" else self.groups[g].path): "\n".join(lines) + "\n"
                 for g, lines in out.items()}
 
     def plan(self, ways: Mapping[str, int] | None = None,
-             percent: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
-        """``(schemata path, text)`` pairs for these allocations (unchanged groups left out)."""
+             percent: Mapping[str, int] | None = None,
+             levels: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+        """``(schemata path, text)`` pairs for these allocations (unchanged groups left out).
+
+        ``levels``: group name -> MBA throttle level (Intel percent mode only), instead of the
+        group's ``percent``."""
         self._check_tasks(ways or {}, percent or {})
+        for g in levels or {}:
+            if g not in self.groups:
+                raise RswapError(f"resctrl: group {g!r} was not created by open()")
         w = {**self.ways, **(ways or {})}
         p = {**self.percent, **(percent or {})}
+        lv = {**self.levels, **(levels or {})}
         writes = []
-        for gpath, text in self._group_schemata(w, p).items():
+        for gpath, text in self._group_schemata(w, p, lv).items():
             path = os.path.join(gpath, "schemata")
             if self._last_written.get(path) != text:
                 writes.append((path, text))
@@ -200,11 +223,13 @@ class ResctrlEnforcer:
 
     # -- applying --------------------------------------------------------------------------
     def apply(self, ways: Mapping[str, int] | None = None,
-              percent: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+              percent: Mapping[str, int] | None = None,
+              levels: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
         """Write every schemata these allocations change, in one go (one tick)."""
-        writes = self.plan(ways, percent)
+        writes = self.plan(ways, percent, levels)
         self.ways.update(ways or {})
         self.percent.update(percent or {})
+        self.levels.update(levels or {})
         if self.dry_run:
             return writes
         for path, text in writes:
