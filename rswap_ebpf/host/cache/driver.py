@@ -22,6 +22,7 @@ import os
 from collections.abc import Mapping
 
 from rswap_ebpf.host.cgroup import TaskCgroup, Write
+from rswap_ebpf.host.cache.masks import exclusive_region
 from rswap_ebpf.host.cache.resctrl import ResctrlEnforcer, ensure_mounted, parse_schemata, read_info
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.model.resources import ResourceType
@@ -143,7 +144,7 @@ class CacheDriver(ResourceDriver):
 
     def __init__(self, rs: ResctrlShared, pmu=None):
         if not rs.info.has_l3:
-            raise FeatureMissing("resctrl L3 allocation", "info/L3 is missing",
+            raise FeatureMissing("resctrl L3 allocation", "info/L3 (and info/L3CODE) is missing",
                                  "the CPU has no cache allocation (Intel CAT / AMD L3 QoS)")
         self.rs = rs
         self.pmu = pmu
@@ -153,7 +154,9 @@ class CacheDriver(ResourceDriver):
         self.pressed: dict[str, bool] = {}          # this tick: fills its ways and misses more
 
     def total(self) -> int:
-        return self.rs.info.ways
+        """Ways a task can be given for itself: those outside ``shareable_bits``."""
+        lo, hi = exclusive_region(self.rs.info)
+        return hi - lo
 
     def open(self) -> None:
         self.rs.open()

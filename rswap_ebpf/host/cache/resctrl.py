@@ -48,6 +48,7 @@ import errno
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -64,6 +65,9 @@ log = logging.getLogger(__name__)
 
 GROUP_PREFIX = "rswap-"
 TIERS = ("critical", "normal", "batch")
+#: how long open() waits for RMIDs in limbo (EBUSY from mkdir) to be freed, and how often it asks
+LIMBO_WAIT_S = 5.0
+LIMBO_RETRY_S = 0.5
 
 
 # -- the enforcer -----------------------------------------------------------------------------
@@ -100,6 +104,8 @@ class ResctrlEnforcer:
         self._kernel_mount: bool | None = None  # is self.root the kernel's resctrl mount?
         #: what 100 % of a domain moves, for hosts whose MB values are rates (AMD, mba_MBps)
         self.mb_peak_bytes_per_s: float | None = None
+        self.limbo_wait_s = LIMBO_WAIT_S
+        self._sleep = time.sleep
 
     # -- life cycle ------------------------------------------------------------------------
     def open(self, tasks: Mapping[str, str], mount: bool = True) -> str:
@@ -134,13 +140,34 @@ class ResctrlEnforcer:
                                "remove it or run rswap restore")
         self.journal.record_custom(JOURNAL_KIND, {"action": "mkdir", "root": self.root,
                                                   "group": g.name})
-        try:
-            self.fs.mkdir(g.path)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise FeatureMissing("resctrl CLOSIDs", f"no free CLOSID for {g.name}: "
-                                     f"{self._refusal(err)}") from err
-            raise EnforceError(g.path, f"cannot create: {err.strerror}") from err
+        deadline = time.monotonic() + self.limbo_wait_s
+        while True:
+            try:
+                self.fs.mkdir(g.path)
+                break
+            except OSError as err:
+                why = self._refusal(err)
+                if err.errno == errno.EBUSY and time.monotonic() < deadline:
+                    # No free RMID, but some are in limbo: freed, and still tagging cache lines
+                    # above max_threshold_occupancy; the kernel frees them as the lines age out.
+                    log.info("resctrl: %s: RMIDs in limbo, retrying", g.name)
+                    self._sleep(LIMBO_RETRY_S)
+                    continue
+                if err.errno == errno.EBUSY:
+                    raise FeatureMissing("resctrl RMIDs", f"no free RMID for {g.name}: every "
+                                         f"unused one is in limbo ({why}) after "
+                                         f"{self.limbo_wait_s:g} s",
+                                         "retry later (the kernel frees limbo RMIDs as their "
+                                         "cache lines age out), or raise info/L3_MON/"
+                                         "max_threshold_occupancy") from err
+                if err.errno == errno.ENOSPC:
+                    what = "RMID" if "RMID" in why else "CLOSID"
+                    raise FeatureMissing(f"resctrl {what}s", f"no free {what} for {g.name}: "
+                                         f"{why}", "fewer tasks (per-tier mode needs 3 groups)"
+                                         if what == "CLOSID" else "fewer resctrl groups on this "
+                                         "host (each control and monitor group holds one RMID)"
+                                         ) from err
+                raise EnforceError(g.path, f"cannot create: {why}") from err
         g.created = True
 
     # -- planning --------------------------------------------------------------------------
@@ -158,8 +185,9 @@ class ResctrlEnforcer:
             masks = layout_masks(info, gw, tiers, default_group=default)
             for g, mask in masks.items():
                 check_mask(info, mask)
-                line = "L3:" + ";".join(f"{d}={mask:x}" for d in info.l3_domains)
-                out.setdefault(g, []).append(line)
+                for name in info.l3_names:   # under CDP the same ways for code and data
+                    line = f"{name}:" + ";".join(f"{d}={mask:x}" for d in info.l3_domains)
+                    out.setdefault(g, []).append(line)
         levels = levels or {}
         if info.has_mb and (percent or levels):
             gp: dict[str, int] = {g: 0 for g in self.groups}
@@ -211,7 +239,7 @@ class ResctrlEnforcer:
     @staticmethod
     def _mask_bits(text: str) -> int:
         for name, doms in parse_schemata(text).items():
-            if name == "L3" and doms:
+            if name in ("L3", "L3CODE", "L3DATA") and doms:
                 return bin(int(next(iter(doms.values())), 16)).count("1")
         return 0
 
@@ -325,7 +353,8 @@ class ResctrlEnforcer:
         """Group -> the L3 mask of its first domain, as the kernel shows it now."""
         out = {}
         for g, text in self.current().items():
-            doms = parse_schemata(text).get("L3")
+            parsed = parse_schemata(text)
+            doms = parsed.get("L3") or parsed.get("L3DATA")
             if doms:
                 out[g] = int(next(iter(doms.values())), 16)
         return out

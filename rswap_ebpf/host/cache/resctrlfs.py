@@ -110,6 +110,15 @@ class ResctrlInfo:
     mon_features: tuple[str, ...] = ()
     mb_unit: str = MB_PERCENT
     mb_max: int = MB_MAX_PERCENT    # the largest MB value the kernel accepts (unthrottled)
+    #: mounted with ``-o cdp``: L3 is two resources, ``L3CODE`` and ``L3DATA``, each with its own
+    #: mask per group and half the CLOSIDs; rswap gives a group the same ways for both
+    cdp: bool = False
+    num_rmids: int = 0              # 0: no monitoring, no RMID per group needed
+
+    @property
+    def l3_names(self) -> tuple[str, ...]:
+        """The schemata resource names the L3 masks are written under."""
+        return ("L3CODE", "L3DATA") if self.cdp else ("L3",)
 
     @property
     def has_l3(self) -> bool:
@@ -190,13 +199,16 @@ def read_info(root: str | None = None, fs: ResctrlFS | None = None) -> ResctrlIn
                              "mount -t resctrl resctrl /sys/fs/resctrl") from None
     closids = []
     kw: dict = {}
-    if fs.isdir(os.path.join(root, "info", "L3")):
-        kw.update(cbm_mask=int(value("L3", "cbm_mask"), 16),
-                  min_cbm_bits=int(value("L3", "min_cbm_bits")),
-                  shareable_bits=int(value("L3", "shareable_bits", default="0"), 16),
-                  sparse_masks=value("L3", "sparse_masks", default="0") == "1",
-                  l3_domains=tuple(sorted(schemata.get("L3", {}))))
-        closids.append(int(value("L3", "num_closids")))
+    # With CDP (mount -o cdp) info/ has L3CODE and L3DATA and no L3; both show the halved
+    # num_closids and the same cbm_mask (resctrl.rst, "Cache resource ... CDP").
+    l3 = next((n for n in ("L3", "L3CODE") if fs.isdir(os.path.join(root, "info", n))), None)
+    if l3 is not None:
+        kw.update(cbm_mask=int(value(l3, "cbm_mask"), 16),
+                  min_cbm_bits=int(value(l3, "min_cbm_bits")),
+                  shareable_bits=int(value(l3, "shareable_bits", default="0"), 16),
+                  sparse_masks=value(l3, "sparse_masks", default="0") == "1",
+                  l3_domains=tuple(sorted(schemata.get(l3, {}))), cdp=l3 == "L3CODE")
+        closids.append(int(value(l3, "num_closids")))
     if fs.isdir(os.path.join(root, "info", "MB")):
         kw.update(bw_gran=int(value("MB", "bandwidth_gran")),
                   min_bw=int(value("MB", "min_bandwidth")),
@@ -206,8 +218,10 @@ def read_info(root: str | None = None, fs: ResctrlFS | None = None) -> ResctrlIn
         closids.append(int(value("MB", "num_closids")))
     if fs.isdir(os.path.join(root, "info", "L3_MON")):
         kw["mon_features"] = tuple(value("L3_MON", "mon_features", default="").split())
+        kw["num_rmids"] = int(value("L3_MON", "num_rmids", default="0"))
     if not closids:
-        raise FeatureMissing("resctrl allocation", f"{root}/info has neither L3 nor MB",
+        raise FeatureMissing("resctrl allocation", f"{root}/info has neither L3 (nor L3CODE/"
+                             "L3DATA) nor MB",
                              "the CPU has no cache or bandwidth allocation (CAT/MBA)")
     # The kernel offers the smallest num_closids of the enabled resources.
     return ResctrlInfo(root=root, num_closids=min(closids), **kw)
