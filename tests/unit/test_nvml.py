@@ -219,3 +219,16 @@ def test_devices_may_be_chosen_by_uuid():
         assert uuids[0] == "GPU-aaaaaaaa-0000-0000-0000-000000000000" and len(uuids) == 4
     with pytest.raises(FeatureMissing):
         NvmlCollector(FakeNvml(gpus), devices=["GPU-nope"]).open()
+
+
+def test_config_takes_gpu_uuids_and_the_mps_switch():
+    from rswap_ebpf.errors import ConfigError
+    from rswap_ebpf.model.resources import ResourceType
+    from rswap_ebpf.runtime import config
+
+    cfg = config.parse('[resources.gpu_memory]\ntotal = "auto"\nmps = true\n'
+                       'devices = ["MIG-11111111-0000-0000-0000-000000000000", 1]\n')
+    assert cfg.options[ResourceType.GPU_MEMORY] == {
+        "devices": ("MIG-11111111-0000-0000-0000-000000000000", 1), "mps": True}
+    with pytest.raises(ConfigError):
+        config.parse('[resources.gpu_memory]\ntotal = "auto"\ndevices = ["gpu0"]\n')
