@@ -166,6 +166,10 @@ class CacheDriver(ResourceDriver):
             except FeatureMissing as err:  # e.g. perf_event_paranoid: enforce without misses
                 log.warning("cache misses not sensed: %s", err)
                 self.pmu = None
+            else:
+                choice = getattr(self.pmu, "choice", None)
+                if choice is not None:  # what "misses" means here: L3, LLC, or L2 on old AMD
+                    log.info("cache misses counted as %s", choice.label)
 
     def measure(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
         """Ways each task held; {} (not zeros) when the host cannot monitor occupancy."""

@@ -31,7 +31,9 @@ Cache layout: each group gets one contiguous mask (the kernel rejects non-contig
 0 upwards, then normal; batch groups are packed from the top bit downwards, so a change to a
 batch allocation never moves a critical mask.  A group allocated fewer ways than
 ``min_cbm_bits`` is given the unallocated ways (or the top ``min_cbm_bits``, overlapping the
-lowest-priority group) because the kernel refuses a smaller mask.  With ``isolate_default`` the
+lowest-priority group) because the kernel refuses a smaller mask.  Masks of a group's own are laid out
+only in the longest run of ways outside ``shareable_bits`` (ways other agents may fill); under CDP
+the same mask is written to ``L3CODE`` and ``L3DATA``.  With ``isolate_default`` the
 default group is narrowed the same way, so the ordinary processes of the host stop evicting what
 critical tasks keep in their exclusive ways.
 
