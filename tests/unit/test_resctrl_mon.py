@@ -177,9 +177,13 @@ def test_mba_throttle_level_is_steered_by_measured_bandwidth_not_equated(fake, t
         for expect in (90, 80, 70):        # far above 30 % of 1 GB/s on domain 0: a step a tick
             fake.add_traffic("rswap-web", 0, 10**12)
             membw.measure(dict(tasks))
-            assert mb() == {0: expect, 1: expect}
+            # An MB value applies per domain: domain 1 saw nothing and stays unthrottled.
+            assert mb() == {0: expect, 1: 100}
         membw.measure(dict(tasks))          # no traffic: below its allocation, one step back
-        assert mb() == {0: 80, 1: 80}
+        assert mb() == {0: 80, 1: 100}
+        fake.add_traffic("rswap-web", 1, 10**12)
+        membw.measure(dict(tasks))          # now domain 1 is over, domain 0 under
+        assert mb() == {0: 90, 1: 90}
         membw.apply(tasks["web"], 100)      # the whole domain: unthrottled at once
         assert mb() == {0: 100, 1: 100}
     finally:

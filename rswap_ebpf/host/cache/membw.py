@@ -14,8 +14,9 @@ Enforcement is in the unit sensing is in:
   (``mb_max`` / 8 GB/s) for sensing too, so both sides mean the same bytes/s.
 - Intel without mba_MBps: an MB value is a throttle level, not a share of bandwidth, and no
   fixed map from level to bytes/s exists (it depends on the threads and the access pattern).
-  The allocation is therefore never written as a level: each group's level starts unthrottled
-  (100) and moves one ``bandwidth_gran`` step a tick, down while MBM shows the group above its
+  The allocation is therefore never written as a level: each group's level in each MB domain
+  (an MB value applies per domain) starts unthrottled (100) and moves one ``bandwidth_gran`` step
+  a tick, by that domain's MBM, down while MBM shows the group above its
   allocation, up while it is below it by more than :data:`STEER_SLACK` - the feedback the kernel's
   software controller applies under mba_MBps (``update_mba_bw()``).  Mounting with ``-o mba_MBps``
   lets the kernel do this every second instead of rswap every tick.
@@ -69,7 +70,8 @@ class MemBwDriver(ResourceDriver):
         self.mb_unit = unit
         self.steered = unit == MB_PERCENT
         self.allocated: dict[str, int] = {}      # task -> percent of the peak it was given
-        self.level: dict[str, int] = {}          # group -> throttle level written (steered)
+        #: group -> MB domain id -> throttle level written (steered)
+        self.level: dict[str, dict[int, int]] = {}
 
     def total(self) -> int:
         return MB_MAX_PERCENT
@@ -96,7 +98,7 @@ class MemBwDriver(ResourceDriver):
         if peak <= 0:
             return {n: 0.0 for n in rates}
         if self.steered:
-            self._steer({g: 100.0 * max(r.values(), default=0.0) / peak
+            self._steer({g: {d: 100.0 * b / peak for d, b in r.items()}
                          for g, r in seen_groups.items()})
         share = self.allocated if self.steered else self.rs.enforcer.percent
         return {n: 100.0 * r * _tier_share(self.rs.enforcer, n, share, {}) / peak
@@ -107,30 +109,36 @@ class MemBwDriver(ResourceDriver):
         enf = self.rs.enforcer
         return sum(p for t, p in self.allocated.items() if enf.group_of_task.get(t) == group)
 
-    def _steer(self, used_pct: Mapping[str, float]) -> None:
-        """One step of each allocated group's throttle level toward its allocation."""
+    def _steer(self, used_pct: Mapping[str, Mapping[int, float]]) -> None:
+        """One step of each allocated group's throttle level in each domain toward its
+        allocation, by what MBM measured in that domain."""
         info = self.rs.info
         gran = max(1, info.bw_gran)
         floor = max(info.min_bw, gran)
-        moved = {}
-        for group, level in self.level.items():
+        moved: dict[str, dict[int, int]] = {}
+        for group, levels in self.level.items():
             want = self._group_allocation(group)
             used = used_pct.get(group)
             if used is None:
                 continue
-            if used > want and level > floor:
-                moved[group] = max(floor, level - gran)
-            elif used < want * (1 - STEER_SLACK) and level < MB_MAX_PERCENT:
-                moved[group] = min(MB_MAX_PERCENT, level + gran)
+            new = dict(levels)
+            for d in info.mb_domains:
+                level, u = levels.get(d, MB_MAX_PERCENT), used.get(d, 0.0)
+                if u > want and level > floor:
+                    new[d] = max(floor, level - gran)
+                elif u < want * (1 - STEER_SLACK) and level < MB_MAX_PERCENT:
+                    new[d] = min(MB_MAX_PERCENT, level + gran)
+            if new != levels:
+                moved[group] = new
         if moved:
             self.level.update(moved)
             self.rs.enforcer.apply(levels=moved)
 
-    def _levels_for(self, cg: TaskCgroup, units: int) -> dict[str, int]:
+    def _levels_for(self, cg: TaskCgroup, units: int) -> dict[str, dict[int, int]]:
         group = self.rs.enforcer.group_of_task[cg.name]
         if units >= MB_MAX_PERCENT:
-            return {group: MB_MAX_PERCENT}
-        return {group: self.level.get(group, MB_MAX_PERCENT)}
+            return {group: {d: MB_MAX_PERCENT for d in self.rs.info.mb_domains}}
+        return {group: self.level.get(group, {d: MB_MAX_PERCENT for d in self.rs.info.mb_domains})}
 
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
         if self.steered:

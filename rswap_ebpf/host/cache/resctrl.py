@@ -99,8 +99,9 @@ class ResctrlEnforcer:
         self.group_of_task: dict[str, str] = {}
         self.ways: dict[str, int] = {}
         self.percent: dict[str, int] = {}
-        #: group name -> MBA throttle level, overriding ``percent`` (Intel percent mode)
-        self.levels: dict[str, int] = {}
+        #: group name -> MBA throttle level per MB domain id, overriding ``percent`` (Intel
+        #: percent mode): an MB value applies per domain, so each domain has its own
+        self.levels: dict[str, dict[int, int]] = {}
         self._journalled_schemata: set[str] = set()
         self._last_written: dict[str, str] = {}
         self._kernel_mount: bool | None = None  # is self.root the kernel's resctrl mount?
@@ -174,7 +175,8 @@ class ResctrlEnforcer:
 
     # -- planning --------------------------------------------------------------------------
     def _group_schemata(self, ways: Mapping[str, int], percent: Mapping[str, int],
-                        levels: Mapping[str, int] | None = None) -> dict[str, str]:
+                        levels: Mapping[str, Mapping[int, int]] | None = None
+                        ) -> dict[str, str]:
         """Group path -> schemata text to write (only the resources rswap was given)."""
         info = self._need_info()
         tiers = {g.name: g.tier for g in self.groups.values()}
@@ -200,29 +202,31 @@ class ResctrlEnforcer:
                     if info.mb_unit != MB_PERCENT:
                         raise RswapError("resctrl: throttle levels are Intel MBA's unit; this "
                                          f"host's MB values are {info.mb_unit}")
-                    v = info.mb_value(levels[g])
+                    per = {d: info.mb_value(levels[g].get(d, MB_MAX_PERCENT))
+                           for d in info.mb_domains}
                 elif not percent:
                     continue
                 else:
                     v = info.mb_value(p, self.mb_peak_bytes_per_s)
-                out.setdefault(g, []).append("MB:" + ";".join(f"{d}={v}" for d in info.mb_domains))
+                    per = {d: v for d in info.mb_domains}
+                out.setdefault(g, []).append("MB:" + ";".join(f"{d}={v}" for d, v in per.items()))
         return {(self.root if g == "" else self.groups[g].path): "\n".join(lines) + "\n"
                 for g, lines in out.items()}
 
     def plan(self, ways: Mapping[str, int] | None = None,
              percent: Mapping[str, int] | None = None,
-             levels: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+             levels: Mapping[str, Mapping[int, int]] | None = None) -> list[tuple[str, str]]:
         """``(schemata path, text)`` pairs for these allocations (unchanged groups left out).
 
-        ``levels``: group name -> MBA throttle level (Intel percent mode only), instead of the
-        group's ``percent``."""
+        ``levels``: group name -> MB domain id -> MBA throttle level (Intel percent mode only;
+        a domain left out is unthrottled), instead of the group's ``percent``."""
         self._check_tasks(ways or {}, percent or {})
         for g in levels or {}:
             if g not in self.groups:
                 raise RswapError(f"resctrl: group {g!r} was not created by open()")
         w = {**self.ways, **(ways or {})}
         p = {**self.percent, **(percent or {})}
-        lv = {**self.levels, **(levels or {})}
+        lv = {**self.levels, **{g: dict(v) for g, v in (levels or {}).items()}}
         writes = []
         for gpath, text in self._group_schemata(w, p, lv).items():
             path = os.path.join(gpath, "schemata")
@@ -254,12 +258,12 @@ class ResctrlEnforcer:
     # -- applying --------------------------------------------------------------------------
     def apply(self, ways: Mapping[str, int] | None = None,
               percent: Mapping[str, int] | None = None,
-              levels: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+              levels: Mapping[str, Mapping[int, int]] | None = None) -> list[tuple[str, str]]:
         """Write every schemata these allocations change, in one go (one tick)."""
         writes = self.plan(ways, percent, levels)
         self.ways.update(ways or {})
         self.percent.update(percent or {})
-        self.levels.update(levels or {})
+        self.levels.update({g: dict(v) for g, v in (levels or {}).items()})
         if self.dry_run:
             return writes
         for path, text in writes:
