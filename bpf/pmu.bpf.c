@@ -1,8 +1,16 @@
-/* Cache misses and LLC references per process (tgid) and per cgroup2 id.
+/* Cache misses and references per process (tgid) and per cgroup2 id.
  *
- * Each CPU has a hardware counter (PERF_COUNT_HW_CACHE_MISSES, and
- * PERF_COUNT_HW_CACHE_REFERENCES: LLC references on x86) opened by the loader
- * into a BPF_PERF_ARRAY.  At sched_switch the task switching out is `current`;
+ * Each CPU has two hardware counters opened by the loader into BPF_PERF_ARRAYs,
+ * keyed by CPU id (sized RSWAP_NR_CPUS = the largest online/possible id + 1).
+ * Which events is the loader's choice by vendor (host/cache/pmu_events.py): LLC
+ * misses/references on Intel, L3 misses/references as the core sees them on AMD
+ * Zen (raw ls_dmnd_fills_from_sys), else the generic events (L2 on AMD).
+ *
+ * Multiplexing: a counter shares the PMU with other events and runs only part of
+ * the time; bpf_perf_event_value gives time_enabled and time_running, and each
+ * slice's growth is scaled by d(enabled) / d(running), as perf does for a count.
+ * rswap_pmu_mux keeps running totals of both for the miss counter, so user space
+ * can say how much was extrapolated.  At sched_switch the task switching out is `current`;
  * the counters' growth since this CPU's previous read is charged to it, so
  * only helpers and tracepoint context are used (no task_struct field).
  *
@@ -34,6 +42,15 @@ struct rswap_pmu_cpu {
     u64 refs;
     u64 switches;
     u64 armed;      /* 1: the slice now running started with a read */
+    u64 m_enabled;  /* time_enabled / time_running of each counter at that read */
+    u64 m_running;
+    u64 r_enabled;
+    u64 r_running;
+};
+
+struct rswap_pmu_read {
+    u64 misses, refs;
+    u64 m_enabled, m_running, r_enabled, r_running;
 };
 
 struct rswap_pmu_counts {
@@ -43,7 +60,7 @@ struct rswap_pmu_counts {
 };
 
 #ifdef RSWAP_PMU_REPLAY
-BPF_ARRAY(rswap_pmu_replay, u64, 2);          /* [0] misses, [1] refs */
+BPF_ARRAY(rswap_pmu_replay, u64, 4);          /* misses, refs, enabled ns, running ns */
 #else
 BPF_PERF_ARRAY(rswap_pmu_misses, RSWAP_NR_CPUS);
 BPF_PERF_ARRAY(rswap_pmu_refs, RSWAP_NR_CPUS);
@@ -52,6 +69,7 @@ BPF_PERCPU_ARRAY(rswap_pmu_cpu, struct rswap_pmu_cpu, 1);
 BPF_PERCPU_HASH(rswap_pmu_task, u32, struct rswap_pmu_counts, RSWAP_MAX_TASKS);
 BPF_PERCPU_HASH(rswap_pmu_cgroup, u64, struct rswap_pmu_counts, RSWAP_MAX_CGROUPS);
 BPF_PERCPU_ARRAY(rswap_pmu_stats, u64, RSWAP_STAT_MAX);
+BPF_ARRAY(rswap_pmu_mux, u64, 2);             /* miss counter: [0] enabled ns, [1] running ns */
 
 static __always_inline void pmu_bump_stat(int idx)
 {
@@ -60,32 +78,54 @@ static __always_inline void pmu_bump_stat(int idx)
         (*v)++;
 }
 
-/* Both counters of this CPU; 0 when a read fails (counter not enabled on it). */
-static __always_inline int read_counters(u64 *misses, u64 *refs)
+/* Both counters of this CPU with their enabled/running times; -1 when a read
+ * fails (counter not enabled on it). */
+static __always_inline int read_counters(struct rswap_pmu_read *r)
 {
 #if defined(RSWAP_PMU_NO_READ)
-    *misses = 0;
-    *refs = 0;
+    __builtin_memset(r, 0, sizeof(*r));
     return 0;
 #elif defined(RSWAP_PMU_REPLAY)
-    int i0 = 0, i1 = 1;
+    int i0 = 0, i1 = 1, i2 = 2, i3 = 3;
     u64 *m = rswap_pmu_replay.lookup(&i0);
-    u64 *r = rswap_pmu_replay.lookup(&i1);
-    if (!m || !r)
+    u64 *f = rswap_pmu_replay.lookup(&i1);
+    u64 *e = rswap_pmu_replay.lookup(&i2);
+    u64 *n = rswap_pmu_replay.lookup(&i3);
+    if (!m || !f || !e || !n)
         return -1;
-    *misses = *m;
-    *refs = *r;
+    r->misses = *m;
+    r->refs = *f;
+    r->m_enabled = r->r_enabled = *e;
+    r->m_running = r->r_running = *n;
     return 0;
 #else
     struct bpf_perf_event_value v = {};
     if (rswap_pmu_misses.perf_counter_value(CUR_CPU_IDENTIFIER, &v, sizeof(v)) != 0)
         return -1;
-    *misses = v.counter;
+    r->misses = v.counter;
+    r->m_enabled = v.enabled;
+    r->m_running = v.running;
     if (rswap_pmu_refs.perf_counter_value(CUR_CPU_IDENTIFIER, &v, sizeof(v)) != 0)
         return -1;
-    *refs = v.counter;
+    r->refs = v.counter;
+    r->r_enabled = v.enabled;
+    r->r_running = v.running;
     return 0;
 #endif
+}
+
+/* delta * enabled / running without overflowing u64: both times are first cut to
+ * at most 2^20 (the ratio keeps 6 significant digits). Not multiplexed (running
+ * == enabled) or no times (replay without them): the delta as it is. */
+static __always_inline u64 scale(u64 delta, u64 enabled, u64 running)
+{
+    if (running == 0 || running >= enabled)
+        return delta;
+    u64 q = (enabled >> 20) + 1;
+    u64 e = enabled / q, r = running / q;
+    if (r == 0)
+        return delta;
+    return delta * e / r;
 }
 
 static __always_inline void charge(struct rswap_pmu_counts *add)
@@ -121,20 +161,31 @@ static __always_inline void on_switch(void)
     if (!st)
         return;
     st->switches++;
-    u64 misses = 0, refs = 0;
+    struct rswap_pmu_read now = {};
     int have = 0;
     if (st->armed) {
         st->armed = 0;
-        if (read_counters(&misses, &refs) == 0) {
+        if (read_counters(&now) == 0) {
             have = 1;
             /* A counter that went backwards was reset (CPU offline, replay restart). */
-            if (misses >= st->misses && refs >= st->refs) {
+            if (now.misses >= st->misses && now.refs >= st->refs &&
+                now.m_enabled >= st->m_enabled && now.m_running >= st->m_running &&
+                now.r_enabled >= st->r_enabled && now.r_running >= st->r_running) {
+                u64 me = now.m_enabled - st->m_enabled, mr = now.m_running - st->m_running;
+                u64 re = now.r_enabled - st->r_enabled, rr = now.r_running - st->r_running;
                 struct rswap_pmu_counts add = {
-                    .misses = (misses - st->misses) * RSWAP_PMU_SAMPLE,
-                    .refs = (refs - st->refs) * RSWAP_PMU_SAMPLE,
+                    .misses = scale(now.misses - st->misses, me, mr) * RSWAP_PMU_SAMPLE,
+                    .refs = scale(now.refs - st->refs, re, rr) * RSWAP_PMU_SAMPLE,
                     .slices = 1,
                 };
                 charge(&add);
+                int i0 = 0, i1 = 1;
+                u64 *e = rswap_pmu_mux.lookup(&i0);
+                u64 *n = rswap_pmu_mux.lookup(&i1);
+                if (e && n && mr <= me) {
+                    __sync_fetch_and_add(e, me);
+                    __sync_fetch_and_add(n, mr);
+                }
             } else {
                 pmu_bump_stat(RSWAP_STAT_STALE);
             }
@@ -144,10 +195,14 @@ static __always_inline void on_switch(void)
     if (st->switches % RSWAP_PMU_SAMPLE != 0)
         return;
 #endif
-    if (!have && read_counters(&misses, &refs) != 0)
+    if (!have && read_counters(&now) != 0)
         return;
-    st->misses = misses;
-    st->refs = refs;
+    st->misses = now.misses;
+    st->refs = now.refs;
+    st->m_enabled = now.m_enabled;
+    st->m_running = now.m_running;
+    st->r_enabled = now.r_enabled;
+    st->r_running = now.r_running;
     st->armed = 1;
 }
 

@@ -12,6 +12,7 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 BPFFS_ROOT = "/sys/fs/bpf"
 RSWAP_BPF_DIR = "rswap"
 PROCFS_ROOT = "/proc"
+SYSFS_ROOT = "/sys"
 RESCTRL_ROOT = "/sys/fs/resctrl"
 STATE_DIR = "/var/lib/rswap"
 RUN_DIR = "/run/rswap"
@@ -20,6 +21,7 @@ _ENV = {
     "CGROUP_ROOT": "RSWAP_CGROUP_ROOT",
     "BPFFS_ROOT": "RSWAP_BPFFS_ROOT",
     "PROCFS_ROOT": "RSWAP_PROCFS_ROOT",
+    "SYSFS_ROOT": "RSWAP_SYSFS_ROOT",
     "RESCTRL_ROOT": "RSWAP_RESCTRL_ROOT",
     "STATE_DIR": "RSWAP_STATE_DIR",
     "RUN_DIR": "RSWAP_RUN_DIR",

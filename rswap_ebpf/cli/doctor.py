@@ -209,39 +209,121 @@ def check_cfs_burst(mounts) -> FeatureCheck:
 
 
 def check_pmu() -> FeatureCheck:
-    from rswap_ebpf.host.cache.pmu import PMU_EVENTS_DIR, pmu_available, pmu_missing
+    """The CPU vendor, and which PMU events count cache misses here (host.cache.pmu_events)."""
+    from rswap_ebpf.host.cache.pmu_events import cpu_identity, select_events
+    from rswap_ebpf.host.cache.pmu_events import cpu_id_limit, online_cpus
 
-    if pmu_available():
-        return _ok("hardware PMU", f"{PMU_EVENTS_DIR}/cache-misses present", [ResourceType.CACHE])
-    err = pmu_missing()
-    return _missing("hardware PMU", err.why, err.fix, [ResourceType.CACHE])
+    vendor, family, model = cpu_identity()
+    cpu = f"{vendor or 'unknown vendor'} family {family:#x} model {model:#x}"
+    try:
+        choice = select_events()
+    except FeatureMissing as err:
+        return _missing("hardware PMU", f"{cpu}: {err.why}", err.fix, [ResourceType.CACHE])
+    pmus = ", ".join(f"{g.pmu} (type {g.misses.type}, {len(g.cpus)} CPUs)" for g in choice.groups)
+    return _ok("hardware PMU", f"{cpu}: counts {choice.label} on {pmus}; per-CPU arrays sized "
+               f"{cpu_id_limit()} for online CPUs {_cpu_list(online_cpus())}",
+               [ResourceType.CACHE])
+
+
+def _cpu_list(cpus) -> str:
+    runs, start = [], None
+    for c in sorted(cpus):
+        if start is None:
+            start = prev = c
+        elif c == prev + 1:
+            prev = c
+        else:
+            runs.append((start, prev))
+            start = prev = c
+    if start is not None:
+        runs.append((start, prev))
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def check_resctrl() -> FeatureCheck:
+    """resctrl: mounted or not, and what it offers: L3 domains, CDP, shareable ways, MB unit."""
+    from rswap_ebpf.host.cache.masks import exclusive_region
+    from rswap_ebpf.host.cache.resctrl import MB_PERCENT, read_info
+
+    needed = [ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH]
     root = paths.root("RESCTRL_ROOT")
     if os.path.exists(os.path.join(root, "schemata")):
-        return _ok("resctrl", f"mounted on {root}", [ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH])
+        try:
+            info = read_info(root)
+        except FeatureMissing as err:
+            return _missing("resctrl", f"mounted on {root}, but {err.why}", err.fix, needed)
+        parts = [f"mounted on {root}", f"{info.num_closids} CLOSIDs"]
+        if info.has_l3:
+            lo, hi = exclusive_region(info)
+            parts.append(f"L3 {info.ways} ways in domains {_ids(info.l3_domains)}"
+                         + (" with CDP (L3CODE/L3DATA: the same ways written to both)"
+                            if info.cdp else ", CDP off")
+                         + (f", shareable_bits {info.shareable_bits:x} (tasks get only the "
+                            f"{hi - lo} ways outside them)" if info.shareable_bits else "")
+                         + (", sparse masks allowed" if info.sparse_masks else "")
+                         + f", min_cbm_bits {info.min_cbm_bits}")
+        else:
+            parts.append("no L3 allocation")
+        if info.has_mb:
+            what = ("a throttle level, not a share of bandwidth: rswap steers it from MBM; "
+                    "mount with -o mba_MBps for the kernel to" if info.mb_unit == MB_PERCENT
+                    else "a rate")
+            parts.append(f"MB in {info.mb_unit} ({what}) per domain {_ids(info.mb_domains)}")
+        else:
+            parts.append("no MB allocation")
+        if info.num_rmids:
+            parts.append(f"{info.num_rmids} RMIDs (monitoring: {', '.join(info.mon_features)})")
+        return _ok("resctrl", "; ".join(parts), needed)
     try:
-        with open("/proc/filesystems") as f:
+        with open(os.path.join(paths.root("PROCFS_ROOT"), "filesystems")) as f:
             known = "resctrl" in f.read()
     except OSError:
         known = False
     why = ("the kernel supports it but it is not mounted" if known else
            "the kernel has no resctrl (no Intel RDT / AMD QoS, or CONFIG_X86_CPU_RESCTRL off)")
     fix = "mount -t resctrl resctrl /sys/fs/resctrl" if known else "needs RDT-capable hardware"
-    return _missing("resctrl", why, fix, [ResourceType.CACHE, ResourceType.MEMORY_BANDWIDTH])
+    return _missing("resctrl", why, fix, needed)
+
+
+def _ids(ids) -> str:
+    return ",".join(str(i) for i in ids) or "none"
+
+
+#: what NVML cannot do, said wherever the GPU is reported
+NVML_CANNOT = ("NVML cannot cap a process's GPU memory: rswap admits by forecast and holds a "
+               "real cap only on MIG instances (a hard partition) and under MPS "
+               "(CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, fixed when the client starts)")
 
 
 def check_nvml(nvml=None) -> FeatureCheck:
     from rswap_ebpf.host.gpu.nvml import NvmlCollector
 
+    gpu = [ResourceType.GPU_MEMORY]
     try:
         with NvmlCollector(nvml) as col:
-            devs = col.drain().devices
+            sample = col.drain()
+            refused = dict(col.missing)
     except FeatureMissing as err:
-        return _missing("NVML", err.why, err.fix, [ResourceType.GPU_MEMORY])
-    names = ", ".join(f"{d.index}: {d.name} {d.total_bytes >> 20} MiB" for d in devs)
-    return _ok("NVML", f"{len(devs)} GPU(s): {names}", [ResourceType.GPU_MEMORY])
+        return _missing("NVML", f"{err.why}; {NVML_CANNOT}", err.fix, gpu)
+    names = []
+    for d in sample.devices:
+        if d.mig_parent is not None:
+            continue
+        kids = [m for m in sample.devices if m.mig_parent == d.uuid]
+        mode = (f"MIG on, {len(kids)} instance(s): " + ", ".join(
+            f"{m.uuid} {m.total_bytes >> 20} MiB" for m in kids) if d.mig_mode else "MIG off")
+        names.append(f"{d.uuid} ({d.name}, {d.total_bytes >> 20} MiB, {mode}"
+                     + (", MPS clients" if d.mps else "") + ")")
+    detail = f"{len(names)} GPU(s): {'; '.join(names)}"
+    if refused:
+        detail += "; left out: " + "; ".join(f"{k}: {v}" for k, v in refused.items())
+    detail += f"; {NVML_CANNOT}"
+    if sample.processes_missing:
+        return _fallback("NVML", f"{detail}; {sample.processes_missing}",
+                         "install the nvidia-ml-py matching the driver", gpu)
+    if refused:
+        return _fallback("NVML", detail, "give rswap access to every GPU device node", gpu)
+    return _ok("NVML", detail, gpu)
 
 
 def check_block_tracepoints() -> FeatureCheck:

@@ -232,10 +232,13 @@ def _name_option(value: Any, field_name: str) -> str:
     return check_task_name(value, field_name)
 
 
-def _indices_option(value: Any, field_name: str) -> tuple[int, ...]:
+def _indices_option(value: Any, field_name: str) -> tuple[int | str, ...]:
+    """GPU devices: NVML indices or UUIDs (``GPU-…``, ``MIG-…``; indices need not be stable)."""
     if not isinstance(value, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-        raise ConfigError(field_name, "must be a list of device indices (0, 1, ...)")
+            (isinstance(i, int) and not isinstance(i, bool) and i >= 0)
+            or (isinstance(i, str) and i.startswith(("GPU-", "MIG-"))) for i in value):
+        raise ConfigError(field_name, "must be a list of device UUIDs (GPU-…, MIG-…) or "
+                          "indices (0, 1, ...)")
     return tuple(value)
 
 
@@ -252,7 +255,7 @@ RESOURCE_OPTIONS: dict[ResourceType, dict[str, Any]] = {
     ResourceType.NETWORK_BANDWIDTH: {"ingress": _bool_option},  # drivers.net: shape via an ifb
     ResourceType.MEMORY_BANDWIDTH: {
         "peak_bytes_per_s": lambda v, f: _number(v, f, 1.0)},
-    ResourceType.GPU_MEMORY: {"devices": _indices_option},
+    ResourceType.GPU_MEMORY: {"devices": _indices_option, "mps": _bool_option},
     ResourceType.SPECIALIZED_COPROC: {
         "name": _name_option, "probe": _argv_option, "apply": _argv_option,
         "timeout": lambda v, f: _number(v, f, 0.1, 600)},

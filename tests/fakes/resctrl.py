@@ -15,7 +15,9 @@ fs/resctrl (rdtgroup.c, ctrlmondata.c):
 How honest it is: the files are real files on disk (readers see them with open()), but the
 kernel's *validation on write* can only happen in code, so writes must go through
 :meth:`FakeResctrl.write` (the :class:`ResctrlFS` seam the enforcer uses).  It reproduces
-``rdtgroup_schemata_write()`` (buffer must end in a newline; unknown resource or domain, a
+``rdtgroup_schemata_write()`` (buffer must end in a newline, refused before last_cmd_status is
+cleared; the status cleared to ``ok``; an unknown domain id -> EINVAL with no message, so the
+status reads ``ok``; an unknown resource, a
 non-hex or out-of-range mask, non-consecutive 1-bits unless sparse_masks, fewer than min_cbm_bits
 bits, an MB value outside [min_bandwidth, 100] -> EINVAL with the kernel's last_cmd_status text;
 MB rounded *up* to bandwidth_gran; a failed write changes nothing), ``rdtgroup_tasks_write()``
@@ -27,7 +29,16 @@ the MBA software controller set them up: on AMD, MB values are absolute rates in
 [0, max_bw] (``amd_max_bw``, 2048 = 256 GB/s on current parts) and new groups start at max_bw;
 under ``mba_MBps`` any u32 is accepted (MiB/s, no range check, no rounding) and groups start at
 4294967295 (``MBA_MAX_MBPS``).
-Not reproduced: exclusive/pseudo-locked modes, CDP, cpus masks, monitoring-group RMID limits.
+``vendor="amd"`` also sets ``sparse_masks`` 1 and ``min_cbm_bits`` 0 (``arch_has_sparse_bitmasks``,
+``arch_has_empty_bitmaps``): any set of ways, even none, is a legal mask there.
+``cdp=True`` is a mount with ``-o cdp``: ``info/L3CODE`` and ``info/L3DATA`` replace ``info/L3``,
+each showing half the CLOSIDs, and every group's schemata has an ``L3CODE`` and an ``L3DATA`` line
+(an ``L3`` line is an unknown resource).  ``shareable_bits`` is shown as given.  RMIDs: every
+control group holds one (``num_rmids``, the default group's included); ``rmdir`` of a group whose
+occupancy is above ``max_threshold_occupancy`` leaves its RMID in limbo until
+:meth:`FakeResctrl.clear_limbo`; ``mkdir`` with no free RMID fails EBUSY while some are in limbo,
+ENOSPC otherwise, "Out of RMIDs" in ``last_cmd_status`` (``resctrl_find_free_rmid()``).
+Not reproduced: exclusive/pseudo-locked modes, cpus masks, monitor groups (mon_groups/ mkdir).
 
 Across processes (``state_file``): the kernel's resctrl state outlives the process that changed
 it, so a fake shared by a ``rswap run`` subprocess and a later ``rswap restore`` keeps its state
@@ -51,28 +62,36 @@ _GROUP_FILES = ("schemata", "tasks", "cpus", "cpus_list", "mode", "size")
 
 
 class FakeResctrl(ResctrlFS):
-    def __init__(self, root: str, cbm_mask: str = "fffff", min_cbm_bits: int = 1,
+    def __init__(self, root: str, cbm_mask: str = "fffff", min_cbm_bits: int | None = None,
                  num_closids: int = 16, l3_domains=(0, 1), bw_gran: int = 10,
-                 min_bandwidth: int = 10, mb: bool = True, sparse_masks: bool = False,
+                 min_bandwidth: int = 10, mb: bool = True, sparse_masks: bool | None = None,
                  pids=(1,), ncpus: int = 2, vendor: str = "intel", amd_max_bw: int = 2048,
-                 mba_mbps: bool = False, state_file: str | None = None, live_pids: bool = False):
+                 mba_mbps: bool = False, state_file: str | None = None, live_pids: bool = False,
+                 cdp: bool = False, shareable_bits: str = "0", num_rmids: int = 224):
         self.state_file = state_file
         self.live_pids = live_pids
         self.root = os.path.realpath(root)
         self.cbm_mask = int(cbm_mask, 16)
         self.cbm_len = self.cbm_mask.bit_length()
         self.width = (self.cbm_len + 3) // 4
-        self.min_cbm_bits = min_cbm_bits
-        self.num_closids = num_closids
+        amd = vendor == "amd"
+        # AMD: arch_has_sparse_bitmasks and arch_has_empty_bitmaps (min_cbm_bits 0)
+        self.min_cbm_bits = (0 if amd else 1) if min_cbm_bits is None else min_cbm_bits
+        self.sparse = amd if sparse_masks is None else sparse_masks
+        self.cdp = cdp
+        # CDP: each CLOSID carries a code and a data mask, so half as many groups are possible
+        self.num_closids = num_closids // 2 if cdp else num_closids
+        self.shareable = int(shareable_bits, 16)
+        self.num_rmids = num_rmids
+        self.limbo = 0                     # RMIDs freed but still tagging cache lines
         self.domains = tuple(l3_domains)
         self.vendor = vendor
         self.mba_sc = mba_mbps
-        self.bw_gran = 1 if vendor == "amd" else bw_gran
-        self.min_bw = 0 if vendor == "amd" else min_bandwidth
-        self.max_bw = amd_max_bw if vendor == "amd" else 100
+        self.bw_gran = 1 if amd else bw_gran
+        self.min_bw = 0 if amd else min_bandwidth
+        self.max_bw = amd_max_bw if amd else 100
         self.mb_default = 2**32 - 1 if mba_mbps else self.max_bw
         self.mb = mb
-        self.sparse = sparse_masks
         self.ncpus = ncpus
         self.pids: set[int] = set(pids)
         # group name ("" = default) -> state
@@ -92,14 +111,18 @@ class FakeResctrl(ResctrlFS):
     # -- the state that outlives a process -------------------------------------------------
     _PARAMS = ("cbm_mask", "cbm_len", "width", "min_cbm_bits", "num_closids", "domains", "vendor",
                "mba_sc", "bw_gran", "min_bw", "max_bw", "mb_default", "mb", "sparse", "ncpus",
-               "live_pids", "last_cmd_status")
+               "live_pids", "last_cmd_status", "cdp", "shareable", "num_rmids", "limbo")
+
+    @property
+    def cache_names(self) -> tuple[str, ...]:
+        return ("L3CODE", "L3DATA") if self.cdp else ("L3",)
 
     def _save(self) -> None:
         if not self.state_file:
             return
         state = {k: getattr(self, k) for k in self._PARAMS}
         state["pids"] = sorted(self.pids)
-        state["groups"] = {n: {"L3": list(g["L3"].items()), "MB": list(g["MB"].items()),
+        state["groups"] = {n: {**{r: list(g[r].items()) for r in self.cache_names + ("MB",)},
                                "tasks": sorted(g["tasks"])} for n, g in self.groups.items()}
         state["mbm"] = [[g, d, v] for (g, d), v in self.mbm.items()]
         state["occupancy"] = [[g, d, v] for (g, d), v in self.occupancy.items()]
@@ -121,7 +144,7 @@ class FakeResctrl(ResctrlFS):
             setattr(self, k, state[k])
         self.domains = tuple(self.domains)
         self.pids = set(state["pids"])
-        self.groups = {n: {"L3": {int(d): v for d, v in g["L3"]}, "MB": {int(d): v for d, v in g["MB"]},
+        self.groups = {n: {**{r: {int(d): v for d, v in g[r]} for r in self.cache_names + ("MB",)},
                            "tasks": set(g["tasks"])} for n, g in state["groups"].items()}
         self.mbm = {(g, d): v for g, d, v in state["mbm"]}
         self.occupancy = {(g, d): v for g, d, v in state["occupancy"]}
@@ -183,6 +206,14 @@ class FakeResctrl(ResctrlFS):
         self.occupancy[(group, domain)] = nbytes
         self._render(group)
 
+    #: info/L3_MON/max_threshold_occupancy: an RMID freed above this stays in limbo
+    LIMBO_THRESHOLD = 1048576
+
+    def clear_limbo(self) -> None:
+        """The limbo worker found the lines aged out: every limbo RMID is free again."""
+        self.limbo = 0
+        self._save()
+
     def group_of(self, pid: int) -> str:
         for name, g in self.groups.items():
             if pid in g["tasks"]:
@@ -207,10 +238,16 @@ class FakeResctrl(ResctrlFS):
             raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
         if name in self.groups:
             raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-        if len(self.groups) >= self.num_closids:
+        self._status("ok")
+        if len(self.groups) >= self.num_closids:        # closid_alloc()
             self._status("Out of CLOSIDs")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        self._status("ok")
+        if len(self.groups) + self.limbo >= self.num_rmids:   # alloc_rmid(), one per group
+            # resctrl_find_free_rmid(): no free RMID -> EBUSY while some are in limbo, else
+            # ENOSPC; mkdir_rdt_prepare_rmid_alloc() says "Out of RMIDs" either way.
+            self._status("Out of RMIDs")
+            err = errno.EBUSY if self.limbo else errno.ENOSPC
+            raise OSError(err, os.strerror(err), path)
         self._new_group(name)
         self._save()
 
@@ -220,6 +257,11 @@ class FakeResctrl(ResctrlFS):
             raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
         g = self.groups.pop(name)
         self.groups[""]["tasks"] |= g["tasks"]
+        if any(self.occupancy.get((name, d), 0) > self.LIMBO_THRESHOLD for d in self.domains):
+            self.limbo += 1     # its RMID still tags cache lines: free_rmid() puts it in limbo
+        for d in self.domains:
+            self.occupancy.pop((name, d), None)
+            self.mbm.pop((name, d), None)
         self._save()
         shutil.rmtree(path)
         self._render("")
@@ -236,7 +278,8 @@ class FakeResctrl(ResctrlFS):
     def _write_schemata(self, group: str, buf: str) -> None:
         if not buf or not buf.endswith("\n"):  # rdtgroup_schemata_write(): -EINVAL, no message
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        staged = {"L3": dict(self.groups[group]["L3"]), "MB": dict(self.groups[group]["MB"])}
+        self._status("ok")  # rdt_last_cmd_clear(): after the newline check, before parsing
+        staged = {r: dict(self.groups[group][r]) for r in self.cache_names + ("MB",)}
         for line in buf.splitlines():
             line = line.strip()
             if not line:
@@ -255,10 +298,12 @@ class FakeResctrl(ResctrlFS):
                 if not eq or dom_id is None:
                     self._fail("Missing '=' or non-numeric domain")
                 if dom_id not in self.domains:
-                    self._fail(f"Unknown domain {dom_id}")  # parse_line(): -EINVAL
-                staged[name][dom_id] = (self._cbm_validate(value.strip()) if name == "L3"
-                                        else self._bw_validate(value.strip()))
-        self.groups[group]["L3"], self.groups[group]["MB"] = staged["L3"], staged["MB"]
+                    # parse_line() finds no domain of that id and returns -EINVAL without a
+                    # message: last_cmd_status reads "ok" beside the error.
+                    raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+                staged[name][dom_id] = (self._bw_validate(value.strip()) if name == "MB"
+                                        else self._cbm_validate(value.strip()))
+        self.groups[group].update(staged)
         self._status("ok")
         self._render(group)
 
@@ -330,16 +375,20 @@ class FakeResctrl(ResctrlFS):
         info = os.path.join(self.root, "info")
         files = {
             "last_cmd_status": "ok\n",
-            "L3/cbm_mask": f"{self.cbm_mask:x}\n",
-            "L3/min_cbm_bits": f"{self.min_cbm_bits}\n",
-            "L3/num_closids": f"{self.num_closids}\n",
-            "L3/shareable_bits": "0\n",
-            "L3/bit_usage": ";".join(f"{d}=" + "X" * self.cbm_len for d in self.domains) + "\n",
-            "L3/sparse_masks": f"{int(self.sparse)}\n",
-            "L3_MON/max_threshold_occupancy": "1048576\n",
+            "L3_MON/max_threshold_occupancy": f"{self.LIMBO_THRESHOLD}\n",
             "L3_MON/mon_features": "llc_occupancy\nmbm_total_bytes\nmbm_local_bytes\n",
-            "L3_MON/num_rmids": "224\n",
+            "L3_MON/num_rmids": f"{self.num_rmids}\n",
         }
+        for res in self.cache_names:    # under CDP: info/L3CODE and info/L3DATA, no info/L3
+            files.update({
+                f"{res}/cbm_mask": f"{self.cbm_mask:x}\n",
+                f"{res}/min_cbm_bits": f"{self.min_cbm_bits}\n",
+                f"{res}/num_closids": f"{self.num_closids}\n",
+                f"{res}/shareable_bits": f"{self.shareable:x}\n",
+                f"{res}/bit_usage": ";".join(f"{d}=" + "X" * self.cbm_len
+                                             for d in self.domains) + "\n",
+                f"{res}/sparse_masks": f"{int(self.sparse)}\n",
+            })
         if self.mb:
             files.update({
                 "MB/bandwidth_gran": f"{self.bw_gran}\n",
@@ -354,7 +403,8 @@ class FakeResctrl(ResctrlFS):
             self._write_file(path, text)
 
     def _new_group(self, name: str) -> None:
-        self.groups[name] = {"L3": {d: self.cbm_mask for d in self.domains},
+        self.groups[name] = {**{r: {d: self.cbm_mask for d in self.domains}
+                                for r in self.cache_names},
                              "MB": {d: self.mb_default for d in self.domains} if self.mb else {},
                              "tasks": set(self.pids) if not name else set()}
         d = self._dir(name)
@@ -374,7 +424,8 @@ class FakeResctrl(ResctrlFS):
             for x in self.groups.values():
                 x["tasks"] &= host
             self.pids = host
-        lines = ["L3:" + ";".join(f"{dom}={v:0{self.width}x}" for dom, v in sorted(g["L3"].items()))]
+        lines = [f"{r}:" + ";".join(f"{dom}={v:0{self.width}x}" for dom, v in sorted(g[r].items()))
+                 for r in self.cache_names]
         if self.mb:
             lines.append("MB:" + ";".join(f"{dom}={v:3d}" for dom, v in sorted(g["MB"].items())))
         self._write_file(os.path.join(d, "schemata"), "\n".join(lines) + "\n")
@@ -383,11 +434,13 @@ class FakeResctrl(ResctrlFS):
         if not name:
             g["tasks"] = set(tasks)
         self._write_file(os.path.join(d, "tasks"), "".join(f"{p}\n" for p in sorted(tasks)))
-        size_lines = []
+        size_lines: dict[str, list[str]] = {r: [] for r in self.cache_names}
         for dom in self.domains:
             mon = os.path.join(d, "mon_data", f"mon_L3_{dom:02d}")
             self._write_file(os.path.join(mon, "mbm_total_bytes"), f"{self.mbm.get((name, dom), 0)}\n")
             self._write_file(os.path.join(mon, "mbm_local_bytes"), f"{self.mbm.get((name, dom), 0)}\n")
             self._write_file(os.path.join(mon, "llc_occupancy"), f"{self.occupancy.get((name, dom), 0)}\n")
-            size_lines.append(f"{dom}={bin(g['L3'][dom]).count('1') * 1441792}")
-        self._write_file(os.path.join(d, "size"), "L3:" + ";".join(size_lines) + "\n")
+            for r in self.cache_names:
+                size_lines[r].append(f"{dom}={bin(g[r][dom]).count('1') * 1441792}")
+        self._write_file(os.path.join(d, "size"), "".join(f"{r}:" + ";".join(v) + "\n"
+                                                          for r, v in size_lines.items()))

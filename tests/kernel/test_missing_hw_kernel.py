@@ -38,7 +38,7 @@ cache = {{ min = 2 }}
 
 
 def _absent():
-    from rswap_ebpf.cli.main import doctor
+    from rswap_ebpf.cli import doctor
 
     return [c for c in (doctor.check_resctrl(), doctor.check_nvml()) if c.status == "missing"]
 

@@ -69,3 +69,19 @@ def test_sampling_measures_every_nth_slice_and_scales(pinned_cpu, pin_dir):
         me = col.drain().task[os.getpid()]
         assert me.slices == 2
         assert me.misses == 2 * 10 * 4 and me.refs == 2 * 100 * 4
+
+
+def test_multiplexed_counter_is_scaled_by_enabled_over_running(pinned_cpu, pin_dir):
+    """perf_event_open(2): a multiplexed counter ran only time_running of time_enabled; the
+    slice's growth is scaled by their ratio (as perf scales a count) and the fraction reported."""
+    with PmuCollector(test_run=True) as col:
+        for misses, refs, enabled, running in [(100, 1000, 1_000, 1_000),
+                                               (150, 1300, 3_000, 2_000),   # ran 1/2: x2
+                                               (160, 1340, 4_000, 3_000)]:  # not multiplexed
+            col.set_counters(misses, refs, enabled, running)
+            col.run_switch()
+        d = col.drain()
+        me = d.task[os.getpid()]
+        assert (me.misses, me.refs, me.slices) == (50 * 2 + 10, 300 * 2 + 40, 2)
+        assert d.running_fraction == pytest.approx(2_000 / 3_000)
+        assert col.drain().running_fraction is None   # nothing measured since

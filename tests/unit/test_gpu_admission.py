@@ -1,6 +1,6 @@
 """GPU admission end to end through the daemon, without root: a task starts (configured, task.add,
 rswap exec) only when its GPU-memory forecast fits one device's free memory, on that device
-(CUDA_VISIBLE_DEVICES), else it waits or is refused and the overflow hook hears the shortfall.
+(CUDA_VISIBLE_DEVICES=GPU-<UUID>), else it waits or is refused and the overflow hook hears the shortfall.
 
 NVML is tests/fakes/pynvml.py (pynvml's signatures and error classes); cgroups are a temporary
 directory tree; the control-socket requests go through the daemon's real dispatcher
@@ -29,6 +29,8 @@ from tests.fakes.pynvml import FakeGpu, FakeNvml
 
 GiB = 2**30
 GPU = ResourceType.GPU_MEMORY
+#: the fake's UUIDs for NVML devices 0 and 1: devices are named by UUID, never by index
+U0, U1 = (f"GPU-00000000-0000-0000-0000-{i:012d}" for i in (0, 1))
 
 # Writes the CUDA variables it was started with, then idles until rswap stops it.
 SHOW_ENV = ("import os, sys, time; open(sys.argv[1], 'w').write("
@@ -96,10 +98,10 @@ def test_configured_tasks_start_only_where_their_forecast_fits(tmp_path, rswap_e
     try:
         # a: the roomiest device is g0 (15.5 GiB free vs 13.5); b: g0 keeps 3.5 GiB for a's
         # reservation, so g1; c (14 GiB) fits nowhere and waits, not started.
-        assert _read_env(outs["a"]) == "0 PCI_BUS_ID"
-        assert _read_env(outs["b"]) == "1 PCI_BUS_ID"
+        assert _read_env(outs["a"]) == f"{U0} -"
+        assert _read_env(outs["b"]) == f"{U1} -"
         st = d.status()
-        assert st["tasks"]["a"]["gpu_device"] == 0 and st["tasks"]["b"]["gpu_device"] == 1
+        assert st["tasks"]["a"]["gpu_device"] == U0 and st["tasks"]["b"]["gpu_device"] == U1
         assert "c" not in st["tasks"] and not outs["c"].exists()
         assert "predicted to need 15032385536 bytes" in st["pending"]["c"]
         assert "roomiest GPU has 3758096384 free" in st["pending"]["c"]
@@ -110,9 +112,9 @@ def test_configured_tasks_start_only_where_their_forecast_fits(tmp_path, rswap_e
         reply = d.scheduler.dispatch({"op": "task.remove", "name": "a"}, Peer(os.getpid(), 0, 0))
         assert reply["ok"]
         d.tick()
-        assert _read_env(outs["c"]) == "0 PCI_BUS_ID"
+        assert _read_env(outs["c"]) == f"{U0} -"
         st = d.status()
-        assert st["pending"] == {} and st["tasks"]["c"]["gpu_device"] == 0
+        assert st["pending"] == {} and st["tasks"]["c"]["gpu_device"] == U0
     finally:
         d.stop()
 
@@ -127,8 +129,8 @@ def test_task_add_is_placed_or_refused_with_the_shortfall(tmp_path, rswap_env, g
         r = d.scheduler.dispatch({"op": "task.add", "name": "big", "command": cmd,
                                   "gpu_memory": {"max": 15 * GiB}}, peer)
         assert r["ok"], r
-        assert _read_env(out) == "0 PCI_BUS_ID"
-        assert d.status()["tasks"]["big"]["gpu_device"] == 0
+        assert _read_env(out) == f"{U0} -"
+        assert d.status()["tasks"]["big"]["gpu_device"] == U0
         with pytest.raises(Exception) as exc:
             d.scheduler.dispatch({"op": "task.add", "name": "big2", "command": cmd,
                                   "gpu_memory": {"max": 15 * GiB}}, peer)
@@ -146,8 +148,8 @@ def test_exec_waits_for_a_gpu_and_gets_its_device(tmp_path, rswap_env, gpus):
     try:
         first = d.scheduler.dispatch({"op": "exec.allocate", "name": "j1", "priority": "critical",
                                       "limits": {"gpu_memory": {"max": 15 * GiB}}}, peer)
-        assert first["ok"] and first["gpu_device"] == 0
-        assert first["env"] == {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        assert first["ok"] and first["gpu_device"] == U0
+        assert first["env"] == {"CUDA_VISIBLE_DEVICES": U0}
         assert first["allocation"]["gpu_memory"] == 15 * GiB
         # Even a critical task cannot take GPU memory a running process holds: refused.
         refused = d.scheduler.dispatch({"op": "exec.allocate", "name": "j2", "priority": "critical",
@@ -165,9 +167,9 @@ def test_exec_waits_for_a_gpu_and_gets_its_device(tmp_path, rswap_env, gpus):
         gpus[1].processes.clear()
         d.scheduler.serve_queue()
         reply = waiting.reply
-        assert reply["ok"] and reply["gpu_device"] == 1, reply
-        assert reply["env"]["CUDA_VISIBLE_DEVICES"] == "1"
-        assert d.status()["tasks"]["j2"]["gpu_device"] == 1
+        assert reply["ok"] and reply["gpu_device"] == U1, reply
+        assert reply["env"]["CUDA_VISIBLE_DEVICES"] == U1
+        assert d.status()["tasks"]["j2"]["gpu_device"] == U1
         # A CPU-only request on a GPU host is not placed and not refused over GPU memory.
         cpu_only = d.scheduler.dispatch({"op": "exec.allocate", "name": "j3"}, peer)
         assert cpu_only["ok"] and cpu_only["gpu_device"] is None and cpu_only["env"] == {}

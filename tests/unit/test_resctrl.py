@@ -58,17 +58,51 @@ def test_fake_rejects_non_contiguous_mask(fake):
     assert read(fake, "g") == before  # a failed write changes nothing
 
 
-def test_fake_rejects_too_few_bits_unknown_domain_and_missing_newline(fake):
+def test_fake_rejects_too_few_bits_out_of_range_and_unknown_resource(fake):
     fake.mkdir(os.path.join(fake.root, "g"))
     path = os.path.join(fake.root, "g", "schemata")
-    for bad, why in (("L3:0=1\n", "at least 2 bits"), ("L3:7=ff\n", "Unknown domain"),
-                     ("L3:0=fffff0\n", "out of range"), ("MB:0=5\n", "out of range"),
-                     ("XX:0=1\n", "Unknown or unsupported")):
+    for bad, why in (("L3:0=1\n", "at least 2 bits"), ("L3:0=fffff0\n", "out of range"),
+                     ("MB:0=5\n", "out of range"), ("XX:0=1\n", "Unknown or unsupported")):
         with pytest.raises(OSError):
             fake.write(path, bad)
         assert why in read(fake, "", "info/last_cmd_status")
+
+
+def test_unknown_domain_is_einval_with_last_cmd_status_ok(fake):
+    # parse_line() returns -EINVAL for a domain id it does not know and puts no message: the
+    # status was cleared when the command began, so it reads "ok" beside the error.
+    fake.mkdir(os.path.join(fake.root, "g"))
+    path = os.path.join(fake.root, "g", "schemata")
     with pytest.raises(OSError):
-        fake.write(path, "L3:0=ff")  # the kernel wants the trailing newline
+        fake.write(path, "L3:0=1\n")
+    with pytest.raises(OSError) as exc:
+        fake.write(path, "L3:7=ff\n")
+    assert exc.value.errno == errno.EINVAL
+    assert read(fake, "", "info/last_cmd_status") == "ok\n"
+
+
+def test_unknown_domain_refusal_names_the_errno_not_ok(fake, journal):
+    e = enforcer(fake, journal)
+    e.open(TASKS, mount=False)
+    with pytest.raises(EnforceError) as exc:
+        e._write_schemata(os.path.join(fake.root, "rswap-web", "schemata"), "L3:7=ff\n")
+    assert "Invalid argument" in str(exc.value) and ": ok" not in str(exc.value)
+    e.restore()
+
+
+def test_missing_newline_leaves_the_status_stale_so_the_enforcer_adds_it(fake, journal):
+    fake.mkdir(os.path.join(fake.root, "g"))
+    path = os.path.join(fake.root, "g", "schemata")
+    with pytest.raises(OSError):
+        fake.write(path, "L3:0=1\n")           # leaves "Need at least 2 bits ..."
+    with pytest.raises(OSError):
+        fake.write(path, "L3:0=ff")            # refused before the status is cleared
+    assert "at least 2 bits" in read(fake, "", "info/last_cmd_status")   # stale
+    e = enforcer(fake, journal)
+    e.open(TASKS, mount=False)
+    e._write_schemata(os.path.join(fake.root, "rswap-web", "schemata"), "L3:0=ff")
+    assert read(fake, "rswap-web").startswith("L3:0=000ff")
+    e.restore()
 
 
 def test_fake_rounds_mb_up_to_granularity_and_pads_like_show_doms(fake):
@@ -269,3 +303,140 @@ def test_proc_resctrl_groups_is_trusted_only_for_the_kernels_own_mount(fake, jou
     assert enforcer(fake, journal).group_of_tid(300) == "ops"  # from the tasks files
     (proc / "mounts").write_text(f"resctrl {fake.root} resctrl rw,relatime 0 0\n")
     assert enforcer(fake, journal).group_of_tid(300) == ""  # the kernel's mount: /proc answers
+
+
+# -- CDP, RMIDs, AMD masks, shareable_bits ----------------------------------------------------
+
+def test_cdp_mount_writes_the_same_ways_to_l3code_and_l3data(tmp_path, journal):
+    """resctrl.rst, CDP: info/L3CODE and info/L3DATA replace info/L3 with half the CLOSIDs;
+    schemata carries an L3CODE and an L3DATA line, and an L3 line is an unknown resource."""
+    fake = FakeResctrl(str(tmp_path / "r"), cbm_mask="7ff", num_closids=16, cdp=True,
+                       pids=(1, 100))
+    try:
+        info = resctrl.read_info(fake.root)
+        assert info.cdp and info.has_l3 and info.l3_names == ("L3CODE", "L3DATA")
+        assert info.num_closids == 8 and info.l3_domains == (0, 1)
+        fake.mkdir(os.path.join(fake.root, "g"))
+        with pytest.raises(OSError):
+            fake.write(os.path.join(fake.root, "g", "schemata"), "L3:0=f\n")
+        assert "Unknown or unsupported resource name 'L3'" in read(fake, "", "info/last_cmd_status")
+        fake.rmdir(os.path.join(fake.root, "g"))
+        e = enforcer(fake, journal)
+        e.open(TASKS, mount=False)
+        e.apply(ways={"web": 3, "db": 2, "batch": 2})
+        web = resctrl.parse_schemata(read(fake, "rswap-web"))
+        assert web["L3CODE"] == web["L3DATA"] == {0: "01c", 1: "01c"}   # after db's 2 ways
+        assert e.masks()["rswap-batch"] == 0x600
+        e.restore()
+        assert not fake.groups.keys() - {""}
+    finally:
+        fake.close()
+
+
+def test_cdp_halves_the_closids_so_many_tasks_go_per_tier(tmp_path, journal):
+    fake = FakeResctrl(str(tmp_path / "r"), num_closids=4, cdp=True)   # 2 CLOSIDs under CDP
+    try:
+        e = enforcer(fake, journal)
+        with pytest.raises(FeatureMissing):     # 3 tiers need 3 groups + the default
+            e.open(TASKS, mount=False)
+    finally:
+        journal.restore()
+        fake.close()
+
+
+def test_rmid_exhaustion_is_enospc_out_of_rmids(tmp_path, journal):
+    fake = FakeResctrl(str(tmp_path / "r"), num_closids=16, num_rmids=3)   # default + 2
+    try:
+        e = enforcer(fake, journal)
+        with pytest.raises(FeatureMissing) as exc:
+            e.open(TASKS, mount=False)
+        assert exc.value.feature == "resctrl RMIDs" and "Out of RMIDs" in str(exc.value)
+    finally:
+        journal.restore()
+        fake.close()
+
+
+def test_limbo_rmids_are_ebusy_and_open_waits_for_them(tmp_path, journal):
+    """A group removed while its RMID still tags cache lines leaves the RMID in limbo; mkdir is
+    EBUSY (not ENOSPC) until the kernel frees it, as after a crash-restart of rswap."""
+    fake = FakeResctrl(str(tmp_path / "r"), num_closids=16, num_rmids=4)
+    try:
+        for g in ("a", "b", "c"):
+            fake.mkdir(os.path.join(fake.root, g))
+            fake.set_occupancy(g, 0, 8 * 2**20)
+            fake.rmdir(os.path.join(fake.root, g))
+        assert fake.limbo == 3
+        with pytest.raises(OSError) as exc:
+            fake.mkdir(os.path.join(fake.root, "x"))
+        assert exc.value.errno == errno.EBUSY
+        assert read(fake, "", "info/last_cmd_status") == "Out of RMIDs\n"
+        # The enforcer retries while RMIDs are in limbo; here they age out after one wait.
+        e = enforcer(fake, journal)
+        waits = []
+        e._sleep = lambda s: (waits.append(s), fake.clear_limbo())
+        assert e.open(TASKS, mount=False) == "per-task"
+        assert waits and set(fake.groups) == {"", "rswap-web", "rswap-db", "rswap-batch"}
+        e.restore()
+        # Limbo that never clears: an error naming limbo, after limbo_wait_s.
+        for g in ("a", "b", "c"):
+            fake.mkdir(os.path.join(fake.root, g))
+            fake.set_occupancy(g, 0, 8 * 2**20)
+            fake.rmdir(os.path.join(fake.root, g))
+        e = enforcer(fake, journal)
+        e.limbo_wait_s = 0.0
+        with pytest.raises(FeatureMissing) as exc:
+            e.open(TASKS, mount=False)
+        assert "limbo" in str(exc.value) and "max_threshold_occupancy" in str(exc.value)
+    finally:
+        journal.restore()
+        fake.close()
+
+
+def test_zen_sparse_masks_and_min_cbm_bits_zero(tmp_path):
+    """AMD (arch_has_sparse_bitmasks, arch_has_empty_bitmaps): sparse_masks 1, min_cbm_bits 0, so
+    non-contiguous and empty masks are legal there and refused on Intel."""
+    amd = FakeResctrl(str(tmp_path / "amd"), cbm_mask="ffff", vendor="amd")
+    intel = FakeResctrl(str(tmp_path / "intel"), cbm_mask="ffff")
+    try:
+        info = resctrl.read_info(amd.root)
+        assert info.sparse_masks and info.min_cbm_bits == 0
+        amd.mkdir(os.path.join(amd.root, "g"))
+        amd.write(os.path.join(amd.root, "g", "schemata"), "L3:0=f0f;1=0\n")
+        assert read(amd, "g").startswith("L3:0=0f0f;1=0000")
+        resctrl.check_mask(info, 0xf0f)
+        resctrl.check_mask(info, 0)
+        iinfo = resctrl.read_info(intel.root)
+        intel.mkdir(os.path.join(intel.root, "g"))
+        for bad in ("L3:0=f0f\n", "L3:0=0\n"):
+            with pytest.raises(OSError):
+                intel.write(os.path.join(intel.root, "g", "schemata"), bad)
+        for mask in (0xf0f, 0):
+            with pytest.raises(RswapError):
+                resctrl.check_mask(iinfo, mask)
+    finally:
+        amd.close()
+        intel.close()
+
+
+def test_shareable_bits_are_never_a_tasks_exclusive_ways(tmp_path, journal):
+    """resctrl.rst: shareable_bits are ways other agents (I/O, GPU) may use: rswap's exclusive
+    masks stay clear of them; only the shared (default) mask covers them."""
+    fake = FakeResctrl(str(tmp_path / "r"), cbm_mask="fff", shareable_bits="c00",
+                       pids=(1, 100))
+    try:
+        e = enforcer(fake, journal)
+        e.open(TASKS, mount=False)
+        assert resctrl.read_info(fake.root).shareable_bits == 0xc00
+        with pytest.raises(RswapError):
+            e.apply(ways={"web": 6, "db": 2, "batch": 3})   # 11 > the 10 non-shareable ways
+        e.apply(ways={"web": 4, "db": 2, "batch": 2})
+        m = e.masks()
+        for g in ("rswap-web", "rswap-db", "rswap-batch"):
+            assert m[g] & 0xc00 == 0, (g, hex(m[g]))
+        assert m["rswap-batch"] == 0x300
+        # The 2 free ways; with the shareable ones the mask would be 0xcc0, not contiguous on
+        # Intel, so the default group keeps the free ways only.
+        assert m[""] == 0x0c0
+    finally:
+        journal.restore()
+        fake.close()

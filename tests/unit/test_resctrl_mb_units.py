@@ -133,3 +133,17 @@ def test_mba_mbps_mount_option_is_read_from_proc_mounts(tmp_path, monkeypatch):
         assert info.mb_unit == resctrl.MB_PERCENT and info.mb_value(35) == 40
     finally:
         fake.close()
+
+
+def test_amd_without_a_peak_senses_against_the_maximum_it_writes_against(tmp_path, monkeypatch):
+    fake = FakeResctrl(str(tmp_path / "r"), vendor="amd", amd_max_bw=2048, pids=(1, 500))
+    monkeypatch.setenv("RSWAP_RESCTRL_ROOT", fake.root)
+    ctx = _ctx(tmp_path / "a", "")
+    try:
+        drv = membwmod.make(ctx)
+        # 2048 eighths of a GB/s: 50 % sensed = 128e9 B/s = what MB 1024 lets through.
+        assert drv.peak_bytes_per_s == 256e9 and not drv.steered
+        assert resctrl.read_info(fake.root).mb_value(50, drv.rs.enforcer.mb_peak_bytes_per_s) == 1024
+    finally:
+        ctx.journal.close()
+        fake.close()

@@ -102,7 +102,8 @@ def test_cache_and_membw_drivers_share_one_group_per_task(fake, tmp_path):
         cache.apply(tasks["web"], 6)
         membw.apply(tasks["web"], 45)
         with open(os.path.join(fake.root, "rswap-web", "schemata")) as f:
-            assert f.read() == "L3:0=03f;1=03f\nMB:0= 50;1= 50\n"
+            # Intel MBA: 45 % is a target for MBM, not a throttle level: unthrottled at first.
+            assert f.read() == "L3:0=03f;1=03f\nMB:0=100;1=100\n"
     finally:
         cache.close()
         membw.close()
@@ -120,3 +121,71 @@ def test_missing_resctrl_makes_the_driver_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("RSWAP_RESCTRL_ROOT", str(tmp_path / "none"))
     with pytest.raises(FeatureMissing):
         cachemod.make(ctx)
+
+
+def test_one_domain_task_fills_its_share_on_its_socket(fake, tmp_path):
+    """A task running on one socket of a two-socket host holds its ways in that socket's L3
+    only: judged per domain it fills its share (an average over domains would read half)."""
+    ctx = _ctx(tmp_path, CONFIG)
+    cache = cachemod.make(ctx)
+    try:
+        cache.open()
+        tasks = {"web": _cgroup(tmp_path, "web", [500]), "batch": _cgroup(tmp_path, "batch", [600])}
+        cache.apply(tasks["web"], 4)
+        fake.set_occupancy("rswap-web", 0, 4 * 1441792)   # socket 0: all 4 ways
+        fake.set_occupancy("rswap-web", 1, 0)             # socket 1: nothing
+        used = cache.measure(tasks)
+        assert used["web"] == pytest.approx(4.0)
+        assert used["web"] >= cachemod.FILL * cache.rs.enforcer.ways["web"]
+    finally:
+        cache.close()
+        ctx.journal.restore()
+
+
+def test_one_domain_bandwidth_is_judged_per_domain_not_summed(fake, tmp_path):
+    """An MB value applies per domain: traffic all on one socket is twice the use of the same
+    bytes spread over two."""
+    ctx = _ctx(tmp_path, CONFIG)
+    membw = membwmod.make(ctx)
+    try:
+        membw.open()
+        tasks = {"web": _cgroup(tmp_path, "web", [500]), "batch": _cgroup(tmp_path, "batch", [600])}
+        membw.measure(tasks)
+        fake.add_traffic("rswap-web", 0, 400_000_000)       # one socket
+        fake.add_traffic("rswap-batch", 0, 200_000_000)     # the same bytes over two sockets
+        fake.add_traffic("rswap-batch", 1, 200_000_000)
+        bw = membw.measure(dict(tasks))   # a new tick (the shared sample is per tick object)
+        assert bw["web"] > 0 and bw["web"] == pytest.approx(2 * bw["batch"], rel=1e-6)
+        # the peak seen is the busiest domain's total: 600 MB on domain 0, not 800 MB summed
+        assert membw.seen_peak == pytest.approx(bw["web"] / 100 * 1e9 * 1.5, rel=1e-6)
+    finally:
+        membw.close()
+        ctx.journal.restore()
+
+
+def test_mba_throttle_level_is_steered_by_measured_bandwidth_not_equated(fake, tmp_path):
+    """Intel MB values are throttle levels (resctrl.rst: the same level gives different bandwidth
+    with different threads): the allocation is what MBM must show, the level moves toward it."""
+    ctx = _ctx(tmp_path, CONFIG)
+    membw = membwmod.make(ctx)
+    mb = lambda: fake.groups["rswap-web"]["MB"]  # noqa: E731
+    try:
+        membw.open()
+        tasks = {"web": _cgroup(tmp_path, "web", [500]), "batch": _cgroup(tmp_path, "batch", [600])}
+        membw.apply(tasks["web"], 30)
+        assert mb() == {0: 100, 1: 100}
+        for expect in (90, 80, 70):        # far above 30 % of 1 GB/s on domain 0: a step a tick
+            fake.add_traffic("rswap-web", 0, 10**12)
+            membw.measure(dict(tasks))
+            # An MB value applies per domain: domain 1 saw nothing and stays unthrottled.
+            assert mb() == {0: expect, 1: 100}
+        membw.measure(dict(tasks))          # no traffic: below its allocation, one step back
+        assert mb() == {0: 80, 1: 100}
+        fake.add_traffic("rswap-web", 1, 10**12)
+        membw.measure(dict(tasks))          # now domain 1 is over, domain 0 under
+        assert mb() == {0: 90, 1: 90}
+        membw.apply(tasks["web"], 100)      # the whole domain: unthrottled at once
+        assert mb() == {0: 100, 1: 100}
+    finally:
+        membw.close()
+        ctx.journal.restore()

@@ -1,7 +1,9 @@
 """Cache: L3 ways per task through resctrl (CAT / AMD L3 QoS), sensed by CMT occupancy.
 
 Usage in ways = the group's ``llc_occupancy`` over the bytes one way holds (the default group's
-``size`` over the number of ways).  Occupancy cannot exceed the ways a task's mask gives it, so it
+``size`` over the number of ways), judged per L3 domain and the largest taken: a mask applies in
+every domain, and a task on one socket of a two-socket host fills its share there while the other
+socket's L3 holds none of it (an average over domains would read half).  Occupancy cannot exceed the ways a task's mask gives it, so it
 hides how many more the task wants.  Per-task cache misses from the PMU collector are the second
 signal: a task that fills its ways *and* misses more than its calm baseline (its miss rate, a
 moving average over the ticks it was not pressed) is reported censored, so the swap manager grows
@@ -20,6 +22,7 @@ import os
 from collections.abc import Mapping
 
 from rswap_ebpf.host.cgroup import TaskCgroup, Write
+from rswap_ebpf.host.cache.masks import exclusive_region
 from rswap_ebpf.host.cache.resctrl import ResctrlEnforcer, ensure_mounted, parse_schemata, read_info
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.model.resources import ResourceType
@@ -82,15 +85,21 @@ class ResctrlShared:
                 self.enforcer.place(name, cg.pids())
 
     def way_bytes(self) -> float:
-        """Bytes one L3 way holds in one domain, from the default group's ``size``."""
+        """Bytes one L3 way holds in the first domain (see :meth:`way_bytes_by_domain`)."""
+        per = self.way_bytes_by_domain()
+        return next(iter(per.values()), 0.0)
+
+    def way_bytes_by_domain(self) -> dict[int, float]:
+        """Bytes one L3 way holds in each domain, from the default group's ``size``; under CDP
+        from its ``L3DATA`` line (what a task's data occupies)."""
         fs, root = self.enforcer.fs, self.enforcer.root
         try:
-            sizes = parse_schemata(fs.read(os.path.join(root, "size"))).get("L3", {})
-            masks = parse_schemata(fs.read(os.path.join(root, "schemata"))).get("L3", {})
-            dom = next(iter(sizes))
-            return int(sizes[dom]) / max(1, bin(int(masks[dom], 16)).count("1"))
-        except (OSError, StopIteration, KeyError, ValueError):
-            return 0.0
+            sizes = _l3_line(parse_schemata(fs.read(os.path.join(root, "size"))))
+            masks = _l3_line(parse_schemata(fs.read(os.path.join(root, "schemata"))))
+            return {d: int(sizes[d]) / max(1, bin(int(masks[d], 16)).count("1"))
+                    for d in sorted(sizes) if d in masks}
+        except (OSError, KeyError, ValueError):
+            return {}
 
     def close(self) -> None:
         self._users -= 1
@@ -99,6 +108,13 @@ class ResctrlShared:
         if self.monitor is not None:
             self.monitor.close()
         self._opened = False
+
+
+def _l3_line(parsed: Mapping[str, dict[int, str]]) -> dict[int, str]:
+    for name in ("L3", "L3DATA", "L3CODE"):
+        if parsed.get(name):
+            return parsed[name]
+    return {}
 
 
 def shared(ctx: DriverContext) -> ResctrlShared:
@@ -128,7 +144,7 @@ class CacheDriver(ResourceDriver):
 
     def __init__(self, rs: ResctrlShared, pmu=None):
         if not rs.info.has_l3:
-            raise FeatureMissing("resctrl L3 allocation", "info/L3 is missing",
+            raise FeatureMissing("resctrl L3 allocation", "info/L3 (and info/L3CODE) is missing",
                                  "the CPU has no cache allocation (Intel CAT / AMD L3 QoS)")
         self.rs = rs
         self.pmu = pmu
@@ -138,7 +154,9 @@ class CacheDriver(ResourceDriver):
         self.pressed: dict[str, bool] = {}          # this tick: fills its ways and misses more
 
     def total(self) -> int:
-        return self.rs.info.ways
+        """Ways a task can be given for itself: those outside ``shareable_bits``."""
+        lo, hi = exclusive_region(self.rs.info)
+        return hi - lo
 
     def open(self) -> None:
         self.rs.open()
@@ -148,6 +166,10 @@ class CacheDriver(ResourceDriver):
             except FeatureMissing as err:  # e.g. perf_event_paranoid: enforce without misses
                 log.warning("cache misses not sensed: %s", err)
                 self.pmu = None
+            else:
+                choice = getattr(self.pmu, "choice", None)
+                if choice is not None:  # what "misses" means here: L3, LLC, or L2 on old AMD
+                    log.info("cache misses counted as %s", choice.label)
 
     def measure(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
         """Ways each task held; {} (not zeros) when the host cannot monitor occupancy."""
@@ -158,22 +180,24 @@ class CacheDriver(ResourceDriver):
             secs = delta.interval_ns / 1e9
             self.miss_rate = {n: m / secs for n, m in self.last_misses.items()} if secs > 0 else {}
         sample = self.rs.sample(tasks)
-        way = self.rs.way_bytes()
-        if sample is None or way <= 0:
+        way = self.rs.way_bytes_by_domain()
+        if sample is None or not way or min(way.values()) <= 0:
             if not self.miss_rate:
                 return {}
             # No occupancy monitor: the ways held, with misses telling whether they are enough.
             held = {n: float(self.rs.enforcer.ways.get(n, 0)) for n in tasks if n in self.miss_rate}
             self._judge(held)
             return held
-        ndom = max(1, len(self.rs.info.l3_domains))
         out = {}
         for name in tasks:
-            held = sample.occupancy_bytes.get(name)
-            if held is None:
+            held = sample.occupancy_by_domain.get(name)
+            if not held:
                 continue
             share = _tier_share(self.rs.enforcer, name, self.rs.enforcer.ways, self.last_misses)
-            out[name] = held * share / ndom / way
+            # The domain where it holds the most ways: a mask's ways apply in every domain, so
+            # that is the domain where the mask binds.
+            out[name] = max(b * share / way[d] for d, b in held.items() if d in way) \
+                if any(d in way for d in held) else 0.0
         self._judge(out)
         return out
 

@@ -6,6 +6,11 @@ from the hardware's 24/32-bit one) and ``llc_occupancy`` (bytes of L3 held now).
 read ``Unavailable`` (RMID not yet usable) or ``Error``: that domain is left out of the sample,
 never counted as 0.
 
+Every figure is also kept per domain (``*_by_domain``): an MB value and a cache mask apply per
+domain, and a task running on one socket of a two-socket host fills its share of that socket's
+L3 while the other's stays empty, so its sum (or average) over domains says nothing about whether
+it fills its share anywhere.
+
 One collector = one class with ``open()``, ``drain()``, ``close()`` like the BPF collectors.
 """
 from __future__ import annotations
@@ -28,12 +33,21 @@ class MbmDelta:
     total_bytes: dict[str, int] = field(default_factory=dict)
     occupancy_bytes: dict[str, int] = field(default_factory=dict)
     unavailable: tuple[str, ...] = ()
+    #: key -> L3 domain id -> bytes moved / bytes held there (the sums above are over these)
+    total_bytes_by_domain: dict[str, dict[int, int]] = field(default_factory=dict)
+    occupancy_by_domain: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def bytes_per_s(self, key: str) -> float:
         b = self.total_bytes.get(key)
         if b is None or self.interval_ns <= 0:
             return 0.0
         return b * 1e9 / self.interval_ns
+
+    def bytes_per_s_by_domain(self, key: str) -> dict[int, float]:
+        if self.interval_ns <= 0:
+            return {}
+        return {d: b * 1e9 / self.interval_ns
+                for d, b in self.total_bytes_by_domain.get(key, {}).items()}
 
 
 class MbmCollector:
@@ -46,7 +60,7 @@ class MbmCollector:
         self.fs = fs or fs_for(self.root)
         self.groups = dict(groups)
         self.features: set[str] = set()
-        self._last: dict[tuple[str, str], int] = {}
+        self._last: dict[tuple[str, str], dict[int, int]] = {}
         self._last_ns = 0
 
     def open(self) -> MbmCollector:
@@ -62,11 +76,12 @@ class MbmCollector:
         self._last_ns = time.monotonic_ns()
         return self
 
-    def _counter(self, group: str, event: str) -> tuple[int | None, bool]:
-        """Sum of ``event`` over the group's L3 domains; (None, True) if any domain is unusable."""
+    def _counter(self, group: str, event: str) -> tuple[dict[int, int] | None, bool]:
+        """``event`` per L3 domain id of the group; (None, True) if it has no domain directory,
+        bad=True if any domain is unusable (that domain is left out)."""
         base = os.path.join(self.root, group, "mon_data") if group else os.path.join(
             self.root, "mon_data")
-        total = 0
+        per: dict[int, int] = {}
         bad = False
         try:
             doms = sorted(d for d in self.fs.listdir(base) if d.startswith("mon_L3_"))
@@ -81,21 +96,22 @@ class MbmCollector:
             if not text.isdigit():  # "Unavailable" or "Error"
                 bad = True
                 continue
-            total += int(text)
-        return (None, True) if not doms else (total, bad)
+            per[int(d[len("mon_L3_"):])] = int(text)
+        return (None, True) if not doms else (per, bad)
 
-    def _read_all(self) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    def _read_all(self):
         moved, held, unavailable = {}, {}, []
         for key, group in self.groups.items():
-            value, bad = self._counter(group, "mbm_total_bytes")
+            per, bad = self._counter(group, "mbm_total_bytes")
             if bad:
                 unavailable.append(key)
-            if value is not None:
+            if per is not None:
                 prev = self._last.get((key, "mbm"))
-                self._last[(key, "mbm")] = value
+                self._last[(key, "mbm")] = per
                 if prev is not None and not bad:
                     # A smaller value means the group's RMID was reassigned: start again.
-                    moved[key] = value - prev if value >= prev else value
+                    moved[key] = {d: v - prev.get(d, 0) if v >= prev.get(d, 0) else v
+                                  for d, v in per.items()}
             if "llc_occupancy" in self.features:
                 occ, obad = self._counter(group, "llc_occupancy")
                 if occ is not None and not obad:
@@ -107,7 +123,9 @@ class MbmCollector:
             raise RuntimeError("collector is not open")
         now = time.monotonic_ns()
         moved, held, unavailable = self._read_all()
-        delta = MbmDelta(now - self._last_ns, moved, held, tuple(unavailable))
+        delta = MbmDelta(now - self._last_ns, {k: sum(v.values()) for k, v in moved.items()},
+                         {k: sum(v.values()) for k, v in held.items()}, tuple(unavailable),
+                         moved, held)
         self._last_ns = now
         return delta
 

@@ -1,8 +1,13 @@
-"""Cache misses and LLC references per process and cgroup, from ``bpf/pmu.bpf.c``.
+"""Cache misses and references per process and cgroup, from ``bpf/pmu.bpf.c``.
 
-Per-CPU hardware counters (``PERF_COUNT_HW_CACHE_MISSES``, ``PERF_COUNT_HW_CACHE_REFERENCES``)
-are opened into BPF perf arrays; the sched_switch program charges each slice's growth to the task
-switching out.  Where the host has no PMU (most VMs), :meth:`PmuCollector.open` raises
+Per-CPU hardware counters are opened into BPF perf arrays; the sched_switch program charges each
+slice's growth to the task switching out.  Which events (and on which CPUs) is chosen by vendor in
+:mod:`rswap_ebpf.host.cache.pmu_events`: LLC misses on Intel (hybrid parts: on the cpu_core and
+cpu_atom PMUs), L3 misses as the core sees them on AMD Zen (a raw event: the generic one counts
+L2 misses there, and is labelled so where it is the only choice).  A counter that shares the PMU
+with more events than it has counters is multiplexed: each slice's growth is scaled by
+``time_enabled / time_running`` in BPF, and :attr:`PmuDelta.running_fraction` says how much of
+the time the counters really ran.  Where the host has no PMU (most VMs), :meth:`PmuCollector.open` raises
 :class:`FeatureMissing` and the Cache resource reports ``missing`` instead of zeros.
 
 ``replay=True`` builds the same program with its counter source replaced by a BPF array that user
@@ -19,11 +24,13 @@ from dataclasses import dataclass, field
 
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.host import bpf
+from rswap_ebpf.host.cache import pmu_events
+from rswap_ebpf.host.cache.pmu_events import pmu_missing  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 PMU_EVENTS_DIR = "/sys/bus/event_source/devices/cpu/events"
-MAPS = ("rswap_pmu_task", "rswap_pmu_cgroup", "rswap_pmu_stats")
+MAPS = ("rswap_pmu_task", "rswap_pmu_cgroup", "rswap_pmu_stats", "rswap_pmu_mux")
 
 # perf_event_open(2): PERF_TYPE_HARDWARE and its generic events.
 PERF_TYPE_HARDWARE = 0
@@ -32,7 +39,7 @@ PERF_COUNT_HW_CACHE_MISSES = 3
 PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_CPU_CLOCK = 0
 PERF_COUNT_SW_CONTEXT_SWITCHES = 3
-#: (type, config) of the two counters: hardware cache misses and LLC references.
+#: (type, config) of the generic counters (what pmu_events picks on Intel without hybrid PMUs).
 HARDWARE_COUNTERS = ((PERF_TYPE_HARDWARE, PERF_COUNT_HW_CACHE_MISSES),
                      (PERF_TYPE_HARDWARE, PERF_COUNT_HW_CACHE_REFERENCES))
 #: Stand-ins with the same read path, for measuring the read's cost on hosts without a PMU.
@@ -40,16 +47,14 @@ SOFTWARE_COUNTERS = ((PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CONTEXT_SWITCHES),
                      (PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK))
 
 
-def pmu_available(events_dir: str | None = None) -> bool:
-    """Whether the CPU PMU advertises a cache-misses event (sysfs, as ``perf list`` reads it)."""
-    d = events_dir or os.environ.get("RSWAP_PMU_EVENTS_DIR") or PMU_EVENTS_DIR
-    return os.path.exists(os.path.join(d, "cache-misses"))
-
-
-def pmu_missing() -> FeatureMissing:
-    return FeatureMissing("hardware PMU", f"{PMU_EVENTS_DIR}/cache-misses does not exist: this CPU "
-                          "(or VM) exposes no cache-miss counters",
-                          "run on bare metal, or give the VM a virtual PMU (e.g. -cpu host,pmu=on)")
+def pmu_available() -> bool:
+    """Whether this host has a CPU PMU rswap can count cache misses on (``cpu`` with a
+    cache-misses event, or the hybrid ``cpu_core``/``cpu_atom``), as sysfs says."""
+    try:
+        pmu_events.select_events()
+    except FeatureMissing:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ class PmuDelta:
     task: dict[int, PmuCounts] = field(default_factory=dict)
     cgroup: dict[int, PmuCounts] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    #: share of the time the counters were on the PMU (< 1: multiplexed, counts are scaled up
+    #: by its inverse per slice); None when nothing was read (replay, no read)
+    running_fraction: float | None = None
 
     @property
     def cgroup_misses(self) -> dict[int, int]:
@@ -87,7 +95,9 @@ class PmuCollector(bpf.BpfCollector):
 
     def __init__(self, sample: int = 1, replay: bool = False,
                  pin: bool = True, no_read: bool = False,
-                 counters: tuple[tuple[int, int], ...] = HARDWARE_COUNTERS):
+                 counters: tuple[tuple[int, int], ...] | None = None):
+        """``counters``: (type, config) of the miss and reference counters on every online CPU;
+        None chooses them for this CPU (:func:`pmu_events.select_events`)."""
         if sample < 1:
             raise ValueError("sample must be at least 1")
         super().__init__(pin)
@@ -95,10 +105,12 @@ class PmuCollector(bpf.BpfCollector):
         self.replay = replay
         self.no_read = no_read
         self.counters = counters
+        self.choice: pmu_events.PmuChoice | None = None
+        self._mux_last = (0, 0)
         self.attach_point = ""
 
     def flags(self) -> list[str]:
-        f = [f"-DRSWAP_PMU_SAMPLE={self.sample}", f"-DRSWAP_NR_CPUS={os.cpu_count() or 1}"]
+        f = [f"-DRSWAP_PMU_SAMPLE={self.sample}", f"-DRSWAP_NR_CPUS={pmu_events.cpu_id_limit()}"]
         if self.replay:
             f.append("-DRSWAP_PMU_REPLAY")
         if self.no_read:
@@ -122,9 +134,8 @@ class PmuCollector(bpf.BpfCollector):
                 else "tracepoint:sched:sched_switch")
 
     def open(self) -> PmuCollector:
-        hardware = self.counters[0][0] == PERF_TYPE_HARDWARE
-        if not self.replay and not self.no_read and hardware and not pmu_available():
-            raise pmu_missing()
+        if not self.replay and not self.no_read and self.counters is None:
+            self.choice = pmu_events.select_events()   # FeatureMissing without a PMU
         flags = self.flags()
         self._bpf = bpf.load("pmu.bpf.c", flags)
         try:
@@ -139,21 +150,31 @@ class PmuCollector(bpf.BpfCollector):
         return self
 
     def _open_counters(self) -> None:
-        for table, (etype, config) in zip(("rswap_pmu_misses", "rswap_pmu_refs"), self.counters):
-            try:
-                self._bpf[table].open_perf_event(etype, config)
-            except Exception as err:  # bcc raises plain Exception when perf_event_open fails
-                raise FeatureMissing("hardware PMU", f"perf_event_open(type {etype}, config "
-                                     f"{config}) failed: {err}",
-                                     "check kernel.perf_event_paranoid and that the CPU has a "
-                                     "PMU") from None
+        """One counter per CPU id; on a hybrid part each CPU gets its own PMU's event."""
+        if self.choice is not None:
+            plan = [(g.cpus, ((g.misses.type, g.misses.config), (g.refs.type, g.refs.config)))
+                    for g in self.choice.groups]
+        else:
+            plan = [(pmu_events.online_cpus(), self.counters)]
+        for cpus, counters in plan:
+            for table, (etype, config) in zip(("rswap_pmu_misses", "rswap_pmu_refs"), counters):
+                for cpu in cpus:
+                    try:
+                        self._bpf[table]._open_perf_event(cpu, etype, config)
+                    except Exception as err:  # bcc raises plain Exception on perf_event_open
+                        raise FeatureMissing("hardware PMU", f"perf_event_open(type {etype}, "
+                                             f"config {config:#x}, cpu {cpu}) failed: {err}",
+                                             "check kernel.perf_event_paranoid and that the CPU "
+                                             "has a PMU") from None
 
     # -- replay ------------------------------------------------------------------------------
-    def set_counters(self, misses: int, refs: int) -> None:
-        """Replay mode: what the next read of this host's 'counters' returns."""
+    def set_counters(self, misses: int, refs: int, enabled_ns: int = 0,
+                     running_ns: int = 0) -> None:
+        """Replay mode: what the next read of this host's 'counters' returns; ``enabled_ns`` and
+        ``running_ns`` are both counters' time_enabled / time_running (0: not multiplexed)."""
         t = self.table("rswap_pmu_replay")
-        t[t.Key(0)] = t.Leaf(misses)
-        t[t.Key(1)] = t.Leaf(refs)
+        for i, v in enumerate((misses, refs, enabled_ns, running_ns)):
+            t[t.Key(i)] = t.Leaf(v)
 
     # -- reading -----------------------------------------------------------------------------
     def drain(self) -> PmuDelta:
@@ -162,7 +183,18 @@ class PmuCollector(bpf.BpfCollector):
         cgroup = _drain(self.table("rswap_pmu_cgroup"))
         dropped = self._counters("rswap_pmu_stats",
                                  ("task_map_full", "cgroup_map_full", "counter_reset"))
-        return PmuDelta(interval, task, cgroup, dropped)
+        return PmuDelta(interval, task, cgroup, dropped, self._running_fraction())
+
+    def _running_fraction(self) -> float | None:
+        """time_running / time_enabled of the miss counter over the measured slices since the
+        last drain (the BPF side keeps running totals; the difference is this interval's)."""
+        t = self.table("rswap_pmu_mux")
+        enabled, running = (int(t[t.Key(i)].value) for i in (0, 1))
+        last_e, last_r = self._mux_last
+        self._mux_last = (enabled, running)
+        if enabled <= last_e:
+            return None
+        return (running - last_r) / (enabled - last_e)
 
 
 def _drain(table) -> dict[int, PmuCounts]:

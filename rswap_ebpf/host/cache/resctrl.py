@@ -13,21 +13,27 @@ default group) covers every task; otherwise one group per priority tier (``rswap
 ``rswap-normal``, ``rswap-batch``), each tier given the sum of its tasks' ways and percent.  The
 mode is chosen once in :meth:`ResctrlEnforcer.open` and reported in ``mode``.
 
-Memory-bandwidth units: rswap allocates percent of a domain everywhere, and converts to what the
-kernel's ``MB`` lines hold on this host (:attr:`ResctrlInfo.mb_unit`): Intel MBA takes percent
-(``min_bandwidth``..100, rounded up to ``bandwidth_gran``); AMD takes an absolute rate in multiples
-of 1/8 GB/s up to the hardware's maximum (``min_bandwidth`` 0, ``bandwidth_gran`` 1,
-``delay_linear`` 0, the default group holding the maximum, e.g. 2048 = 256 GB/s); a mount with
-``-o mba_MBps`` (the MBA software controller) takes MiB/s, default 4294967295.  Percent is of
-``[resources.membw] peak_bytes_per_s`` where given (required for mba_MBps), else on AMD of the
-hardware maximum; 100 % writes the unthrottled default.
+Memory-bandwidth units (:attr:`ResctrlInfo.mb_unit`): on AMD an ``MB`` value is an absolute rate
+in multiples of 1/8 GB/s up to the hardware's maximum (``min_bandwidth`` 0, ``bandwidth_gran`` 1,
+``delay_linear`` 0, the default group holding the maximum, e.g. 2048 = 256 GB/s); under
+``-o mba_MBps`` (the MBA software controller) it is MiB/s, default 4294967295.  There ``percent``
+is of ``[resources.membw] peak_bytes_per_s`` (required for mba_MBps; on AMD without it, of the
+hardware maximum) and the same rate is what MBM senses: one unit both ways.  On Intel without
+mba_MBps an ``MB`` value is a *throttle level* (``min_bandwidth``..100, rounded up to
+``bandwidth_gran``): the delay the core inserts, not a share of bandwidth (resctrl.rst: the same
+level gives different bandwidth with different thread counts and access patterns).  ``percent``
+there is passed through as that level; the membw driver does not write its allocation as a level
+but steers the level per group from what MBM measures (``levels=``), as the kernel's software
+controller does under mba_MBps.  100 % writes the unthrottled default everywhere.
 
 Cache layout: each group gets one contiguous mask (the kernel rejects non-contiguous ones unless
 ``sparse_masks`` says 1) of as many ways as it is allocated.  Critical groups are packed from bit
 0 upwards, then normal; batch groups are packed from the top bit downwards, so a change to a
 batch allocation never moves a critical mask.  A group allocated fewer ways than
 ``min_cbm_bits`` is given the unallocated ways (or the top ``min_cbm_bits``, overlapping the
-lowest-priority group) because the kernel refuses a smaller mask.  With ``isolate_default`` the
+lowest-priority group) because the kernel refuses a smaller mask.  Masks of a group's own are laid out
+only in the longest run of ways outside ``shareable_bits`` (ways other agents may fill); under CDP
+the same mask is written to ``L3CODE`` and ``L3DATA``.  With ``isolate_default`` the
 default group is narrowed the same way, so the ordinary processes of the host stop evicting what
 critical tasks keep in their exclusive ways.
 
@@ -42,320 +48,28 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from rswap_ebpf import paths
 from rswap_ebpf.errors import EnforceError, FeatureMissing, RswapError
-from rswap_ebpf.host.journal import Journal, allow_root, register_undo
+from rswap_ebpf.host.cache.masks import check_mask, contiguous_mask, layout_masks  # noqa: F401
+from rswap_ebpf.host.cache.resctrlfs import (  # noqa: F401  (re-exported: one import for users)
+    JOURNAL_KIND, MB_AMD_EIGHTH_GBPS, MB_MAX_PERCENT, MB_MIBPS, MB_PERCENT, MBA_MAX_MBPS,
+    OsResctrlFS, ResctrlFS, ResctrlInfo, _mount_has_option, _resctrl_mount_options,
+    ensure_mounted, fs_for, parse_schemata, read_info, register_fs)
+from rswap_ebpf.host.journal import Journal, register_undo
 
 log = logging.getLogger(__name__)
 
 GROUP_PREFIX = "rswap-"
-JOURNAL_KIND = "resctrl"
-MB_MAX_PERCENT = 100
-MBA_MAX_MBPS = 2**32 - 1   # the default MB value under mba_MBps (the kernel's MBA_MAX_MBPS)
-#: ``ResctrlInfo.mb_unit`` values: what a number on an ``MB:`` line means on this host
-MB_PERCENT, MB_AMD_EIGHTH_GBPS, MB_MIBPS = "percent", "1/8 GB/s (AMD)", "MiB/s (mba_MBps)"
 TIERS = ("critical", "normal", "batch")
-
-
-# -- the file seam ----------------------------------------------------------------------------
-
-class ResctrlFS:
-    """The file operations the enforcer needs: one method per system call it makes."""
-
-    def read(self, path: str) -> str:
-        with open(path) as f:
-            return f.read()
-
-    def write(self, path: str, text: str) -> None:
-        """One write(2), as resctrl files expect (a schemata or a tid per write)."""
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-
-    def mkdir(self, path: str) -> None:
-        os.mkdir(path)
-
-    def rmdir(self, path: str) -> None:
-        os.rmdir(path)
-
-    def listdir(self, path: str) -> list[str]:
-        return os.listdir(path)
-
-    def isdir(self, path: str) -> bool:
-        return os.path.isdir(path)
-
-    def exists(self, path: str) -> bool:
-        return os.path.exists(path)
-
-
-class OsResctrlFS(ResctrlFS):
-    """The kernel's resctrl files."""
-
-
-_FILESYSTEMS: dict[str, ResctrlFS] = {}
-
-
-def register_fs(root: str, fs: ResctrlFS | None) -> None:
-    """Route operations below ``root`` through ``fs`` (a fake tree in tests); None removes it.
-
-    The journal's undo handler runs with nothing but the journalled data, so this is how it finds
-    the same seam the enforcer used.
-    """
-    root = os.path.realpath(root)
-    if fs is None:
-        _FILESYSTEMS.pop(root, None)
-    else:
-        _FILESYSTEMS[root] = fs
-        allow_root(root)  # the journal's restore may act below it
-
-
-def fs_for(root: str) -> ResctrlFS:
-    return _FILESYSTEMS.get(os.path.realpath(root)) or OsResctrlFS()
-
-
-# -- what the hardware allows ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ResctrlInfo:
-    """The bounds from ``info/``; ``has_l3`` / ``has_mb`` say which resources the host has."""
-
-    root: str
-    num_closids: int
-    cbm_mask: int = 0
-    min_cbm_bits: int = 1
-    shareable_bits: int = 0
-    sparse_masks: bool = False
-    l3_domains: tuple[int, ...] = ()
-    bw_gran: int = 10
-    min_bw: int = 10
-    mb_domains: tuple[int, ...] = ()
-    mon_features: tuple[str, ...] = ()
-    mb_unit: str = MB_PERCENT
-    mb_max: int = MB_MAX_PERCENT    # the largest MB value the kernel accepts (unthrottled)
-
-    @property
-    def has_l3(self) -> bool:
-        return bool(self.cbm_mask)
-
-    @property
-    def has_mb(self) -> bool:
-        return bool(self.mb_domains)
-
-    @property
-    def cbm_len(self) -> int:
-        return self.cbm_mask.bit_length()
-
-    @property
-    def ways(self) -> int:
-        return bin(self.cbm_mask).count("1")
-
-    def mb_value(self, percent: int, peak_bytes_per_s: float | None = None) -> int:
-        """The ``MB`` value for ``percent`` of a domain, as the kernel keeps it: within
-        [min_bw, max], rounded up to the granularity (``bw_validate()``: ``roundup(bw, bw_gran)``).
-
-        On AMD and under mba_MBps the value is a rate: ``percent`` of ``peak_bytes_per_s`` (on AMD,
-        without a peak, of the hardware maximum); 100 % is the unthrottled maximum.
-        """
-        gran = max(1, self.bw_gran)
-        if self.mb_unit == MB_PERCENT:
-            pct = min(MB_MAX_PERCENT, max(self.min_bw, int(percent)))
-            return min(MB_MAX_PERCENT, -(-pct // gran) * gran)
-        if percent >= MB_MAX_PERCENT:
-            return self.mb_max
-        if self.mb_unit == MB_AMD_EIGHTH_GBPS:
-            raw = (percent / 100 * peak_bytes_per_s * 8 / 1e9 if peak_bytes_per_s
-                   else percent / 100 * self.mb_max)
-        else:
-            if not peak_bytes_per_s:
-                raise EnforceError(self.root, "resctrl is mounted with mba_MBps (MB values are "
-                                   "MiB/s): set [resources.membw] peak_bytes_per_s")
-            # The software controller takes any rate: no range check, no rounding.
-            return min(self.mb_max, max(1, math.ceil(percent / 100 * peak_bytes_per_s / 2**20)))
-        value = -(-math.ceil(raw) // gran) * gran
-        return min(self.mb_max, max(self.min_bw, 1, value))
-
-
-def parse_schemata(text: str) -> dict[str, dict[int, str]]:
-    """``"L3:0=fff;1=fff\\nMB:0=100"`` -> ``{"L3": {0: "fff", 1: "fff"}, "MB": {0: "100"}}``."""
-    out: dict[str, dict[int, str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        name, _, doms = line.partition(":")
-        entries = out.setdefault(name.strip(), {})
-        for item in doms.split(";"):
-            if not item.strip():
-                continue
-            dom, _, value = item.partition("=")
-            entries[int(dom.strip())] = value.strip()
-    return out
-
-
-def read_info(root: str | None = None, fs: ResctrlFS | None = None) -> ResctrlInfo:
-    """Read ``info/`` and the default group's schemata (for the domain ids) under ``root``."""
-    root = root or paths.root("RESCTRL_ROOT")
-    fs = fs or fs_for(root)
-
-    def value(*parts: str, default: str | None = None) -> str:
-        path = os.path.join(root, "info", *parts)
-        if not fs.exists(path):
-            if default is None:
-                raise FeatureMissing("resctrl", f"{path} is missing: not a resctrl mount?")
-            return default
-        return fs.read(path).strip()
-
-    try:
-        schemata = parse_schemata(fs.read(os.path.join(root, "schemata")))
-    except OSError as err:
-        raise FeatureMissing("resctrl", f"cannot read {root}/schemata: {err.strerror}",
-                             "mount -t resctrl resctrl /sys/fs/resctrl") from None
-    closids = []
-    kw: dict = {}
-    if fs.isdir(os.path.join(root, "info", "L3")):
-        kw.update(cbm_mask=int(value("L3", "cbm_mask"), 16),
-                  min_cbm_bits=int(value("L3", "min_cbm_bits")),
-                  shareable_bits=int(value("L3", "shareable_bits", default="0"), 16),
-                  sparse_masks=value("L3", "sparse_masks", default="0") == "1",
-                  l3_domains=tuple(sorted(schemata.get("L3", {}))))
-        closids.append(int(value("L3", "num_closids")))
-    if fs.isdir(os.path.join(root, "info", "MB")):
-        kw.update(bw_gran=int(value("MB", "bandwidth_gran")),
-                  min_bw=int(value("MB", "min_bandwidth")),
-                  mb_domains=tuple(sorted(schemata.get("MB", {}))))
-        kw.update(_mb_unit(root, schemata.get("MB", {}), kw["min_bw"],
-                           value("MB", "delay_linear", default="1") == "1"))
-        closids.append(int(value("MB", "num_closids")))
-    if fs.isdir(os.path.join(root, "info", "L3_MON")):
-        kw["mon_features"] = tuple(value("L3_MON", "mon_features", default="").split())
-    if not closids:
-        raise FeatureMissing("resctrl allocation", f"{root}/info has neither L3 nor MB",
-                             "the CPU has no cache or bandwidth allocation (CAT/MBA)")
-    # The kernel offers the smallest num_closids of the enabled resources.
-    return ResctrlInfo(root=root, num_closids=min(closids), **kw)
-
-
-def _mb_unit(root: str, default_mb: Mapping[int, str], min_bw: int, delay_linear: bool) -> dict:
-    """What ``MB`` values mean here.  The kernel keeps the default group at the largest value
-    (100, AMD's max_bw, or MBA_MAX_MBPS) unless someone lowered it; AMD also shows
-    ``min_bandwidth`` 0 and ``delay_linear`` 0, and mba_MBps is a mount option."""
-    values = [int(v) for v in default_mb.values() if v.strip().isdigit()]
-    top = max(values, default=MB_MAX_PERCENT)
-    if top == MBA_MAX_MBPS or _mount_has_option(root, "mba_MBps"):
-        return {"mb_unit": MB_MIBPS, "mb_max": MBA_MAX_MBPS}
-    if top > MB_MAX_PERCENT or (min_bw == 0 and not delay_linear):
-        return {"mb_unit": MB_AMD_EIGHTH_GBPS, "mb_max": top}
-    return {}
-
-
-def _resctrl_mount_options(root: str) -> list[str] | None:
-    """The options of the kernel's resctrl mount at ``root``, or None where ``root`` is not one."""
-    try:
-        with open(os.path.join(paths.root("PROCFS_ROOT"), "mounts")) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 4 and parts[2] == "resctrl" and \
-                        os.path.realpath(parts[1]) == os.path.realpath(root):
-                    return parts[3].split(",")
-    except OSError:
-        pass
-    return None
-
-
-def _mount_has_option(root: str, option: str) -> bool:
-    return option in (_resctrl_mount_options(root) or [])
-
-
-def ensure_mounted(journal: Journal | None = None, root: str | None = None) -> str:
-    """The resctrl root, mounting it (journalled, so restore unmounts it) when the kernel has it."""
-    root = root or paths.root("RESCTRL_ROOT")
-    fs = fs_for(root)
-    if fs.exists(os.path.join(root, "schemata")):
-        return root
-    try:
-        with open(os.path.join(paths.root("PROCFS_ROOT"), "filesystems")) as f:
-            known = any(line.split()[-1] == "resctrl" for line in f if line.strip())
-    except OSError:
-        known = False
-    if not known:
-        raise FeatureMissing("resctrl", "/proc/filesystems does not list resctrl (no Intel RDT / "
-                             "AMD PQoS, or a kernel without CONFIG_X86_CPU_RESCTRL)",
-                             "needs RDT-capable hardware and a kernel built with resctrl")
-    if journal is not None:
-        journal.record_custom(JOURNAL_KIND, {"action": "mount", "root": root})
-    proc = subprocess.run(["mount", "-t", "resctrl", "resctrl", root], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise FeatureMissing("resctrl", f"mount -t resctrl resctrl {root} failed: "
-                             f"{proc.stderr.strip() or proc.returncode}")
-    return root
-
-
-# -- cache masks ------------------------------------------------------------------------------
-
-def contiguous_mask(first_bit: int, nbits: int) -> int:
-    return ((1 << nbits) - 1) << first_bit if nbits > 0 else 0
-
-
-def layout_masks(info: ResctrlInfo, ways: Mapping[str, int], tiers: Mapping[str, str],
-                 default_group: str | None = None) -> dict[str, int]:
-    """One contiguous cache mask per group from its ways, as described in the module docstring.
-
-    ``tiers``: group -> "critical" | "normal" | "batch".  ``default_group``: also give that group
-    (the root, when isolating it) the unallocated ways.  Allocations larger than the hardware are
-    refused, never silently truncated.
-    """
-    n = info.cbm_len
-    wanted = {g: max(0, int(w)) for g, w in ways.items()}
-    exclusive = {g: w for g, w in wanted.items() if w >= max(1, info.min_cbm_bits)}
-    if sum(exclusive.values()) > n:
-        raise RswapError(f"resctrl: {sum(exclusive.values())} ways asked, the cache has {n}")
-    masks: dict[str, int] = {}
-    low = 0
-    for tier in ("critical", "normal"):
-        for g in sorted(x for x in exclusive if tiers.get(x) == tier):
-            masks[g] = contiguous_mask(low, exclusive[g])
-            low += exclusive[g]
-    high = n
-    for g in sorted(x for x in exclusive if tiers.get(x) not in ("critical", "normal")):
-        high -= exclusive[g]
-        masks[g] = contiguous_mask(high, exclusive[g])
-    free = high - low
-    need = max(1, info.min_cbm_bits)
-    if free >= need:
-        leftover = contiguous_mask(low, free)
-    else:
-        # Too few unallocated ways for a legal mask: widen the gap into the batch ways above it
-        # (or, with no batch group, into the ways below it), so critical ways are shared last.
-        start = low if high < n else max(0, high - need)
-        leftover = contiguous_mask(min(start, n - need), need)
-        log.warning("resctrl: %d unallocated way(s) < min_cbm_bits %d: groups below the minimum "
-                    "share mask %x", free, need, leftover)
-    for g in wanted:
-        if g not in masks:
-            masks[g] = leftover
-    if default_group is not None:
-        masks[default_group] = leftover
-    return masks
-
-
-def check_mask(info: ResctrlInfo, mask: int) -> None:
-    """The checks ``cbm_validate()`` makes, so a bad plan fails here, with a reason."""
-    if mask == 0 and info.min_cbm_bits > 0 or mask & ~info.cbm_mask:
-        raise RswapError(f"resctrl: mask {mask:x} out of range (cbm_mask {info.cbm_mask:x})")
-    bits = bin(mask).count("1")
-    low = (mask & -mask).bit_length() - 1
-    if not info.sparse_masks and mask >> low != (1 << bits) - 1:
-        raise RswapError(f"resctrl: mask {mask:x} has non-consecutive 1-bits")
-    if bits < info.min_cbm_bits:
-        raise RswapError(f"resctrl: mask {mask:x} has fewer than {info.min_cbm_bits} bits")
+#: how long open() waits for RMIDs in limbo (EBUSY from mkdir) to be freed, and how often it asks
+LIMBO_WAIT_S = 5.0
+LIMBO_RETRY_S = 0.5
 
 
 # -- the enforcer -----------------------------------------------------------------------------
@@ -385,11 +99,16 @@ class ResctrlEnforcer:
         self.group_of_task: dict[str, str] = {}
         self.ways: dict[str, int] = {}
         self.percent: dict[str, int] = {}
+        #: group name -> MBA throttle level per MB domain id, overriding ``percent`` (Intel
+        #: percent mode): an MB value applies per domain, so each domain has its own
+        self.levels: dict[str, dict[int, int]] = {}
         self._journalled_schemata: set[str] = set()
         self._last_written: dict[str, str] = {}
         self._kernel_mount: bool | None = None  # is self.root the kernel's resctrl mount?
         #: what 100 % of a domain moves, for hosts whose MB values are rates (AMD, mba_MBps)
         self.mb_peak_bytes_per_s: float | None = None
+        self.limbo_wait_s = LIMBO_WAIT_S
+        self._sleep = time.sleep
 
     # -- life cycle ------------------------------------------------------------------------
     def open(self, tasks: Mapping[str, str], mount: bool = True) -> str:
@@ -424,17 +143,39 @@ class ResctrlEnforcer:
                                "remove it or run rswap restore")
         self.journal.record_custom(JOURNAL_KIND, {"action": "mkdir", "root": self.root,
                                                   "group": g.name})
-        try:
-            self.fs.mkdir(g.path)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise FeatureMissing("resctrl CLOSIDs", f"no free CLOSID for {g.name}: "
-                                     f"{self._last_cmd_status()}") from err
-            raise EnforceError(g.path, f"cannot create: {err.strerror}") from err
+        deadline = time.monotonic() + self.limbo_wait_s
+        while True:
+            try:
+                self.fs.mkdir(g.path)
+                break
+            except OSError as err:
+                why = self._refusal(err)
+                if err.errno == errno.EBUSY and time.monotonic() < deadline:
+                    # No free RMID, but some are in limbo: freed, and still tagging cache lines
+                    # above max_threshold_occupancy; the kernel frees them as the lines age out.
+                    log.info("resctrl: %s: RMIDs in limbo, retrying", g.name)
+                    self._sleep(LIMBO_RETRY_S)
+                    continue
+                if err.errno == errno.EBUSY:
+                    raise FeatureMissing("resctrl RMIDs", f"no free RMID for {g.name}: every "
+                                         f"unused one is in limbo ({why}) after "
+                                         f"{self.limbo_wait_s:g} s",
+                                         "retry later (the kernel frees limbo RMIDs as their "
+                                         "cache lines age out), or raise info/L3_MON/"
+                                         "max_threshold_occupancy") from err
+                if err.errno == errno.ENOSPC:
+                    what = "RMID" if "RMID" in why else "CLOSID"
+                    raise FeatureMissing(f"resctrl {what}s", f"no free {what} for {g.name}: "
+                                         f"{why}", "fewer tasks (per-tier mode needs 3 groups)"
+                                         if what == "CLOSID" else "fewer resctrl groups on this "
+                                         "host (each control and monitor group holds one RMID)"
+                                         ) from err
+                raise EnforceError(g.path, f"cannot create: {why}") from err
         g.created = True
 
     # -- planning --------------------------------------------------------------------------
-    def _group_schemata(self, ways: Mapping[str, int], percent: Mapping[str, int]
+    def _group_schemata(self, ways: Mapping[str, int], percent: Mapping[str, int],
+                        levels: Mapping[str, Mapping[int, int]] | None = None
                         ) -> dict[str, str]:
         """Group path -> schemata text to write (only the resources rswap was given)."""
         info = self._need_info()
@@ -448,26 +189,46 @@ class ResctrlEnforcer:
             masks = layout_masks(info, gw, tiers, default_group=default)
             for g, mask in masks.items():
                 check_mask(info, mask)
-                line = "L3:" + ";".join(f"{d}={mask:x}" for d in info.l3_domains)
-                out.setdefault(g, []).append(line)
-        if info.has_mb and percent:
+                for name in info.l3_names:   # under CDP the same ways for code and data
+                    line = f"{name}:" + ";".join(f"{d}={mask:x}" for d in info.l3_domains)
+                    out.setdefault(g, []).append(line)
+        levels = levels or {}
+        if info.has_mb and (percent or levels):
             gp: dict[str, int] = {g: 0 for g in self.groups}
             for task, p in percent.items():
                 gp[self.group_of_task[task]] += int(p)
             for g, p in gp.items():
-                v = info.mb_value(p, self.mb_peak_bytes_per_s)
-                out.setdefault(g, []).append("MB:" + ";".join(f"{d}={v}" for d in info.mb_domains))
+                if g in levels:
+                    if info.mb_unit != MB_PERCENT:
+                        raise RswapError("resctrl: throttle levels are Intel MBA's unit; this "
+                                         f"host's MB values are {info.mb_unit}")
+                    per = {d: info.mb_value(levels[g].get(d, MB_MAX_PERCENT))
+                           for d in info.mb_domains}
+                elif not percent:
+                    continue
+                else:
+                    v = info.mb_value(p, self.mb_peak_bytes_per_s)
+                    per = {d: v for d in info.mb_domains}
+                out.setdefault(g, []).append("MB:" + ";".join(f"{d}={v}" for d, v in per.items()))
         return {(self.root if g == "" else self.groups[g].path): "\n".join(lines) + "\n"
                 for g, lines in out.items()}
 
     def plan(self, ways: Mapping[str, int] | None = None,
-             percent: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
-        """``(schemata path, text)`` pairs for these allocations (unchanged groups left out)."""
+             percent: Mapping[str, int] | None = None,
+             levels: Mapping[str, Mapping[int, int]] | None = None) -> list[tuple[str, str]]:
+        """``(schemata path, text)`` pairs for these allocations (unchanged groups left out).
+
+        ``levels``: group name -> MB domain id -> MBA throttle level (Intel percent mode only;
+        a domain left out is unthrottled), instead of the group's ``percent``."""
         self._check_tasks(ways or {}, percent or {})
+        for g in levels or {}:
+            if g not in self.groups:
+                raise RswapError(f"resctrl: group {g!r} was not created by open()")
         w = {**self.ways, **(ways or {})}
         p = {**self.percent, **(percent or {})}
+        lv = {**self.levels, **{g: dict(v) for g, v in (levels or {}).items()}}
         writes = []
-        for gpath, text in self._group_schemata(w, p).items():
+        for gpath, text in self._group_schemata(w, p, lv).items():
             path = os.path.join(gpath, "schemata")
             if self._last_written.get(path) != text:
                 writes.append((path, text))
@@ -484,7 +245,7 @@ class ResctrlEnforcer:
     @staticmethod
     def _mask_bits(text: str) -> int:
         for name, doms in parse_schemata(text).items():
-            if name == "L3" and doms:
+            if name in ("L3", "L3CODE", "L3DATA") and doms:
                 return bin(int(next(iter(doms.values())), 16)).count("1")
         return 0
 
@@ -496,11 +257,13 @@ class ResctrlEnforcer:
 
     # -- applying --------------------------------------------------------------------------
     def apply(self, ways: Mapping[str, int] | None = None,
-              percent: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+              percent: Mapping[str, int] | None = None,
+              levels: Mapping[str, Mapping[int, int]] | None = None) -> list[tuple[str, str]]:
         """Write every schemata these allocations change, in one go (one tick)."""
-        writes = self.plan(ways, percent)
+        writes = self.plan(ways, percent, levels)
         self.ways.update(ways or {})
         self.percent.update(percent or {})
+        self.levels.update({g: dict(v) for g, v in (levels or {}).items()})
         if self.dry_run:
             return writes
         for path, text in writes:
@@ -508,6 +271,10 @@ class ResctrlEnforcer:
         return writes
 
     def _write_schemata(self, path: str, text: str) -> None:
+        if not text.endswith("\n"):
+            # rdtgroup_schemata_write() refuses a buffer without its newline *before* it clears
+            # last_cmd_status: the refusal would be reported with an older command's text.
+            text += "\n"
         if path not in self._journalled_schemata:
             original = self.fs.read(path)
             group = os.path.relpath(os.path.dirname(path), self.root)
@@ -519,7 +286,7 @@ class ResctrlEnforcer:
             self.fs.write(path, text)
         except OSError as err:
             raise EnforceError(path, f"kernel refused {text.strip()!r}: "
-                               f"{self._last_cmd_status() or err.strerror}") from err
+                               f"{self._refusal(err)}") from err
         self._last_written[path] = text
 
     def place(self, task: str, pids: Iterable[int]) -> int:
@@ -545,7 +312,7 @@ class ResctrlEnforcer:
                     if err.errno == errno.ESRCH:
                         continue
                     raise EnforceError(tasks_file, f"cannot move thread {tid}: "
-                                       f"{self._last_cmd_status() or err.strerror}") from err
+                                       f"{self._refusal(err)}") from err
                 g.members.add(tid)
                 moved += 1
         return moved
@@ -592,7 +359,8 @@ class ResctrlEnforcer:
         """Group -> the L3 mask of its first domain, as the kernel shows it now."""
         out = {}
         for g, text in self.current().items():
-            doms = parse_schemata(text).get("L3")
+            parsed = parse_schemata(text)
+            doms = parsed.get("L3") or parsed.get("L3DATA")
             if doms:
                 out[g] = int(next(iter(doms.values())), 16)
         return out
@@ -615,6 +383,18 @@ class ResctrlEnforcer:
             return self.fs.read(os.path.join(self.root, "info", "last_cmd_status")).strip()
         except OSError:
             return ""
+
+    def _refusal(self, err: OSError) -> str:
+        """Why the kernel refused: ``last_cmd_status`` when it says something, else the errno.
+
+        The kernel clears the status at the start of a command and reads ``ok`` when nothing was
+        put there since; some refusals put nothing (an unknown domain id in ``parse_line()``
+        returns EINVAL silently), so ``ok`` beside an error means "see errno", never success.
+        """
+        status = self._last_cmd_status()
+        if status and status != "ok":
+            return status
+        return f"{err.strerror} (errno {err.errno}; last_cmd_status said nothing)"
 
 
 def _ints(text: str) -> list[int]:
