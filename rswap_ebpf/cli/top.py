@@ -22,7 +22,8 @@ from rswap_ebpf.errors import RswapError
 
 def read_status() -> dict[str, Any]:
     """The running daemon's last status, or an error saying none is running."""
-    from rswap_ebpf.runtime.daemon import Lock, status_path
+    from rswap_ebpf.runtime.lock import Lock
+    from rswap_ebpf.runtime.status import status_path
 
     path = status_path()
     if not Lock.held() or not os.path.exists(path):

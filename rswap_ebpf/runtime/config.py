@@ -21,6 +21,7 @@ from rswap_ebpf.model.resources import (MULTI_INSTANCE, Resource, ResourceId, Re
 from rswap_ebpf.model.limits import Limits, Priority
 
 DEFAULT_CONFIG = "default.toml"
+KILL_MODES = ("stop", "keep")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class DaemonConfig:
     overflow_interval: float = 60.0  # seconds between reports of an unchanged shortfall
     critical_floor: float = 0.9    # critical tasks keep this quantile of a season's forecast (0: off)
     critical_season: int = 0       # ...a season of this many ticks (0: the forecaster's period)
+    #: what happens to the commands rswap started when it stops or dies: "stop" (the default:
+    #: they go with it), or "keep" (they run on, unmanaged, as systemd's KillMode=none)
+    kill_mode: str = "stop"
 
     @property
     def state_path(self) -> str:
@@ -137,7 +141,7 @@ def _daemon(d: Any) -> DaemonConfig:
     _only(d, {"interval", "window", "headroom", "state_dir", "history", "retention_days",
               "rollup_s", "checkpoint_every", "hold_ticks", "deadband", "max_step_down",
               "overflow_command", "overflow_url", "overflow_interval", "critical_floor",
-              "critical_season"}, "daemon")
+              "critical_season", "kill_mode"}, "daemon")
     interval = _number(d.get("interval", 1.0), "daemon.interval", 0.05, 3600)
     window = int(_number(d.get("window", 5), "daemon.window", 1, 10000))
     headroom = _number(d.get("headroom", 0.2), "daemon.headroom", 0.0, 10.0)
@@ -163,10 +167,15 @@ def _daemon(d: Any) -> DaemonConfig:
                                 0.0, 86400)
     critical_floor = _number(d.get("critical_floor", 0.9), "daemon.critical_floor", 0.0, 1.0)
     critical_season = int(_number(d.get("critical_season", 0), "daemon.critical_season", 0, 100000))
+    kill_mode = d.get("kill_mode", "stop")
+    if kill_mode not in KILL_MODES:
+        raise ConfigError("daemon.kill_mode", f"{kill_mode!r} is not one of "
+                          f"{', '.join(KILL_MODES)} (stop: the commands rswap started stop with "
+                          "it; keep: they run on)")
     return DaemonConfig(interval, window, headroom, state_dir, history, retention_days, rollup_s,
                         checkpoint_every, hold_ticks, deadband, max_step_down, overflow_command,
                         overflow_url, overflow_interval, critical_floor=critical_floor,
-                        critical_season=critical_season)
+                        critical_season=critical_season, kill_mode=kill_mode)
 
 
 def _resource_tables(d: Any) -> list[tuple[Resource, dict, str]]:

@@ -18,7 +18,7 @@ from rswap_ebpf.host.cgroup import TaskCgroup, Write
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.model.limits import Limits
 from rswap_ebpf.host.gpu.nvml import GpuSample, NvmlCollector
-from rswap_ebpf.host.driver import DriverContext, ResourceDriver
+from rswap_ebpf.host.driver import Admits, DriverContext, ResourceDriver
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def gpu_need(profiler, task: str, limits: Limits | None, window: int,
     return lim.clamp(lim.max_units if lim.max_units is not None else lim.min_units), None
 
 
-class GpuDriver(ResourceDriver):
+class GpuDriver(ResourceDriver, Admits):
     resource = ResourceType.GPU_MEMORY
 
     def __init__(self, collector: NvmlCollector):
