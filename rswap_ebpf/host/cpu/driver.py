@@ -8,7 +8,8 @@ from rswap_ebpf.host.cgroup import (CgroupMounts, CpuShape, FileApplier, TaskCgr
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.cpu.collector import CpuCollector
-from rswap_ebpf.host.driver import DriverContext, KeepsFloors, ReportsDrops, ResourceDriver, Settles, ShapesByTier
+from rswap_ebpf.host.driver import (DriverContext, KeepsFloors, ReportsDrops, ResourceDriver,
+                                    Settles, ShapesByTier)
 
 
 #: What each tier adds to its quota (enforce.cgroup.CpuShape): a critical task keeps unused quota
