@@ -18,6 +18,7 @@ from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.model.resources import (MULTI_INSTANCE, Resource, ResourceId, ResourceType, check_instance_name,
                         check_units, parse_resource)
+from rswap_ebpf.host.process import is_kernel_thread
 from rswap_ebpf.model.limits import Limits, Priority
 
 DEFAULT_CONFIG = "default.toml"
@@ -381,6 +382,9 @@ def _task(raw: Any, where: str) -> TaskConfig:
     for pid in pids:
         if not os.path.exists(os.path.join(paths.root("PROCFS_ROOT"), str(pid))):
             raise ConfigError(f"{where}.pids", f"no process with pid {pid}")
+        if is_kernel_thread(pid):
+            raise ConfigError(f"{where}.pids", f"pid {pid} is a kernel thread, which no cgroup "
+                              "can hold; remove it from pids")
     if sum(bool(x) for x in (command, cgroup, pids)) != 1:
         raise ConfigError(where, "give exactly one of command, cgroup or pids")
     forecaster = raw.get("forecaster")
