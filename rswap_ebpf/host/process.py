@@ -152,17 +152,36 @@ def signal_session(pid: int, sig: int) -> None:
 
 def stop(proc: subprocess.Popen, term_s: float = 3.0, kill_s: float = 2.0) -> int | None:
     """SIGTERM ``proc``'s process group, SIGKILL it after ``term_s``; its exit status, or None
-    when it outlived both (reported by the caller, never raised)."""
+    when it outlived both (reported by the caller, never raised).  Members of the group still
+    there when it has exited (a parent that does not wait for its workers) get until
+    ``term_s`` too, then SIGKILL."""
+    deadline = time.monotonic() + term_s
     if proc.poll() is None:
         signal_session(proc.pid, signal.SIGTERM)
+    code = None
     for sig, wait_s in ((None, term_s), (signal.SIGKILL, kill_s)):
         if sig is not None:
             signal_session(proc.pid, sig)
         try:
-            return proc.wait(timeout=wait_s)
+            code = proc.wait(timeout=wait_s)
+            break
         except subprocess.TimeoutExpired:
             continue
-    return None
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _group_alive(proc.pid):
+        signal_session(proc.pid, signal.SIGKILL)
+    return code
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _session_members(sid: int, since_ticks: int) -> list[int]:
