@@ -219,7 +219,8 @@ class Daemon:
             self.pool.monitor_resource(r, d.total if not self.config.totals.get(r) else None)
 
     def _open_profiles(self) -> None:
-        """Persistent profiles (state_dir/profiles.db): tasks start with what earlier runs learnt."""
+        """Persistent profiles (state_dir/profiles.db): tasks start with what earlier runs
+        learnt."""
         from rswap_ebpf.predict.store import ProfileStore, Retention
 
         d = self.config.daemon

@@ -41,7 +41,8 @@ class TaskRuntime:
     owner_pid: int | None = None    # the rswap exec that asked for it (SO_PEERCRED)
     had_pids: bool = False
     gpu_device: int | None = None   # where GPU admission placed it (NVML index)
-    env: dict[str, str] = field(default_factory=dict)  # given to its processes (CUDA_VISIBLE_DEVICES)
+    #: given to its processes (CUDA_VISIBLE_DEVICES)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class TaskLifecycle:

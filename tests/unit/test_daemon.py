@@ -104,15 +104,11 @@ def _daemon(cgroot, text=CONFIG, driver=None, hooks=()):
                   mounts=CgroupMounts("unified", str(cgroot)), out=io.StringIO(), hooks=hooks)
 
 
-def _sighup(report):
-    os.kill(os.getpid(), signal.SIGHUP)
-
-
 @pytest.mark.parametrize("ending", ["count", "sighup", "sigterm", "tick error", "hook start error"])
 def test_stop_runs_once_whatever_ends_the_run(cgroot, ending):
     drv = FakeCpu(fail_at=2 if ending == "tick error" else None)
-    first = Counting(on_tick={"sighup": _sighup,
-                              "sigterm": lambda r: os.kill(os.getpid(), signal.SIGTERM)}.get(ending))
+    send = {"sighup": signal.SIGHUP, "sigterm": signal.SIGTERM}.get(ending)
+    first = Counting(on_tick=(lambda r: os.kill(os.getpid(), send)) if send else None)
     hooks = [first] + ([Counting(fail_start=True)] if ending == "hook start error" else [])
     d = _daemon(cgroot, driver=drv, hooks=hooks)
     old = signal.getsignal(signal.SIGHUP)
@@ -299,3 +295,24 @@ def test_a_spawned_task_whose_cgroup_vanishes_is_stopped_without_killing_the_dae
         d.tick()
     finally:
         assert d.stop() is True
+
+
+def test_rswap_run_takes_stop_signals_before_it_reads_its_config(monkeypatch):
+    """A SIGTERM while ``rswap run`` starts is kept (and answered by a clean stop), not a kill:
+    the handlers are in place before the configuration is even read."""
+    import importlib
+
+    climain = importlib.import_module("rswap_ebpf.cli.main")  # the module, not cli.main()
+
+    seen = {}
+
+    def load(path):
+        os.kill(os.getpid(), signal.SIGTERM)  # default disposition: this process would die
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        raise ConfigError("--config", "stop here")
+
+    old = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(climain.configmod, "load", load)
+    assert climain.main(["run", "--config", "x.toml"]) == 2
+    assert seen["handler"] not in (signal.SIG_DFL, old)
+    assert signal.getsignal(signal.SIGTERM) == old  # put back once run returns

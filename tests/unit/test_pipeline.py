@@ -156,7 +156,8 @@ def test_a_critical_floor_goes_to_a_driver_that_keeps_floors_not_into_the_units(
 
 def test_observation_without_drops_only_the_named_tasks():
     obs = pipeline.Observation(1, {"a": None, "b": None}, {"a": "normal", "b": "batch"},
-                               {"a": {CPU: 1.0}, "b": {CPU: 2.0}}, {"a": {CPU: 1.0}, "b": {CPU: 2.0}})
+                               {"a": {CPU: 1.0}, "b": {CPU: 2.0}},
+                               {"a": {CPU: 1.0}, "b": {CPU: 2.0}})
     assert obs.without([]) is obs
     kept = obs.without(["b"])
     assert list(kept.tasks) == ["a"] and list(kept.observed) == ["a"] and kept.tick == 1
