@@ -85,6 +85,26 @@ _HANDLERS: dict = {}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    signals = _stop_signals_for_run(argv)
+    try:
+        return _main(argv, signals)
+    finally:
+        if signals is not None:
+            signals.restore()
+
+
+def _stop_signals_for_run(argv: list[str]):
+    """``rswap run`` takes SIGINT, SIGTERM and SIGHUP before anything else (parsing, imports):
+    a signal during start-up is kept and answered by a clean stop, never a kill mid-way."""
+    if "run" not in [a for a in argv if not a.startswith("-")][:1]:
+        return None
+    from rswap_ebpf.runtime.daemon import StopSignals
+
+    return StopSignals().install()
+
+
+def _main(argv: list[str], signals) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -93,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        handlers = {"run": cmd_run, "status": cmd_status, "doctor": cmd_doctor,
-                    "restore": cmd_restore, **_HANDLERS}
+        if args.command == "run":
+            return cmd_run(args, signals)
+        handlers = {"status": cmd_status, "doctor": cmd_doctor, "restore": cmd_restore,
+                    **_HANDLERS}
         return handlers[args.command](args)
     except RswapError as err:
         print(f"rswap: error: {err}", file=sys.stderr)
@@ -103,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, signals=None) -> int:
     cfg = configmod.load(args.config)
     if args.ebpf:
         from rswap_ebpf.host.bpf import bpf_source_dir
@@ -121,17 +143,21 @@ def cmd_run(args) -> int:
     if not cfg.tasks:
         raise ConfigError("task", f"{cfg.source} defines no [[task]]; nothing to do")
     args_.need_root("run")
-    from rswap_ebpf.runtime.daemon import Daemon
-
     from rswap_ebpf.cli.ops import observe
+    from rswap_ebpf.cli.run_table import RunTable
+    from rswap_ebpf.runtime.daemon import Daemon
+    from rswap_ebpf.server.service import ControlService
 
-    daemon = Daemon(cfg, dry_run=args.dry_run)
+    # The control socket first: the table's header is printed once it answers.
+    daemon = Daemon(cfg, dry_run=args.dry_run, hooks=[ControlService(), RunTable()],
+                    signals=signals)
     with observe(daemon, args):
         return daemon.run(args.count)
 
 
 def cmd_status(args) -> int:
-    from rswap_ebpf.runtime.daemon import Lock, status_path
+    from rswap_ebpf.runtime.lock import Lock
+    from rswap_ebpf.runtime.status import status_path
 
     from rswap_ebpf.server.control import NotRunning, answer_timeout, request
 
@@ -198,11 +224,11 @@ def cmd_doctor(args) -> int:
 
 def cmd_restore(args) -> int:
     args_.need_root("restore")
-    from rswap_ebpf.runtime.daemon import Lock, restore_host
+    from rswap_ebpf.runtime.lock import Lock, restore_host
 
-    if Lock.held():
-        raise RswapError("an rswap daemon is running; stop it (it restores on exit) instead")
     state_dir = args.state_dir or paths.root("STATE_DIR")
+    if Lock.held(state_dir):
+        raise RswapError("an rswap daemon is running; stop it (it restores on exit) instead")
     restored, failed, pins = restore_host(state_dir)
     for f in failed:
         print(f"rswap: could not restore {f}", file=sys.stderr)

@@ -26,7 +26,8 @@ COLUMNS = (Column("TASK"), Column("PRIO"), Column("RES"), Column("USAGE", ">"),
 
 def read_status() -> dict[str, Any]:
     """The running daemon's last status, or an error saying none is running."""
-    from rswap_ebpf.runtime.daemon import Lock, status_path
+    from rswap_ebpf.runtime.lock import Lock
+    from rswap_ebpf.runtime.status import status_path
 
     path = status_path()
     if not Lock.held() or not os.path.exists(path):

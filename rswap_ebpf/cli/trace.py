@@ -146,6 +146,7 @@ def cmd_record(args) -> int:
         raise ConfigError("task", f"{cfg.source} defines no [[task]]; nothing to record")
     if os.geteuid() != 0:
         raise RswapError("rswap record needs root (it loads BPF and creates cgroups); try sudo")
+    from rswap_ebpf.cli.run_table import RunTable
     from rswap_ebpf.runtime.daemon import Daemon
     from rswap_ebpf.offline.trace import TraceWriter
 
@@ -155,7 +156,7 @@ def cmd_record(args) -> int:
         raise ConfigError("--output", f"cannot write {args.output}: {err.strerror}") from None
     with out:
         writer = TraceWriter(out)
-        daemon = Daemon(cfg, dry_run=True, out=sys.stderr)
+        daemon = Daemon(cfg, dry_run=True, out=sys.stderr, hooks=[RunTable(sys.stderr)])
         start = time.monotonic()
 
         def on_tick(report) -> None:

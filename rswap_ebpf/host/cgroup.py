@@ -254,8 +254,7 @@ class CgroupManager:
 
     def move(self, cg: TaskCgroup, pid: int) -> None:
         """Put ``pid`` in the task's directory of every hierarchy, journalling where it was."""
-        if not os.path.exists(os.path.join(paths.root("PROCFS_ROOT"), str(pid))):
-            raise ConfigError(f"task {cg.name}.pids", f"no process with pid {pid}")
+        check_pid(cg.name, pid)
         origin = self.current_cgroups(pid)
         for hier, d in cg.dirs.items():
             old = origin.get(hier)
@@ -301,6 +300,17 @@ class CgroupManager:
             except ProcessLookupError:
                 pass
         return n
+
+
+def check_pid(task: str, pid: int) -> None:
+    """Refuse, before anything is journalled, a pid that cannot be moved into a cgroup."""
+    if not os.path.exists(os.path.join(paths.root("PROCFS_ROOT"), str(pid))):
+        raise ConfigError(f"task {task}.pids", f"no process with pid {pid}")
+    from rswap_ebpf.host.process import is_kernel_thread
+
+    if is_kernel_thread(pid):
+        raise ConfigError(f"task {task}.pids", f"pid {pid} is a kernel thread, which no cgroup "
+                          "can hold; remove it from pids")
 
 
 def proc_cgroups(pid: int) -> list[tuple[str, str, str]]:
@@ -562,6 +572,12 @@ class FileApplier:
             self._last[path] = _read(path)
             done.append((path, value))
         return done
+
+    def forget(self, prefixes: tuple[str, ...]) -> None:
+        """A task has left: what rswap wrote below ``prefixes`` is no longer watched."""
+        for path in [p for p in self._last if p.startswith(prefixes)]:
+            del self._last[path]
+        self.overridden = {p for p in self.overridden if not p.startswith(prefixes)}
 
 
 def _read(path: str) -> str:

@@ -303,6 +303,10 @@ def _undo(entry: dict, done_writes: set[str]) -> bool:
         except OSError as err:
             if err.errno in (errno.ESRCH, errno.ENOENT):
                 return False
+            if err.errno == errno.EINVAL:  # a pid no cgroup write can move (a kernel thread)
+                log.warning("journal: pid %s cannot be moved back (%s); entry retired",
+                            entry["pid"], err.strerror)
+                return False
             raise
         return True
     if op == "custom":
@@ -326,6 +330,7 @@ ENFORCER_MODULES: tuple[str, ...] = (
     "rswap_ebpf.host.net.htb",
     "rswap_ebpf.host.net.ingress",
     "rswap_ebpf.host.cache.resctrl",
+    "rswap_ebpf.host.process",
 )
 
 

@@ -1,8 +1,10 @@
-"""Replay a recorded trace through the swap manager and the forecasters, without root.
+"""Replay a recorded trace through the daemon's pipeline, without root.
 
 Each policy gets its own pool and :class:`~rswap_ebpf.swap.manager.SwapManager` (the daemon's),
-and every tick goes the daemon's way: the allocation decided at tick *t* is what the task has
-during tick *t + 1*, and is scored against the demand recorded then.
+and every tick runs the daemon's :class:`~rswap_ebpf.runtime.pipeline.Pipeline` (Observe ->
+Forecast -> Allocate -> Enforce) on a trace-backed host (:class:`TraceDriver`): the allocation
+decided at tick *t* is what the task has during tick *t + 1*, and is scored against the demand
+recorded then.  The policies differ only in the Forecast stage.
 
 * ``static``: equal shares of the pool, never changed (what a fixed quota gives).
 * ``reactive``: last value + headroom (what a threshold autoscaler gives).
@@ -16,7 +18,7 @@ caps nothing).  Replay enforces each policy's allocation the way the daemon's dr
 uses at most what it holds (never less than :data:`ENFORCED_FLOOR`, the least a cap lets
 through), uncapped only before its first allocation, and what the policies learn from is
 :meth:`SwapManager.observed_demand` of that capped use, with the kernel's "throttled" flag where
-the real driver reports one (:data:`KERNEL_CENSORS`) -- the same path as ``Daemon.tick``.  So a
+the real driver reports one (:data:`KERNEL_CENSORS`) -- the pipeline's Observe stage.  So a
 policy that under-allocates also under-observes, as it would on a host.  Shortfall is what a
 policy withheld from the recorded demand.
 Figures per task x resource: MAE and MAPE of the 1-tick-ahead forecast (MAPE over ticks with
@@ -33,58 +35,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.registry import make_forecaster
-from rswap_ebpf.predict.profile import TaskProfiler
-from rswap_ebpf.model.resources import ResourcePool, ResourceType
+from rswap_ebpf.host.cgroup import TaskCgroup
 from rswap_ebpf.model.limits import Limits, Priority
+from rswap_ebpf.model.resources import ResourcePool, ResourceType
 from rswap_ebpf.model.stats import quantile
-from rswap_ebpf.swap.manager import ManagedTask, SwapManager
+from rswap_ebpf.offline.host import (ENFORCED_FLOOR, KERNEL_CENSORS, KERNEL_READS,  # noqa: F401
+                                     READINGS, TraceDriver, throttled_reading)
 from rswap_ebpf.offline.trace import Trace
+from rswap_ebpf.predict.profile import TaskProfiler
+from rswap_ebpf.predict.registry import make_forecaster
+from rswap_ebpf.runtime.pipeline import (Allocate, Enforce, Forecasts, Observation, Observe,
+                                         Pipeline, ProfileForecast)
+from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 
 POLICIES = ("static", "reactive", "vpa", "proactive")
-
-#: The least a cap lets a task use: the CPU driver never writes a quota under 1 ms per 100 ms
-#: period (``enforce/cgroup.py``: V1_MIN_QUOTA_US), so a task held at 0 still runs at 10
-#: millicores and is seen throttled; other resources are taken to pass at least one unit.
-ENFORCED_FLOOR = {ResourceType.PROCESSOR_CYCLES: 10.0}
-#: Resources whose driver tells the daemon when its cap held a task down (CPU: ``nr_throttled``
-#: went up); for the others the manager judges by use against allocation (``censored=None``).
-KERNEL_CENSORS = frozenset({ResourceType.PROCESSOR_CYCLES})
-#: Resources whose driver also says how much its cap held back (CPU: :meth:`CpuDriver.withheld`,
-#: from ``cpu.stat``'s throttled time), modelled by :func:`throttled_reading`.
-KERNEL_READS = frozenset({ResourceType.PROCESSOR_CYCLES})
-#: How replay models that reading on a throttled tick (``--reading``): ``demand``, the recorded
-#: demand itself (the default); ``backlog``, what a backlog adds (:func:`throttled_reading`);
-#: ``growth``, no reading at all: the manager's growth rule (twice the allocation).
-READINGS = ("demand", "backlog", "growth")
-
-
-def throttled_reading(demand, cap, total, model: str = "backlog"):
-    """Use + throttled time, as the CPU driver reads it, for a task held at ``cap`` below its
-    ``demand`` (millicores; numbers or numpy arrays), at most ``total``.
-
-    ``backlog``: a throttled thread waits runnable for as long as work it would have done is
-    held back, so across a tick it had work in throughout, the reading runs linearly from the
-    demand (cap at the demand) to a whole CPU per thread (cap 0), with the fewest threads that
-    use the demand: ``d + (1 - cap/d) * (n*1000 - d)``, ``n = ceil(d/1000)``.  ``demand``: the
-    demand itself.  Measured on a 6.18 kernel (``tools/measure_throttle.py``), held at 200
-    and 500 millicores for 3 s: ``backlog`` is within 5% for busy
-    threads, a half-busy thread, rswap's demo spinners, ``stress-ng --cpu-load`` and ``dd``,
-    where ``demand`` reads up to 37% low; both read low for two threads busy 30%.  In the second
-    a burst begins in it is the other way: the reading is 0.03-1.3x the demand, as throttled
-    time is credited only when a CFS period unthrottles the group, and ``backlog`` reads up to
-    six times too high.  A trace does not say which ticks are which, so replay takes ``demand``
-    unless told.
-    """
-    d = np.maximum(np.asarray(demand, dtype=float), 1e-9)
-    if model == "demand":
-        est = np.minimum(d, total)
-    else:
-        c = np.minimum(np.asarray(cap, dtype=float), d)
-        whole = np.ceil(d / 1000.0 - 1e-9) * 1000.0
-        est = np.minimum(d + (1.0 - c / d) * (whole - d), total)
-    return float(est) if est.ndim == 0 else est
-
 
 @dataclass
 class Score:
@@ -152,8 +116,38 @@ def replay(trace: Trace, policies: Sequence[str] = POLICIES, forecaster: str | d
     return result
 
 
+class _LastValue:
+    """``reactive``'s Forecast stage: the demand just observed."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def __call__(self, obs: Observation) -> Forecasts:
+        fc: dict[str, dict[ResourceType, float]] = {}
+        for t, r in self.keys:
+            fc.setdefault(t, {})[r] = obs.observed[t][r]
+        return Forecasts(fc, fc, {}, {}, {})
+
+
+class _Percentile:
+    """``vpa``'s Forecast stage: the 90th percentile of the last ``window`` observed demands."""
+
+    def __init__(self, keys, window: int, q: float = 0.9):
+        self.keys = keys
+        self.q = q
+        self.recent = {k: deque(maxlen=window) for k in keys}
+
+    def __call__(self, obs: Observation) -> Forecasts:
+        fc: dict[str, dict[ResourceType, float]] = {}
+        for t, r in self.keys:
+            self.recent[(t, r)].append(obs.observed[t][r])
+            fc.setdefault(t, {})[r] = quantile(self.recent[(t, r)], self.q, "higher")
+        return Forecasts(fc, fc, {}, {}, {})
+
+
 def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_window,
          priorities, reading) -> list[Score]:
+    """One policy over the trace, through the daemon's pipeline on a trace-backed host."""
     pool = ResourcePool()
     for r, total in totals.items():
         pool.register_resource(r, total)
@@ -163,34 +157,39 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
         mgr.add_task(ManagedTask(task, priorities.get(task, Priority.NORMAL),
                                  {r: Limits() for (t, r) in trace.demand if t == task}))
     scores = {k: Score(policy, k[0], k[1], forecasts=policy != "static") for k in trace.demand}
-    spec = _scored_over(spec, window)
-    profiler = TaskProfiler(lambda t, r: make_forecaster(spec, scale=totals[r]))
-    recent: dict[tuple[str, ResourceType], deque] = {k: deque(maxlen=vpa_window)
-                                                     for k in trace.demand}
-    dt = trace.interval
-    if policy == "static":
-        for r in trace.resources:
-            members = [t for (t, rr) in trace.demand if rr == r]
+    drivers = {r: TraceDriver(r, {t: s for (t, rr), s in trace.demand.items() if rr == r},
+                              totals[r], reading) for r in trace.resources}
+    keys = list(trace.demand)
+    if policy == "proactive":
+        profiler = TaskProfiler(lambda t, r: make_forecaster(_scored_over(spec, window),
+                                                             scale=totals[r]))
+        forecast = ProfileForecast(profiler, pool, drivers, window)
+    elif policy == "vpa":
+        forecast = _Percentile(keys, vpa_window)
+    else:
+        forecast = _LastValue(keys)
+    pipe = Pipeline(Observe(drivers, pool, mgr), forecast, Allocate(mgr),
+                    Enforce(drivers, pool, mgr))
+    cgroups = {t: TaskCgroup(t, t, {}, True) for t in dict.fromkeys(t for t, _ in keys)}
+    priority_of = {t: priorities.get(t, Priority.NORMAL).name.lower() for t in cgroups}
+    if policy == "static":  # equal shares, enforced from the first tick and never changed
+        for r, drv in drivers.items():
+            members = [t for (t, rr) in keys if rr == r]
             for t in members:
                 pool.set_allocation(r, t, totals[r] // len(members))
+                drv.apply(cgroups[t], pool.allocation(r, t))
+            drv.enforcing = True
+    dt = trace.interval
     predicted: dict[tuple[str, ResourceType], float] = {}
     for i in range(len(trace.times)):
-        # Before the first allocation nothing is capped yet (the daemon's first tick).
-        capped = policy == "static" or i > 0
-        observed: dict[str, dict[ResourceType, float]] = {}
+        for drv in drivers.values():
+            drv.at(i)
         for k, series in trace.demand.items():
-            d = series[i]
-            s = scores[k]
-            task, r = k
-            used, censored, withheld = d, False, None
-            if capped:
-                alloc = pool.allocation(r, task)
+            d, s = series[i], scores[k]
+            if drivers[k[1]].enforcing:
+                alloc = pool.allocation(k[1], k[0])
                 s.shortfall += max(0.0, d - alloc) * dt
                 s.slack += max(0.0, alloc - d) * dt
-                cap = max(float(alloc), ENFORCED_FLOOR.get(r, 1.0))
-                used, censored = min(d, cap), d > cap
-                if censored and reading != "growth" and r in KERNEL_READS:
-                    withheld = throttled_reading(d, cap, totals[r], reading) - used
             f = predicted.get(k)
             if f is not None:
                 s.abs_err += abs(d - f)
@@ -198,37 +197,21 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 if d >= 1.0:
                     s.pct_err += abs(d - f) / d
                     s.n_pct += 1
-            seen = mgr.observed_demand(task, r, used, censored if r in KERNEL_CENSORS else None,
-                                       withheld)
-            observed.setdefault(task, {})[r] = seen
-            recent[k].append(seen)
         if policy == "static":
             continue
-        forecasts: dict[str, dict[ResourceType, float]] = {}
-        releases: dict[str, dict[ResourceType, float]] = {}
-        for (t, r) in trace.demand:
-            seen = observed[t][r]
-            if policy == "reactive":
-                f = seen
-            elif policy == "vpa":
-                f = quantile(recent[(t, r)], 0.9, "higher")
-            else:
-                profiler.update_prediction(t, r, seen)
-                continue
-            predicted[(t, r)] = f
-            forecasts.setdefault(t, {})[r] = f
-        if policy == "proactive":
-            for t in trace.tasks:
-                for r, p in profiler.get_predicted_needs(t, window).items():
-                    predicted[(t, r)] = p.series[0]
-                    forecasts.setdefault(t, {})[r] = p.peak
-                    scores[(t, r)].model = p.model
-                releases[t] = profiler.releases(t)
-        res = mgr.proactive_allocation(forecasts, observed, releases)
-        for ch in res.changes:
+        rep = pipe.tick(i + 1, cgroups, priority_of)
+        for drv in drivers.values():
+            drv.enforcing = True  # the allocation decided now is what each task has next tick
+        for t, per_r in rep.forecast.next.items():
+            for r, f in per_r.items():
+                predicted[(t, r)] = f
+        for t, per_r in rep.forecast.models.items():
+            for r, m in per_r.items():
+                scores[(t, r)].model = m
+        for ch in rep.result.changes:
             if (ch.task, ch.resource) in scores:
                 scores[(ch.task, ch.resource)].changes += 1
-        for sw in res.swaps:
+        for sw in rep.result.swaps:
             for name in (sw.source, sw.target):
                 if (name, sw.resource) in scores:
                     scores[(name, sw.resource)].swaps += 1

@@ -18,10 +18,12 @@ from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.model.resources import (MULTI_INSTANCE, Resource, ResourceId, ResourceType, check_instance_name,
                         check_units, parse_resource)
+from rswap_ebpf.host.process import is_kernel_thread
 from rswap_ebpf.model.limits import Limits, Priority
 from rswap_ebpf.model.checks import check_bool, check_number
 
 DEFAULT_CONFIG = "default.toml"
+KILL_MODES = ("stop", "keep")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class DaemonConfig:
     overflow_interval: float = 60.0  # seconds between reports of an unchanged shortfall
     critical_floor: float = 0.9    # critical tasks keep this quantile of a season's forecast (0: off)
     critical_season: int = 0       # ...a season of this many ticks (0: the forecaster's period)
+    #: what happens to the commands rswap started when it stops or dies: "stop" (the default:
+    #: they go with it), or "keep" (they run on, unmanaged, as systemd's KillMode=none)
+    kill_mode: str = "stop"
 
     @property
     def state_path(self) -> str:
@@ -132,7 +137,7 @@ def _daemon(d: Any) -> DaemonConfig:
     _only(d, {"interval", "window", "headroom", "state_dir", "history", "retention_days",
               "rollup_s", "checkpoint_every", "hold_ticks", "deadband", "max_step_down",
               "overflow_command", "overflow_url", "overflow_interval", "critical_floor",
-              "critical_season"}, "daemon")
+              "critical_season", "kill_mode"}, "daemon")
     interval = _number(d.get("interval", 1.0), "daemon.interval", 0.05, 3600)
     window = int(_number(d.get("window", 5), "daemon.window", 1, 10000))
     headroom = _number(d.get("headroom", 0.2), "daemon.headroom", 0.0, 10.0)
@@ -158,10 +163,15 @@ def _daemon(d: Any) -> DaemonConfig:
                                 0.0, 86400)
     critical_floor = _number(d.get("critical_floor", 0.9), "daemon.critical_floor", 0.0, 1.0)
     critical_season = int(_number(d.get("critical_season", 0), "daemon.critical_season", 0, 100000))
+    kill_mode = d.get("kill_mode", "stop")
+    if kill_mode not in KILL_MODES:
+        raise ConfigError("daemon.kill_mode", f"{kill_mode!r} is not one of "
+                          f"{', '.join(KILL_MODES)} (stop: the commands rswap started stop with "
+                          "it; keep: they run on)")
     return DaemonConfig(interval, window, headroom, state_dir, history, retention_days, rollup_s,
                         checkpoint_every, hold_ticks, deadband, max_step_down, overflow_command,
                         overflow_url, overflow_interval, critical_floor=critical_floor,
-                        critical_season=critical_season)
+                        critical_season=critical_season, kill_mode=kill_mode)
 
 
 def _resource_tables(d: Any) -> list[tuple[Resource, dict, str]]:
@@ -367,6 +377,9 @@ def _task(raw: Any, where: str) -> TaskConfig:
     for pid in pids:
         if not os.path.exists(os.path.join(paths.root("PROCFS_ROOT"), str(pid))):
             raise ConfigError(f"{where}.pids", f"no process with pid {pid}")
+        if is_kernel_thread(pid):
+            raise ConfigError(f"{where}.pids", f"pid {pid} is a kernel thread, which no cgroup "
+                              "can hold; remove it from pids")
     if sum(bool(x) for x in (command, cgroup, pids)) != 1:
         raise ConfigError(where, "give exactly one of command, cgroup or pids")
     forecaster = raw.get("forecaster")

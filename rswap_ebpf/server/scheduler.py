@@ -293,7 +293,7 @@ class Scheduler:
             self.overflow.submit("admission", plan.shortfalls,
                                  {er.name: er.priority.name.lower()})
         alloc = {r.key: d.pool.allocation(r, er.name) for r in d.pool.types()}
-        d._say(f"rswap: exec {er.name} ({er.priority.name.lower()}) admitted with "
+        d.say(f"rswap: exec {er.name} ({er.priority.name.lower()}) admitted with "
                + ", ".join(f"{k} {v}" for k, v in alloc.items())
                + "".join(f"; took {p['units']} {p['resource']} from {p['from']}" for p in preempted))
         return {"ok": True, "task": er.name, "cgroup": rt.cgroup.rel,

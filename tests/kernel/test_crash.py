@@ -263,6 +263,21 @@ membw = {{ min = 10 }}
         sh("ip", "netns", "del", ns, check=False)
 
 
+def marked_alive(marker: str) -> list[int]:
+    """Processes (not zombies: their argv reads empty) carrying ``marker`` in their argv."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read().split(b"\0"):
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
 def kill_marked(marker: str | None) -> int:
     """Kill the command tasks a killed daemon left running (they carry ``marker`` in argv)."""
     if not marker:
@@ -392,6 +407,11 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
         err = wait_dead(p, timeout=30)
         seen["hook" if hook else "timer"] += 1
         assert p.returncode == -signal.SIGKILL, err[-2000:]
+        # What it spawned died with it (the parent-death signal), before any restore.
+        deadline = time.monotonic() + 5 * TIME_SCALE
+        while marked_alive(host.marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not marked_alive(host.marker), (round_no, extra)
         entries = []
         if os.path.exists(journal):
             with open(journal) as f:
@@ -411,7 +431,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
         else:
             r = run_rswap("restore", env=host.env, timeout=60 * TIME_SCALE)
             assert r.returncode == 0, (round_no, r.stdout, r.stderr)
-        kill_marked(host.marker)
+        assert kill_marked(host.marker) == 0, round_no  # nothing it spawned is alive
         after = host.snapshot()
         diff = {k: _differences(baseline[k], after.get(k)) for k in baseline
                 if after.get(k) != baseline[k]}

@@ -27,6 +27,7 @@ from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.store import ProfileStore
 from rswap_ebpf.offline.replay import replay
 from rswap_ebpf.model.resources import (ResourceId, ResourcePool, ResourceType, parse_resource)
+from rswap_ebpf.cli.run_table import RunTable
 from rswap_ebpf.server.scheduler import Scheduler, parse_limits
 from rswap_ebpf.model.limits import Limits
 from rswap_ebpf.offline.trace import TraceWriter, read_trace
@@ -235,8 +236,10 @@ def test_daemon_senses_allocates_and_applies_each_coproc_on_its_own(tmp_path, rs
                                             "allocations": {"web": 3}}
         assert st["tasks"]["web"]["resources"]["coproc:npu"]["usage"] == 3.0
         assert st["tasks"]["web"]["resources"]["coproc:fpga0"]["allocation"] == 7
-        d._print_tick(rep)
-        assert "coproc:fpga0" in d.out.getvalue()
+        table = RunTable(io.StringIO())
+        table.start(d)
+        table.tick(rep)
+        assert "coproc:fpga0" in table.out.getvalue()
         # Metrics: one family per kind and unit, the card as a label.
         exp = MetricsExporter(program_stats=lambda: [])
         exp.update(st, 0.001)

@@ -126,20 +126,25 @@ def _daemon_with(priority: str, floor: float, pattern: list[float]) -> Daemon:
     return d
 
 
+def _forecast(d: Daemon) -> dict:
+    """The daemon pipeline's Forecast stage for its one task "svc"."""
+    return d.pipeline.forecast.for_task("svc", d.tasks["svc"].priority).peak
+
+
 # a season of 8 ticks: 6 idle at 10m, then 2 at 400m; the next two ticks are idle ones
 SEASON = [10, 10, 10, 10, 10, 10, 400, 400]
 
 
 def test_critical_task_keeps_its_seasonal_floor_between_bursts():
     d = _daemon_with("critical", 0.9, SEASON)
-    assert d._forecast("svc")[CPU] == pytest.approx(400)
+    assert _forecast(d)[CPU] == pytest.approx(400)
 
 
 def test_floor_off_or_lower_tiers_follow_the_window():
-    assert _daemon_with("critical", 0.0, SEASON)._forecast("svc")[CPU] == pytest.approx(10)
-    assert _daemon_with("batch", 0.9, SEASON)._forecast("svc")[CPU] == pytest.approx(10)
+    assert _forecast(_daemon_with("critical", 0.0, SEASON))[CPU] == pytest.approx(10)
+    assert _forecast(_daemon_with("batch", 0.9, SEASON))[CPU] == pytest.approx(10)
     # a task busy in one tick of 8 keeps little: the 0.5 quantile of its season is idle
-    assert _daemon_with("critical", 0.5, [10] * 7 + [400])._forecast("svc")[CPU] == pytest.approx(10)
+    assert _forecast(_daemon_with("critical", 0.5, [10] * 7 + [400]))[CPU] == pytest.approx(10)
 
 
 def test_cpu_floor_is_kept_under_the_quota_and_weight_not_taken_from_the_pool(v1, tmp_path):
@@ -157,18 +162,20 @@ def test_cpu_floor_is_kept_under_the_quota_and_weight_not_taken_from_the_pool(v1
     d.drivers[CPU] = drv
     d.manager.add_task(ManagedTask("svc", Priority.CRITICAL, {CPU: Limits(100, None)}))
     drv.set_priority("svc", "critical")
-    assert d._forecast("svc")[CPU] == pytest.approx(10)   # the units follow the window...
-    assert d._set_floors() == {("svc", CPU)}
+    fc = d.pipeline.forecast.for_task("svc", "critical")
+    assert fc.peak[CPU] == pytest.approx(10)              # the units follow the window...
+    floors = {("svc", r): v for r, v in fc.floors.items()}
+    assert d.pipeline.enforce.keep_floors(floors, {"svc"}) == {("svc", CPU)}
     assert drv.floors == {"svc": 480}                      # ...the floor (400 + 20 %) the limit
     writes = dict((os.path.basename(p), v) for p, v in drv.plan(cg, 100))
     assert writes["cpu.cfs_quota_us"] == str(480 * 100)
     assert writes["cpu.shares"] == str(480 * 1024 * 8 // 1000)
-    assert d._set_floors() == set()                        # unchanged: nothing to rewrite
+    assert d.pipeline.enforce.keep_floors(floors, {"svc"}) == set()  # unchanged: no rewrite
     # a unit allocation above the floor is written as it is
     assert dict((os.path.basename(p), v) for p, v in drv.plan(cg, 900))["cpu.cfs_quota_us"] == "90000"
     # the task leaves: its floor goes with it
     d.tasks.pop("svc")
-    d._set_floors()
+    d.pipeline.enforce.keep_floors({}, set())
     assert drv.floors == {}
 
 

@@ -8,7 +8,8 @@ from rswap_ebpf.host.cgroup import (CgroupMounts, CpuShape, FileApplier, TaskCgr
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.cpu.collector import CpuCollector
-from rswap_ebpf.host.driver import DriverContext, ResourceDriver
+from rswap_ebpf.host.driver import (DriverContext, KeepsFloors, ReportsDrops, ResourceDriver,
+                                    Settles, ShapesByTier)
 
 
 #: What each tier adds to its quota (enforce.cgroup.CpuShape): a critical task keeps unused quota
@@ -28,7 +29,7 @@ def tier_shapes(options: Mapping[str, object]) -> dict[str, CpuShape]:
             "batch": CpuShape(idle=bool(options.get("batch_idle", batch.idle)))}
 
 
-class CpuDriver(ResourceDriver):
+class CpuDriver(ResourceDriver, ShapesByTier, KeepsFloors, Settles, ReportsDrops):
     """Millicores used per task from BPF; quota and shares written to the task's cgroup."""
 
     resource = ResourceType.PROCESSOR_CYCLES
@@ -47,7 +48,7 @@ class CpuDriver(ResourceDriver):
         self.tiers = dict(tiers or TIER_SHAPES)
         self.shapes: dict[str, CpuShape] = {}
         #: task -> millicores its quota and weight never fall below (a critical task's seasonal
-        #: floor, daemon._forecast): written to its cgroup, not taken from the pool
+        #: floor, runtime.pipeline.ProfileForecast): written to its cgroup, not taken from the pool
         self.floors: dict[str, int] = {}
         #: task -> its tier; the critical tier's units decide core isolation (settle)
         self.tier_of: dict[str, str] = {}

@@ -30,7 +30,7 @@ from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.model.limits import Limits
 from rswap_ebpf.model.stats import quantile
 from rswap_ebpf.host.gpu.nvml import GpuSample, NvmlCollector
-from rswap_ebpf.host.driver import DriverContext, ResourceDriver
+from rswap_ebpf.host.driver import Admits, DriverContext, ResourceDriver
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def gpu_need(profiler, task: str, limits: Limits | None, window: int,
 MIG_INSTANCE, MPS_LIMIT, ADMISSION_ONLY = "MIG instance", "MPS pinned memory limit", "admission only"
 
 
-class GpuDriver(ResourceDriver):
+class GpuDriver(ResourceDriver, Admits):
     resource = ResourceType.GPU_MEMORY
 
     def __init__(self, collector: NvmlCollector, mps: bool = False):

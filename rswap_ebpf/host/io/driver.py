@@ -8,12 +8,12 @@ from rswap_ebpf.host.cgroup import TaskCgroup, Write
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.io.collector import BlockCollector, kdev
-from rswap_ebpf.host.driver import DriverContext, ResourceDriver
+from rswap_ebpf.host.driver import DriverContext, ReportsDrops, ResourceDriver
 
 IO = ResourceType.STORAGE_IOPS
 
 
-class IoDriver(ResourceDriver):
+class IoDriver(ResourceDriver, ReportsDrops):
     """IO/s per task on ``device``; the pool's total is the device's configured IOPS capacity.
 
     A task's use is what the BPF program charged to its cgroups, or the kernel's own per-cgroup

@@ -15,12 +15,12 @@ from rswap_ebpf.host.net.tc import Iface, link_speed_bytes_per_s
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.net.collector import EGRESS, NetCollector
-from rswap_ebpf.host.driver import DriverContext, ResourceDriver
+from rswap_ebpf.host.driver import DriverContext, ReportsDrops, ResourceDriver
 
 NET = ResourceType.NETWORK_BANDWIDTH
 
 
-class NetDriver(ResourceDriver):
+class NetDriver(ResourceDriver, ReportsDrops):
     """Egress bytes/s per task on ``iface``; HTB rate = allocation, ceil = allocation + spare."""
 
     resource = NET
