@@ -114,6 +114,9 @@ class Journal:
 
     # -- reading and undoing -----------------------------------------------------------
     def entries(self) -> list[dict]:
+        # restore acts as root on what the journal says: only root may have written it
+        paths.check_private(os.path.dirname(os.path.abspath(self.path)),
+                            (os.path.basename(self.path),))
         try:
             with open(self.path) as f:
                 lines = f.readlines()

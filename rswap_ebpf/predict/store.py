@@ -4,8 +4,9 @@ Layout, per series (a task's stable identity x a resource key):
 
 * ``sample``: every tick's units, one transaction per tick.  Rows are kept only until the series'
   next checkpoint covers them; then they are folded into ``rollup`` and deleted.
-* ``state``: the pickled :class:`~.profile.TaskProfile` (history, forecaster, errors) at its last
-  checkpoint, with the serving model and its MAE in plain columns for inspection.
+* ``state``: the :class:`~.profile.TaskProfile` (history, forecaster, errors) at its last
+  checkpoint, as data (:mod:`~.checkpoint`: compressed JSON, never pickle), with the serving
+  model and its MAE in plain columns for inspection.
 * ``rollup_day``: the long-term history downsampled to ``rollup_s`` buckets (mean, max, count),
   kept ``retention_days``: one row per series and UTC day, its buckets packed in a blob
   (float32 mean, float32 max, uint32 count per bucket, zlib), a tenth of the bytes of one row
@@ -14,6 +15,8 @@ Layout, per series (a task's stable identity x a resource key):
 
 Loading a series gives its checkpoint plus the samples written after it; replaying them restores
 the profile exactly, so a restart or ``kill -9`` loses at most the tick that was being written.
+The database and its directory must be root's and not writable by anyone else
+(:func:`~rswap_ebpf.paths.check_private`), or it is refused.
 WAL with ``synchronous=NORMAL`` makes every committed tick survive a crash of the process (a
 power loss may lose the last few ticks; ``synchronous="FULL"`` trades speed for that).
 """
@@ -29,6 +32,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from rswap_ebpf import paths
 from rswap_ebpf.errors import ConfigError, RswapError
 
 DB_FILE = "profiles.db"
@@ -139,8 +143,11 @@ class ProfileStore:
         self.retention = retention or Retention()
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigError("synchronous", "NORMAL or FULL")
+        folder, name = os.path.split(os.path.abspath(path))
+        # checkpoints are data, never code, but a planted database still steers what root does
+        paths.check_private(folder, (name, name + "-wal", name + "-shm"))
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            os.makedirs(folder, mode=0o700, exist_ok=True)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={synchronous}")

@@ -1,9 +1,9 @@
 """Every shipped forecaster follows the protocol: learn_one one sample, forecast(horizon)."""
 import math
-import pickle
 
 import pytest
 
+from rswap_ebpf.predict.checkpoint import dumps, loads
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.registry import available, make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
@@ -24,7 +24,7 @@ def test_protocol(name):
     assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in out)
     clone = f.clone()
     assert clone.forecast(2) == [0.0, 0.0] or len(clone.forecast(2)) == 2
-    restored = pickle.loads(pickle.dumps(f))
+    restored = loads(dumps(f))
     assert restored.forecast(7) == pytest.approx(out)
 
 
