@@ -270,3 +270,52 @@ def test_rollups_are_one_packed_row_per_series_and_day(tmp_path):
         assert [h[0] for h in hist] == sorted(h[0] for h in hist)
         assert all(h[3] == 1 and h[1] == h[2] == float(int(((h[0] - t0) / 300) % 288))
                    for h in hist)
+
+
+def _learnt_db(path):
+    with ProfileStore(path) as st:
+        p = profiler(st, checkpoint_every=10)
+        for i in range(200):
+            p.update_prediction("web", CPU, y(i))
+            p.flush(5000.0 + i)
+        p.checkpoint(6000.0)
+        st.vacuum()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "interior", "header"])
+def test_a_damaged_profiles_db_is_moved_aside_and_rebuilt(tmp_path, caplog, damage):
+    db = tmp_path / "profiles.db"
+    _learnt_db(str(db))
+    raw = bytearray(db.read_bytes())
+    assert len(raw) >= 4 * 4096
+    if damage == "truncated":
+        raw = raw[:len(raw) // 2 + 100]
+    elif damage == "interior":  # a page in the middle: the header still reads fine
+        page = 4096
+        mid = (len(raw) // page // 2) * page
+        raw[mid:mid + page] = bytes((i * 37) % 251 for i in range(page))
+    else:
+        raw[:100] = b"x" * 100
+    db.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        st = ProfileStore(str(db))
+    with st:
+        assert st.moved_aside and os.path.basename(st.moved_aside).startswith(
+            "profiles.db.corrupt-")
+        assert os.path.exists(st.moved_aside)
+        assert st.identities() == []  # rebuilt empty, and usable
+        p = profiler(st)
+        p.update_prediction("web", CPU, 1.0)
+        p.flush(7000.0)
+        assert st.identities() == ["web"]
+    assert st.moved_aside in caplog.text and "damaged" in caplog.text
+    with ProfileStore(str(db)) as again:  # the rebuilt one is sound: nothing moved this time
+        assert again.moved_aside is None and again.identities() == ["web"]
+
+
+def test_a_sound_profiles_db_is_not_moved(tmp_path):
+    db = str(tmp_path / "profiles.db")
+    _learnt_db(db)
+    with ProfileStore(db) as st:
+        assert st.moved_aside is None and st.identities() == ["web"]
+    assert [f for f in os.listdir(tmp_path) if "corrupt" in f] == []
