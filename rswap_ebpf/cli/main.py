@@ -121,23 +121,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from rswap_ebpf.runtime.daemon import Lock, status_path
-
-    from rswap_ebpf.server.control import NotRunning, answer_timeout, request
+    from rswap_ebpf.server.control import answer_timeout, request
 
     st = None
     try:  # the daemon's own answer, through the control socket (root)...
         st = request("status", timeout=answer_timeout(5))["status"]
-    except NotRunning:
-        pass
-    except RswapError:  # ...else (not root) the status file it writes every tick
-        pass
-    path = status_path()
-    if st is None and (not Lock.held() or not os.path.exists(path)):
-        raise RswapError("no rswap daemon is running (start one with: sudo rswap run)")
-    if st is None:
-        with open(path) as f:
-            st = json.load(f)
+    except RswapError:  # ...else (not root, or no daemon) the status file it writes every tick
+        from rswap_ebpf.cli.top import read_status
+
+        st = read_status()
     if args.json:
         json.dump(st, sys.stdout, indent=2)
         print()
