@@ -38,7 +38,7 @@ def _is_mount(path: str, fstype: str) -> bool:
 def check_root() -> FeatureCheck:
     if os.geteuid() == 0:
         return _ok("root", "running as uid 0", [CPU])
-    return _missing("root", f"running as uid {os.geteuid()}", "run rswap as root (sudo)", [CPU])
+    return _missing("root", f"running as uid {os.geteuid()}", "run rswap as root", [CPU])
 
 
 def check_bcc() -> FeatureCheck:

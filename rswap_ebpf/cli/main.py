@@ -14,18 +14,18 @@ from rswap_ebpf import paths
 from rswap_ebpf.cli import args as args_
 from rswap_ebpf.errors import ConfigError, RswapError
 
-EPILOG_RUN = """examples:
-  sudo rswap run                      # the embedded demo: a bursty critical task and a batch job
-  sudo rswap run --count 30           # 30 ticks, then stop and restore the host
-  sudo rswap run --config /etc/rswap/rswap.toml --interval 0.5
-  sudo rswap run --dry-run            # sense and plan, write no limit
+EPILOG_RUN = """examples (as root):
+  rswap run                      # the embedded demo: a bursty critical task and a batch job
+  rswap run --count 30           # 30 ticks, then stop and restore the host
+  rswap run --config /etc/rswap/rswap.toml --interval 0.5
+  rswap run --dry-run            # sense and plan, write no limit
 """
 
-EPILOG = """examples:
-  sudo rswap run                      # the demo: a bursty critical task beside a batch job
-  sudo rswap doctor                   # what this kernel offers rswap
-  rswap status                        # the running daemon's pool and tasks
-  sudo rswap restore                  # after a crash: put the host back
+EPILOG = """examples (as root, but status and top):
+  rswap run                      # the demo: a bursty critical task beside a batch job
+  rswap doctor                   # what this kernel offers rswap
+  rswap status                   # the running daemon's pool and tasks
+  rswap restore                  # after a crash: put the host back
 
 Bad input exits with status 2 and changes nothing. Run 'rswap COMMAND --help' for details.
 """
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         "they become bottlenecks (eBPF sensing, River forecasts, cgroup enforcement).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log what rswap does")
+    from rswap_ebpf import version
+
+    p.add_argument("--version", action="version", version=f"rswap {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the control loop", epilog=EPILOG_RUN,

@@ -431,10 +431,11 @@ def raw_request(req: dict, timeout: float | None = 10.0, path: str | None = None
         try:
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise NotRunning("no rswap daemon is running (start one with: sudo rswap run)") from None
+            raise NotRunning("no rswap daemon is running (start one as root with: "
+                             "rswap run)") from None
         except PermissionError:
             raise RswapError(f"{path}: permission denied (the control socket is root only; "
-                             "try sudo)") from None
+                             "run it as root)") from None
         try:
             s.sendall(_line(req))
         except (BrokenPipeError, ConnectionResetError):
