@@ -56,3 +56,17 @@ class JournalError(RswapError):
 
 class AlreadyRunning(RswapError):
     """Another rswap daemon holds the lock."""
+
+
+class UnsafeStateError(RswapError):
+    """State (journal, profiles) in a place others than root can change: refused, with the fix.
+
+    rswap acts as root on what its state files say, so, like sshd's ``StrictModes``, it uses
+    them only where no one else could have written them.
+    """
+
+    def __init__(self, path: str, why: str, fix: str):
+        self.path = path
+        self.fix = fix
+        super().__init__(f"{path}: {why}; rswap uses state only where no one but root can "
+                         f"change it (fix: {fix})")

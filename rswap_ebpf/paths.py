@@ -7,6 +7,7 @@ is how subprocesses started by tests inherit a fake tree.
 from __future__ import annotations
 
 import os
+import stat
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 BPFFS_ROOT = "/sys/fs/bpf"
@@ -57,3 +58,45 @@ def confine(path: str, base: str, what: str = "path") -> str:
     if real != base_real and not real.startswith(base_real.rstrip("/") + "/"):
         raise ConfigError(what, f"{path!r} is outside {base_real}")
     return real
+
+
+def check_private(path: str, files: tuple[str, ...] = ()) -> None:
+    """Refuse state at ``path`` unless only root (or the user rswap runs as) can change it, as
+    sshd's ``StrictModes`` does.
+
+    ``path`` (a directory) and ``files`` in it must be owned by root (or that user) and not
+    writable by group or others; so must every directory above, except that a sticky one
+    (``/tmp``) is fine there, since no one else can rename or replace what is in it.  What is
+    not there yet is fine (rswap creates it private).  :class:`~.errors.UnsafeStateError` names
+    the fix.
+    """
+    p = os.path.abspath(path)
+    for name in files:
+        _check_owner_mode(os.path.join(p, name), strict=True)
+    strict = True  # the state directory itself: no sticky excuse
+    while True:
+        _check_owner_mode(p, strict)
+        strict = False
+        parent = os.path.dirname(p)
+        if parent == p:
+            return
+        p = parent
+
+
+def _check_owner_mode(p: str, strict: bool) -> None:
+    from rswap_ebpf.errors import UnsafeStateError
+
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise UnsafeStateError(p, f"cannot be checked ({err.strerror})",
+                               f"make {p} readable by root") from err
+    if st.st_uid not in (0, os.geteuid()):
+        raise UnsafeStateError(p, f"owned by uid {st.st_uid}", f"chown root {p}")
+    sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if st.st_mode & 0o022 and (strict or not sticky_dir):
+        raise UnsafeStateError(
+            p, f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
+            f"chmod go-w {p}")

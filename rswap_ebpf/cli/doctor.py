@@ -1,8 +1,10 @@
 """``rswap doctor``: every kernel feature rswap uses, probed, each ok / missing / fallback."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import tempfile
 from collections.abc import Iterable
 
 from rswap_ebpf import paths
@@ -36,7 +38,7 @@ def _is_mount(path: str, fstype: str) -> bool:
 def check_root() -> FeatureCheck:
     if os.geteuid() == 0:
         return _ok("root", "running as uid 0", [CPU])
-    return _missing("root", f"running as uid {os.geteuid()}", "run rswap as root (sudo)", [CPU])
+    return _missing("root", f"running as uid {os.geteuid()}", "run rswap as root", [CPU])
 
 
 def check_bcc() -> FeatureCheck:
@@ -94,26 +96,69 @@ def check_sched_switch() -> FeatureCheck:
 
 
 def check_cpu_program() -> Iterable[FeatureCheck]:
-    """Load the real program once: proves BPF syscall, JIT, compile, pinning and batch drain."""
+    """Load the real program once: proves BPF syscall, JIT, compile, pinning and batch drain.
+
+    Its maps are pinned in a directory of doctor's own under bpffs, removed after: a running
+    daemon's pins (``paths.pin_dir()``) are never touched.
+    """
     from rswap_ebpf.host.cpu.collector import CpuCollector
 
     if os.geteuid() != 0:
         return [_missing("BPF program load", "needs root", "run as root", [CPU])]
-    col = CpuCollector(flush_hz=5, pin=True)
+    root = paths.root("BPFFS_ROOT")
     try:
-        col.open()
-    except FeatureMissing as err:
-        return [_missing(err.feature, err.why, err.fix, [CPU])]
+        probe_dir = tempfile.mkdtemp(prefix="rswap-doctor-", dir=root)
+    except OSError as err:
+        probe_dir = None
+        no_pin = _missing("map pinning", f"cannot make a directory under {root}: "
+                          f"{err.strerror}", "mount -t bpf bpf /sys/fs/bpf", [CPU])
     try:
-        col.drain()
-        out = [_ok("BPF program load", f"cpu.bpf.c on {col.attach_point}", [CPU]),
-               _ok("map pinning", f"{len(col.pinned)} maps under {paths.pin_dir()}", [CPU])]
-        out.append(_ok("periodic flush", "software cpu-clock perf event") if col.flush else
-                   _fallback("periodic flush", "no software perf events: a task is charged at "
-                             "its next switch only"))
-        return out
+        with _pin_dir(probe_dir):
+            col = CpuCollector(flush_hz=5, pin=probe_dir is not None)
+            try:
+                col.open()
+            except FeatureMissing as err:
+                return [_missing(err.feature, err.why, err.fix, [CPU])]
+            try:
+                col.drain()
+                out = [_ok("BPF program load", f"cpu.bpf.c on {col.attach_point}", [CPU]),
+                       _ok("map pinning", f"{len(col.pinned)} maps pinned (in {probe_dir}, "
+                           "removed after)", [CPU]) if probe_dir else no_pin]
+                out.append(_ok("periodic flush", "software cpu-clock perf event") if col.flush
+                           else _fallback("periodic flush", "no software perf events: a task is "
+                                          "charged at its next switch only"))
+                return out
+            finally:
+                col.close()
     finally:
-        col.close()
+        if probe_dir is not None:
+            _remove_probe_dir(probe_dir)
+
+
+@contextlib.contextmanager
+def _pin_dir(path: str | None):
+    """``paths.pin_dir()`` is ``path`` meanwhile (``$RSWAP_PIN_DIR``, read at every pin)."""
+    if path is None:
+        yield
+        return
+    old = os.environ.get("RSWAP_PIN_DIR")
+    os.environ["RSWAP_PIN_DIR"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RSWAP_PIN_DIR", None)
+        else:
+            os.environ["RSWAP_PIN_DIR"] = old
+
+
+def _remove_probe_dir(path: str) -> None:
+    try:
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
 
 
 def check_cgroups() -> Iterable[FeatureCheck]:

@@ -19,18 +19,18 @@ STATUS_COLUMNS = (Column("TASK"), Column("PRIO"), Column("RES"), Column("USED", 
                   Column("FORECAST", ">"), Column("ALLOC", ">"), Column("MODEL (MAE)"))
 DOCTOR_COLUMNS = (Column("STATUS"), Column("FEATURE"), Column("DETAIL"))
 
-EPILOG_RUN = """examples:
-  sudo rswap run                      # the embedded demo: a bursty critical task and a batch job
-  sudo rswap run --count 30           # 30 ticks, then stop and restore the host
-  sudo rswap run --config /etc/rswap/rswap.toml --interval 0.5
-  sudo rswap run --dry-run            # sense and plan, write no limit
+EPILOG_RUN = """examples (as root):
+  rswap run                      # the embedded demo: a bursty critical task and a batch job
+  rswap run --count 30           # 30 ticks, then stop and restore the host
+  rswap run --config /etc/rswap/rswap.toml --interval 0.5
+  rswap run --dry-run            # sense and plan, write no limit
 """
 
-EPILOG = """examples:
-  sudo rswap run                      # the demo: a bursty critical task beside a batch job
-  sudo rswap doctor                   # what this kernel offers rswap
-  rswap status                        # the running daemon's pool and tasks
-  sudo rswap restore                  # after a crash: put the host back
+EPILOG = """examples (as root, but status and top):
+  rswap run                      # the demo: a bursty critical task beside a batch job
+  rswap doctor                   # what this kernel offers rswap
+  rswap status                   # the running daemon's pool and tasks
+  rswap restore                  # after a crash: put the host back
 
 Bad input exits with status 2 and changes nothing. Run 'rswap COMMAND --help' for details.
 """
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         "they become bottlenecks (eBPF sensing, River forecasts, cgroup enforcement).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log what rswap does")
+    from rswap_ebpf import version
+
+    p.add_argument("--version", action="version", version=f"rswap {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the control loop", epilog=EPILOG_RUN,
@@ -156,24 +159,15 @@ def cmd_run(args, signals=None) -> int:
 
 
 def cmd_status(args) -> int:
-    from rswap_ebpf.runtime.lock import Lock
-    from rswap_ebpf.runtime.status import status_path
-
-    from rswap_ebpf.server.control import NotRunning, answer_timeout, request
+    from rswap_ebpf.server.control import answer_timeout, request
 
     st = None
     try:  # the daemon's own answer, through the control socket (root)...
         st = request("status", timeout=answer_timeout(5))["status"]
-    except NotRunning:
-        pass
-    except RswapError:  # ...else (not root) the status file it writes every tick
-        pass
-    path = status_path()
-    if st is None and (not Lock.held() or not os.path.exists(path)):
-        raise RswapError("no rswap daemon is running (start one with: sudo rswap run)")
-    if st is None:
-        with open(path) as f:
-            st = json.load(f)
+    except RswapError:  # ...else (not root, or no daemon) the status file it writes every tick
+        from rswap_ebpf.cli.top import read_status
+
+        st = read_status()
     if args.json:
         json.dump(st, sys.stdout, indent=2)
         print()

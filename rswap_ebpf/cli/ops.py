@@ -19,7 +19,7 @@ EPILOG_TOP = """examples:
 
 EPILOG_PLOT = """input: one of
   - a status history: JSON lines, one `rswap status --json` object per line
-    (rswap run --status-history FILE writes it; see the README);
+    (rswap run --history FILE writes it; see the README);
   - a CSV with the header time,task,resource,usage,forecast,allocation[,swap]
     (time in seconds; swap non-empty on rows where the task received or gave units).
 examples:
@@ -27,9 +27,9 @@ examples:
   rswap plot run.csv --output report.png --resource cpu --task web
 """
 
-EPILOG_MAPS = """examples:
-  sudo rswap maps            # while rswap runs: its pinned maps and how to dump them
-  sudo rswap maps --json
+EPILOG_MAPS = """examples (as root):
+  rswap maps            # while rswap runs: its pinned maps and how to dump them
+  rswap maps --json
 """
 
 

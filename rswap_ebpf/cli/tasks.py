@@ -18,21 +18,21 @@ from rswap_ebpf.cli import args as args_
 
 EX_TEMPFAIL = 75
 
-EPILOG_EXEC = """examples:
-  sudo rswap exec --name web --priority critical -- nginx -g 'daemon off;'
-  sudo rswap exec --name etl --priority batch --wait --timeout 600 -- ./etl.sh
-  sudo rswap exec --name build --min cpu=500 --max cpu=1500 -- make -j2
-  sudo rswap exec --name infer --min coproc:npu=1 --max coproc:npu=2 -- ./serve-model
+EPILOG_EXEC = """examples (as root):
+  rswap exec --name web --priority critical -- nginx -g 'daemon off;'
+  rswap exec --name etl --priority batch --wait --timeout 600 -- ./etl.sh
+  rswap exec --name build --min cpu=500 --max cpu=1500 -- make -j2
+  rswap exec --name infer --min coproc:npu=1 --max coproc:npu=2 -- ./serve-model
 exit status: COMMAND's (128+N if killed by signal N); 75 when the pool cannot cover the
 prediction (refused, or --timeout passed); 2 for bad input; 127 when COMMAND cannot be run.
 """
 
-EPILOG_TASK = """examples:
-  sudo rswap task add --name db --priority critical --cgroup system.slice/postgresql.service
-  sudo rswap task add --name job --priority batch --pid 4242 --pid 4243 --min cpu=100
-  sudo rswap task add --name spin --priority batch -- stress-ng --cpu 2
-  sudo rswap task list
-  sudo rswap task remove db
+EPILOG_TASK = """examples (as root):
+  rswap task add --name db --priority critical --cgroup system.slice/postgresql.service
+  rswap task add --name job --priority batch --pid 4242 --pid 4243 --min cpu=100
+  rswap task add --name spin --priority batch -- stress-ng --cpu 2
+  rswap task list
+  rswap task remove db
 """
 
 

@@ -25,18 +25,57 @@ COLUMNS = (Column("TASK"), Column("PRIO"), Column("RES"), Column("USAGE", ">"),
 
 
 def read_status() -> dict[str, Any]:
-    """The running daemon's last status, or an error saying none is running."""
-    from rswap_ebpf.runtime.lock import Lock
+    """The running daemon's last status, or an error saying none is running.
+
+    Needs no root: the status file is readable by everyone.  Whether the daemon still runs is
+    asked of its lock where we may open it (root), else of the pid the status names.
+    """
     from rswap_ebpf.runtime.status import status_path
 
     path = status_path()
-    if not Lock.held() or not os.path.exists(path):
-        raise RswapError("no rswap daemon is running (start one with: sudo rswap run)")
     try:
         with open(path) as f:
-            return json.load(f)
+            status = json.load(f)
+    except FileNotFoundError:
+        raise RswapError(NOT_RUNNING) from None
+    except PermissionError:
+        raise RswapError(f"cannot read {path}: permission denied (run as root)") from None
     except (OSError, ValueError) as err:
-        raise RswapError(f"cannot read {path}: {err}") from err
+        raise RswapError(f"cannot read {path}: {err}") from None
+    if not isinstance(status, dict) or not _running(status):
+        raise RswapError(NOT_RUNNING)
+    return status
+
+
+NOT_RUNNING = "no rswap daemon is running (start one as root with: rswap run)"
+
+
+def _running(status: Mapping[str, Any]) -> bool:
+    from rswap_ebpf.runtime.lock import Lock
+
+    try:
+        return Lock.held()
+    except PermissionError:  # the lock is root's (mode 0600): ask about the pid instead
+        pass
+    pid = status.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, and root's
+    # a daemon killed with -9 leaves its status behind, and its pid may be reused: a live
+    # daemon rewrites the file every tick
+    interval = status.get("interval")
+    interval = float(interval) if isinstance(interval, (int, float)) else 1.0
+    age = time.time() - float(status.get("time", 0) or 0)
+    return age <= max(STALE_AFTER_S, 10 * interval)
+
+
+#: a status file older than this (and ten ticks) is a dead daemon's, where the lock cannot say
+STALE_AFTER_S = 60.0
 
 
 def render(status: Mapping[str, Any], now: float | None = None) -> Group:

@@ -9,9 +9,9 @@ from rswap_ebpf.cli import args as args_
 from rswap_ebpf.cli.format import Column, render_table
 from rswap_ebpf.errors import ConfigError
 
-EPILOG_RECORD = """examples:
-  sudo rswap record --output web.csv --count 120             # the demo's tasks, 2 minutes
-  sudo rswap record --config my.toml --output prod.csv --interval 0.5
+EPILOG_RECORD = """examples (as root):
+  rswap record --output web.csv --count 120             # the demo's tasks, 2 minutes
+  rswap record --config my.toml --output prod.csv --interval 0.5
 Nothing is capped while recording (the daemon runs as --dry-run), so the trace holds what each
 task wanted. Format: CSV with the header time,task,resource,units (see rswap_ebpf/trace.py).
 """
@@ -145,7 +145,7 @@ def cmd_record(args) -> int:
     if not cfg.tasks:
         raise ConfigError("task", f"{cfg.source} defines no [[task]]; nothing to record")
     if os.geteuid() != 0:
-        raise RswapError("rswap record needs root (it loads BPF and creates cgroups); try sudo")
+        raise RswapError("rswap record needs root (it loads BPF and creates cgroups); run it as root")
     from rswap_ebpf.cli.run_table import RunTable
     from rswap_ebpf.runtime.daemon import Daemon
     from rswap_ebpf.offline.trace import TraceWriter

@@ -113,26 +113,31 @@ class Journal:
 
     # -- reading and undoing -----------------------------------------------------------
     def entries(self) -> list[dict]:
+        # restore acts as root on what the journal says: only root may have written it
+        paths.check_private(os.path.dirname(os.path.abspath(self.path)),
+                            (os.path.basename(self.path),))
         try:
-            with open(self.path) as f:
+            with open(self.path, "rb") as f:
                 lines = f.readlines()
         except FileNotFoundError:
             return []
         except OSError as err:
             raise JournalError(f"cannot read the journal {self.path}: {err.strerror}") from err
         out = []
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line:
+        for number, raw in enumerate(lines, 1):
+            raw = raw.strip()
+            if not raw:
                 continue
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
+                entry = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as err:
                 # Only the last line can be torn by a crash mid-append; it was never acted on.
                 if number == len(lines):
                     log.warning("journal %s: ignoring a torn last line", self.path)
                     continue
-                raise JournalError(f"{self.path}:{number}: not valid JSON; inspect it by hand")
+                what = ("not UTF-8 text" if isinstance(err, UnicodeDecodeError)
+                        else "not valid JSON")
+                raise JournalError(f"{self.path}:{number}: {what}; inspect it by hand")
             if isinstance(entry, dict) and "op" in entry:
                 out.append(entry)
         return out

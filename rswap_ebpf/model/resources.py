@@ -127,18 +127,51 @@ def parse_resource(text: str, field_name: str = "resource") -> Resource:
     return ResourceId(rtype, check_instance_name(instance, field_name))
 
 
-def check_units(value: object, field_name: str = "units") -> int:
-    """An integer number of units >= 0, or a ConfigError naming the field."""
+#: the largest count any kernel file rswap writes takes (a signed 64-bit integer)
+MAX_UNITS = 2**63 - 1
+
+#: per resource type, the most units that still fit the kernel file they end up in: CPU
+#: millicores become a CFS quota (``millicores * period / 1000`` us), bounded here by the most
+#: CPUs Linux supports (NR_CPUS 8192); a cache bit mask has at most 64 ways; bandwidth is a
+#: percentage; tc takes bytes/s that it may count in bits (x 8); the rest are u64 counters.
+UNIT_LIMITS: dict[ResourceType, int] = {
+    ResourceType.PROCESSOR_CYCLES: 8192 * 1000,
+    ResourceType.CACHE: 64,
+    ResourceType.MEMORY_BANDWIDTH: 100,
+    ResourceType.GPU_MEMORY: MAX_UNITS,
+    ResourceType.NETWORK_BANDWIDTH: MAX_UNITS // 8,
+    ResourceType.STORAGE_IOPS: MAX_UNITS,
+    ResourceType.SPECIALIZED_COPROC: MAX_UNITS,
+}
+
+
+def unit_limit(resource: Resource | None) -> int:
+    """The most units of ``resource`` (any resource when None) rswap accepts anywhere."""
+    return MAX_UNITS if resource is None else UNIT_LIMITS.get(resource.type, MAX_UNITS)
+
+
+def check_units(value: object, field_name: str = "units", resource: Resource | None = None) -> int:
+    """An integer number of units in ``[0, unit_limit(resource)]``, or a ConfigError naming the
+    field: nothing passes that the kernel file it ends up in would refuse."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(field_name, f"expected a non-negative number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(field_name, f"expected a non-negative number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ConfigError(field_name, f"expected a finite number, got {value!r}")
+    if isinstance(value, int):
+        number: int | float = value
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(field_name, f"expected a non-negative number, "
+                              f"got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(field_name, f"expected a finite number, got {value!r}")
     if number < 0:
         raise ConfigError(field_name, f"must not be negative, got {value!r}")
+    limit = unit_limit(resource)
+    if number > limit:
+        unit = f" {resource.unit}" if resource is not None else ""
+        raise ConfigError(field_name, f"{value!r} is more than the kernel takes: at most "
+                          f"{limit}{unit}")
     return int(round(number))
 
 
@@ -210,7 +243,7 @@ class ResourcePool:
         is the resource ``ResourceId(SPECIALIZED_COPROC, "fpga0")``."""
         if name and isinstance(rtype, ResourceType) and rtype in MULTI_INSTANCE:
             rtype = ResourceId(rtype, name)
-        total = check_units(total_units, f"{rtype.key}.total_units")
+        total = check_units(total_units, f"{rtype.key}.total_units", rtype)
         with self._lock:
             info = self._resources.get(rtype)
             if info is None:

@@ -12,6 +12,7 @@ Each panel's title says how often allocation covered usage, the question the plo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterable
@@ -61,14 +62,20 @@ class History:
 def load_history(path: str) -> History:
     """Read a status history (JSON lines) or a CSV; the format is told by the first line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-            f.seek(0)
-            if first.lstrip().startswith("{"):
-                return _from_status_lines(f, path)
-            return _from_csv(f, path)
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as err:
         raise ConfigError("TRACE_OR_STATE", f"cannot read {path}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}", f"not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                          "expected a status history (.jsonl) or a CSV") from None
+    f = io.StringIO(text, newline=None)
+    if text.lstrip().startswith("{"):
+        return _from_status_lines(f, path)
+    return _from_csv(f, path)
 
 
 def _from_status_lines(lines: Iterable[str], path: str) -> History:
@@ -92,7 +99,7 @@ def _from_status_lines(lines: Iterable[str], path: str) -> History:
             for sw in st.get("swaps", ()):
                 h.swaps.append(SwapMark(t, sw["resource"], sw["to"], float(sw["units"])))
                 h.swaps.append(SwapMark(t, sw["resource"], sw["from"], -float(sw["units"])))
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
             raise ConfigError(f"{path}:{n}", f"not a status document: {err!r}") from None
     return _checked(h, path)
 

@@ -6,15 +6,15 @@
 from __future__ import annotations
 
 import math
-import pickle
+import sys
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from rswap_ebpf.model.resources import Resource, ResourceId, ResourceType, parse_resource
 from rswap_ebpf.model.stats import quantile
+from rswap_ebpf.predict.checkpoint import CheckpointError, dumps, loads
 from rswap_ebpf.predict.forecasters import Forecaster, single
 from rswap_ebpf.predict.registry import make_forecaster
 
@@ -145,20 +145,18 @@ class TaskProfile:
         self._next = self.forecaster.forecast(1)[0]
 
 
-#: marks a zlib-compressed checkpoint; a plain pickle (written before compression) starts with
-#: pickle's PROTO opcode 0x80, so both load
-_ZLIB_MAGIC = b"RZ1"
-
-
 def freeze(profile: TaskProfile) -> bytes:
-    """A profile as a checkpoint blob: pickled, then zlib-compressed (about half the bytes)."""
-    return _ZLIB_MAGIC + zlib.compress(pickle.dumps(profile, protocol=pickle.HIGHEST_PROTOCOL), 6)
+    """A profile as a checkpoint blob: data (JSON, zlib-compressed), never pickle."""
+    return dumps(profile)
 
 
 def thaw(blob: bytes) -> TaskProfile:
-    if blob[:len(_ZLIB_MAGIC)] == _ZLIB_MAGIC:
-        blob = zlib.decompress(blob[len(_ZLIB_MAGIC):])
-    return pickle.loads(blob)
+    """The profile a blob holds; :class:`~.checkpoint.CheckpointError` for anything else (a
+    pickle written by an older rswap is refused, never unpickled)."""
+    prof = loads(blob)
+    if not isinstance(prof, TaskProfile):
+        raise CheckpointError(f"holds a {type(prof).__name__}, not a profile")
+    return prof
 
 
 class TaskProfiler:
@@ -237,14 +235,15 @@ class TaskProfiler:
         stored = self.store.load(task, resource.key)
         if stored is None:
             return None
+        prof = None
         if stored.state is not None:
             try:
                 prof = thaw(stored.state)
-            except Exception:  # an unreadable checkpoint: relearn from the samples we have
-                prof = None
-        else:
-            prof = None
-        if not isinstance(prof, TaskProfile):
+            except CheckpointError as err:  # relearn from the samples we have
+                print(f"rswap: the checkpoint of {task}/{resource.key} in {self.store.path} "
+                      f"is not used ({err}); its profile starts again from the samples after it",
+                      file=sys.stderr)
+        if prof is None:
             prof = TaskProfile(task, resource, self._factory(task, resource), self._history)
         for units in stored.samples:  # what happened after the checkpoint
             prof.learn_one(units)

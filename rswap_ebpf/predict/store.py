@@ -4,8 +4,9 @@ Layout, per series (a task's stable identity x a resource key):
 
 * ``sample``: every tick's units, one transaction per tick.  Rows are kept only until the series'
   next checkpoint covers them; then they are folded into ``rollup`` and deleted.
-* ``state``: the pickled :class:`~.profile.TaskProfile` (history, forecaster, errors) at its last
-  checkpoint, with the serving model and its MAE in plain columns for inspection.
+* ``state``: the :class:`~.profile.TaskProfile` (history, forecaster, errors) at its last
+  checkpoint, as data (:mod:`~.checkpoint`: compressed JSON, never pickle), with the serving
+  model and its MAE in plain columns for inspection.
 * ``rollup_day``: the long-term history downsampled to ``rollup_s`` buckets (mean, max, count),
   kept ``retention_days``: one row per series and UTC day, its buckets packed in a blob
   (float32 mean, float32 max, uint32 count per bucket, zlib), a tenth of the bytes of one row
@@ -14,12 +15,17 @@ Layout, per series (a task's stable identity x a resource key):
 
 Loading a series gives its checkpoint plus the samples written after it; replaying them restores
 the profile exactly, so a restart or ``kill -9`` loses at most the tick that was being written.
+The database and its directory must be root's and not writable by anyone else
+(:func:`~rswap_ebpf.paths.check_private`), or it is refused.  A damaged database (found by
+``PRAGMA quick_check`` at open) is moved aside to ``profiles.db.corrupt-<time>`` and started
+empty, with a warning that names the copy.
 WAL with ``synchronous=NORMAL`` makes every committed tick survive a crash of the process (a
 power loss may lose the last few ticks; ``synchronous="FULL"`` trades speed for that).
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import sqlite3
@@ -29,7 +35,10 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from rswap_ebpf import paths
 from rswap_ebpf.errors import ConfigError, RswapError
+
+log = logging.getLogger(__name__)
 
 DB_FILE = "profiles.db"
 
@@ -139,16 +148,62 @@ class ProfileStore:
         self.retention = retention or Retention()
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigError("synchronous", "NORMAL or FULL")
+        folder, name = os.path.split(os.path.abspath(path))
+        # checkpoints are data, never code, but a planted database still steers what root does
+        paths.check_private(folder, (name, name + "-wal", name + "-shm"))
+        #: where a damaged database was moved to before this one was started afresh
+        self.moved_aside: str | None = None
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={synchronous}")
-            self.db.executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as err:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as err:
             raise RswapError(f"{path}: cannot open the profile database: {err}") from err
+        damage = self._open(synchronous)
+        if damage:
+            self.close()
+            self.moved_aside = self._move_aside()
+            log.warning("%s is damaged (%s): moved aside to %s and started empty; what earlier "
+                        "runs learnt is in that copy", path, damage, self.moved_aside)
+            damage = self._open(synchronous)
+            if damage:
+                raise RswapError(f"{path}: cannot open the profile database: {damage}")
         self._ids: dict[tuple[str, str], int] = {}
         self._last_prune = 0.0
+
+    def _open(self, synchronous: str) -> str:
+        """Connect and check the whole file (``PRAGMA quick_check`` reads every page, so damage
+        inside is found too, not only a bad header); what is wrong, or "" when it is sound."""
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as err:
+            raise RswapError(f"{self.path}: cannot open the profile database: {err}") from err
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={synchronous}")
+            problems = [r[0] for r in self.db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                return "; ".join(problems)
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:  # not a database, malformed, truncated
+            return str(err)
+        except sqlite3.Error as err:
+            raise RswapError(f"{self.path}: cannot open the profile database: {err}") from err
+        return ""
+
+    def _move_aside(self) -> str:
+        """Rename the database (and its WAL) to ``<path>.corrupt-<UTC time>``: kept for a look."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest, n = f"{self.path}.corrupt-{stamp}", 1
+        while os.path.exists(dest):
+            n += 1
+            dest = f"{self.path}.corrupt-{stamp}.{n}"
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.rename(self.path + suffix, dest + suffix)
+        except OSError as err:
+            raise RswapError(f"{self.path} is damaged and cannot be moved aside: "
+                             f"{err.strerror}; move it away by hand") from err
+        return dest
 
     @classmethod
     def in_dir(cls, state_dir: str, retention: Retention | None = None) -> ProfileStore:

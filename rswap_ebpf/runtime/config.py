@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from typing import Any
@@ -118,7 +119,24 @@ def parse(text: str, source: str = "<string>") -> Config:
         names.add(t.name)
         _check_registered(t, totals)
         tasks.append(t)
+    check_minimums({r: n for r, n in totals.items() if n is not None},
+                   [(t.name, t.limits) for t in tasks])
     return Config(daemon, totals, tuple(tasks), source, _resource_options(tables))
+
+
+def check_minimums(totals: Mapping[Resource, int],
+                   tasks: Iterable[tuple[str, Mapping[Resource, Limits]]]) -> None:
+    """Refuse minimums that add up to more than a resource's total: they could never all be
+    granted, so some task's floor would silently not hold."""
+    tasks = list(tasks)
+    for r, total in totals.items():
+        mins = [(name, lim[r].min_units) for name, lim in tasks if r in lim and lim[r].min_units]
+        need = sum(m for _, m in mins)
+        if need > total:
+            who = ", ".join(f"{name} {m}" for name, m in mins)
+            raise ConfigError(f"{r.key}.min", f"the tasks' minimums add up to {need} {r.unit} "
+                              f"({who}), more than the total {total}: lower them or raise the "
+                              f"total")
 
 
 def _only(table: dict, allowed: set[str], where: str) -> None:
@@ -222,7 +240,7 @@ def _resources(tables: list[tuple[Resource, dict, str]]) -> dict[Resource, int |
             allowed.discard("name")
         _only(table, allowed, where)
         total = table.get("total", "auto")
-        out[r] = None if total == "auto" else check_units(total, f"{where}.total")
+        out[r] = None if total == "auto" else check_units(total, f"{where}.total", r)
     return out
 
 
@@ -328,9 +346,9 @@ def parse_task_limits(raw: dict, where: str, targets: dict[ResourceType, str] | 
                 raise ConfigError(at, f"{r.key} is given twice")
             extra = (targets or {}).get(r.type)
             _only(sub, {"min", "max"} | ({extra} if extra else set()), at)
-            lo = check_units(sub.get("min", 0), f"{at}.min")
+            lo = check_units(sub.get("min", 0), f"{at}.min", r)
             hi = sub.get("max")
-            hi = None if hi is None else check_units(hi, f"{at}.max")
+            hi = None if hi is None else check_units(hi, f"{at}.max", r)
             if hi is not None and hi < lo:
                 raise ConfigError(f"{at}.max", f"{hi} is below min {lo}")
             limits[r] = Limits(lo, hi)

@@ -8,7 +8,9 @@ Protocol: newline-delimited JSON, one request object per line, one reply line pe
 order; a connection may carry many requests.  A request is ``{"op": NAME, "id": ANY, ...}``
 (``id`` is optional and echoed back).  A reply is ``{"ok": true, ...}`` or ``{"ok": false,
 "error": TEXT[, "field": NAME]}``.  A line longer than 64 KiB, or that is not a JSON object with a
-string ``op``, gets an error reply (a too-long line also closes the connection).
+string ``op`` (bad UTF-8, nested past what the parser can follow), gets an error reply (a
+too-long line also closes the connection).  A last request without its newline is answered when
+the client shuts its sending side (``shutdown(SHUT_WR)``).
 
 =================  ==============================================================================
 op                 arguments -> reply
@@ -133,6 +135,8 @@ class _Conn:
         self.outbuf = b""
         self.pending: list[tuple[Any, Deferred]] = []
         self.closing = False
+        #: the client shut its sending side (or hung up): nothing more to read, replies still go
+        self.eof = False
         self.last = time.monotonic()
 
 
@@ -258,7 +262,7 @@ class ControlServer:
         conn.sock.close()
 
     def _service(self, c: _Conn, events: int) -> None:
-        if events & selectors.EVENT_READ:
+        if events & selectors.EVENT_READ and not c.eof:
             try:
                 data = c.sock.recv(65536)
             except BlockingIOError:
@@ -266,7 +270,7 @@ class ControlServer:
             except OSError:
                 data = b""
             if data == b"":
-                self._drop(c)
+                self._end_of_input(c)
                 return
             if data:
                 c.last = time.monotonic()
@@ -289,12 +293,30 @@ class ControlServer:
             c.inbuf = b""
             self._send(c, error_reply(f"message longer than {MAX_MESSAGE} bytes"))
 
+    def _end_of_input(self, c: _Conn) -> None:
+        """The client sent all it will (``shutdown(SHUT_WR)``, or it hung up): a last request
+        without its newline is still answered, then the connection closes once replies are out
+        (a request still waiting for its reply is cancelled, as on a hang-up)."""
+        c.eof = True
+        line, c.inbuf = c.inbuf, b""
+        if line.strip() and not c.closing:
+            if len(line) > MAX_MESSAGE:
+                self._send(c, error_reply(f"message longer than {MAX_MESSAGE} bytes"))
+            else:
+                self._request(c, line)
+        if not c.outbuf or c.sock.fileno() < 0:
+            self._drop(c)
+            return
+        c.closing = True
+        self._flush(c)
+
     def _request(self, c: _Conn, line: bytes) -> None:
         rid = None
         try:
             req = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            self._send(c, error_reply(f"malformed JSON: {err}"))
+        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8; nested past the stack
+            why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            self._send(c, error_reply(f"malformed JSON: {why}"))
             return
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
             self._send(c, error_reply('expected a JSON object with a string "op"'))
@@ -356,7 +378,8 @@ class ControlServer:
                 return
             c.outbuf = c.outbuf[n:]
         if c.outbuf:
-            self._sel.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
+            events = selectors.EVENT_WRITE if c.eof else selectors.EVENT_READ | selectors.EVENT_WRITE
+            self._sel.modify(c.sock, events, c)
         elif c.closing:
             self._drop(c)
         elif fd in self._conns:
@@ -408,10 +431,11 @@ def raw_request(req: dict, timeout: float | None = 10.0, path: str | None = None
         try:
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise NotRunning("no rswap daemon is running (start one with: sudo rswap run)") from None
+            raise NotRunning("no rswap daemon is running (start one as root with: "
+                             "rswap run)") from None
         except PermissionError:
             raise RswapError(f"{path}: permission denied (the control socket is root only; "
-                             "try sudo)") from None
+                             "run it as root)") from None
         try:
             s.sendall(_line(req))
         except (BrokenPipeError, ConnectionResetError):

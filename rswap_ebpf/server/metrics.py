@@ -10,6 +10,8 @@ bandwidth as a ratio, not percent; bytes per second), ``_total`` on counters.  F
     rswap_swaps_total{resource="cpu",task="web",direction="received"} 3
     rswap_tick_duration_seconds_bucket{le="0.005"} ...
     rswap_bpf_program_run_time_seconds_total{program="sched_switch",id="42"} 0.0031
+    rswap_build_info{version="0.1.0"} 1
+    process_cpu_seconds_total / process_resident_memory_bytes / ... and python_info
 
 A resource that is one of several of its type (``coproc:fpga0``, ``coproc:npu``) shares its type's
 names and carries the instance as a label named after the type::
@@ -26,7 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import (CollectorRegistry, Histogram, Info, PlatformCollector,
+                               ProcessCollector)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,13 @@ class MetricsExporter:
                                        "Time one tick took: sense, forecast, swap and enforce",
                                        buckets=TICK_BUCKETS, registry=self.registry)
         self.registry.register(_Collector(self))
+        # the standard process_* (CPU seconds, memory, fds, start time) and python_info
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        from rswap_ebpf import version
+
+        Info("rswap_build", "The rswap build that serves these metrics",
+             registry=self.registry).info({"version": version()})
 
     # -- input -----------------------------------------------------------------------------
     def update(self, status: Mapping[str, Any], tick_duration_s: float) -> None:

@@ -158,7 +158,7 @@ class Scheduler:
                 "queued": [w.req.name for w in sorted(self.queue)]}
 
     def _task_add(self, req, peer) -> dict:
-        from rswap_ebpf.runtime.config import _task
+        from rswap_ebpf.runtime.config import _task, check_minimums
 
         raw = {k: v for k, v in req.items() if k not in ("op", "id")}
         tc = _task(raw, "task")
@@ -166,6 +166,10 @@ class Scheduler:
             if r in _NEEDS_TARGET or r not in self.daemon.pool:
                 raise ConfigError(f"task {tc.name}.{r.key}", "not managed at run time here")
         self._check_free_name(tc.name)
+        d = self.daemon
+        check_minimums({r: d.pool.total(r) for r in tc.limits},
+                       [(t.name, t.limits) for t in d.manager.tasks.values()]
+                       + [(tc.name, tc.limits)])
         self.daemon.add_task(tc, source="socket")
         d = self.daemon
         return {"ok": True, "task": tc.name, "cgroup": d.tasks[tc.name].cgroup.rel,

@@ -84,3 +84,45 @@ def test_dry_run_plans_but_writes_no_limit(tmp_path, rswap_env, unique_name):
     assert planned, (seen, out[-3000:])  # it planned an allocation ...
     assert all(v in ("-1", "max 100000") for _, _, v in planned), planned  # ... and wrote none
     assert not os.path.exists(cpu_dir)
+
+
+def test_doctor_leaves_a_running_daemons_pins_alone(rswap_env):
+    """A stand-in for a daemon's pins (a map pinned in /sys/fs/bpf/rswap) survives doctor."""
+    import glob
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from rswap_ebpf import paths
+
+    env = {k: v for k, v in os.environ.items() if k != "RSWAP_PIN_DIR"}
+    env.update(rswap_env)
+    daemon_dir = os.path.join(paths.root("BPFFS_ROOT"), paths.RSWAP_BPF_DIR)
+    if os.path.exists(daemon_dir):
+        pytest.skip(f"{daemon_dir} exists: a daemon (or a crashed test) owns it")
+    if not shutil.which("bpftool"):
+        pytest.skip("needs bpftool to pin a stand-in map")
+    os.mkdir(daemon_dir, 0o700)
+    from rswap_ebpf.host.cpu.collector import MAPS
+
+    names = sorted(MAPS[:2])  # the names the daemon's CPU collector pins, as doctor's does
+    try:
+        for name in names:
+            subprocess.run(["bpftool", "map", "create", os.path.join(daemon_dir, name), "type",
+                            "hash", "key", "4", "value", "4", "entries", "4", "name", "standin"],
+                           check=True)
+        out = run_rswap("doctor", env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "removed after" in out.stdout
+        assert sorted(os.listdir(daemon_dir)) == names
+        for name in names:  # still the stand-in's maps, not replaced by doctor's
+            show = subprocess.run(["bpftool", "map", "show", "pinned",
+                                   os.path.join(daemon_dir, name)], capture_output=True, text=True)
+            assert show.returncode == 0 and "standin" in show.stdout, show.stderr
+        assert glob.glob(os.path.join(paths.root("BPFFS_ROOT"), "rswap-doctor-*")) == []
+    finally:
+        if os.path.isdir(daemon_dir):
+            for name in os.listdir(daemon_dir):
+                os.unlink(os.path.join(daemon_dir, name))
+            os.rmdir(daemon_dir)

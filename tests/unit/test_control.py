@@ -181,3 +181,38 @@ def test_answer_timeout_is_raised_but_never_lowered_by_the_environment(monkeypat
         monkeypatch.setenv("RSWAP_CONTROL_TIMEOUT", bad)
         with pytest.raises(ConfigError):
             control.answer_timeout()
+
+
+def test_deeply_nested_json_gets_an_error_reply_not_a_traceback(server, caplog):
+    srv, rec = server
+    s = _connect(srv.path)
+    try:
+        s.sendall(b"[" * 60_000 + b"\n")
+        r = _read_line(s)
+        assert r["ok"] is False and "malformed JSON" in r["error"]
+        s.sendall(b'{"op": "echo", "args": "still here"}\n')  # and the connection survives
+        assert _read_line(s)["args"] == "still here"
+    finally:
+        s.close()
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+
+
+def test_a_request_without_newline_then_shutdown_wr_gets_its_reply(server):
+    srv, rec = server
+    s = _connect(srv.path)
+    try:
+        s.sendall(b'{"op": "echo", "args": 1}\n{"op": "echo", "args": "last", "id": 3}')
+        s.shutdown(socket.SHUT_WR)
+        assert _read_line(s)["args"] == 1
+        assert _read_line(s) == {"ok": True, "args": "last", "pid": os.getpid(),
+                                 "uid": os.geteuid(), "id": 3}
+        assert _readers[s].read(10) == b""  # then closed
+    finally:
+        s.close()
+    s = _connect(srv.path)  # malformed, unterminated, half-closed: an error reply all the same
+    try:
+        s.sendall(b"[" * 60_000)
+        s.shutdown(socket.SHUT_WR)
+        assert _read_line(s)["ok"] is False
+    finally:
+        s.close()

@@ -9,10 +9,10 @@ period.  ``AutoForecaster.release`` says how far that floor may drop; ``SwapMana
 from __future__ import annotations
 
 import json
-import pickle
 
 import pytest
 
+from rswap_ebpf.predict.checkpoint import dumps, loads
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
@@ -67,12 +67,12 @@ def test_release_after_is_checked_and_old_checkpoints_keep_the_floor():
     f = make_forecaster({"name": "auto", "release_after": 0})
     assert f.release_after == 0
     a = _fed(BURST * 4 + BURST[:3])
-    state = pickle.loads(pickle.dumps(a)).__getstate__()
+    state = loads(dumps(a)).__getstate__()
     del state["release_after"]                        # a checkpoint from before the release
     old = AutoForecaster.__new__(AutoForecaster)
     old.__setstate__(state)
     assert old.release_after == 0 and old.release() is None
-    assert pickle.loads(pickle.dumps(a)).release() == a.release() == pytest.approx(5.0)
+    assert loads(dumps(a)).release() == a.release() == pytest.approx(5.0)
 
 
 def test_the_released_floor_is_scored_so_the_raise_covers_what_it_leaves_open():

@@ -1,9 +1,9 @@
 """Every shipped forecaster follows the protocol: learn_one one sample, forecast(horizon)."""
 import math
-import pickle
 
 import pytest
 
+from rswap_ebpf.predict.checkpoint import dumps, loads
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.registry import available, make_forecaster
 from rswap_ebpf.predict.profile import TaskProfiler
@@ -88,7 +88,7 @@ def test_hyper_parameters_are_stored_under_their_names(name):
 @pytest.mark.parametrize("name", FORECASTERS)
 def test_a_checkpoint_restores_the_same_forecast(name):
     f = _fed(make_forecaster(name, scale=2000))
-    restored = pickle.loads(pickle.dumps(f))
+    restored = loads(dumps(f))
     assert restored.forecast(7) == pytest.approx(f.forecast(7))
 
 

@@ -8,11 +8,11 @@ raise now comes from the ``neighbours`` past forecasts nearest in value to the o
 """
 from __future__ import annotations
 
-import pickle
 import random
 
 import pytest
 
+from rswap_ebpf.predict.checkpoint import dumps, loads
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
@@ -109,8 +109,8 @@ def test_neighbours_is_checked_and_old_checkpoints_keep_the_raise_from_all_error
             AutoForecaster(neighbours=bad)
     assert make_forecaster({"name": "auto", "neighbours": 0}).neighbours == 0
     a = _fed(_bursts(200))
-    assert pickle.loads(pickle.dumps(a)).forecast(1) == a.forecast(1)
-    state = pickle.loads(pickle.dumps(a)).__getstate__()
+    assert loads(dumps(a)).forecast(1) == a.forecast(1)
+    state = loads(dumps(a)).__getstate__()
     del state["neighbours"]                           # a checkpoint from before round 8
     old = AutoForecaster.__new__(AutoForecaster)
     old.__setstate__(state)

@@ -169,3 +169,15 @@ def test_port_in_use_is_a_config_error(exporter):
     other = MetricsExporter(program_stats=lambda: [])
     with pytest.raises(ConfigError, match="--metrics-port"):
         other.serve(port)
+
+
+def test_build_info_and_process_metrics_are_exported(exporter):
+    from rswap_ebpf import version
+
+    m = scrape(exporter.serve(0, "127.0.0.1"))
+    assert m[("rswap_build_info", (("version", version()),))] == 1.0
+    assert version() != "0+unknown"  # the test venv has rswap installed (editable)
+    assert m[("process_cpu_seconds_total", ())] > 0
+    assert m[("process_resident_memory_bytes", ())] > 0
+    assert m[("process_open_fds", ())] >= 3
+    assert any(name == "python_info" for name, _ in m)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 import random
 
 import pytest
 
+from rswap_ebpf.predict.checkpoint import dumps, loads
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict import forecasters as fc
 from rswap_ebpf.predict import registry
@@ -57,11 +57,11 @@ def test_clone_is_fresh_and_same_parameters(forecaster):
     assert fresh == type(forecaster).clone(forecaster).forecast(3)
 
 
-def test_pickle_round_trip_keeps_forecasts(forecaster):
+def test_checkpoint_round_trip_keeps_forecasts(forecaster):
     data = _series(120)
     for y in data[:100]:
         forecaster.learn_one(y)
-    copy_ = pickle.loads(pickle.dumps(forecaster))
+    copy_ = loads(dumps(forecaster))
     for y in data[100:]:
         forecaster.learn_one(y)
         copy_.learn_one(y)

@@ -132,9 +132,12 @@ def test_wal_mode(tmp_path):
         assert st.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_checkpoints_are_compact_and_old_plain_pickles_still_load(tmp_path):
+def test_checkpoints_are_data_and_as_compact_as_a_compressed_pickle():
+    import json
     import pickle
+    import zlib
 
+    from rswap_ebpf.predict.checkpoint import MAGIC
     from rswap_ebpf.predict.profile import freeze, thaw
 
     p = profiler(None)
@@ -142,12 +145,56 @@ def test_checkpoints_are_compact_and_old_plain_pickles_still_load(tmp_path):
         p.update_prediction("web", CPU, y(i))
     prof = p.profiles[("web", CPU)]
     blob = freeze(prof)
-    plain = pickle.dumps(prof, protocol=pickle.HIGHEST_PROTOCOL)
-    assert len(blob) < 0.6 * len(plain)
-    for b in (blob, plain):  # a database written before compression still loads
-        back = thaw(b)
-        assert back.forecast(6) == pytest.approx(prof.forecast(6))
-        assert back.forecaster._detector._buf == prof.forecaster._detector._buf
+    assert blob.startswith(MAGIC)
+    json.loads(zlib.decompress(blob[len(MAGIC):]))  # plain JSON inside
+    assert len(blob) < 1.5 * len(zlib.compress(pickle.dumps(prof, protocol=5), 6))
+    back = thaw(blob)
+    assert back.forecast(6) == prof.forecast(6)
+    assert back.forecaster._detector._buf == prof.forecaster._detector._buf
+
+
+def test_a_pickle_in_the_database_is_never_unpickled(tmp_path, capsys):
+    """A profiles.db whose checkpoint is a pickle (an older rswap's, or planted): refused, the
+    profile relearnt from the samples after it, and the pickle's code never runs."""
+    import pickle
+    import zlib
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    db = str(tmp_path / "p.db")
+    with ProfileStore(db) as st:
+        st.write_tick(1.0, [], [("web", "cpu", pickle.dumps(Exploit()), "x", None)])
+        st.write_tick(2.0, [("web", "cpu", 70.0)])
+        st.db.execute("INSERT OR REPLACE INTO state VALUES (2, 1.0, 'x', NULL, ?)",
+                      (b"RZ1" + zlib.compress(pickle.dumps(Exploit())),))
+        st.write_tick(2.0, [("web", "io", 7.0)])
+    with ProfileStore(db) as st:
+        p = profiler(st)
+        assert sorted(r.key for r in p.restore("web")) == ["cpu", "io"]
+        assert list(p.profiles[("web", CPU)].history) == [70.0]
+        assert list(p.profiles[("web", IO)].history) == [7.0]
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "not a checkpoint of this format" in err and "web/cpu" in err and "web/io" in err
+
+
+def test_a_checkpoint_naming_a_class_outside_the_allow_list_is_refused():
+    import json
+    import zlib
+
+    from rswap_ebpf.predict.checkpoint import MAGIC, CheckpointError, loads
+
+    for name in ("os:system", "subprocess:Popen", "builtins:eval",
+                 "rswap_ebpf.predict.profile:os", "rswap_ebpf.predict.profile:__builtins__"):
+        blob = MAGIC + zlib.compress(json.dumps({"$o": name, "i": 0, "s": {}}).encode())
+        with pytest.raises(CheckpointError):
+            loads(blob)
+    with pytest.raises(CheckpointError):
+        loads(MAGIC + b"garbage")
 
 
 def test_a_restart_after_a_gap_keeps_the_seasonal_phase(tmp_path, monkeypatch):
@@ -188,8 +235,6 @@ def test_a_restart_after_a_gap_keeps_the_seasonal_phase(tmp_path, monkeypatch):
 
 
 def test_checkpoints_store_history_once_and_restore_it_exactly():
-    import pickle
-
     from rswap_ebpf.predict.profile import freeze, thaw
 
     p = profiler(None)
@@ -208,7 +253,7 @@ def test_checkpoints_store_history_once_and_restore_it_exactly():
     # a forecaster that was bridged over a gap has samples the profile's history lacks: kept
     prof.bridge(3)
     assert isinstance(prof.__getstate__()["history"], type(prof.history))
-    assert list(pickle.loads(pickle.dumps(prof)).history) == list(prof.history)
+    assert list(thaw(freeze(prof)).history) == list(prof.history)
 
 
 def test_rollups_are_one_packed_row_per_series_and_day(tmp_path):
@@ -225,3 +270,52 @@ def test_rollups_are_one_packed_row_per_series_and_day(tmp_path):
         assert [h[0] for h in hist] == sorted(h[0] for h in hist)
         assert all(h[3] == 1 and h[1] == h[2] == float(int(((h[0] - t0) / 300) % 288))
                    for h in hist)
+
+
+def _learnt_db(path):
+    with ProfileStore(path) as st:
+        p = profiler(st, checkpoint_every=10)
+        for i in range(200):
+            p.update_prediction("web", CPU, y(i))
+            p.flush(5000.0 + i)
+        p.checkpoint(6000.0)
+        st.vacuum()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "interior", "header"])
+def test_a_damaged_profiles_db_is_moved_aside_and_rebuilt(tmp_path, caplog, damage):
+    db = tmp_path / "profiles.db"
+    _learnt_db(str(db))
+    raw = bytearray(db.read_bytes())
+    assert len(raw) >= 4 * 4096
+    if damage == "truncated":
+        raw = raw[:len(raw) // 2 + 100]
+    elif damage == "interior":  # a page in the middle: the header still reads fine
+        page = 4096
+        mid = (len(raw) // page // 2) * page
+        raw[mid:mid + page] = bytes((i * 37) % 251 for i in range(page))
+    else:
+        raw[:100] = b"x" * 100
+    db.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        st = ProfileStore(str(db))
+    with st:
+        assert st.moved_aside and os.path.basename(st.moved_aside).startswith(
+            "profiles.db.corrupt-")
+        assert os.path.exists(st.moved_aside)
+        assert st.identities() == []  # rebuilt empty, and usable
+        p = profiler(st)
+        p.update_prediction("web", CPU, 1.0)
+        p.flush(7000.0)
+        assert st.identities() == ["web"]
+    assert st.moved_aside in caplog.text and "damaged" in caplog.text
+    with ProfileStore(str(db)) as again:  # the rebuilt one is sound: nothing moved this time
+        assert again.moved_aside is None and again.identities() == ["web"]
+
+
+def test_a_sound_profiles_db_is_not_moved(tmp_path):
+    db = str(tmp_path / "profiles.db")
+    _learnt_db(db)
+    with ProfileStore(db) as st:
+        assert st.moved_aside is None and st.identities() == ["web"]
+    assert [f for f in os.listdir(tmp_path) if "corrupt" in f] == []
