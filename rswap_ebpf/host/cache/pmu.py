@@ -86,6 +86,7 @@ class PmuDelta:
 class PmuCollector(bpf.BpfCollector):
     """sched_switch cache-miss accounting; ``sample`` > 1 measures every Nth slice per CPU."""
 
+    SOURCE = "pmu.bpf.c"
     MAPS = MAPS
 
     def __init__(self, sample: int = 1, replay: bool = False, test_run: bool = False,
@@ -110,36 +111,25 @@ class PmuCollector(bpf.BpfCollector):
             f.append("-DRSWAP_PMU_NO_READ")
         if self.test_run:
             f.append("-DRSWAP_PMU_TEST_RUN")
-        elif bpf.raw_tracepoint_supported():
-            f.append("-DRSWAP_RAW_TP")
-        elif not bpf.tracepoint_exists("sched", "sched_switch"):
-            raise FeatureMissing("sched_switch", "neither the raw tracepoint nor tracefs' "
-                                 "sched:sched_switch is available",
-                                 "mount tracefs: mount -t tracefs tracefs /sys/kernel/tracing")
+            self.attach_point = "BPF_PROG_TEST_RUN"
+        else:
+            point = bpf.choose_attach_point("sched_switch", bpf.SCHED_SWITCH, bpf.SCHED_SWITCH_FIX)
+            f += point.cflags
+            self.attach_point = point.name
         return f
 
-    def open(self) -> PmuCollector:
+    def cflags(self) -> list[str]:
         hardware = self.counters[0][0] == PERF_TYPE_HARDWARE
         if not self.replay and not self.no_read and hardware and not pmu_available():
             raise pmu_missing()
-        flags = self.flags()
-        self._bpf = bpf.load("pmu.bpf.c", flags)
-        try:
-            if self.test_run:
-                bcc = bpf.import_bcc()
-                self._fn = self._bpf.load_func(b"rswap_pmu_switch", bcc.BPF.RAW_TRACEPOINT)
-                self.attach_point = "BPF_PROG_TEST_RUN"
-            else:
-                self.attach_point = ("raw_tracepoint:sched_switch" if "-DRSWAP_RAW_TP" in flags
-                                     else "tracepoint:sched:sched_switch")
-            if not self.replay and not self.no_read:
-                self._open_counters()
-        except BaseException:
-            self.close()
-            raise
-        self._pin_maps()
-        self._start_clock()
-        return self
+        return self.flags()
+
+    def attach(self) -> None:
+        if self.test_run:
+            bcc = bpf.import_bcc()
+            self._fn = self._bpf.load_func(b"rswap_pmu_switch", bcc.BPF.RAW_TRACEPOINT)
+        if not self.replay and not self.no_read:
+            self._open_counters()
 
     def _open_counters(self) -> None:
         for table, (etype, config) in zip(("rswap_pmu_misses", "rswap_pmu_refs"), self.counters):
@@ -195,7 +185,6 @@ class PmuCollector(bpf.BpfCollector):
 def _drain(table) -> dict[int, PmuCounts]:
     """Sum the per-CPU values of every key, deleting as it goes (batch where the kernel can)."""
     out: dict[int, PmuCounts] = {}
-
     for k, per_cpu in bpf.drain_table(table):
         key = bpf.key_int(k)
         prev = out.get(key, PmuCounts())
