@@ -1,16 +1,48 @@
-/* On-CPU time per process (tgid) and per cgroup2 id.
+/* On-CPU time per cgroup2 id, and per process (tgid) for the processes user space watches.
  *
- * Each CPU remembers when it last switched.  At every sched_switch the time
- * since then is charged to the task switching out, which is `current` while
- * the tracepoint runs, so no task_struct field is read and no per-thread
- * start-time entry can go stale.  A low-rate software perf event (the
- * "flush") charges the running task the same way, so a busy loop that is
- * never switched out still shows up every interval.
+ * Each CPU remembers when it last switched.  At every sched_switch the time since then is
+ * charged to the task switching out, which is `current` while the tracepoint runs, so no
+ * task_struct field is read and no per-thread start-time entry can go stale.  A low-rate
+ * software perf event (the "flush") charges the running task the same way, so a busy loop that
+ * is never switched out is charged too.
+ *
+ * The hot path stays in one per-CPU array entry (`rswap_cpu_pending`): a few cgroup slots with
+ * running sums.  A switch whose cgroup is already in a slot adds to it and touches no hash; only
+ * a cgroup that is not there evicts a slot into `rswap_cgroup_ns`.  At each drain user space runs
+ * `rswap_cpu_sync` on every CPU (BPF_PROG_TEST_RUN with BPF_F_TEST_RUN_ON_CPU: an IPI, so it
+ * cannot interleave with the switch program, which runs with interrupts off): it charges the
+ * running task up to now and moves every slot into the hashes, so a drain reads every
+ * nanosecond up to that moment, once.  Per-tgid sums are kept only for tgids in
+ * `rswap_cpu_watch`, looked up only when the tgid on a CPU changes.
+ *
+ * RSWAP_CPU_DIRECT builds the fallback for kernels without BPF_F_TEST_RUN_ON_CPU (before 5.10):
+ * every switch charges the hashes directly.
  */
 #include <uapi/linux/ptrace.h>
 #include "rswap.h"
 
-BPF_PERCPU_ARRAY(rswap_cpu_start, u64, 1);
+struct rswap_cpu_slot {
+    u64 cgid;
+    u64 ns;
+};
+
+struct rswap_cpu_pending {
+    u64 start;                  /* when this CPU last charged (0: never) */
+    u32 tgid;                   /* the last tgid charged here (0: none) ... */
+    u32 tgid_watched;           /* ... whether it is in rswap_cpu_watch ... */
+    u64 tgid_ns;                /* ... and its running sum */
+    u32 next;                   /* the slot the next miss evicts */
+    u32 pad;
+    struct rswap_cpu_slot slot[RSWAP_CPU_SLOTS];
+};
+
+struct rswap_cpu_ctl {
+    u64 watched;                /* entries in rswap_cpu_watch (0: skip per-tgid accounting) */
+};
+
+BPF_PERCPU_ARRAY(rswap_cpu_pending, struct rswap_cpu_pending, 1);
+BPF_ARRAY(rswap_cpu_ctl, struct rswap_cpu_ctl, 1);
+BPF_HASH(rswap_cpu_watch, u32, u8, RSWAP_MAX_WATCHED);
 BPF_PERCPU_HASH(rswap_task_ns, u32, u64, RSWAP_MAX_TASKS);
 BPF_PERCPU_HASH(rswap_cgroup_ns, u64, u64, RSWAP_MAX_CGROUPS);
 BPF_PERCPU_ARRAY(rswap_stats, u64, RSWAP_STAT_MAX);
@@ -22,15 +54,50 @@ static __always_inline void bump_stat(int idx)
         (*v)++;
 }
 
-static __always_inline void charge_current(void)
+static __always_inline void add_cgroup(u64 cgid, u64 ns)
 {
-    int zero = 0;
-    u64 now = bpf_ktime_get_ns();
-    u64 *start = rswap_cpu_start.lookup(&zero);
-    if (!start)
+    if (ns == 0)
         return;
-    u64 last = *start;
-    *start = now;
+    u64 *c = rswap_cgroup_ns.lookup(&cgid);
+    if (c)
+        *c += ns;
+    else if (rswap_cgroup_ns.update(&cgid, &ns) != 0)
+        bump_stat(RSWAP_STAT_CGROUP_FULL);
+}
+
+static __always_inline void add_task(u32 tgid, u64 ns)
+{
+    if (ns == 0)
+        return;
+    u64 *t = rswap_task_ns.lookup(&tgid);
+    if (t)
+        *t += ns;
+    else if (rswap_task_ns.update(&tgid, &ns) != 0)
+        bump_stat(RSWAP_STAT_TASK_FULL);
+}
+
+/* Move every running sum of this CPU into the hashes; the slots keep their cgroups, and the
+ * next tgid is looked up again (the watch list may have changed). */
+static __always_inline void flush_all(struct rswap_cpu_pending *p)
+{
+#pragma unroll
+    for (int i = 0; i < RSWAP_CPU_SLOTS; i++) {
+        add_cgroup(p->slot[i].cgid, p->slot[i].ns);
+        p->slot[i].ns = 0;
+    }
+    if (p->tgid_watched)
+        add_task(p->tgid, p->tgid_ns);
+    p->tgid = 0;
+    p->tgid_watched = 0;
+    p->tgid_ns = 0;
+}
+
+static __always_inline void charge_current(struct rswap_cpu_pending *p,
+                                           struct rswap_cpu_ctl *ctl)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 last = p->start;
+    p->start = now;
     if (last == 0)
         return;
     u64 delta = now - last;
@@ -39,44 +106,80 @@ static __always_inline void charge_current(void)
         return;
     }
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (tgid == 0)          /* the idle task */
+    if (tgid == 0)              /* the idle task */
         return;
-
-    u64 init = 0;
-    u64 *t = rswap_task_ns.lookup(&tgid);
-    if (!t) {
-        if (rswap_task_ns.update(&tgid, &delta) != 0)
-            bump_stat(RSWAP_STAT_TASK_FULL);
-    } else {
-        *t += delta;
-    }
-
     u64 cgid = bpf_get_current_cgroup_id();
-    u64 *c = rswap_cgroup_ns.lookup(&cgid);
-    if (!c) {
-        if (rswap_cgroup_ns.update(&cgid, &delta) != 0)
-            bump_stat(RSWAP_STAT_CGROUP_FULL);
-    } else {
-        *c += delta;
+
+#ifdef RSWAP_CPU_DIRECT
+    add_cgroup(cgid, delta);
+    if (ctl->watched && rswap_cpu_watch.lookup(&tgid))
+        add_task(tgid, delta);
+#else
+    int hit = 0;
+#pragma unroll
+    for (int i = 0; i < RSWAP_CPU_SLOTS; i++) {
+        if (!hit && p->slot[i].cgid == cgid) {
+            p->slot[i].ns += delta;
+            hit = 1;
+        }
     }
+    if (!hit) {
+        u32 v = p->next & (RSWAP_CPU_SLOTS - 1);
+        p->next = v + 1;
+        add_cgroup(p->slot[v].cgid, p->slot[v].ns);
+        p->slot[v].cgid = cgid;
+        p->slot[v].ns = delta;
+    }
+
+    if (ctl->watched == 0)
+        return;
+    if (tgid != p->tgid) {
+        if (p->tgid_watched)
+            add_task(p->tgid, p->tgid_ns);
+        p->tgid = tgid;
+        p->tgid_ns = 0;
+        p->tgid_watched = rswap_cpu_watch.lookup(&tgid) != NULL;
+    }
+    if (p->tgid_watched)
+        p->tgid_ns += delta;
+#endif
+}
+
+static __always_inline void on_event(int sync)
+{
+    int zero = 0;
+    struct rswap_cpu_pending *p = rswap_cpu_pending.lookup(&zero);
+    struct rswap_cpu_ctl *ctl = rswap_cpu_ctl.lookup(&zero);
+    if (!p || !ctl)
+        return;
+    charge_current(p, ctl);
+    if (sync)
+        flush_all(p);
 }
 
 #ifdef RSWAP_RAW_TP
 RAW_TRACEPOINT_PROBE(sched_switch)
 {
-    charge_current();
+    on_event(0);
     return 0;
 }
 #else
 TRACEPOINT_PROBE(sched, sched_switch)
 {
-    charge_current();
+    on_event(0);
     return 0;
 }
 #endif
 
 int rswap_cpu_flush(struct bpf_perf_event_data *ctx)
 {
-    charge_current();
+    on_event(0);
+    return 0;
+}
+
+/* Loaded as a raw tracepoint program but never attached: user space runs it on each CPU. */
+int rswap_cpu_sync(struct bpf_raw_tracepoint_args *ctx)
+{
+    on_event(1);
     return 0;
 }

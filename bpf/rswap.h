@@ -17,8 +17,18 @@
 #define RSWAP_MAX_TASKS 16384
 #endif
 
+/* Processes accounted by tgid as well as by cgroup (tasks configured by pid). */
+#ifndef RSWAP_MAX_WATCHED
+#define RSWAP_MAX_WATCHED 16384
+#endif
+
 #ifndef RSWAP_MAX_CGROUPS
 #define RSWAP_MAX_CGROUPS 4096
+#endif
+
+/* Cgroups each CPU keeps a running sum for before it touches a hash (a power of two). */
+#ifndef RSWAP_CPU_SLOTS
+#define RSWAP_CPU_SLOTS 4
 #endif
 
 /* Index of the overflow counters in the `rswap_stats` array. */

@@ -1,14 +1,24 @@
 #!/usr/bin/env python3
-"""Benchmark the CPU slice: control-plane time per tick and BPF run time per event.
+"""Benchmark the control plane per tick and the sched_switch BPF programs per event.
 
-    sudo .venv/bin/python tools/bench_control_plane.py [--ticks 30] [--seconds 3]
+    .venv/bin/python tools/bench_control_plane.py [--tasks 10000] [--ticks 30] [--seconds 3] [--json FILE]
 
-1. Control plane: per-tick time of forecast (learn_one + forecast(window)) and allocate
-   (SwapManager.proactive_allocation) for 1, 100 and 1,000 synthetic tasks, for last-value (the
-   baseline) and Holt-Winters; the ratio is against last-value measured in the same run.
-2. Kernel: run time per event of bpf/cpu.bpf.c on sched_switch, from bpftool's run_time_ns /
-   run_cnt with kernel.bpf_stats_enabled=1 (restored afterwards), against a bare sched_switch
-   counter loaded in the same run, while a context-switch storm runs.
+Run as root, under the benchmark locks (docs/hotpath.md).
+
+1. Control plane, one resource: per-tick forecast (learn_one + forecast(window)) and allocate
+   (SwapManager.proactive_allocation) for 1, 100 and 1,000 synthetic tasks, last-value (the
+   baseline) and Holt-Winters.
+2. Control plane at scale: ``--tasks`` tasks x 6 resources through the daemon's tick steps --
+   drain (per-cgroup counters turned into per-task use, as the drivers' measure() does),
+   observed demand, forecast, allocate, enforce (FileApplier + Journal writing the changed
+   allocations into a scratch directory tree standing in for cgroup files) -- with the
+   process's peak RSS.
+3. Kernel: run time per event from the kernel's BPF statistics (kernel.bpf_stats_enabled=1,
+   restored afterwards; run_time_ns / run_cnt per program, read with bpftool) while two
+   processes pinned to one CPU ping-pong through pipes: a bare sched_switch counter (the floor)
+   and rswap's cpu.bpf.c, with both processes in one cgroup, then each in its own scratch
+   cgroup; then the same with a run-queue (wakeup -> switch) program loaded too: bpf/runq.bpf.c
+   where the tree has it, else a minimal one defined here (the output says which).
 """
 from __future__ import annotations
 
@@ -17,9 +27,11 @@ import json
 import math
 import os
 import random
+import resource
+import shutil
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -29,8 +41,21 @@ from rswap_ebpf.predict.profile import TaskProfiler  # noqa: E402
 from rswap_ebpf.model.resources import ResourcePool, ResourceType  # noqa: E402
 from rswap_ebpf.model.limits import Limits, Priority  # noqa: E402
 from rswap_ebpf.swap.manager import ManagedTask, SwapManager  # noqa: E402
+from rswap_ebpf.swap.policy import StabilityPolicy  # noqa: E402
+from rswap_ebpf.host.cgroup import FileApplier  # noqa: E402
+from rswap_ebpf.host.journal import Journal  # noqa: E402
 
 CPU = ResourceType.PROCESSOR_CYCLES
+#: The six resources of the scale run (co-processors need named instances: left out), with a
+#: typical use per task and the file an enforcer would write.
+SCALE_RESOURCES = {
+    ResourceType.PROCESSOR_CYCLES: (200, "cpu.max"),
+    ResourceType.CACHE: (2, "schemata"),
+    ResourceType.MEMORY_BANDWIDTH: (5, "schemata.mb"),
+    ResourceType.GPU_MEMORY: (1 << 28, "gpu.mem"),
+    ResourceType.NETWORK_BANDWIDTH: (1 << 20, "net.rate"),
+    ResourceType.STORAGE_IOPS: (100, "io.max"),
+}
 
 
 def control_plane(n_tasks: int, forecaster: str, ticks: int, window: int = 5) -> tuple[float, float]:
@@ -62,6 +87,91 @@ def control_plane(n_tasks: int, forecaster: str, ticks: int, window: int = 5) ->
     return f_times[len(f_times) // 2], a_times[len(a_times) // 2]
 
 
+class _ScaleDriver:
+    """One resource's driver over a scratch tree: measure() turns drained per-cgroup counters into
+    per-task use the way CpuDriver.measure() does; apply() writes the allocation through a real
+    FileApplier (read back, journalled once per file) into ``<root>/<task>/<file>``."""
+
+    def __init__(self, r, mean: float, fname: str, root: str, applier: FileApplier):
+        self.r, self.mean, self.fname, self.root, self.applier = r, mean, fname, root, applier
+        self.rng = random.Random(mean)
+
+    def drain(self, tick: int, cgroup_ids: dict[str, int]) -> dict[int, float]:
+        """A node where one task in ten swings (a sine of period ~19 ticks, +-50 %) and the
+        rest hold steady within +-3 %: the deadband keeps those still, as on a real node."""
+        m, rng = self.mean, self.rng
+        return {cg: m * (1.0 + (0.5 * math.sin(tick / 3.0 + cg % 97) if cg % 10 == 0
+                                else 0.03 * (rng.random() - 0.5)))
+                for cg in cgroup_ids.values()}
+
+    def measure(self, drained: dict[int, float], cgroup_ids: dict[str, int]) -> dict[str, float]:
+        return {name: drained.get(cg, 0.0) for name, cg in cgroup_ids.items()}
+
+    def apply(self, task: str, units: int) -> None:
+        self.applier.apply([(os.path.join(self.root, task, self.fname), str(units))])
+
+
+def control_plane_scale(n_tasks: int, ticks: int, window: int = 5) -> dict[str, float]:
+    """Median per-tick milliseconds of each step at ``n_tasks`` x 6 resources, and peak RSS."""
+    # cgroupfs lives in memory: tmpfs (/dev/shm) is the closer stand-in for it than a disk
+    root = tempfile.mkdtemp(prefix="rswap-bench-tree-",
+                            dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        pool = ResourcePool()
+        for r, (mean, _) in SCALE_RESOURCES.items():
+            pool.register_resource(r, int(mean * n_tasks * 0.9))  # a little short: shares move
+        mgr = SwapManager(pool, headroom=0.2)
+        mgr.policy = StabilityPolicy()  # the daemon's defaults: hold 3 ticks, 10 % deadband
+        prof = TaskProfiler(lambda t, r: make_forecaster("last_value"))
+        applier = FileApplier(Journal(os.path.join(root, "journal.jsonl")))
+        drivers = [_ScaleDriver(r, mean, fname, root, applier)
+                   for r, (mean, fname) in SCALE_RESOURCES.items()]
+        prios = list(Priority)
+        cgroup_ids = {}
+        for i in range(n_tasks):
+            name = f"t{i}"
+            mgr.add_task(ManagedTask(name, prios[i % 3], {r: Limits(1, None) for r in SCALE_RESOURCES}))
+            os.mkdir(os.path.join(root, name))
+            for d in drivers:
+                with open(os.path.join(root, name, d.fname), "w") as f:
+                    f.write("0")
+            cgroup_ids[name] = 10_000 + i
+        steps = {"drain": [], "forecast": [], "allocate": [], "enforce": [], "tick": [],
+                 "changes": []}
+        for tick in range(ticks):
+            t0 = time.perf_counter()
+            observed: dict[str, dict] = {n: {} for n in cgroup_ids}
+            for d in drivers:
+                used = d.measure(d.drain(tick, cgroup_ids), cgroup_ids)
+                for name, units in used.items():
+                    observed[name][d.r] = mgr.observed_demand(name, d.r, units)
+            t1 = time.perf_counter()
+            forecasts, releases = {}, {}
+            for name, per_r in observed.items():
+                for r, units in per_r.items():
+                    prof.update_prediction(name, r, units)
+                forecasts[name] = {r: p.peak for r, p in prof.get_predicted_needs(name, window).items()}
+                releases[name] = prof.releases(name)
+            t2 = time.perf_counter()
+            result = mgr.proactive_allocation(forecasts, observed, releases)
+            t3 = time.perf_counter()
+            by_r = {d.r: d for d in drivers}
+            for ch in result.changes:
+                by_r[ch.resource].apply(ch.task, ch.new)
+            t4 = time.perf_counter()
+            for k, v in zip(("drain", "forecast", "allocate", "enforce", "tick"),
+                            (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+                steps[k].append(v * 1e3)
+            steps["changes"].append(len(result.changes))
+        out = {k: sorted(v)[len(v) // 2] for k, v in steps.items()}
+        # steady state: the first ticks allocate from nothing and write every file
+        out["first_tick_ms"] = steps["tick"][0]
+        out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 BARE = """
 BPF_PERCPU_ARRAY(bare_count, u64, 1);
 RAW_TRACEPOINT_PROBE(sched_switch)
@@ -75,6 +185,36 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 """
 
 
+#: A minimal run-queue probe for the cost figure when bpf/runq.bpf.c is not in the tree: the
+#: wakeup stamps the pid, the switch that runs it takes the delay into a log2 histogram.
+MINIMAL_RUNQ = """
+BPF_HASH(bench_wake_ts, u32, u64, 16384);
+BPF_PERCPU_ARRAY(bench_runq_hist, u64, 32);
+static __always_inline void stamp(u32 pid)
+{
+    u64 ts = bpf_ktime_get_ns();
+    bench_wake_ts.update(&pid, &ts);
+}
+TRACEPOINT_PROBE(sched, sched_wakeup) { stamp(args->pid); return 0; }
+TRACEPOINT_PROBE(sched, sched_wakeup_new) { stamp(args->pid); return 0; }
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    u32 pid = args->next_pid;
+    u64 *ts = bench_wake_ts.lookup(&pid);
+    if (!ts)
+        return 0;
+    int slot = bpf_log2l((bpf_ktime_get_ns() - *ts) / 1000);
+    bench_wake_ts.delete(&pid);
+    if (slot > 31)
+        slot = 31;
+    u64 *n = bench_runq_hist.lookup(&slot);
+    if (n)
+        (*n)++;
+    return 0;
+}
+"""
+
+
 def _prog_stats() -> dict[int, tuple[str, int, int]]:
     """id -> (name, run_time_ns, run_cnt) of every loaded program."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)
@@ -82,86 +222,154 @@ def _prog_stats() -> dict[int, tuple[str, int, int]]:
             for p in json.loads(out.stdout)}
 
 
-def _switch_storm(seconds: float) -> None:
-    """Two threads ping-ponging through a pipe: many context switches, bounded in time."""
+def _ids_by_function(b) -> dict[str, int]:
+    """Function name -> kernel program id of what bcc loaded into ``b``."""
+    out = {}
+    for name, fn in getattr(b, "funcs", {}).items():
+        with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+            for line in f:
+                if line.startswith("prog_id:"):
+                    out[name.decode() if isinstance(name, bytes) else name] = int(line.split()[1])
+    return out
+
+
+def _unified_root() -> str:
+    from rswap_ebpf.host.cgroup import detect_mounts
+
+    unified = detect_mounts().unified
+    if not unified:
+        raise SystemExit("no cgroup2 hierarchy: the two-cgroup storm needs one")
+    return unified
+
+
+def _pingpong(seconds: float, cpu: int, cgroups: tuple[str | None, str | None]) -> int:
+    """Two processes pinned to ``cpu`` ping-pong a byte through two pipes for ``seconds``; each
+    first moves itself into its cgroup directory (None: stays).  Returns round trips."""
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
-    stop = time.monotonic() + seconds
+    rc, wc = os.pipe()
+
+    def child(cg, body):
+        pid = os.fork()
+        if pid:
+            return pid
+        try:
+            os.sched_setaffinity(0, {cpu})
+            if cg:
+                with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+            body()
+        finally:
+            os._exit(0)
 
     def pong():
-        while True:
-            b = os.read(r1, 1)
-            if b == b"q":
-                return
-            os.write(w2, b)
+        while os.read(r1, 1) == b"x":
+            os.write(w2, b"x")
 
-    t = threading.Thread(target=pong)
-    t.start()
-    while time.monotonic() < stop:
-        os.write(w1, b"x")
-        os.read(r2, 1)
-    os.write(w1, b"q")
-    t.join()
-    for fd in (r1, w1, r2, w2):
+    def ping():
+        n, stop = 0, time.monotonic() + seconds
+        while time.monotonic() < stop:
+            os.write(w1, b"x")
+            os.read(r2, 1)
+            n += 1
+        os.write(w1, b"q")
+        os.write(wc, n.to_bytes(8, "little"))
+
+    pids = [child(cgroups[1], pong), child(cgroups[0], ping)]
+    for pid in pids:
+        os.waitpid(pid, 0)
+    n = int.from_bytes(os.read(rc, 8), "little")
+    for fd in (r1, w1, r2, w2, rc, wc):
         os.close(fd)
+    return n
 
 
-def bpf_cost(seconds: float) -> list[tuple[str, float, int]]:
+def bpf_cost(seconds: float) -> dict:
     from bcc import BPF
 
+    from rswap_ebpf.host.bpf import bpf_source_dir
     from rswap_ebpf.host.cpu.collector import CpuCollector
 
     stats_path = "/proc/sys/kernel/bpf_stats_enabled"
     with open(stats_path) as f:
         original = f.read().strip()
     os.environ.setdefault("RSWAP_PIN_DIR", f"/sys/fs/bpf/rswap-bench-{os.getpid()}")
-    rows = []
+    unified = _unified_root()
+    groups = [os.path.join(unified, f"rswap-bench-{os.getpid()}-{c}") for c in "ab"]
+    cpu = max(os.sched_getaffinity(0))
+    runq_src = bpf_source_dir() / "runq.bpf.c"
+    out: dict = {"runq_program": str(runq_src.relative_to(bpf_source_dir().parent))
+                 if runq_src.exists() else "minimal wakeup->switch program in this benchmark"}
+    bare = col = runq = None
     try:
         with open(stats_path, "w") as f:
             f.write("1")
-        existing = set(_prog_stats())
+        for g in groups:
+            os.mkdir(g)
         bare = BPF(text=BARE)
-        bare_ids = set(_prog_stats()) - existing
         col = CpuCollector().open()
-        try:
-            rswap_ids = set(_prog_stats()) - existing - bare_ids
+        floor_id = _ids_by_function(bare)["raw_tracepoint__sched_switch"]
+        ours = _ids_by_function(col._bpf)
+        switch_id = next(i for n, i in ours.items() if "sched_switch" in n)
+
+        def storm(cgroups, with_runq=None):
             before = _prog_stats()
-            _switch_storm(seconds)
+            trips = _pingpong(seconds, cpu, cgroups)
             col.drain()
             after = _prog_stats()
-        finally:
-            col.close()
-            bare.cleanup()
 
-        def per_event(ids, name_filter=None):
-            ns = cnt = 0
-            for i in ids:
-                name, a_ns, a_cnt = after[i]
-                if name_filter and name != name_filter:
-                    continue
-                ns += a_ns - before[i][1]
-                cnt += a_cnt - before[i][2]
-            return (ns / cnt if cnt else float("nan")), cnt
+            def cost(i):
+                ns = after[i][1] - before[i][1]
+                cnt = after[i][2] - before[i][2]
+                return ns, cnt
 
-        rows.append(("bare sched_switch counter (baseline)", *per_event(bare_ids)))
-        switch_name = next((after[i][0] for i in rswap_ids if after[i][0] != "rswap_cpu_flush"), "")
-        rows.append(("rswap cpu.bpf.c on sched_switch", *per_event(rswap_ids, switch_name)))
-        rows.append(("rswap cpu.bpf.c flush (cpu-clock)", *per_event(rswap_ids, "rswap_cpu_flush")))
+            f_ns, f_cnt = cost(floor_id)
+            s_ns, s_cnt = cost(switch_id)
+            row = {"round_trips": trips, "switches": s_cnt, "floor_ns": f_ns / f_cnt,
+                   "switch_ns": s_ns / s_cnt}
+            if with_runq:
+                extra = sum(cost(i)[0] for i in with_runq)
+                row["runq_ns"] = extra / s_cnt
+                row["switch_and_wakeup_ns"] = (s_ns + extra) / s_cnt
+            return row
+
+        out["one_cgroup"] = storm((None, None))
+        out["two_cgroups"] = storm(tuple(groups))
+        if runq_src.exists():
+            runq = BPF(src_file=str(runq_src).encode(), cflags=[f"-I{bpf_source_dir()}"])
+        else:
+            runq = BPF(text=MINIMAL_RUNQ)
+        runq_ids = list(_ids_by_function(runq).values())
+        out["one_cgroup_runq"] = storm((None, None), runq_ids)
+        out["two_cgroups_runq"] = storm(tuple(groups), runq_ids)
+        out["mode"] = col.mode
     finally:
+        for b in (runq, bare):
+            if b is not None:
+                b.cleanup()
+        if col is not None:
+            col.close()
+        for g in groups:
+            if os.path.isdir(g):
+                os.rmdir(g)
         with open(stats_path, "w") as f:
             f.write(original)
-    return rows
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ticks", type=int, default=30)
-    ap.add_argument("--seconds", type=float, default=3.0, help="length of the context-switch storm")
+    ap.add_argument("--tasks", type=int, default=10_000, help="tasks of the 6-resource scale run")
+    ap.add_argument("--scale-ticks", type=int, default=8, help="ticks of the scale run")
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of each context-switch storm")
     ap.add_argument("--no-bpf", action="store_true", help="skip the kernel part (no root needed)")
+    ap.add_argument("--json", metavar="FILE", help="write the headline figures here")
     a = ap.parse_args()
+    summary: dict = {}
 
-    print("Control plane, median per tick (forecast = learn_one + forecast(5) for every task; "
-          "allocate = proactive_allocation):")
+    print("Control plane, one resource, median per tick (forecast = learn_one + forecast(5) for "
+          "every task; allocate = proactive_allocation):")
     print(f"{'tasks':>6} {'forecaster':<13} {'forecast ms':>12} {'allocate ms':>12} {'total ms':>9} {'vs last_value':>14}")
     for n in (1, 100, 1000):
         base = None
@@ -170,17 +378,42 @@ def main() -> int:
             total = f_ms + a_ms
             base = base or total
             print(f"{n:>6} {fc:<13} {f_ms:>12.3f} {a_ms:>12.3f} {total:>9.3f} {total / base:>13.1f}x")
-    if a.no_bpf:
-        return 0
-    if os.geteuid() != 0:
+
+    sc = control_plane_scale(a.tasks, a.scale_ticks)
+    print(f"\nControl plane at {a.tasks} tasks x {len(SCALE_RESOURCES)} resources (last_value, "
+          f"median of {a.scale_ticks} ticks; enforce writes a scratch tree through FileApplier):")
+    print(f"  drain {sc['drain']:.1f} ms, forecast {sc['forecast']:.1f} ms, allocate "
+          f"{sc['allocate']:.1f} ms, enforce {sc['enforce']:.1f} ms ({sc['changes']:.0f} changes); "
+          f"tick {sc['tick']:.1f} ms (first tick {sc['first_tick_ms']:.0f} ms); peak RSS "
+          f"{sc['rss_mib']:.0f} MiB")
+    summary.update({"tick_ms_%d_tasks" % a.tasks: round(sc["tick"], 1),
+                    "rss_mib": round(sc["rss_mib"], 1), "scale": sc})
+
+    if not a.no_bpf and os.geteuid() != 0:
         print("\nBPF run time: skipped (needs root)")
-        return 0
-    print(f"\nBPF run time per event ({a.seconds:g} s context-switch storm, kernel.bpf_stats_enabled=1):")
-    rows = bpf_cost(a.seconds)
-    base = rows[0][1] if rows else None
-    print(f"{'program':<38} {'ns/event':>9} {'events':>10} {'vs bare':>8}")
-    for name, ns, cnt in rows:
-        print(f"{name:<38} {ns:>9.0f} {cnt:>10} {ns / base:>7.1f}x")
+    elif not a.no_bpf:
+        res = bpf_cost(a.seconds)
+        floor = res["one_cgroup"]["floor_ns"]
+        print(f"\nBPF run time per sched_switch ({a.seconds:g} s storms: two processes pinned to "
+              f"one CPU ping-pong through pipes; kernel.bpf_stats_enabled=1; cpu.bpf.c in "
+              f"{res['mode']} mode; run-queue program: {res['runq_program']}):")
+        print(f"{'storm':<34} {'floor ns':>9} {'rswap ns':>9} {'x floor':>8} {'switches':>9}")
+        rows = [("one cgroup: switch", "one_cgroup", "switch_ns"),
+                ("two cgroups: switch", "two_cgroups", "switch_ns"),
+                ("one cgroup: switch + wakeup", "one_cgroup_runq", "switch_and_wakeup_ns"),
+                ("two cgroups: switch + wakeup", "two_cgroups_runq", "switch_and_wakeup_ns")]
+        for label, key, field in rows:
+            r = res[key]
+            print(f"{label:<34} {r['floor_ns']:>9.1f} {r[field]:>9.1f} {r[field] / floor:>7.2f}x "
+                  f"{r['switches']:>9}")
+        summary.update({"floor_ns": round(floor, 1),
+                        "switch_one_cgroup_ns": round(res["one_cgroup"]["switch_ns"], 1),
+                        "switch_two_cgroups_ns": round(res["two_cgroups"]["switch_ns"], 1),
+                        "switch_and_wakeup_ns": round(res["one_cgroup_runq"]["switch_and_wakeup_ns"], 1),
+                        "bpf": res})
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=1)
     return 0
 
 

@@ -10,10 +10,15 @@ import ctypes
 import errno
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rswap_ebpf import paths
 from rswap_ebpf.errors import FeatureMissing
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
 
 
 def bpf_source_dir() -> Path:
@@ -119,6 +124,35 @@ def tracepoint_exists(category: str, event: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class AttachPoint:
+    """One way to hook an event: its name (as bpftool shows it), the cflags that build the
+    program for it, and how to tell whether the running kernel has it."""
+
+    name: str
+    cflags: tuple[str, ...]
+    available: Callable[[], bool]
+
+
+#: sched_switch, the way bcc tools probe it: the raw tracepoint (no argument copy) where the
+#: kernel has it, else tracefs' sched:sched_switch.
+SCHED_SWITCH = (
+    AttachPoint("raw_tracepoint:sched_switch", ("-DRSWAP_RAW_TP",), raw_tracepoint_supported),
+    AttachPoint("tracepoint:sched:sched_switch", (),
+                lambda: tracepoint_exists("sched", "sched_switch")),
+)
+SCHED_SWITCH_FIX = "mount tracefs: mount -t tracefs tracefs /sys/kernel/tracing"
+
+
+def choose_attach_point(event: str, chain: tuple[AttachPoint, ...], fix: str) -> AttachPoint:
+    """The first of ``chain`` the kernel has, or one error naming every one that was tried."""
+    for point in chain:
+        if point.available():
+            return point
+    tried = ", ".join(p.name for p in chain)
+    raise FeatureMissing(event, f"none of {tried} is available", fix)
+
+
 def drain_table(table) -> list:
     """Every (key, per-CPU values) of ``table``, deleted as read.
 
@@ -142,14 +176,68 @@ def key_int(k) -> int:
     return k if isinstance(k, int) else k.value
 
 
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+_BPF_PROG_TEST_RUN = 10
+_BPF_F_TEST_RUN_ON_CPU = 1
+
+
+def test_run_on_cpu(prog_fd: int, cpu: int) -> None:
+    """Run a raw tracepoint program once on ``cpu`` (``BPF_PROG_TEST_RUN`` with
+    ``BPF_F_TEST_RUN_ON_CPU``, Linux 5.10): the kernel runs it there from an IPI, with ``current``
+    whatever that CPU is running.  OSError when the kernel refuses (ENXIO: the CPU is offline)."""
+    nr = _NR_BPF.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"no bpf(2) number known for {os.uname().machine}")
+    attr = (ctypes.c_uint8 * 80)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = prog_fd
+    ctypes.c_uint32.from_buffer(attr, 64).value = _BPF_F_TEST_RUN_ON_CPU  # test.flags
+    ctypes.c_uint32.from_buffer(attr, 68).value = cpu                     # test.cpu
+    if _libc.syscall(nr, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def online_cpus() -> list[int]:
+    """CPU numbers from /sys/devices/system/cpu/online ("0-3,6")."""
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            text = f.read().strip()
+    except OSError:
+        return list(range(os.cpu_count() or 1))
+    cpus: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus += range(int(lo), int(hi or lo) + 1)
+    return cpus
+
+
+def prog_ids(b) -> list[int]:
+    """Kernel ids of every program bcc loaded into ``b`` (for ``bpftool prog show id``), read
+    from the program fds' /proc/self/fdinfo."""
+    ids = []
+    if b is None:
+        return ids
+    for fn in getattr(b, "funcs", {}).values():
+        try:
+            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                ids += [int(line.split()[1]) for line in f if line.startswith("prog_id:")]
+        except OSError:
+            pass
+    return ids
+
+
 class BpfCollector:
     """The life cycle every collector shares: load, pin ``MAPS``, drain by interval, close.
 
-    A collector = one ``bpf/*.bpf.c`` + a subclass with ``open()`` (load, attach, then
-    ``_pin_maps()`` and ``_start_clock()``), ``drain()`` and, where it attached more than bcc
-    tracks, a ``close()`` that undoes that before calling this one.
+    A collector = one ``bpf/<SOURCE>`` + a subclass that says how to build it (:meth:`cflags`,
+    where attach points are probed), what to do once it is loaded (:meth:`attach`: perf events,
+    tc filters, counters; bcc attaches the ``TRACEPOINT_PROBE``/``RAW_TRACEPOINT_PROBE``
+    programs itself) and how to read it (``drain()``, over :func:`drain_table`).  :meth:`open`
+    runs those steps and undoes what was done when one fails; a subclass that attached more than
+    bcc tracks undoes that in ``close()`` before calling this one.
     """
 
+    SOURCE: str = ""
     MAPS: tuple[str, ...] = ()
 
     def __init__(self, pin: bool = True):
@@ -158,24 +246,45 @@ class BpfCollector:
         self._bpf = None
         self._last = 0
 
+    # -- what a subclass says ----------------------------------------------------------------
+    def cflags(self) -> list[str]:
+        """The ``-D`` flags to build ``SOURCE`` with; raises FeatureMissing when it cannot run."""
+        return []
+
+    def attach(self) -> None:
+        """What has to happen after the program is loaded and before its maps are pinned."""
+
+    # -- the life cycle ----------------------------------------------------------------------
+    def program_text(self) -> str:
+        return (bpf_source_dir() / self.SOURCE).read_text()
+
+    def open(self):
+        self._bpf = load(self.SOURCE, self.cflags())
+        try:
+            self.attach()
+            self._pin_maps()
+        except BaseException:
+            self.close()
+            raise
+        self._start_clock()
+        return self
+
     def table(self, name: str):
         if self._bpf is None:
             raise RuntimeError("collector is not open")
         return self._bpf.get_table(name.encode())
 
+    def prog_ids(self) -> list[int]:
+        return prog_ids(self._bpf)
+
     def _pin_maps(self) -> None:
         if not self.pin:
             return
-        try:
-            for name in self.MAPS:
-                self.pinned.append(pin_map(self.table(name), name))
-        except BaseException:
-            self.close()
-            raise
+        for name in self.MAPS:
+            self.pinned.append(pin_map(self.table(name), name))
 
     def _start_clock(self) -> None:
         self._last = time.monotonic_ns()
-
     def _interval_ns(self) -> int:
         """Nanoseconds since the previous drain (or open); restarts the clock."""
         if self._bpf is None:

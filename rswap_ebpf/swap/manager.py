@@ -411,14 +411,18 @@ class SwapManager:
             if reason == "priority":
                 freed.append([n, current[n] - targets[n]])
         free_before = self.pool.available(r) - sum(u for _, u in freed)
+        first = 0  # freed[:first] is given away: skipped, so the scan is not O(up x freed)
         for n in sorted(up, key=lambda n: (self.tasks[n].priority, n)):
             need = targets[n] - current[n]
             from_free = min(max(free_before, 0), need)
             free_before -= from_free
             need -= from_free
-            for item in freed:
+            while first < len(freed) and freed[first][1] == 0:
+                first += 1
+            for i in range(first, len(freed)):
                 if not need:
                     break
+                item = freed[i]
                 take = min(item[1], need)
                 if take and self.tasks[item[0]].priority > self.tasks[n].priority:
                     result.swaps.append(Swap(r, item[0], n, take, "priority"))

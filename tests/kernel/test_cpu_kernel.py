@@ -1,13 +1,16 @@
 """The CPU slice on the real kernel: BPF accounting vs /proc, CFS quota enforcement, restore."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 
 import pytest
 
+from rswap_ebpf.host import bpf
 from rswap_ebpf.host.cpu.driver import CpuDriver
 from rswap_ebpf.host.cgroup import CgroupManager, FileApplier, cpu_writer, detect_mounts
 from rswap_ebpf.host.journal import Journal
@@ -15,6 +18,11 @@ from rswap_ebpf.offline.replay import throttled_reading
 from rswap_ebpf.host.cpu.collector import CpuCollector
 
 from .helpers import BUSY, CLK_TCK, TIME_SCALE, busy_process, proc_cpu_s, scratch_cgroup
+
+def PINNED_BUSY(cpu: int) -> list[str]:
+    """:data:`BUSY` held to one CPU."""
+    return [BUSY[0], "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\n" + BUSY[2]]
+
 
 #: Busy for half of every 20 ms of work, asleep for the rest, for 60 s at most.
 HALF_BUSY = [sys.executable, "-c", "import time\nend=time.monotonic()+60\n"
@@ -33,10 +41,25 @@ def pin_dir(monkeypatch, unique_name):
         os.rmdir(d)
 
 
-def test_bpf_measures_a_busy_loop_within_5_percent_of_proc(pin_dir, unique_name):
-    with scratch_cgroup(f"rswap-test-{unique_name}") as dirs, CpuCollector() as col:
+@pytest.fixture(params=["per-cpu cache", "direct"])
+def cpu_collector(request, monkeypatch):
+    """The collector in each of its modes: the per-CPU cache synced at drain (the kernel runs
+    BPF_F_TEST_RUN_ON_CPU) and the fallback that charges the hashes at every switch."""
+    if request.param == "direct":
+        def refused(fd, cpu):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(bpf, "test_run_on_cpu", refused)
+    col = CpuCollector()
+    yield col
+    assert col.mode in ("", request.param)
+
+
+def test_bpf_measures_a_busy_loop_within_5_percent_of_proc(pin_dir, unique_name, cpu_collector):
+    with scratch_cgroup(f"rswap-test-{unique_name}") as dirs, cpu_collector as col:
         cgid = os.stat(dirs["unified"]).st_ino
         with busy_process(list(dirs.values())) as p:
+            col.watch(p.pid)  # per-process sums are kept for watched tgids only
             time.sleep(0.3)
             col.drain()
             start = proc_cpu_s(p.pid)
@@ -50,6 +73,50 @@ def test_bpf_measures_a_busy_loop_within_5_percent_of_proc(pin_dir, unique_name)
     assert used > 1.0, "the busy loop did not run"
     assert task_ns / 1e9 == pytest.approx(used, rel=0.05)
     assert cg_ns / 1e9 == pytest.approx(used, rel=0.05)
+
+
+def test_more_cgroups_than_per_cpu_slots_are_each_charged_within_5_percent(pin_dir, unique_name,
+                                                                          cpu_collector):
+    """Six busy loops in six cgroups on one CPU: every switch changes the cgroup and the four
+    per-CPU slots keep evicting, yet each cgroup reads what /proc says its process ran."""
+    n = 6
+    with ExitStack() as stack:
+        groups = [stack.enter_context(scratch_cgroup(f"rswap-test-{unique_name}-{i}"))
+                  for i in range(n)]
+        col = stack.enter_context(cpu_collector)
+        cpu = min(os.sched_getaffinity(0))
+        procs = [stack.enter_context(busy_process(list(g.values()), PINNED_BUSY(cpu)))
+                 for g in groups]
+        cgids = [os.stat(g["unified"]).st_ino for g in groups]
+        time.sleep(0.3)
+        col.drain()
+        start = [proc_cpu_s(p.pid) for p in procs]
+        got = [0] * n
+        for _ in range(3):
+            time.sleep(1.0)
+            d = col.drain()
+            got = [g + d.cgroup_ns.get(c, 0) for g, c in zip(got, cgids)]
+        used = [proc_cpu_s(p.pid) - s for p, s in zip(procs, start)]
+    assert sum(used) > 1.5, "the busy loops did not run"
+    for ns, u in zip(got, used):
+        assert ns / 1e9 == pytest.approx(u, rel=0.05, abs=0.02)
+
+
+def test_only_watched_processes_are_accounted_by_tgid(pin_dir, unique_name):
+    with scratch_cgroup(f"rswap-test-{unique_name}") as dirs, CpuCollector() as col:
+        cgid = os.stat(dirs["unified"]).st_ino
+        with busy_process(list(dirs.values())) as watched, busy_process(list(dirs.values())) as other:
+            col.watch(watched.pid)
+            col.drain()
+            time.sleep(0.5)
+            d = col.drain()
+            col.unwatch(watched.pid)
+            time.sleep(0.2)
+            after = col.drain()
+    assert d.task_ns.get(watched.pid, 0) > 0.1e9
+    assert other.pid not in d.task_ns
+    assert watched.pid not in after.task_ns
+    assert d.cgroup_ns[cgid] >= d.task_ns[watched.pid]
 
 
 def test_maps_are_pinned_and_inspectable_with_bpftool(pin_dir):

@@ -74,7 +74,7 @@ def test_sampling_measures_every_nth_slice_and_scales(pinned_cpu, pin_dir):
 def test_multiplexed_counter_is_scaled_by_enabled_over_running(pinned_cpu, pin_dir):
     """perf_event_open(2): a multiplexed counter ran only time_running of time_enabled; the
     slice's growth is scaled by their ratio (as perf scales a count) and the fraction reported."""
-    with PmuCollector(test_run=True) as col:
+    with PmuTestRun() as col:
         for misses, refs, enabled, running in [(100, 1000, 1_000, 1_000),
                                                (150, 1300, 3_000, 2_000),   # ran 1/2: x2
                                                (160, 1340, 4_000, 3_000)]:  # not multiplexed

@@ -164,6 +164,9 @@ cpu = {{ min = 100 }}
 """)
         try:
             d.start()
+            # Processes are accounted by tgid only when watched (tasks configured by pid).
+            cpu = next(drv for drv in d.drivers.values() if hasattr(getattr(drv, "collector", None), "watch"))
+            cpu.collector.watch(os.getpid(), hop.pid, *(p.pid for p in busy))
             info = json.loads(sh("bpftool", "-j", "map", "show", "pinned",
                                  os.path.join(pin_dir, "rswap_task_ns")).stdout)
             assert info["max_entries"] == 4

@@ -91,6 +91,7 @@ class PmuDelta:
 class PmuCollector(bpf.BpfCollector):
     """sched_switch cache-miss accounting; ``sample`` > 1 measures every Nth slice per CPU."""
 
+    SOURCE = "pmu.bpf.c"
     MAPS = MAPS
 
     def __init__(self, sample: int = 1, replay: bool = False,
@@ -108,6 +109,8 @@ class PmuCollector(bpf.BpfCollector):
         self.choice: pmu_events.PmuChoice | None = None
         self._mux_last = (0, 0)
         self.attach_point = ""
+        self._attach_name = ""
+        self._flags: list[str] = []
 
     def flags(self) -> list[str]:
         f = [f"-DRSWAP_PMU_SAMPLE={self.sample}", f"-DRSWAP_NR_CPUS={pmu_events.cpu_id_limit()}"]
@@ -118,36 +121,29 @@ class PmuCollector(bpf.BpfCollector):
         return f + self._attach_flags()
 
     def _attach_flags(self) -> list[str]:
-        """The handler's hook: the raw sched_switch tracepoint where the kernel has it, else
-        tracefs' (bcc attaches either when the program loads)."""
-        if bpf.raw_tracepoint_supported():
-            return ["-DRSWAP_RAW_TP"]
-        if not bpf.tracepoint_exists("sched", "sched_switch"):
-            raise FeatureMissing("sched_switch", "neither the raw tracepoint nor tracefs' "
-                                 "sched:sched_switch is available",
-                                 "mount tracefs: mount -t tracefs tracefs /sys/kernel/tracing")
-        return []
+        """The handler's hook: the first of the sched_switch chain the kernel has (bcc attaches
+        the program when it loads)."""
+        point = bpf.choose_attach_point("sched_switch", bpf.SCHED_SWITCH, bpf.SCHED_SWITCH_FIX)
+        self._attach_name = point.name
+        return list(point.cflags)
 
     def _attached(self, flags: list[str]) -> str:
         """Where the loaded handler runs (status and doctor print it)."""
-        return ("raw_tracepoint:sched_switch" if "-DRSWAP_RAW_TP" in flags
-                else "tracepoint:sched:sched_switch")
+        return self._attach_name
 
-    def open(self) -> PmuCollector:
-        if not self.replay and not self.no_read and self.counters is None:
-            self.choice = pmu_events.select_events()   # FeatureMissing without a PMU
-        flags = self.flags()
-        self._bpf = bpf.load("pmu.bpf.c", flags)
-        try:
-            self.attach_point = self._attached(flags)
-            if not self.replay and not self.no_read:
-                self._open_counters()
-        except BaseException:
-            self.close()
-            raise
-        self._pin_maps()
-        self._start_clock()
-        return self
+    def cflags(self) -> list[str]:
+        if not self.replay and not self.no_read:
+            if self.counters is None:
+                self.choice = pmu_events.select_events()   # FeatureMissing without a PMU
+            elif self.counters[0][0] == PERF_TYPE_HARDWARE and not pmu_available():
+                raise pmu_missing()
+        self._flags = self.flags()
+        return self._flags
+
+    def attach(self) -> None:
+        self.attach_point = self._attached(self._flags)
+        if not self.replay and not self.no_read:
+            self._open_counters()
 
     def _open_counters(self) -> None:
         """One counter per CPU id; on a hybrid part each CPU gets its own PMU's event."""
@@ -200,7 +196,6 @@ class PmuCollector(bpf.BpfCollector):
 def _drain(table) -> dict[int, PmuCounts]:
     """Sum the per-CPU values of every key, deleting as it goes (batch where the kernel can)."""
     out: dict[int, PmuCounts] = {}
-
     for k, per_cpu in bpf.drain_table(table):
         key = bpf.key_int(k)
         prev = out.get(key, PmuCounts())

@@ -100,14 +100,12 @@ def tracepoint_has_field(category: str, event: str, name: str) -> bool:
 class BlockCollector(bpf.BpfCollector):
     """block_rq_issue / block_rq_complete accounting."""
 
+    SOURCE = "block.bpf.c"
     MAPS = MAPS
 
     def __init__(self, pin: bool = True):
         super().__init__(pin)
         self.attach_points: tuple[str, ...] = ()
-
-    def program_text(self) -> str:
-        return (bpf.bpf_source_dir() / "block.bpf.c").read_text()
 
     @staticmethod
     def probe() -> tuple[tuple[str, str], tuple[str, str], tuple[str, str] | None, list[str]]:
@@ -135,13 +133,10 @@ class BlockCollector(bpf.BpfCollector):
             flags.append("-DRSWAP_OWNER_AT_GETRQ")
         return issue, complete, owner, flags
 
-    def open(self) -> BlockCollector:
+    def cflags(self) -> list[str]:
         issue, complete, owner, flags = self.probe()
         self.attach_points = tuple(f"tracepoint:{':'.join(p)}" for p in (issue, complete, owner) if p)
-        self._bpf = bpf.load("block.bpf.c", flags)
-        self._pin_maps()
-        self._start_clock()
-        return self
+        return flags
 
     def drain(self) -> IoDelta:
         interval = self._interval_ns()
@@ -150,10 +145,6 @@ class BlockCollector(bpf.BpfCollector):
         dropped = self._counters("rswap_io_stats",
                                  ("task_map_full", "cgroup_map_full", "stale_request"))
         return IoDelta(interval, task, cgroup, dropped)
-
-    def prog_ids(self) -> list[int]:
-        """Kernel ids of the loaded programs (for ``bpftool prog show id``)."""
-        return _prog_ids(self._bpf)
 
 
 def _counts(percpu) -> IoCounts:
@@ -169,19 +160,3 @@ def _drain(table) -> dict[tuple[int, int], IoCounts]:
         key = (int(k.id), int(k.dev))
         out[key] = out.get(key, IoCounts()) + _counts(v)
     return out
-
-
-def _prog_ids(b) -> list[int]:
-    """Ids of every program bcc loaded into ``b`` (from its fds, via /proc/self/fdinfo)."""
-    ids = []
-    if b is None:
-        return ids
-    for fn in getattr(b, "funcs", {}).values():
-        try:
-            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                for line in f:
-                    if line.startswith("prog_id:"):
-                        ids.append(int(line.split()[1]))
-        except OSError:
-            pass
-    return ids

@@ -74,6 +74,8 @@ class BccClassMap:
 class NetCollector(bpf.BpfCollector):
     """clsact ingress/egress cls_bpf accounting on the given interfaces."""
 
+    SOURCE = "net.bpf.c"
+
     def __init__(self, interfaces: Sequence[tcmod.Iface], journal: Journal | None = None,
                  pin: bool = True, ingress: bool = True, flows: bool = False):
         super().__init__(pin)
@@ -87,29 +89,21 @@ class NetCollector(bpf.BpfCollector):
         self._attached: list[tuple[tcmod.Iface, bool]] = []
         self._fns: dict[str, object] = {}
 
-    def program_text(self) -> str:
-        return (bpf.bpf_source_dir() / "net.bpf.c").read_text()
+    def cflags(self) -> list[str]:
+        return ["-DRSWAP_NET_FLOWS"] if self.flows else []
 
-    def open(self) -> NetCollector:
+    def attach(self) -> None:
         bcc = bpf.import_bcc()
-        self._bpf = bpf.load("net.bpf.c", ["-DRSWAP_NET_FLOWS"] if self.flows else [])
-        try:
-            for fn in ("rswap_tc_egress", "rswap_tc_ingress"):
-                self._fns[fn] = self._bpf.load_func(fn.encode(), bcc.BPF.SCHED_CLS)
-            for iface in self.interfaces:
-                with tcmod.ipr(iface) as ip:
-                    self.ifindex[iface] = tcmod.ifindex(ip, iface)
-                    had = any(tcmod._kind(q) == "clsact" for q in tcmod._qdiscs(ip, self.ifindex[iface]))
-                self._attached.append((iface, not had))
-                tcmod.attach_bpf(self.journal, iface,
-                                 self._fns["rswap_tc_ingress"].fd if self.ingress else None,
-                                 self._fns["rswap_tc_egress"].fd)
-        except BaseException:
-            self.close()
-            raise
-        self._pin_maps()
-        self._start_clock()
-        return self
+        for fn in ("rswap_tc_egress", "rswap_tc_ingress"):
+            self._fns[fn] = self._bpf.load_func(fn.encode(), bcc.BPF.SCHED_CLS)
+        for iface in self.interfaces:
+            with tcmod.ipr(iface) as ip:
+                self.ifindex[iface] = tcmod.ifindex(ip, iface)
+                had = any(tcmod._kind(q) == "clsact" for q in tcmod._qdiscs(ip, self.ifindex[iface]))
+            self._attached.append((iface, not had))
+            tcmod.attach_bpf(self.journal, iface,
+                             self._fns["rswap_tc_ingress"].fd if self.ingress else None,
+                             self._fns["rswap_tc_egress"].fd)
 
     def class_map(self) -> BccClassMap:
         return BccClassMap(self.table("rswap_net_class"))
@@ -122,16 +116,6 @@ class NetCollector(bpf.BpfCollector):
             c = NetCounts(sum(x.packets for x in v), sum(x.bytes for x in v))
             counts[key] = counts.get(key, NetCounts()) + c
         return NetDelta(interval, counts, self._counters("rswap_net_stats", ("", "map_full")))
-
-    def prog_ids(self) -> list[int]:
-        ids = []
-        for fn in self._fns.values():
-            try:
-                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                    ids += [int(line.split()[1]) for line in f if line.startswith("prog_id:")]
-            except OSError:
-                pass
-        return ids
 
     def close(self) -> None:
         for iface, created in self._attached:
