@@ -34,6 +34,18 @@ def read_status() -> dict[str, Any]:
         raise RswapError(f"cannot read {path}: {err}") from err
 
 
+def read_runq() -> dict[str, Any] | None:
+    """The CPU driver's run-queue report (``RUN_DIR/runq.json``), or None without one."""
+    from rswap_ebpf import paths
+    from rswap_ebpf.host.cpu.driver import RUNQ_FILE
+
+    try:
+        with open(os.path.join(paths.root("RUN_DIR"), RUNQ_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def fmt_units(value: float | int | None, unit: str) -> str:
     """A value in a resource's unit, the way operators read it (``1500m``, ``1.5GiB``, ``40%``)."""
     if value is None:
@@ -54,8 +66,10 @@ def fmt_units(value: float | int | None, unit: str) -> str:
     return f"{v:g} {unit}"
 
 
-def render(status: Mapping[str, Any], now: float | None = None) -> Group:
-    """One frame: a header (daemon, pool) and the tasks x resources table."""
+def render(status: Mapping[str, Any], now: float | None = None,
+           runq: Mapping[str, Any] | None = None) -> Group:
+    """One frame: a header (daemon, pool), the tasks x resources table, and where the CPU
+    driver measures it, each task's run-queue delay (RUNQ p99: runnable to running)."""
     now = time.time() if now is None else now
     age = max(0.0, now - status.get("time", now))
     units = {k: r.get("unit", "units") for k, r in status.get("pool", {}).items()}
@@ -68,13 +82,14 @@ def render(status: Mapping[str, Any], now: float | None = None) -> Group:
     table = Table(box=None, header_style="bold reverse", pad_edge=False, expand=False)
     for col, justify in (("TASK", "left"), ("PRIO", "left"), ("RES", "left"), ("USAGE", "right"),
                          ("FORECAST", "right"), ("ALLOC", "right"), ("SHORT", "right"),
-                         ("MODEL (MAE)", "left")):
+                         ("MODEL (MAE)", "left")) + ((("RUNQ p99", "right"),) if runq else ()):
         table.add_column(col, justify=justify, no_wrap=True)
+    delay = (runq or {}).get("tasks", {})
     short = {(s["task"], s["resource"]): s["wanted"] - s["granted"] for s in status.get("shortfalls", ())}
     for name, t in status.get("tasks", {}).items():
         if t.get("exited") is not None:
             table.add_row(name, t.get("priority", ""), "", "", "", "", "",
-                          f"exited ({t['exited']})", style="dim")
+                          f"exited ({t['exited']})", *([""] if runq else []), style="dim")
             continue
         for res, v in t.get("resources", {}).items():
             unit = units.get(res, "units")
@@ -87,12 +102,19 @@ def render(status: Mapping[str, Any], now: float | None = None) -> Group:
             if v.get("mae") is not None:
                 model += f" ({fmt_units(v['mae'], unit)})"
             missing = short.get((name, res))
+            rq = []
+            if runq:
+                d = delay.get(name, {})
+                rq = [f"{d['p99_us'] / 1000:.2f}ms" if res == "cpu" and d.get("n") else ""]
             table.add_row(name, t.get("priority", ""), res, fmt_units(v.get("usage"), unit),
                           fmt_units(v.get("forecast"), unit), fmt_units(v.get("allocation"), unit),
-                          fmt_units(missing, unit) if missing else "", model, style=style)
+                          fmt_units(missing, unit) if missing else "", model, *rq, style=style)
     events = [f"{s['resource']}: {s['to']} took {fmt_units(s['units'], units.get(s['resource'], 'units'))} "
               f"from {s['from']} ({s['reason']})" for s in status.get("swaps", ())]
     parts = [head, pool, table]
+    if runq and runq.get("protected_cores"):
+        parts.append(Text(f"cpu: {runq['protected_cores']} core(s) kept free of lower tiers for "
+                          "the critical tier", style="magenta"))
     if events:
         parts.append(Text("swaps this tick: " + ";  ".join(events), style="cyan"))
     return Group(*parts)
@@ -107,15 +129,15 @@ def run_top(interval: float, count: int | None = None, live: bool = True,
     if live and console.is_terminal:
         from rich.live import Live
 
-        with Live(render(status), console=console, auto_refresh=False, screen=False) as view:
+        with Live(render(status, runq=read_runq()), console=console, auto_refresh=False, screen=False) as view:
             shown = 1
             while count is None or shown < count:
                 time.sleep(interval)
-                view.update(render(_latest(status)), refresh=True)
+                view.update(render(_latest(status), runq=read_runq()), refresh=True)
                 shown += 1
         return 0
     while True:
-        console.print(render(status))
+        console.print(render(status, runq=read_runq()))
         shown += 1
         if count is not None and shown >= count:
             return 0

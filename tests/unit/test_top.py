@@ -100,3 +100,21 @@ def test_cli_top_without_daemon_says_so(rswap_env):
     (12 * 1024 * 1024, "bytes_per_s", "12.0MiB/s"), (20000, "iops", "20.0k iops"), (4, "ways", "4 ways")])
 def test_units_read_the_way_operators_expect(value, unit, text):
     assert fmt_units(value, unit) == text
+
+
+def test_runqueue_delay_column_and_protection_line_when_the_cpu_driver_reports_them():
+    status = {"pid": 1, "tick": 3, "time": 100.0, "interval": 1.0,
+              "pool": {"cpu": {"unit": "millicores", "total": 2000, "available": 0}},
+              "tasks": {"web": {"priority": "critical", "exited": None, "resources": {"cpu": {
+                  "usage": 900.0, "forecast": 900.0, "allocation": 1000, "model": None, "mae": None}}}},
+              "swaps": [], "shortfalls": []}
+    runq = {"tasks": {"web": {"p50_us": 8.0, "p99_us": 1024.0, "mean_us": 20.0, "n": 50}},
+            "protected_cores": 1}
+    con = terminal()
+    con.print(render(status, now=100.0, runq=runq))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", con.file.getvalue())
+    assert "RUNQ p99" in text and "1.02ms" in text
+    assert "1 core(s) kept free of lower tiers" in text
+    con = terminal()
+    con.print(render(status, now=100.0))
+    assert "RUNQ" not in con.file.getvalue()      # no collector: no column

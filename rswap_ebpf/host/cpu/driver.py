@@ -13,13 +13,16 @@ The layers, from the bottom (docs/colocation.md):
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 
 from rswap_ebpf.host.cgroup import (V1_MAX_SHARES, V1_MIN_SHARES, V2_MAX_WEIGHT, V2_MIN_WEIGHT,
                                    CgroupMounts, CpuShape, FileApplier, TaskCgroup, ThrottleStats,
                                    Write, cpu_writer, online_cpus)
+from rswap_ebpf import paths
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.cpu.collector import CpuCollector
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 #: and a batch group's (2 shares / weight 1, the kubelet's BestEffort).
 CRITICAL_SHARES_PER_WEIGHT, CRITICAL_V2_WEIGHT_PER_WEIGHT = 1280, 1250
 BATCH_SHARES, BATCH_V2_WEIGHT = 2, 1
+#: the CPU driver's run-queue report beside the daemon's status (RUN_DIR)
+RUNQ_FILE = "runq.json"
 
 
 #: What each tier adds (host.cgroup.CpuShape).  ``critical_weight`` scales the critical tier's
@@ -137,6 +142,29 @@ class CpuDriver(ResourceDriver):
         """Each task's p99 run-queue delay over the last tick (µs, log2 slot bound)."""
         return {n: h.quantile_us(0.99) for n, h in self.runq_delay.items() if h.n}
 
+    def runq_report(self) -> dict:
+        """The run-queue signal and what protection made of it (RUN_DIR/runq.json, `rswap top`,
+        the metrics): per task p50/p99/mean delay (µs) and wakeups over the last tick."""
+        state = getattr(self.isolation, "state", None)
+        return {"tasks": {n: {"p50_us": h.quantile_us(0.5), "p99_us": h.quantile_us(0.99),
+                              "mean_us": round(h.mean_us(), 1), "n": h.n}
+                          for n, h in self.runq_delay.items()},
+                "protected_cores": getattr(state, "cores", 0), "period_ticks": self.protection.period,
+                "psi": "cpu.pressure per cgroup needs the cgroup v2 cpu controller"
+                       if self.writer.version == "v1" else "see each cgroup's cpu.pressure"}
+
+    def _publish_runq(self) -> None:
+        if self.runq is None:
+            return
+        path = os.path.join(paths.root("RUN_DIR"), RUNQ_FILE)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"time": time.time(), **self.runq_report()}, f)
+            os.replace(path + ".tmp", path)
+        except OSError as err:
+            log.debug("cannot write %s: %s", path, err)
+
     def censored(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, bool]:
         """Throttled in the last tick (``nr_throttled`` went up) = its quota held it down."""
         out: dict[str, bool] = {}
@@ -197,11 +225,17 @@ class CpuDriver(ResourceDriver):
         delay = hist.quantile_us(0.99) if self.runq is not None else None
         demand = self.protection.update(use, delay)
         lower = {n: cg for n, cg in tasks.items() if self.tier_of.get(n) in ("normal", "batch")}
-        return self.isolation.settle(demand, lower)
+        state = self.isolation.settle(demand, lower)
+        self._publish_runq()
+        return state
 
     def close(self) -> None:
         if self.runq is not None:
             self.runq.close()
+            try:
+                os.unlink(os.path.join(paths.root("RUN_DIR"), RUNQ_FILE))
+            except OSError:
+                pass
         self.collector.close()
 
 
