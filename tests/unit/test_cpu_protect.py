@@ -41,10 +41,27 @@ def test_weights_layer_no_quota_on_critical_or_batch_whatever_their_units(tmp_pa
     drv = _driver(tmp_path)
     web, etl, api = (_v1_task(tmp_path, n) for n in ("web", "etl", "api"))
     for units in (100, 1500):
-        assert _files(drv.plan(web, units)) == {"cpu.cfs_quota_us": "-1", "cpu.shares": "10240"}
-        assert _files(drv.plan(etl, units)) == {"cpu.cfs_quota_us": "-1", "cpu.shares": "2"}
+        own = lambda w: {os.path.basename(p): v for p, v in w if os.path.dirname(p) != str(tmp_path)}
+        assert own(drv.plan(web, units)) == {"cpu.cfs_quota_us": "-1", "cpu.shares": "10240"}
+        assert own(drv.plan(etl, units)) == {"cpu.cfs_quota_us": "-1", "cpu.shares": "2"}
     # the normal tier keeps a quota that follows its units
     assert _files(drv.plan(api, 300))["cpu.cfs_quota_us"] == "30000"
+
+
+def test_rswaps_parent_cgroup_carries_its_tasks_weight(tmp_path):
+    """Under rswap/ the tasks compete with the host's processes through the parent: it gets the
+    sum of its tasks' shares (batch adds nothing), not the default 1024."""
+    root = tmp_path / "rswap"
+    root.mkdir()
+    (root / "cpu.shares").write_text("1024\n")
+    drv = _driver(root)
+    web, etl, api = (_v1_task(root, n) for n in ("web", "etl", "api"))
+    assert (str(root / "etl" / "cpu.shares"), "2") in drv.plan(etl, 100)
+    assert (str(root / "cpu.shares"), "1024") in drv.plan(etl, 100)      # batch alone: default
+    assert (str(root / "cpu.shares"), "10240") in drv.plan(web, 100)
+    assert (str(root / "cpu.shares"), str(10240 + 1024)) in drv.plan(api, 300)
+    adopted = TaskCgroup("web", "system.slice/web", {"cpu": str(root / "web")}, False)
+    assert all(os.path.dirname(p) != str(root) for p, _ in drv.plan(adopted, 100))
 
 
 def test_weights_layer_v2_and_batch_idle_and_weight_scaling(tmp_path):

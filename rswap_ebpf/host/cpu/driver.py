@@ -89,6 +89,8 @@ class CpuDriver(ResourceDriver):
         #: task -> its run-queue delay histogram over the last tick (metrics, `rswap top`)
         self.runq_delay: dict[str, RunqHistogram] = {}
         self._use: dict[str, float] = {}
+        #: task -> its own cpu cgroup directory, for tasks in rswap's subtree (_parent_plan)
+        self._owned_dirs: dict[str, str] = {}
 
     def set_priority(self, task: str, priority: str) -> None:
         """The task's tier decides its :class:`CpuShape` (burst, weight, idle) from now on."""
@@ -201,9 +203,36 @@ class CpuDriver(ResourceDriver):
         """Critical and batch: the weights layer (no quota); normal: quota from its units."""
         tier = self.tier_of.get(cg.name)
         shape = self.shapes.get(cg.name, CpuShape())
+        d = self.writer._dir(cg)
+        if cg.owned:
+            self._owned_dirs[cg.name] = d
         if tier in ("critical", "batch"):
-            return weight_plan(self.writer.version, self.writer._dir(cg), tier, shape)
-        return self.writer.plan(cg, max(units, self.floors.get(cg.name, 0)), shape)
+            return weight_plan(self.writer.version, d, tier, shape) + self._parent_plan(cg, d)
+        return self.writer.plan(cg, max(units, self.floors.get(cg.name, 0)), shape) + \
+            self._parent_plan(cg, d)
+
+    def _parent_plan(self, cg: TaskCgroup, d: str) -> list[Write]:
+        """rswap's own parent cgroup (``rswap/``) carries the sum of its tasks' weights, so a
+        critical task competes with the host's other processes as it would at the root (as
+        the kubelet sizes ``kubepods``); without it the parent's default 1024 shares cap the
+        whole subtree at one plain process's weight.  Adopted cgroups' parents are left alone."""
+        if not cg.owned:
+            return []
+        parent = os.path.dirname(d)
+        total = 0
+        for name, tdir in self._owned_dirs.items():
+            if os.path.dirname(tdir) != parent:
+                continue
+            tier, shape = self.tier_of.get(name), self.shapes.get(name, CpuShape())
+            if tier == "critical":
+                total += int(CRITICAL_SHARES_PER_WEIGHT * shape.weight)
+            elif tier != "batch":
+                total += 1024
+        if self.writer.version == "v1":
+            shares = min(V1_MAX_SHARES, max(1024, total))
+            return [(os.path.join(parent, "cpu.shares"), str(shares))]
+        weight = min(V2_MAX_WEIGHT, max(100, total * 100 // 1024))
+        return [(os.path.join(parent, "cpu.weight"), str(weight))]
 
     def apply(self, cg: TaskCgroup, units: int) -> Sequence[Write]:
         return self.applier.apply(self.plan(cg, units))
