@@ -126,3 +126,13 @@ def test_psi_read_where_the_cgroup_has_it(tmp_path):
     (tmp_path / "cpu.pressure").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=1234\n"
                                            "full avg10=0.00 avg60=0.00 avg300=0.00 total=99\n")
     assert cpu_pressure_some_us(str(tmp_path)) == 1234
+
+
+def test_an_operators_max_is_the_one_quota_a_critical_task_gets(tmp_path):
+    drv = _driver(tmp_path)
+    web = _v1_task(tmp_path, "web")
+    drv.set_limit("web", 600)
+    own = {os.path.basename(p): v for p, v in drv.plan(web, 100) if "/web/" in p}
+    assert own == {"cpu.cfs_quota_us": "60000", "cpu.shares": "10240"}
+    drv.set_limit("web", None)
+    assert (str(tmp_path / "web" / "cpu.cfs_quota_us"), "-1") in drv.plan(web, 100)

@@ -89,6 +89,8 @@ class CpuDriver(ResourceDriver):
         #: task -> its run-queue delay histogram over the last tick (metrics, `rswap top`)
         self.runq_delay: dict[str, RunqHistogram] = {}
         self._use: dict[str, float] = {}
+        #: task -> the operator's ceiling in millicores (set_limit): a quota even on critical
+        self.caps: dict[str, int] = {}
         #: task -> its own cpu cgroup directory, for tasks in rswap's subtree (_parent_plan)
         self._owned_dirs: dict[str, str] = {}
 
@@ -96,6 +98,15 @@ class CpuDriver(ResourceDriver):
         """The task's tier decides its :class:`CpuShape` (burst, weight, idle) from now on."""
         self.shapes[task] = self.tiers.get(str(priority).lower(), CpuShape())
         self.tier_of[task] = str(priority).lower()
+
+    def set_limit(self, task: str, max_millicores: int | None) -> None:
+        """A ceiling the operator set (a task's ``cpu = { max = N }``): the one quota a critical
+        or batch task gets (seeded from the config at start; tasks added later need the daemon
+        to call this)."""
+        if max_millicores is None:
+            self.caps.pop(task, None)
+        else:
+            self.caps[task] = int(max_millicores)
 
     def set_floor(self, task: str, millicores: int) -> bool:
         """Keep ``task``'s quota and weight at ``millicores`` at least; whether that changed.
@@ -207,7 +218,13 @@ class CpuDriver(ResourceDriver):
         if cg.owned:
             self._owned_dirs[cg.name] = d
         if tier in ("critical", "batch"):
-            return weight_plan(self.writer.version, d, tier, shape) + self._parent_plan(cg, d)
+            writes = weight_plan(self.writer.version, d, tier, shape)
+            cap = self.caps.get(cg.name)
+            if cap is not None:  # the operator's ceiling replaces "no quota"
+                quota = [w for w in self.writer.plan(cg, cap, CpuShape())
+                         if os.path.basename(w[0]) in ("cpu.cfs_quota_us", "cpu.max")]
+                writes = quota + writes[1:]
+            return writes + self._parent_plan(cg, d)
         return self.writer.plan(cg, max(units, self.floors.get(cg.name, 0)), shape) + \
             self._parent_plan(cg, d)
 
@@ -328,4 +345,9 @@ def make(ctx: DriverContext) -> CpuDriver:
         above_millicores=float(opts.get("critical_isolate_above", ISOLATE_ABOVE_DEFAULT)))
     if driver.isolation is not None and not ctx.dry_run:
         driver.runq = RunqCollector()
+    for task in getattr(ctx.config, "tasks", ()):
+        lim = next((v for k, v in task.limits.items()
+                    if getattr(k, "type", k) == ResourceType.PROCESSOR_CYCLES), None)
+        if lim is not None and lim.max_units is not None:
+            driver.set_limit(task.name, lim.max_units)
     return driver
