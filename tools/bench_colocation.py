@@ -609,6 +609,16 @@ def main() -> int:
     static = next((r["batch"] for r in med if r["mode"] == "static"), None)
     print("\n".join(fmt_table(med, base, static, False)))
     if a.json:
+        def clean(v):  # JSON has no NaN: a missing figure (alone's batch) is null
+            if isinstance(v, float) and math.isnan(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+        rows = clean(rows)
+        med = clean(med)
         with open(a.json, "w") as f:
             json.dump({"shape": a.shape, "repeat": a.repeat, "load_average_end": os.getloadavg(),
                        "medians": [{"mode": r["mode"], "p50_ms": r["p50"], "p99_ms": r["p99"],
