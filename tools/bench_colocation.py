@@ -15,7 +15,7 @@ job, under these regimes, in one run (default --modes, in this order):
              (critical, batch) and nothing else: rswap's defaults
 
 Load shapes (--shape): ``burst`` (every PERIOD s, BURST s at HIGH req/s, else LOW), ``steady``
-(STEADY req/s throughout, about 60 % of a core), ``ramp`` (a compressed diurnal load: LOW to
+(STEADY req/s throughout, about 60 % of a core here), ``ramp`` (a compressed diurnal load: LOW to
 HIGH and back as a cosine over RAMP_PERIOD s).
 
 Real programs, all on 127.0.0.1 and bounded in time (Debian packages nginx-light, wrk and
@@ -520,7 +520,8 @@ def main() -> int:
     p.add_argument("--burst", type=float, default=2.0, help="burst: seconds of high load per period")
     p.add_argument("--high", type=float, default=200.0, help="requests/s during a burst (ramp: peak)")
     p.add_argument("--low", type=float, default=10.0, help="requests/s between bursts (ramp: trough)")
-    p.add_argument("--steady", type=float, default=150.0, help="steady: requests/s throughout")
+    p.add_argument("--steady", type=float, default=300.0,
+                   help="steady: requests/s throughout (about 60 %% of a core here)")
     p.add_argument("--ramp-period", type=float, default=24.0,
                    help="ramp: seconds of one compressed day (trough, peak, trough); keep "
                         "--measure a multiple of it, so every regime measures whole days")
