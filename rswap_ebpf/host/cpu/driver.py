@@ -343,7 +343,7 @@ def make(ctx: DriverContext) -> CpuDriver:
     driver.isolation = isolation(ctx, opts)
     driver.protection = ProtectionPolicy(
         above_millicores=float(opts.get("critical_isolate_above", ISOLATE_ABOVE_DEFAULT)))
-    if driver.isolation is not None and not ctx.dry_run:
+    if not ctx.dry_run:  # the signal is shown even where no cpuset can act on it
         driver.runq = RunqCollector()
     for task in getattr(ctx.config, "tasks", ()):
         lim = next((v for k, v in task.limits.items()
