@@ -136,3 +136,18 @@ def test_an_operators_max_is_the_one_quota_a_critical_task_gets(tmp_path):
     assert own == {"cpu.cfs_quota_us": "60000", "cpu.shares": "10240"}
     drv.set_limit("web", None)
     assert (str(tmp_path / "web" / "cpu.cfs_quota_us"), "-1") in drv.plan(web, 100)
+
+
+def test_a_critical_task_outweighs_unmanaged_siblings_under_rswap(tmp_path):
+    """Another rswap's tasks under rswap/ (1024 shares each) are the critical task's siblings:
+    it takes ten times their sum, and the parent carries theirs plus ours."""
+    root = tmp_path / "rswap"
+    root.mkdir()
+    for other in ("etl_steady", "web_day"):
+        (root / other).mkdir()
+        (root / other / "cpu.shares").write_text("1024\n")
+    drv = _driver(root)
+    web = _v1_task(root, "web")
+    writes = dict(drv.plan(web, 100))
+    assert writes[str(root / "web" / "cpu.shares")] == str(10 * 2048)
+    assert writes[str(root / "cpu.shares")] == str(10 * 2048 + 2048)

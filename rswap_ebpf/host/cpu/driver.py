@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from rswap_ebpf.host.cgroup import (V1_MAX_SHARES, V1_MIN_SHARES, V2_MAX_WEIGHT, V2_MIN_WEIGHT,
                                    CgroupMounts, CpuShape, FileApplier, TaskCgroup, ThrottleStats,
@@ -218,6 +219,8 @@ class CpuDriver(ResourceDriver):
         if cg.owned:
             self._owned_dirs[cg.name] = d
         if tier in ("critical", "batch"):
+            if tier == "critical" and cg.owned:
+                shape = self._over_foreign(shape, os.path.dirname(d))
             writes = weight_plan(self.writer.version, d, tier, shape)
             cap = self.caps.get(cg.name)
             if cap is not None:  # the operator's ceiling replaces "no quota"
@@ -227,6 +230,38 @@ class CpuDriver(ResourceDriver):
             return writes + self._parent_plan(cg, d)
         return self.writer.plan(cg, max(units, self.floors.get(cg.name, 0)), shape) + \
             self._parent_plan(cg, d)
+
+    def _foreign_weight(self, parent: str) -> int:
+        """The shares (v1) or weight (v2) of the cgroups beside ours under ``parent`` that this
+        daemon does not manage (another rswap's tasks, a hand-made group): they compete with a
+        critical task as its siblings."""
+        # owned tasks live in rswap/<name>: every task this driver knows is ours
+        ours = {os.path.basename(t) for t in self._owned_dirs.values()} | set(self.tier_of)
+        fname = "cpu.shares" if self.writer.version == "v1" else "cpu.weight"
+        total = 0
+        try:
+            entries = os.listdir(parent)
+        except OSError:
+            return 0
+        for e in entries:
+            path = os.path.join(parent, e, fname)
+            if e in ours or not os.path.isfile(path):
+                continue
+            try:
+                with open(path) as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
+
+    def _over_foreign(self, shape: CpuShape, parent: str) -> CpuShape:
+        """A critical task outweighs unmanaged siblings under rswap/ as it outweighs a plain
+        process at the root (10240 against 1024): ten times their summed weight at least."""
+        foreign = self._foreign_weight(parent)
+        if self.writer.version == "v2":
+            foreign = foreign * 1024 // 100
+        need = 10 * foreign / CRITICAL_SHARES_PER_WEIGHT
+        return replace(shape, weight=max(shape.weight, need)) if need > shape.weight else shape
 
     def _parent_plan(self, cg: TaskCgroup, d: str) -> list[Write]:
         """rswap's own parent cgroup (``rswap/``) carries the sum of its tasks' weights, so a
@@ -242,9 +277,12 @@ class CpuDriver(ResourceDriver):
                 continue
             tier, shape = self.tier_of.get(name), self.shapes.get(name, CpuShape())
             if tier == "critical":
+                shape = self._over_foreign(shape, parent)
                 total += int(CRITICAL_SHARES_PER_WEIGHT * shape.weight)
             elif tier != "batch":
                 total += 1024
+        total += self._foreign_weight(parent) if self.writer.version == "v1" else \
+            self._foreign_weight(parent) * 1024 // 100
         if self.writer.version == "v1":
             shares = min(V1_MAX_SHARES, max(1024, total))
             return [(os.path.join(parent, "cpu.shares"), str(shares))]
