@@ -1,38 +1,47 @@
 #!/usr/bin/env python3
-"""Co-location benchmark: a latency-critical web service with a periodic bursty load shares the
-CPUs with a CPU-bound batch job, under four regimes, in one run:
+"""Co-location benchmark: a latency-critical web service shares the CPUs with a CPU-bound batch
+job, under these regimes, in one run (default --modes, in this order):
 
   alone      the service only (the latency baseline)
   static     service and batch in cgroups with fixed CPU quotas (service sized for its peak)
-  reactive   rswap run, both tasks forecast with last_value (follows usage one tick late)
-  proactive  rswap run, the service forecast with seasonal_naive over the load's period
-  isolated   proactive with ``critical_isolate = true``: batch's cpuset leaves the service a core
-             while its burst is forecast (enforce.cpuset); not in the default --modes
+  weights    kernel weights only: service cpu.shares 10240, batch cpu.shares 2 (cgroup v2:
+             cpu.weight 10000 / 1), what the kubelet gives a Guaranteed and a BestEffort pod
+  idle       batch cpu.idle = 1 (SCHED_IDLE group), the service in a cgroup of its own
+  suppress   Koordinator's CPU Suppress (cpuset policy) over the weights: every second, batch's
+             cpuset = the CPUs left under 65 % of the node once the service's and the system's
+             measured use are taken out (at least one CPU; at most one CPU more per round)
+  reactive   rswap run, both tasks forecast with last_value
+  rswap      rswap run on a config naming the two tasks, their commands and priorities
+             (critical, batch) and nothing else: rswap's defaults
+
+Load shapes (--shape): ``burst`` (every PERIOD s, BURST s at HIGH req/s, else LOW), ``steady``
+(STEADY req/s throughout, about 60 % of a core here), ``ramp`` (a compressed diurnal load: LOW to
+HIGH and back as a cosine over RAMP_PERIOD s).
 
 Real programs, all on 127.0.0.1 and bounded in time (Debian packages nginx-light, wrk and
 stress-ng; installed with apt-get on first use when missing, and said so):
 
 - service: nginx (2 workers) serving a text page gzip-compressed at level 9 on every request
   (a few ms of CPU each, so a burst needs about a core);
-- load: wrk driven by a Lua script (written next to the run) that sends on a timetable: every
-  PERIOD seconds BURST seconds at HIGH requests/s, otherwise LOW requests/s.  wrk alone is
-  closed-loop (a stalled server is asked less, and its stall is charged to the few requests in
-  flight); the script paces each connection to the timetable and measures each request from its
-  *scheduled* send time, so a stall is charged to every request it delayed (open loop, 64
-  connections of capacity);
+- load: wrk driven by a Lua script (written next to the run) that sends on a timetable.  wrk
+  alone is closed-loop (a stalled server is asked less, and its stall is charged to the few
+  requests in flight); the script paces each connection to the timetable and measures each
+  request from its *scheduled* send time, so a stall is charged to every request it delayed
+  (open loop, 64 connections of capacity);
 - batch: stress-ng --cpu 2 (matrixprod); a first instance runs through the warm-up and a second
   one exactly over the measured window, whose bogo-ops/s (real time) is the batch's throughput.
 
-Measured over the last MEASURE seconds of each regime, after the forecasters have seen the
-pattern.  ``--repeat N`` runs the four regimes N times, interleaved, and reports each run and the
-medians (single runs are noisy on a shared 2-core host: p99 of ~2000 requests is its 20th worst).
+Measured over the last MEASURE seconds of each regime.  ``--repeat N`` runs the regimes N times,
+interleaved, and reports each run and the medians; ``--json FILE`` writes
+``{"medians": [{"mode", "p50_ms", "p99_ms", "batch_ops_per_s", ...}], "runs": [...]}``.
 
-    sudo .venv/bin/python tools/bench_colocation.py [--repeat 3] [--period 8] [--seconds 56]
+    (as root) .venv/bin/python tools/bench_colocation.py [--shape steady] [--repeat 3] [--json F]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -165,21 +174,37 @@ def page(path: str, size: int) -> None:
         f.write(" ".join(text)[:size])
 
 
-def timetable(start: float, seconds: float, period: float, burst: float, high: float,
-              low: float) -> list[float]:
-    """Absolute monotonic send times; the burst phase follows the wall clock, so every regime
-    (and rswap's seasonal forecaster, which sees ticks) meets the same pattern."""
+def rate_at(a, wall_t: float) -> float:
+    """Requests/s the shape asks for at wall-clock time ``wall_t``."""
+    if a.shape == "steady":
+        return a.steady
+    if a.shape == "ramp":
+        return a.low + (a.high - a.low) * (1 - math.cos(2 * math.pi * (wall_t % a.ramp_period)
+                                                        / a.ramp_period)) / 2
+    return a.high if wall_t % a.period < a.burst else a.low
+
+
+def busy_at(a, wall_t: float) -> bool:
+    """Whether ``wall_t`` falls in the busy part of the shape (the burst/quiet split)."""
+    if a.shape == "steady":
+        return True
+    return rate_at(a, wall_t) >= (a.high + a.low) / 2
+
+
+def timetable(start: float, seconds: float, a) -> list[float]:
+    """Absolute monotonic send times; the shape's phase follows the wall clock, so every regime
+    (and rswap's forecasters, which see ticks) meets the same pattern."""
     wall0 = time.time() + (start - time.monotonic())
     out, t = [], 0.0
     while t < seconds:
         out.append(start + t)
-        t += 1.0 / (high if (wall0 + t) % period < burst else low)
+        t += 1.0 / max(1e-3, rate_at(a, wall0 + t))
     return out
 
 
 def load(d: str, port: int, start: float, seconds: float, a) -> tuple[list[float], list[float]]:
     """Run wrk over the timetable; (due times, latency in s or None for no reply) per slot."""
-    due = timetable(start, seconds, a.period, a.burst, a.high, a.low)
+    due = timetable(start, seconds, a)
     sched, out, lua = (os.path.join(d, x) for x in ("sched.txt", "wrk.out", "load.lua"))
     with open(sched, "w") as f:
         f.writelines(f"{t:.6f}\n" for t in due)
@@ -222,45 +247,134 @@ def bogo_rate(path: str, wait_s: float = 15) -> float:
 
 
 def rswap_config(path: str, mode: str, tag: str, svc_cmd: list[str], batch_cmd: list[str], a) -> None:
-    fc = ('"last_value"' if mode == "reactive" else
-          f'{{ name = "seasonal_naive", period = {int(round(a.period / a.interval))} }}')
+    """``rswap``: the two tasks, their commands and priorities, nothing else (rswap's defaults).
+    ``reactive``: the same with both forecast by last_value.  --rswap-option lines go in
+    [resources.cpu] of both (experiments only; the reported regimes run without)."""
     q = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # valid TOML strings
+    fc = 'forecaster = "last_value"\n' if mode == "reactive" else ""
     extra = "".join(f"{line}\n" for line in a.rswap_option)
-    isolate = True if mode == "isolated" else a.critical_isolate
-    if isolate is not None:  # else rswap's default (drivers.cpu.ISOLATE_DEFAULT)
-        extra = f"critical_isolate = {str(isolate).lower()}\n" + extra
+    cpu = f"[resources.cpu]\n{extra}\n" if extra else ""
     with open(path, "w") as f:
-        f.write(f"""[daemon]
-interval = {a.interval}
-window = {a.window}
-headroom = 0.3
-hold_ticks = 1
-critical_floor = {a.critical_floor}
-
-[resources.cpu]
-total = 2000
-critical_burst = {str(a.burst_quota).lower()}
-critical_weight = {a.critical_weight}
-batch_idle = {str(a.batch_idle).lower()}
-{extra}
-[[task]]
+        f.write(f"""{cpu}[[task]]
 name = "{tag}-svc"
 priority = "critical"
 command = {q(svc_cmd)}
-forecaster = {fc}
-cpu = {{ min = 100 }}
-
+{fc}
 [[task]]
 name = "{tag}-batch"
 priority = "batch"
 command = {q(batch_cmd)}
-forecaster = "last_value"
-cpu = {{ min = 100 }}
-""")
+{fc}""")
+
+
+def make_groups(tag: str, mode: str, a, dirs: list[str]) -> dict[str, list[str]]:
+    """The baseline regimes' cgroups: name -> directories to enter, after their files are
+    written (v1 cpu, or cgroup v2 where cpu is enabled there; cpuacct/cpuset as needed)."""
+    from rswap_ebpf.host.cgroup import detect_mounts
+
+    m = detect_mounts()
+    v2 = m.mode == "unified" or ("cpu" in m.v2_controllers() and "cpu" not in m.v1)
+    cpu_root = m.unified if v2 else m.v1["cpu"]
+    files: dict[str, dict[str, str]] = {"svc": {}, "batch": {}}
+    if mode == "static":
+        for name, mc in (("svc", a.static_service), ("batch", 2000 - a.static_service)):
+            files[name] = ({"cpu.max": f"{mc * 100} 100000"} if v2
+                           else {"cpu.cfs_quota_us": str(mc * 100)})
+    elif mode in ("weights", "suppress"):
+        files = ({"svc": {"cpu.weight": "10000"}, "batch": {"cpu.weight": "1"}} if v2 else
+                 {"svc": {"cpu.shares": "10240"}, "batch": {"cpu.shares": "2"}})
+    elif mode == "idle":
+        files = {"svc": {}, "batch": {"cpu.idle": "1"}}
+    out: dict[str, list[str]] = {}
+    for name, writes in files.items():
+        cg = os.path.join(cpu_root, f"{tag}-{name}")
+        os.makedirs(cg, exist_ok=True)
+        dirs.append(cg)
+        for fname, value in writes.items():
+            with open(os.path.join(cg, fname), "w") as f:
+                f.write(value)
+        out[name] = [cg]
+        if not v2 and "cpuacct" in m.v1:  # the suppress loop reads each group's use here
+            acct = os.path.join(m.v1["cpuacct"], f"{tag}-{name}")
+            os.makedirs(acct, exist_ok=True)
+            dirs.append(acct)
+            out[name].append(acct)
+    if mode == "suppress":
+        root = m.v1.get("cpuset") if not v2 else m.unified
+        cs = os.path.join(root, f"{tag}-batch-cpuset")
+        os.makedirs(cs, exist_ok=True)
+        dirs.append(cs)
+        for fname in ("cpuset.mems", "cpuset.cpus"):
+            if not v2 or fname == "cpuset.cpus":
+                with open(os.path.join(root, fname if not v2 else "cpuset.cpus.effective")) as f:
+                    value = f.read().strip()
+                with open(os.path.join(cs, fname), "w") as f:
+                    f.write(value)
+        out["batch"].append(cs)
+    return out
+
+
+def _cpus_online() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+class Suppress(threading.Thread):
+    """Koordinator's CPU Suppress, cpuset policy (koordlet qosmanager cpusuppress), every
+    ``interval`` s: suppress(BE) = capacity * threshold - used(non-BE pods) - used(system),
+    where system = node used - all pods used; BE's cpuset = ceil(suppress / 1 CPU) CPUs, at
+    least one (Koordinator keeps two, which on this 2-CPU host would never suppress: see
+    docs/colocation.md), grown by at most ceil(10 % of the CPUs) per round, shrunk at once."""
+
+    def __init__(self, svc_acct: str | None, batch_acct: str | None, cpuset_dir: str,
+                 threshold: float, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.svc, self.batch, self.cpuset = svc_acct, batch_acct, cpuset_dir
+        self.threshold, self.interval = threshold, interval
+        self.stop = threading.Event()
+        self.cpus = _cpus_online()
+        self.rounds: list[int] = []
+
+    @staticmethod
+    def _node_busy_ns() -> int:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return (sum(v[:8]) - idle) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _usage_ns(d: str | None) -> int:
+        if not d:
+            return 0
+        with open(os.path.join(d, "cpuacct.usage")) as f:
+            return int(f.read())
+
+    def run(self) -> None:
+        last = (time.monotonic_ns(), self._node_busy_ns(), self._usage_ns(self.svc),
+                self._usage_ns(self.batch))
+        current = len(self.cpus)
+        grow = max(1, math.ceil(len(self.cpus) * 0.1))
+        while not self.stop.wait(self.interval):
+            now = (time.monotonic_ns(), self._node_busy_ns(), self._usage_ns(self.svc),
+                   self._usage_ns(self.batch))
+            dt = max(1, now[0] - last[0])
+            node, svc, batch = ((now[i] - last[i]) / dt for i in (1, 2, 3))
+            last = now
+            system = max(0.0, node - svc - batch)
+            suppress = len(self.cpus) * self.threshold - svc - system
+            want = min(len(self.cpus), max(1, math.ceil(suppress - 1e-9)))
+            if want > current:
+                want = min(want, current + grow)
+            current = want
+            self.rounds.append(want)
+            with open(os.path.join(self.cpuset, "cpuset.cpus"), "w") as f:
+                f.write(",".join(str(c) for c in self.cpus[:want]))
+
+
+BASELINES = ("alone", "static", "weights", "idle", "suppress")
+MODES = BASELINES + ("reactive", "rswap")
 
 
 def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
-    from rswap_ebpf.host.cgroup import detect_mounts
     from rswap_ebpf.host.journal import remove_cgroup_dir
 
     d = os.path.join(tmp, f"{mode}-{rep}")
@@ -279,27 +393,28 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
     procs: list[subprocess.Popen] = []
     dirs: list[str] = []
     daemon = None
+    suppressor = None
     env = dict(os.environ)
     try:
-        if mode in ("alone", "static"):
-            enter = {}
-            if mode == "static":
-                cpu = detect_mounts().v1.get("cpu")
-                for name, millicores in (("svc", a.static_service), ("batch", 2000 - a.static_service)):
-                    cg = os.path.join(cpu, f"{tag}-{name}")
-                    os.makedirs(cg, exist_ok=True)
-                    dirs.append(cg)
-                    with open(os.path.join(cg, "cpu.cfs_quota_us"), "w") as f:
-                        f.write(str(millicores * 100))  # period 100000 us
-                    enter[name] = cg
+        if mode in BASELINES:
+            groups = make_groups(tag, mode, a, dirs) if mode != "alone" else {}
 
-            def placer(cg):
-                return (lambda: open(os.path.join(cg, "cgroup.procs"), "w").write(str(os.getpid()))) if cg else None
-            procs.append(subprocess.Popen(svc_cmd, preexec_fn=placer(enter.get("svc")),
+            def placer(cgs):
+                def enter():
+                    for cg in cgs:
+                        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                            f.write(str(os.getpid()))
+                return enter if cgs else None
+            procs.append(subprocess.Popen(svc_cmd, preexec_fn=placer(groups.get("svc")),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            if mode == "static":
-                procs.append(subprocess.Popen(batch_cmd, preexec_fn=placer(enter.get("batch")),
+            if mode != "alone":
+                procs.append(subprocess.Popen(batch_cmd, preexec_fn=placer(groups.get("batch")),
                                               start_new_session=True))
+            if mode == "suppress":
+                acct = lambda n: next((g for g in groups[n] if "/cpuacct/" in g), None)
+                suppressor = Suppress(acct("svc"), acct("batch"), groups["batch"][-1],
+                                      a.suppress_threshold / 100)
+                suppressor.start()
         else:
             cfg = os.path.join(d, "rswap.toml")
             rswap_config(cfg, mode, tag, svc_cmd, batch_cmd, a)
@@ -307,7 +422,7 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
                        RSWAP_PIN_DIR=f"/sys/fs/bpf/{tag}")
             log = open(os.path.join(a.log_dir, f"{mode}-{rep}.log"), "w") if a.log_dir else subprocess.DEVNULL
             daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli.main", "run", "--config", cfg,
-                                       "--count", str(int((a.seconds + 60) / a.interval))],
+                                       "--count", str(int(a.seconds + 90))],
                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
             # the BPF program is compiled after the tasks start: wait for the first tick
             status = os.path.join(d, "run", "status.json")
@@ -338,10 +453,10 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
         lost = sum(1 for _, x in kept if x is None)
         worst = float("inf")  # a lost reply is worst
         got = [worst if x is None else x for _, x in kept]
-        # The load's phase follows the wall clock (timetable): split burst from quiet requests.
+        # The load's phase follows the wall clock (timetable): split busy from quiet requests.
         wall = time.time() - time.monotonic()
-        burst = [worst if x is None else x for t, x in kept if (wall + t) % a.period < a.burst]
-        quiet = [worst if x is None else x for t, x in kept if (wall + t) % a.period >= a.burst]
+        burst = [worst if x is None else x for t, x in kept if busy_at(a, wall + t)]
+        quiet = [worst if x is None else x for t, x in kept if not busy_at(a, wall + t)]
         if a.log_dir:
             with open(os.path.join(a.log_dir, f"{mode}-{rep}.lat"), "w") as f:
                 f.writelines(f"{t - start:.3f} {'lost' if x is None else f'{x * 1000:.1f}'}\n"
@@ -351,6 +466,9 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
                 "burst_p99": pct(burst, 0.99), "quiet_p99": pct(quiet, 0.99),
                 "n": len(got), "lost": lost, "batch": rate}
     finally:
+        if suppressor is not None:
+            suppressor.stop.set()
+            suppressor.join(5)
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
             try:
@@ -398,35 +516,31 @@ def fmt_table(rows: list[dict], base_p99: float | None, static_batch: float | No
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--period", type=float, default=8.0, help="seconds between bursts")
-    p.add_argument("--burst", type=float, default=2.0, help="seconds of high load per period")
-    p.add_argument("--high", type=float, default=200.0, help="requests/s during a burst")
-    p.add_argument("--low", type=float, default=10.0, help="requests/s between bursts")
+    p.add_argument("--shape", choices=("burst", "steady", "ramp"), default="burst",
+                   help="the service's load over time")
+    p.add_argument("--period", type=float, default=8.0, help="burst: seconds between bursts")
+    p.add_argument("--burst", type=float, default=2.0, help="burst: seconds of high load per period")
+    p.add_argument("--high", type=float, default=200.0, help="requests/s during a burst (ramp: peak)")
+    p.add_argument("--low", type=float, default=10.0, help="requests/s between bursts (ramp: trough)")
+    p.add_argument("--steady", type=float, default=300.0,
+                   help="steady: requests/s throughout (about 60 %% of a core here)")
+    p.add_argument("--ramp-period", type=float, default=24.0,
+                   help="ramp: seconds of one compressed day (trough, peak, trough); keep "
+                        "--measure a multiple of it, so every regime measures whole days")
     p.add_argument("--page-bytes", type=int, default=100000,
                    help="size of the page nginx gzips (level 9) for every request")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (open-loop capacity)")
-    p.add_argument("--seconds", type=float, default=56.0, help="length of each regime's load")
-    p.add_argument("--measure", type=float, default=40.0, help="measured tail of each regime")
+    p.add_argument("--seconds", type=float, default=40.0, help="length of each regime's load")
+    p.add_argument("--measure", type=float, default=24.0, help="measured tail of each regime")
     p.add_argument("--repeat", type=int, default=1, help="runs of every regime (medians reported)")
-    p.add_argument("--interval", type=float, default=0.5, help="rswap tick")
     p.add_argument("--static-service", type=int, default=1200,
                    help="static partitioning: the service's millicores (batch gets the rest of 2000)")
-    p.add_argument("--modes", default="alone,static,reactive,proactive",
-                   help="regimes to run, in order (also: isolated)")
-    p.add_argument("--window", type=int, default=2, help="rswap forecast window (ticks)")
-    p.add_argument("--critical-floor", type=float, default=0.9,
-                   help="rswap: the service keeps this quantile of a season's forecast (0: off)")
-    p.add_argument("--critical-weight", type=float, default=8.0,
-                   help="rswap: the service's shares per millicore, relative to others")
-    p.add_argument("--no-burst", dest="burst_quota", action="store_false",
-                   help="rswap: no CFS burst (cpu.cfs_burst_us) for the service")
-    p.add_argument("--batch-idle", action="store_true",
-                   help="rswap: the batch group runs SCHED_IDLE (cpu.idle = 1)")
-    p.add_argument("--critical-isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="rswap: keep batch off a core while the service's burst is forecast "
-                        "(cpuset; default: rswap's own default)")
+    p.add_argument("--suppress-threshold", type=float, default=65.0,
+                   help="suppress: Koordinator's CPUSuppressThresholdPercent")
+    p.add_argument("--modes", default=",".join(MODES), help=f"regimes to run, in order ({', '.join(MODES)})")
     p.add_argument("--rswap-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an extra [resources.cpu] line for both rswap regimes (repeatable)")
+                   help="an extra [resources.cpu] line for both rswap regimes (experiments only)")
+    p.add_argument("--json", help="write the runs and the medians here")
     p.add_argument("--log-dir", help="keep each rswap regime's tick table (MODE-RUN.log) and every "
                                      "request's latency (MODE-RUN.lat) here")
     a = p.parse_args()
@@ -446,6 +560,9 @@ def main() -> int:
     os.chmod(tmp, 0o755)
     rows = []
     modes = a.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}")
     try:
         for rep in range(1, a.repeat + 1):
             for mode in modes:
@@ -467,9 +584,11 @@ def main() -> int:
             return 130
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"load: nginx gzip -9 of {a.page_bytes} B per request; every {a.period:g}s a {a.burst:g}s "
-          f"burst at {a.high:g} req/s, else {a.low:g} req/s (wrk, open loop); batch stress-ng "
-          f"--cpu 2; measured over the last {a.measure:g}s of {a.seconds:g}s per regime")
+    shape = {"burst": f"every {a.period:g}s a {a.burst:g}s burst at {a.high:g} req/s, else {a.low:g} req/s",
+             "steady": f"steady {a.steady:g} req/s",
+             "ramp": f"ramp {a.low:g} to {a.high:g} req/s and back over {a.ramp_period:g}s"}[a.shape]
+    print(f"load: nginx gzip -9 of {a.page_bytes} B per request; {shape} (wrk, open loop); batch "
+          f"stress-ng --cpu 2; measured over the last {a.measure:g}s of {a.seconds:g}s per regime")
     print()
     if a.repeat > 1:
         for rep in range(1, a.repeat + 1):
@@ -492,6 +611,23 @@ def main() -> int:
     base = next((r["p99"] for r in med if r["mode"] == "alone"), None)
     static = next((r["batch"] for r in med if r["mode"] == "static"), None)
     print("\n".join(fmt_table(med, base, static, False)))
+    if a.json:
+        def clean(v):  # JSON has no NaN: a missing figure (alone's batch) is null
+            if isinstance(v, float) and math.isnan(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+        rows = clean(rows)
+        med = clean(med)
+        with open(a.json, "w") as f:
+            json.dump({"shape": a.shape, "repeat": a.repeat, "load_average_end": os.getloadavg(),
+                       "medians": [{"mode": r["mode"], "p50_ms": r["p50"], "p99_ms": r["p99"],
+                                    "burst_p99_ms": r["burst_p99"], "quiet_p99_ms": r["quiet_p99"],
+                                    "batch_ops_per_s": r["batch"], "lost": r["lost"]} for r in med],
+                       "runs": rows}, f, indent=1, default=str)
     return 0
 
 

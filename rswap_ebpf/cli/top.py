@@ -78,8 +78,22 @@ def _running(status: Mapping[str, Any]) -> bool:
 STALE_AFTER_S = 60.0
 
 
-def render(status: Mapping[str, Any], now: float | None = None) -> Group:
-    """One frame: a header (daemon, pool) and the tasks x resources table."""
+def read_runq() -> dict[str, Any] | None:
+    """The CPU driver's run-queue report (``RUN_DIR/runq.json``), or None without one."""
+    from rswap_ebpf import paths
+    from rswap_ebpf.host.cpu.driver import RUNQ_FILE
+
+    try:
+        with open(os.path.join(paths.root("RUN_DIR"), RUNQ_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def render(status: Mapping[str, Any], now: float | None = None,
+           runq: Mapping[str, Any] | None = None) -> Group:
+    """One frame: a header (daemon, pool), the tasks x resources table, and where the CPU
+    driver measures it, each task's run-queue delay (RUNQ p99: runnable to running)."""
     now = time.time() if now is None else now
     age = max(0.0, now - status.get("time", now))
     units = {k: r.get("unit", "units") for k, r in status.get("pool", {}).items()}
@@ -89,12 +103,14 @@ def render(status: Mapping[str, Any], now: float | None = None) -> Group:
     pool = Text("pool: " + ",  ".join(
         f"{k} {fmt_units(r['available'], r['unit'])} free of {fmt_units(r['total'], r['unit'])}"
         for k, r in status.get("pool", {}).items()))
+    columns = COLUMNS + ((Column("RUNQ p99", ">"),) if runq else ())
+    delay = (runq or {}).get("tasks", {})
     rows: list[tuple[list[str], str]] = []
     short = {(s["task"], s["resource"]): s["wanted"] - s["granted"] for s in status.get("shortfalls", ())}
     for name, t in status.get("tasks", {}).items():
         if t.get("exited") is not None:
-            rows.append(([name, t.get("priority", ""), "", "", "", "", "", f"exited ({t['exited']})"],
-                         "dim"))
+            rows.append(([name, t.get("priority", ""), "", "", "", "", "", f"exited ({t['exited']})"]
+                         + ([""] if runq else []), "dim"))
             continue
         for res, v in t.get("resources", {}).items():
             unit = units.get(res, "units")
@@ -107,18 +123,25 @@ def render(status: Mapping[str, Any], now: float | None = None) -> Group:
             if v.get("mae") is not None:
                 model += f" ({fmt_units(v['mae'], unit)})"
             missing = short.get((name, res))
+            rq = []
+            if runq:
+                d = delay.get(name, {})
+                rq = [f"{d['p99_us'] / 1000:.2f}ms" if res == "cpu" and d.get("n") else ""]
             rows.append(([name, t.get("priority", ""), res, fmt_units(v.get("usage"), unit),
                           fmt_units(v.get("forecast"), unit), fmt_units(v.get("allocation"), unit),
-                          fmt_units(missing, unit) if missing else "", model], style))
-    widths = column_widths(COLUMNS, [cells for cells, _ in rows])
+                          fmt_units(missing, unit) if missing else "", model] + rq, style))
+    widths = column_widths(columns, [cells for cells, _ in rows])
     table = Text(no_wrap=True)
-    table.append(header(COLUMNS, widths), style="bold reverse")
+    table.append(header(columns, widths), style="bold reverse")
     for cells, style in rows:
         table.append("\n")
-        table.append(format_row(COLUMNS, cells, widths), style=style)
+        table.append(format_row(columns, cells, widths), style=style)
     events = [f"{s['resource']}: {s['to']} took {fmt_units(s['units'], units.get(s['resource'], 'units'))} "
               f"from {s['from']} ({s['reason']})" for s in status.get("swaps", ())]
     parts = [head, pool, table]
+    if runq and runq.get("protected_cores"):
+        parts.append(Text(f"cpu: {runq['protected_cores']} core(s) kept free of lower tiers for "
+                          "the critical tier", style="magenta"))
     if events:
         parts.append(Text("swaps this tick: " + ";  ".join(events), style="cyan"))
     return Group(*parts)
@@ -133,15 +156,15 @@ def run_top(interval: float, count: int | None = None, live: bool = True,
     if live and console.is_terminal:
         from rich.live import Live
 
-        with Live(render(status), console=console, auto_refresh=False, screen=False) as view:
+        with Live(render(status, runq=read_runq()), console=console, auto_refresh=False, screen=False) as view:
             shown = 1
             while count is None or shown < count:
                 time.sleep(interval)
-                view.update(render(_latest(status)), refresh=True)
+                view.update(render(_latest(status), runq=read_runq()), refresh=True)
                 shown += 1
         return 0
     while True:
-        console.print(render(status))
+        console.print(render(status, runq=read_runq()))
         shown += 1
         if count is not None and shown >= count:
             return 0

@@ -122,6 +122,10 @@ class ShapesByTier:
     def set_priority(self, task: str, priority: str) -> None:
         raise NotImplementedError
 
+    def set_limit(self, task: str, max_units: int | None) -> None:
+        """The operator's ceiling for ``task`` (its configured ``max``), held whatever its tier."""
+        raise NotImplementedError
+
 
 class KeepsFloors:
     """Keeps a critical task's seasonal floor under its limit instead of units held from the

@@ -29,7 +29,7 @@ FACTORIES: dict[ResourceType, str] = {
 #: resource -> the ``bpf/*.bpf.c`` its driver loads (each includes ``rswap.h``); the cache
 #: driver loads ``pmu.bpf.c`` only where the host has a PMU.  ``rswap run --ebpf`` prints these.
 BPF_PROGRAMS: dict[ResourceType, tuple[str, ...]] = {
-    ResourceType.PROCESSOR_CYCLES: ("cpu.bpf.c",),
+    ResourceType.PROCESSOR_CYCLES: ("cpu.bpf.c", "runq.bpf.c"),
     ResourceType.CACHE: ("pmu.bpf.c",),
     ResourceType.STORAGE_IOPS: ("block.bpf.c",),
     ResourceType.NETWORK_BANDWIDTH: ("net.bpf.c",),

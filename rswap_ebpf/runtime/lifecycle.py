@@ -95,7 +95,7 @@ class TaskLifecycle:
 
     def _start_one(self, t, cg: TaskCgroup, gp=None) -> TaskRuntime:
         self.manager.add_task(ManagedTask(t.name, t.priority, t.limits))
-        self.shape(t.name, t.priority.name.lower())
+        self.shape(t.name, t.priority.name.lower(), t.limits)
         if cg.owned:
             self.cgroups.create(cg)
         else:
@@ -150,11 +150,14 @@ class TaskLifecycle:
         if isinstance(drv, Admits):
             drv.release(name)
 
-    def shape(self, name: str, priority: str) -> None:
-        """Tell drivers that shape a task by tier (CPU: burst, weight, idle) which tier it is."""
-        for d in self.drivers.values():
+    def shape(self, name: str, priority: str, limits=None) -> None:
+        """Tell drivers that shape a task by tier (CPU: burst, weight, idle) which tier it is,
+        and the operator's ceiling of that resource, if the configuration gives one."""
+        for r, d in self.drivers.items():
             if isinstance(d, ShapesByTier):
                 d.set_priority(name, priority)
+                lim = (limits or {}).get(r)
+                d.set_limit(name, lim.max_units if lim is not None else None)
 
     def spawn(self, name: str, command: tuple[str, ...], cg: TaskCgroup,
               env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -170,7 +173,7 @@ class TaskLifecycle:
             raise RswapError(f"a task named {tc.name!r} is already running")
         cg = self.resolve(tc)
         self.manager.add_task(ManagedTask(tc.name, tc.priority, tc.limits))
-        self.shape(tc.name, tc.priority.name.lower())
+        self.shape(tc.name, tc.priority.name.lower(), tc.limits)
         self.tasks.pop(tc.name, None)
         if tc.forecaster is not None:
             self.runtime_forecasters[tc.name] = tc.forecaster

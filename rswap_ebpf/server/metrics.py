@@ -99,6 +99,8 @@ class MetricsExporter:
         self._swapped: dict[tuple[str, str, str], float] = {}
         self._shortfall_ticks: dict[tuple[str, str], int] = {}
         self._stats_fd: int | None = None
+        #: the CPU driver's run-queue report (host.cpu.driver.CpuDriver.runq_report), or None
+        self._runq: dict[str, Any] | None = None
         self._server = None
         self._thread = None
         self.tick_duration = Histogram("rswap_tick_duration_seconds",
@@ -130,6 +132,12 @@ class MetricsExporter:
 
     def on_tick(self, daemon, report) -> None:
         """The daemon hook: ``daemon.on_tick = lambda r: exporter.on_tick(daemon, r)``."""
+        runq = None
+        for drv in getattr(daemon, "drivers", {}).values():
+            if callable(getattr(drv, "runq_report", None)) and getattr(drv, "runq", None):
+                runq = drv.runq_report()
+        with self._lock:
+            self._runq = runq
         self.update(daemon.status(), report.duration_s)
 
     # -- serving -----------------------------------------------------------------------------
@@ -170,7 +178,9 @@ class MetricsExporter:
             swaps = dict(self._swaps)
             swapped = dict(self._swapped)
             short_ticks = dict(self._shortfall_ticks)
+            runq = self._runq
         yield from self._program_families()
+        yield from _runq_families(runq)
         if st is None:
             return
         units = {k: r.get("unit", "units") for k, r in st.get("pool", {}).items()}
@@ -246,6 +256,28 @@ class MetricsExporter:
             n.add_metric([p.name, str(p.id)], p.run_cnt)
         yield t
         yield n
+
+
+def _runq_families(runq: Mapping[str, Any] | None):
+    """Each task's run-queue delay over the last tick (bpf/runq.bpf.c) and the cores the CPU
+    driver keeps lower tiers off; nothing when the collector is not loaded."""
+    if not runq:
+        return
+    g = GaugeMetricFamily("rswap_cpu_runqueue_delay_seconds", "Run-queue delay (runnable to "
+                          "running) over the last tick, by quantile (log2 bucket bound)",
+                          labels=["task", "quantile"])
+    n = GaugeMetricFamily("rswap_cpu_runqueue_wakeups", "Delays measured over the last tick",
+                          labels=["task"])
+    for task, v in sorted(runq.get("tasks", {}).items()):
+        for q in ("p50", "p99"):
+            g.add_metric([task, "0.5" if q == "p50" else "0.99"], v.get(f"{q}_us", 0) / 1e6)
+        n.add_metric([task], v.get("n", 0))
+    yield g
+    yield n
+    c = GaugeMetricFamily("rswap_cpu_protected_cores", "Cores the CPU driver keeps normal and "
+                          "batch tasks off for the critical tier now")
+    c.add_metric([], runq.get("protected_cores", 0))
+    yield c
 
 
 class _Families:

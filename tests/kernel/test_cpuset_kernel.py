@@ -2,9 +2,11 @@
 allocation says a burst is coming, grows back after the hold, and the journal restores it."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
@@ -207,6 +209,12 @@ def _adopted_v2_cpuset_is_shrunk_in_place_and_restored(tmp_path, unique_name, ro
                 pass  # something else below the root uses it now
 
 
+#: A critical task that burns a core for 0.6 s every 1.2 s (4 ticks of 0.3 s): a period the CPU
+#: driver's protection (host.cpu.protect) finds in its use, so it isolates ahead of each burst.
+BURNER = ("import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end:\n"
+          "    t = time.monotonic() + 0.6\n    while time.monotonic() < t: pass\n"
+          "    time.sleep(0.6)")
+
 CONFIG = """
 [daemon]
 interval = 0.3
@@ -219,9 +227,9 @@ critical_isolate = true
 [[task]]
 name = "{crit}"
 priority = "critical"
-command = ["sleep", "60"]
+command = ["{python}", "-c", {burner}]
 forecaster = "last_value"
-cpu = {{ min = 600 }}
+cpu = {{ min = 100 }}
 
 [[task]]
 name = "{batch}"
@@ -234,12 +242,13 @@ cpu = {{ min = 100 }}
 
 def test_rswap_run_with_critical_isolate_moves_batch_off_a_core_and_restores(
         tmp_path, rswap_env, unique_name, cpuset_root):
-    """End to end: the critical task's minimum (600m) is a burst every tick, so the daemon keeps
-    the batch task off one core while it runs, and leaves no cpuset behind."""
+    """End to end: the critical task bursts to a core with a period, so the daemon keeps the
+    batch task off one core ahead of its bursts, and leaves no cpuset behind."""
     version, root, allowed = cpuset_root
     crit, batch = f"crit-{unique_name}", f"batch-{unique_name}"
     cfg = tmp_path / "rswap.toml"
-    cfg.write_text(CONFIG.format(crit=crit, batch=batch))
+    cfg.write_text(CONFIG.format(crit=crit, batch=batch, python=sys.executable,
+                                 burner=json.dumps(BURNER)))
     pin = f"/sys/fs/bpf/test-{unique_name}"
     env = {**rswap_env, "RSWAP_PIN_DIR": pin}
     full_env = {**os.environ, **env}

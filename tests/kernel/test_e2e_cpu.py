@@ -148,7 +148,13 @@ def test_pinned_maps_visible_while_running_and_gone_after(tmp_path, env, unique_
                 seen = json.loads(r.stdout)
             time.sleep(0.2)
         assert seen and seen["type"] == "percpu_hash"
-        st = run_rswap("status", "--json", env=env)
+        # the maps are pinned as each collector opens, the status file written after the first
+        # tick (the run-queue collector compiles in between)
+        while True:
+            st = run_rswap("status", "--json", env=env)
+            if st.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert st.returncode == 0, st.stderr
         assert name in json.loads(st.stdout)["tasks"]
     finally:

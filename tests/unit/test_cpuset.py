@@ -218,7 +218,11 @@ def test_critical_isolation_shrinks_lower_tiers_and_gives_cores_back(tmp_path):
     assert rec.calls == [("n", "forget"), ("b", None)]
 
 
-def test_cpu_driver_sums_the_critical_tier_and_shrinks_normal_and_batch():
+def test_cpu_driver_protects_from_the_critical_tiers_use_and_shrinks_normal_and_batch():
+    """settle() hands the isolation what host.cpu.protect asks for the critical tier (summed
+    over its tasks' measured use), and only normal and batch tasks to shrink."""
+    from rswap_ebpf.host.cpu.protect import ProtectionPolicy
+
     seen = {}
 
     class Iso:
@@ -227,15 +231,25 @@ def test_cpu_driver_sums_the_critical_tier_and_shrinks_normal_and_batch():
             return "state"
 
     drv = CpuDriver.__new__(CpuDriver)
-    drv.tier_of, drv.isolation = {}, None
+    drv.tier_of, drv.isolation, drv.runq, drv.runq_delay = {}, None, None, {}
+    drv.protection = ProtectionPolicy()
     for name, tier in (("web", "critical"), ("db", "critical"), ("etl", "batch"),
                        ("api", "normal")):
         drv.tier_of[name] = tier
     tasks = {n: _task(n) for n in drv.tier_of}
+    drv._use = {"web": 300.0, "db": 400.0, "etl": 1000.0}
     assert drv.settle(tasks, {"web": 300, "db": 400}) is None  # isolation off
     drv.isolation = Iso()
-    assert drv.settle(tasks, {"web": 300, "db": 400, "etl": 1000}) == "state"
-    assert seen == {"critical": 700, "lower": ["api", "etl"]}
+    # bursts of 700 millicores every 4 ticks: once the period is seen, the tick before each
+    # burst is protected at the burst's level
+    demands = []
+    for tick in range(16):
+        burst = tick % 4 == 3
+        drv._use = {"web": 300.0 if burst else 5.0, "db": 400.0 if burst else 5.0, "etl": 1000.0}
+        assert drv.settle(tasks, {}) == "state"
+        demands.append(seen["critical"])
+    assert seen["lower"] == ["api", "etl"]
+    assert demands[-4:] == [0.0, 0.0, 700.0, 0.0]
 
 
 def test_config_option_is_a_bool_and_threshold_a_positive_number():

@@ -181,3 +181,30 @@ def test_build_info_and_process_metrics_are_exported(exporter):
     assert m[("process_resident_memory_bytes", ())] > 0
     assert m[("process_open_fds", ())] >= 3
     assert any(name == "python_info" for name, _ in m)
+
+
+def test_runqueue_delay_and_protected_cores_are_exported(exporter):
+    """The CPU driver's run-queue report (CpuDriver.runq_report) reaches the scrape in seconds."""
+    class Driver:
+        runq = object()
+
+        def runq_report(self):
+            return {"tasks": {"web": {"p50_us": 16.0, "p99_us": 2048.0, "mean_us": 40.0, "n": 900}},
+                    "protected_cores": 1, "period_ticks": 8}
+
+    class FakeDaemon:
+        drivers = {CPU: Driver()}
+
+        def status(self):
+            return {"tick": 1, "pool": {}, "tasks": {}, "swaps": [], "shortfalls": []}
+
+    class Report:
+        duration_s = 0.01
+
+    port = exporter.serve(0)
+    exporter.on_tick(FakeDaemon(), Report())
+    m = scrape(port)
+    assert m[("rswap_cpu_runqueue_delay_seconds", (("quantile", "0.99"), ("task", "web")))] == \
+        pytest.approx(0.002048)
+    assert m[("rswap_cpu_runqueue_wakeups", (("task", "web"),))] == 900
+    assert m[("rswap_cpu_protected_cores", ())] == 1

@@ -115,3 +115,21 @@ def test_status_prints_the_same_figures_as_top(replayed, rswap_env):
                                fmt_units(web["forecast"], "millicores"),
                                fmt_units(web["allocation"], "millicores")]
     assert "pool cpu: total 2000m, available 0m" in res.stdout
+
+
+def test_runqueue_delay_column_and_protection_line_when_the_cpu_driver_reports_them():
+    status = {"pid": 1, "tick": 3, "time": 100.0, "interval": 1.0,
+              "pool": {"cpu": {"unit": "millicores", "total": 2000, "available": 0}},
+              "tasks": {"web": {"priority": "critical", "exited": None, "resources": {"cpu": {
+                  "usage": 900.0, "forecast": 900.0, "allocation": 1000, "model": None, "mae": None}}}},
+              "swaps": [], "shortfalls": []}
+    runq = {"tasks": {"web": {"p50_us": 8.0, "p99_us": 1024.0, "mean_us": 20.0, "n": 50}},
+            "protected_cores": 1}
+    con = terminal()
+    con.print(render(status, now=100.0, runq=runq))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", con.file.getvalue())
+    assert "RUNQ p99" in text and "1.02ms" in text
+    assert "1 core(s) kept free of lower tiers" in text
+    con = terminal()
+    con.print(render(status, now=100.0))
+    assert "RUNQ" not in con.file.getvalue()      # no collector: no column
