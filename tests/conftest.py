@@ -36,6 +36,13 @@ def _stretched_timeout_s(config) -> float | None:
     return float(ini) * TIME_SCALE if ini else None
 
 
+def pytest_report_header(config):
+    stretched = _stretched_timeout_s(config)
+    if stretched is not None:
+        return f"per-test timeout: {stretched:g}s (the ini's, x RSWAP_TEST_TIME_SCALE={TIME_SCALE:g})"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     rerun = config.pluginmanager.hasplugin("rerunfailures")
     stretched = _stretched_timeout_s(config)
