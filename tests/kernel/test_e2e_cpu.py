@@ -213,7 +213,7 @@ def test_restore_after_a_kill_puts_everything_back(tmp_path, env, unique_name):
 
 WAKES = """
 [daemon]
-interval = 0.5
+interval = {interval}
 window = 1
 headroom = 0.2
 
@@ -237,7 +237,8 @@ def test_a_task_throttled_at_its_quota_gets_its_demand_on_the_next_tick(tmp_path
     354 millicores (50 -> 120 -> 354 -> 1010 in a run with the reading switched off)."""
     name = f"wake-{unique_name}"
     cfg = tmp_path / "rswap.toml"
-    cfg.write_text(WAKES.format(name=name, py=sys.executable, idle=2.5 * TIME_SCALE))
+    cfg.write_text(WAKES.format(name=name, py=sys.executable, idle=2.5 * TIME_SCALE,
+                                 interval=0.5 * TIME_SCALE))
     out = run_rswap("run", "--config", str(cfg), "--count", "14", env=env, timeout=120)
     assert out.returncode == 0, out.stderr + out.stdout
     rows = [(int(m.group(1)), int(m.group(4)), int(m.group(6)))
