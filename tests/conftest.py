@@ -18,15 +18,45 @@ ROOT = os.geteuid() == 0
 _kernel_skips: list[str] = []
 
 
+#: How much slower than this host a test runs: tools/vm_test sets it in an emulated guest.
+TIME_SCALE = float(os.environ.get("RSWAP_TEST_TIME_SCALE") or 1)
+
+
+def _stretched_timeout_s(config) -> float | None:
+    """The ini's per-test timeout stretched by RSWAP_TEST_TIME_SCALE, when that is what applies.
+
+    ``--timeout`` and ``PYTEST_TIMEOUT`` are taken as given (None here): whoever sets them has
+    already said how long a test may take where it runs.
+    """
+    if TIME_SCALE == 1 or not config.pluginmanager.hasplugin("timeout"):
+        return None
+    if config.getoption("timeout", None) is not None or os.environ.get("PYTEST_TIMEOUT"):
+        return None
+    ini = config.getini("timeout")
+    return float(ini) * TIME_SCALE if ini else None
+
+
+def pytest_report_header(config):
+    stretched = _stretched_timeout_s(config)
+    if stretched is not None:
+        return f"per-test timeout: {stretched:g}s (the ini's, x RSWAP_TEST_TIME_SCALE={TIME_SCALE:g})"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     rerun = config.pluginmanager.hasplugin("rerunfailures")
+    stretched = _stretched_timeout_s(config)
     for item in items:
+        if stretched is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(stretched))
         if "/tests/kernel/" in str(item.fspath):
             item.add_marker(pytest.mark.kernel)
             # Kernel tests measure real rates and ticks on a shared 2-core VM: one retry absorbs
-            # a scheduling hiccup; a real failure fails every attempt (all are reported).
+            # a scheduling hiccup; a real failure fails every attempt (all are reported).  A test
+            # that ran out of time is not run again: it would only wait as long a second time.
             if rerun:
-                item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=1))
+                item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=1,
+                                                  rerun_except="Timeout .* from pytest-timeout"))
         if item.get_closest_marker("kernel") and not ROOT:
             item.add_marker(pytest.mark.skip(reason="needs root (kernel test)"))
 

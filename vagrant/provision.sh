@@ -12,7 +12,8 @@
 #      memory.high), bpffs, tracefs, resctrl mounted when the CPU has RDT.
 #   3. a venv (RSWAP_VENV, default /opt/rswap-venv) with --system-site-packages, so the
 #      distribution's bcc imports, and rswap installed editable with its test extras.
-#   4. RSWAP_REQUIRE_KERNEL=1 pytest tests/kernel: a skipped kernel test fails the run.
+#   4. RSWAP_REQUIRE_KERNEL=1 pytest -v tests/kernel: a line per test; a skipped kernel test fails
+#      the run; a test over its timeout fails with its stacks (tests/conftest.py).
 #      RSWAP_TEST_TIME_SCALE (stretch wall-clock pacing on a slow, emulated guest) and
 #      RSWAP_CRASH_ROUNDS pass through to the tests; tools/vm_test sets them under TCG.
 # --install-only stops after 3 without touching mounts (tools/vm_test runs it in a chroot, where
@@ -121,7 +122,9 @@ run_tests() {
     cd "$src"
     say "running the kernel tests on $(uname -r) as root"
     set +e
-    RSWAP_REQUIRE_KERNEL=1 "$venv/bin/python" -m pytest -p no:cacheprovider -q -ra \
+    # -v: one line per test, so a console shows where the run is; every test has a timeout
+    # (tests/conftest.py), stretched by RSWAP_TEST_TIME_SCALE.
+    RSWAP_REQUIRE_KERNEL=1 "$venv/bin/python" -m pytest -p no:cacheprovider -v -ra --durations=20 \
         "${pytest_args[@]:-tests/kernel}"
     local rc=$?
     set -e

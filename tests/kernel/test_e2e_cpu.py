@@ -133,14 +133,14 @@ def test_critical_gets_its_predicted_cpu_before_the_burst(tmp_path, env, unique_
 def test_pinned_maps_visible_while_running_and_gone_after(tmp_path, env, unique_name):
     name = f"solo-{unique_name}"
     cfg = tmp_path / "rswap.toml"
-    cfg.write_text(f'[daemon]\ninterval = 0.5\n[[task]]\nname = "{name}"\n'
+    cfg.write_text(f'[daemon]\ninterval = {0.5 * TIME_SCALE}\n[[task]]\nname = "{name}"\n'
                    f'command = ["{sys.executable}", "-m", "rswap_ebpf.demo", "spin", "--seconds", "30"]\n')
     full = {**os.environ, **env}
     p = subprocess.Popen(rswap_cmd() + ["run", "--config", str(cfg), "--count", "20"], env=full,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         path = os.path.join(env["RSWAP_PIN_DIR"], "rswap_cgroup_ns")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30 * TIME_SCALE  # rswap compiles its BPF first
         seen = None
         while time.monotonic() < deadline and seen is None:
             r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", path], capture_output=True, text=True)
@@ -200,7 +200,7 @@ def test_restore_after_a_kill_puts_everything_back(tmp_path, env, unique_name):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         journal = os.path.join(env["state"], "journal.jsonl")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30 * TIME_SCALE  # rswap compiles its BPF first
         while time.monotonic() < deadline and not (
                 os.path.exists(journal) and "cfs_quota_us" in open(journal).read()
                 or os.path.exists(journal) and "cpu.max" in open(journal).read()):
@@ -219,7 +219,7 @@ def test_restore_after_a_kill_puts_everything_back(tmp_path, env, unique_name):
 
 WAKES = """
 [daemon]
-interval = 0.5
+interval = {interval}
 window = 1
 headroom = 0.2
 
@@ -243,7 +243,10 @@ def test_a_task_throttled_at_its_quota_gets_its_demand_on_the_next_tick(tmp_path
     354 millicores (50 -> 120 -> 354 -> 1010 in a run with the reading switched off)."""
     name = f"wake-{unique_name}"
     cfg = tmp_path / "rswap.toml"
-    cfg.write_text(WAKES.format(name=name, py=sys.executable, idle=2.5 * TIME_SCALE))
+    # Idle for ticks 2 and 3 at least, waking well before the last: under emulation rswap's
+    # start (compiling its BPF) stretches more than the scale, so the idle time does too.
+    cfg.write_text(WAKES.format(name=name, py=sys.executable, idle=2.5 * TIME_SCALE ** 1.5,
+                                 interval=0.5 * TIME_SCALE))
     out = run_rswap("run", "--config", str(cfg), "--count", "14", env=env, timeout=120)
     assert out.returncode == 0, out.stderr + out.stdout
     rows = [(int(m.group(1)), int(m.group(4)), int(m.group(6)))
