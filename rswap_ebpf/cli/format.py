@@ -35,11 +35,13 @@ def _scaled(value: float, prefixes: tuple[tuple[str, int], ...], tail: str) -> s
 
 def fmt_units(value: float | int | None, resource: Resource | str) -> str:
     """``value`` in ``resource``'s unit (a resource, or its unit's name as status.json has it),
-    short enough for a table: ``1500m``, ``40%``, ``1.5GiB``, ``12.0MB/s``, ``20.0k iops``,
-    ``4 ways``.  None (no reading yet) is ``-``.
+    short enough for a table and never holding a space, so a space-separated table (``rswap
+    run``'s) stays one field per column: ``1500m``, ``40%``, ``1.5GiB``, ``12.0MB/s``,
+    ``20.0k/s`` (IO/s), ``4w`` (cache ways), ``3`` (a co-processor's own units).  None (no
+    reading yet) is ``-``.
 
     >>> fmt_units(3 * 1024 ** 3, "bytes"), fmt_units(20000, "iops"), fmt_units(None, "ways")
-    ('3.0GiB', '20.0k iops', '-')
+    ('3.0GiB', '20.0k/s', '-')
     """
     if value is None:
         return "-"
@@ -54,8 +56,10 @@ def fmt_units(value: float | int | None, resource: Resource | str) -> str:
     if unit == "bytes_per_s":
         return _scaled(v, _DECIMAL, "B/s")
     if unit == "iops":
-        return f"{v / 1000:.1f}k iops" if abs(v) >= 10000 else f"{v:.0f} iops"
-    return f"{v:g} {unit}"
+        return f"{v / 1000:.1f}k/s" if abs(v) >= 10000 else f"{v:.0f}/s"
+    if unit == "ways":
+        return f"{v:.0f}w"
+    return f"{v:g}"
 
 
 @dataclass(frozen=True)

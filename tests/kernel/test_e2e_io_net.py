@@ -157,12 +157,12 @@ while time.monotonic() < stop:
         pass
 """
 ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+\S+\s+(io|net)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)")
-_SCALE = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_SCALE = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 
 
 def units(text: str) -> float:
     """``123/s`` (IO/s) or ``1.2MB/s`` / ``500B/s`` (bytes/s) as printed by ``rswap run``."""
-    m = re.fullmatch(r"([\d.]+)([KMGT]?)(?:B/s|/s)", text)
+    m = re.fullmatch(r"([\d.]+)([kKMGT]?)(?:B/s|/s)", text)
     assert m, text
     return float(m.group(1)) * _SCALE[m.group(2)]
 

@@ -98,7 +98,7 @@ def test_cli_top_without_daemon_says_so(rswap_env):
 
 @pytest.mark.parametrize("value,unit,text", [
     (1500, "millicores", "1500m"), (40, "percent", "40%"), (1536, "bytes", "1.5KiB"),
-    (12_000_000, "bytes_per_s", "12.0MB/s"), (20000, "iops", "20.0k iops"), (4, "ways", "4 ways")])
+    (12_000_000, "bytes_per_s", "12.0MB/s"), (20000, "iops", "20.0k/s"), (4, "ways", "4w")])
 def test_units_read_the_way_operators_expect(value, unit, text):
     assert fmt_units(value, unit) == text
 
