@@ -25,7 +25,12 @@ A throttled CPU tick shows the policies what --reading says (default: the tick's
 what the CPU driver reads from cpu.stat's throttled time).
 With both reactive and proactive run, a last table compares them at equal slack: reactive is
 replayed again at every headroom from 0 to 10, and proactive's shortfall is divided by
-reactive's at proactive's slack (per task and in total; --headroom does not change it).
+reactive's at proactive's slack (per task, and per resource over its tasks; resources are never
+added to each other, their units differ; --headroom does not change it).
+--json writes the same per resource and per task as JSON instead of the tables:
+  {"resources": {"cpu": {"ratio_at_equal_slack": R, "mae": {"chosen": M,
+   "seasonal_naive": S, ...}, ...}, ...}, "tasks": {TASK: {"cpu": {...}}}}
+  rswap replay trace.csv --policy proactive --forecaster seasonal_naive:period=60 --json
 """
 
 
@@ -61,6 +66,8 @@ def register(sub) -> dict:
                           "(default; what use + throttled time reads, roughly), 'backlog' (the "
                           "higher reading of threads with work held back), or 'growth' (no "
                           "reading: twice the allocation, as before round 7)")
+    rep.add_argument("--json", action="store_true",
+                     help="write the scores per resource and per task as JSON (see below)")
     return {"record": cmd_record, "replay": cmd_replay}
 
 
@@ -119,6 +126,17 @@ def cmd_replay(args) -> int:
     result = replay(trace, args.policy or POLICIES, spec, totals, args.headroom,
                     args.proactive_headroom, args.window, priorities=priorities,
                     reading=args.reading)
+    if args.json:
+        import json
+
+        from rswap_ebpf.offline.scoring import score
+
+        frontier = reactive_frontier(trace, totals=totals, priorities=priorities,
+                                     reading=args.reading) \
+            if "proactive" in (args.policy or POLICIES) else None
+        print(json.dumps(score(result, frontier, spec), indent=1, sort_keys=True))
+        print(f"(replayed in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+        return 0
     pool = ", ".join(f"{r.key} {n} {r.unit}" for r, n in result.totals.items())
     print(f"{args.trace}: {len(trace.times)} ticks of {trace.interval:g}s, "
           f"{len(trace.tasks)} task(s), pool {pool}")

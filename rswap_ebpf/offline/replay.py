@@ -119,8 +119,16 @@ class ReplayResult:
     def by_policy(self, policy: str) -> list[Score]:
         return [s for s in self.scores if s.policy == policy]
 
-    def total(self, policy: str, what: str) -> float:
-        return sum(getattr(s, what) for s in self.by_policy(policy))
+    def total(self, policy: str, what: str, resource: ResourceType | None = None) -> float:
+        """``what`` summed over ``policy``'s tasks of ``resource`` (one unit).  Without a
+        resource the trace must have only one: a sum of millicores and IO/s means nothing."""
+        if resource is None:
+            units = {s.resource for s in self.by_policy(policy)}
+            if len(units) > 1:
+                raise ValueError(f"{policy}'s {what} over {len(units)} resources adds different "
+                                 "units: give a resource")
+        return sum(getattr(s, what) for s in self.by_policy(policy)
+                   if resource is None or s.resource == resource)
 
 
 def default_totals(trace: Trace) -> dict[ResourceType, int]:
@@ -288,10 +296,15 @@ FRONTIER_HEADROOMS = tuple(round(0.05 * i, 2) for i in range(61)) + (4.0, 5.0, 7
 
 
 def frontier_of(runs: Sequence[ReplayResult], policy: str = "reactive"
-                ) -> dict[tuple[str, ResourceType] | None, list[tuple[float, float]]]:
+                ) -> dict[tuple[str, ResourceType] | ResourceType, list[tuple[float, float]]]:
     """``(slack, shortfall)`` of ``policy`` in each run (one run per headroom), per task x
-    resource and (key None) summed over them: the points :func:`at_equal_slack` reads."""
-    out: dict = {None: [(r.total(policy, "slack"), r.total(policy, "shortfall")) for r in runs]}
+    resource and (key: the resource) summed over the tasks of each resource, never across
+    resources (their units differ): the points :func:`at_equal_slack` reads."""
+    out: dict = {}
+    for res in runs[:1]:
+        for r in res.trace.resources:
+            out[r] = [(x.total(policy, "slack", r), x.total(policy, "shortfall", r))
+                      for x in runs]
     for r in runs:
         for sc in r.by_policy(policy):
             out.setdefault((sc.task, sc.resource), []).append((sc.slack, sc.shortfall))
@@ -314,10 +327,13 @@ def format_equal_slack(result: ReplayResult, frontier, policy: str = "proactive"
              "reactive's shortfall at no headroom.",
              f"{'TASK':<12} {'RES':<5} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11} "
              f"{'REACTIVE SHORT':>15} {'RATIO':>7}"]
-    rows = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
-            for s in sorted(result.by_policy(policy), key=lambda s: (s.task, s.resource.key))]
-    rows.append((None, "(total)", "", result.total(policy, "shortfall"),
-                 result.total(policy, "slack")))
+    rows = []
+    for r in result.trace.resources:  # each resource in its own unit: no total across them
+        rows += [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
+                 for s in sorted(result.by_policy(policy), key=lambda s: s.task)
+                 if s.resource == r]
+        rows.append((r, "(all tasks)", r.key, result.total(policy, "shortfall", r),
+                     result.total(policy, "slack", r)))
     for key, task, res, short, slack in rows:
         at, ratio = equal_slack_ratio(frontier.get(key, []), short, slack)
         lines.append(f"{task:<12.12} {res:<5} {short:>11.0f} {slack:>11.0f} "
@@ -386,7 +402,8 @@ def _fmt(v: float | None, spec: str = ".0f") -> str:
 
 
 def format_table(result: ReplayResult) -> str:
-    """The per task x resource table, then one total line per policy with ratios vs reactive."""
+    """The per task x resource table, then per resource one line per policy (its tasks summed,
+    in that resource's unit) with ratios vs reactive."""
     rw = max([5] + [len(s.resource.key) for s in result.scores])  # coproc:fpga0
     mw = max([15] + [len(s.model or "-") for s in result.scores])  # seasonal_fractional
     lines = [f"{'POLICY':<10} {'TASK':<12} {'RES':<{rw}} {'MODEL':<{mw}} {'MAE':>7} {'MAPE%':>6} "
@@ -399,15 +416,16 @@ def format_table(result: ReplayResult) -> str:
                          f"{s.slack:>11.0f} {s.changes:>7} {s.swaps:>5}")
     lines.append("")
     ref = "reactive" if "reactive" in policies else None
-    lines.append(f"{'POLICY':<10} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11}"
+    lines.append(f"{'POLICY':<10} {'RES':<{rw}} {'SHORT(u*s)':>11} {'SLACK(u*s)':>11}"
                  + (f" {'SHORT/reactive':>15} {'SLACK/reactive':>15}" if ref else ""))
-    for p in policies:
-        short, slack = result.total(p, "shortfall"), result.total(p, "slack")
-        line = f"{p:<10} {short:>11.0f} {slack:>11.0f}"
-        if ref:
-            rs, rl = result.total(ref, "shortfall"), result.total(ref, "slack")
-            line += f" {_ratio(short, rs):>15} {_ratio(slack, rl):>15}"
-        lines.append(line)
+    for r in result.trace.resources:  # one unit per line: no total across resources
+        for p in policies:
+            short, slack = result.total(p, "shortfall", r), result.total(p, "slack", r)
+            line = f"{p:<10} {r.key:<{rw}} {short:>11.0f} {slack:>11.0f}"
+            if ref:
+                rs, rl = result.total(ref, "shortfall", r), result.total(ref, "slack", r)
+                line += f" {_ratio(short, rs):>15} {_ratio(slack, rl):>15}"
+            lines.append(line)
     return "\n".join(lines)
 
 

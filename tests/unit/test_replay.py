@@ -131,7 +131,8 @@ def test_cli_replay_reading_changes_what_a_throttled_tick_shows(tmp_path, capsys
         assert main(["replay", str(p), "--policy", "reactive", "--reading", reading]) == 0
         total = capsys.readouterr().out.strip().splitlines()[-1].split()
         assert total[0] == "reactive"
-        shortfall[reading] = float(total[1])
+        assert total[1] == "cpu"  # one line per resource, in its unit
+        shortfall[reading] = float(total[2])
     assert shortfall["growth"] > 1.5 * shortfall["demand"]
 
 
@@ -264,14 +265,14 @@ def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
     tables = [o[o.index("At equal slack"):] for o in outs]
     assert tables[0] == tables[1]
     rows = {line.split()[0]: line.split() for line in tables[0].splitlines()[3:]}
-    assert set(rows) == {"web", "batch", "(total)"}
+    assert set(rows) == {"web", "batch", "(all"}  # "(all tasks)": the tasks of cpu, summed
     res = replay(read_trace(str(p)), ("proactive",))
     front = reactive_frontier(read_trace(str(p)))
     web = next(s for s in res.by_policy("proactive") if s.task == "web")
-    for task, sc in (("web", web), ("(total)", None)):
-        pts = front[("web", CPU) if sc else None]
-        slack = sc.slack if sc else res.total("proactive", "slack")
-        short = sc.shortfall if sc else res.total("proactive", "shortfall")
+    for task, sc in (("web", web), ("(all", None)):
+        pts = front[("web", CPU) if sc else CPU]
+        slack = sc.slack if sc else res.total("proactive", "slack", CPU)
+        short = sc.shortfall if sc else res.total("proactive", "shortfall", CPU)
         at = at_equal_slack(pts, slack)
         below = at is None  # proactive spends less than reactive at no headroom
         if below:
