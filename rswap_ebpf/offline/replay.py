@@ -248,49 +248,6 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
     return list(scores.values())
 
 
-def least_cost(series, total: int, lam: float, floor_units: float, growth: float = 2.0,
-               reading: str = "growth") -> float:
-    """The least shortfall + lam * slack of any allocation sequence on the daemon's path.
-
-    Allocations are whole units; the allocation for tick i+1 is never below the use observed at
-    tick i (``SwapManager.demand``), and a tick capped below its demand is observed as ``growth``
-    times its allocation, at most the pool (``SwapManager.observed_demand``), or as the CPU
-    driver's throttled-time ``reading`` models it (:func:`throttled_reading`).  Beyond
-    that each tick's allocation is free, as if the policy knew the future: dynamic programming
-    over the allocation, per task (the pool never binding).
-    """
-    a = np.arange(total + 1, dtype=float)
-    cap = np.maximum(a, floor_units)
-    value = np.zeros(total + 1)
-    for d in reversed(series[1:]):
-        used = np.minimum(d, cap)
-        if reading != "growth":
-            grown = throttled_reading(np.full_like(cap, d), cap, total, reading)
-        else:
-            grown = np.minimum(np.maximum(np.maximum(a, used), 1.0) * growth, total)
-        obs = np.where(d > cap, np.maximum(used, grown), used)
-        nxt = np.minimum(np.ceil(obs - 1e-9), total).astype(int)
-        best_from = np.minimum.accumulate(value[::-1])[::-1]  # best over allocations >= k
-        value = np.maximum(0.0, d - a) + lam * np.maximum(0.0, a - d) + best_from[nxt]
-    first = min(int(math.ceil(series[0] - 1e-9)), total)  # the first tick runs uncapped
-    return float(np.minimum.accumulate(value[::-1])[::-1][first])
-
-
-def clairvoyant_bound(trace: Trace, slack_budget: float, reading: str = "demand") -> float:
-    """A shortfall (unit*s) that no policy on the daemon's allocation path, however good its
-    forecasts, goes below at a slack of at most ``slack_budget`` (unit*s): the Lagrangian dual of
-    :func:`least_cost`, max over lam of (least shortfall + lam * slack) - lam * budget."""
-    totals = default_totals(trace)
-    budget = slack_budget / trace.interval  # least_cost counts unit*ticks
-    best = 0.0
-    for lam in np.concatenate(([0.0], np.geomspace(1e-3, 50.0, 60))):
-        v = sum(least_cost(list(s), totals[r], float(lam), ENFORCED_FLOOR.get(r, 1.0),
-                           reading=reading if r in KERNEL_READS else "growth")
-                for (t, r), s in trace.demand.items())
-        best = max(best, v - lam * budget)
-    return best * trace.interval
-
-
 #: reactive's headrooms for its frontier: from none at all up, finely to 3
 FRONTIER_HEADROOMS = tuple(round(0.05 * i, 2) for i in range(61)) + (4.0, 5.0, 7.5, 10.0)
 

@@ -34,8 +34,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from rswap_ebpf.model.resources import Resource
-from rswap_ebpf.offline.replay import (ReplayResult, default_totals, equal_slack_ratio,
-                                       reactive_frontier, replay)
+from rswap_ebpf.offline.replay import (ENFORCED_FLOOR, KERNEL_READS, ReplayResult,
+                                       default_totals, equal_slack_ratio, reactive_frontier,
+                                       replay, throttled_reading)
 from rswap_ebpf.offline.trace import Trace
 from rswap_ebpf.predict.period import detect_long
 from rswap_ebpf.predict.registry import make_forecaster
@@ -137,3 +138,84 @@ def score_trace(trace: Trace, spec=None, totals: dict[Resource, int] | None = No
     result = replay(trace, ("proactive",), spec, totals, **replay_args)
     kw = {k: v for k, v in replay_args.items() if k in ("priorities", "reading")}
     return score(result, reactive_frontier(trace, totals=totals, **kw), spec)
+
+
+#: the clairvoyant bound's allocation levels: a pool of more units is cut into this many cells,
+#: so its cost is the trace's length x this, whatever the pool's size (a 132 MB/s net pool walked
+#: unit by unit took 11.5 GB)
+BOUND_LEVELS = 1024
+#: the Lagrange multipliers the bound is the best of
+BOUND_LAMS = np.concatenate(([0.0], np.geomspace(1e-3, 50.0, 60)))
+
+
+def least_costs(series, total: int, lams, floor_units: float, growth: float = 2.0,
+                reading: str = "growth", levels: int = BOUND_LEVELS) -> np.ndarray:
+    """Per ``lam`` of ``lams``: a lower bound on the shortfall + lam * slack of any allocation
+    sequence on the daemon's path (exactly the least, where the pool has at most ``levels``
+    units).
+
+    The path: allocations are whole units; the allocation for tick i+1 is never below the use
+    observed at tick i (``SwapManager.demand``), and a tick capped below its demand is observed
+    as ``growth`` times its allocation, at most the pool (``SwapManager.observed_demand``), or as
+    the CPU driver's throttled-time ``reading`` models it (:func:`~.replay.throttled_reading`).
+    Beyond that each tick's allocation is free, as if the policy knew the future: dynamic
+    programming over the allocation, per task (the pool never binding), every ``lam`` at once.
+
+    A pool of more than ``levels`` units is cut into ``levels`` equal cells and the program runs
+    over cells, each charged the least any allocation in it costs and allowed the lowest
+    observation any allows next (an observation is monotone between a cell's edge and the
+    demand, so its least is at one of them): a relaxation, so still a lower bound, at a cost
+    that does not grow with the pool.
+    """
+    lams = np.asarray(lams, dtype=float)[:, None]
+    if total + 1 <= levels:
+        lo = hi = np.arange(total + 1, dtype=float)
+    else:
+        edges = np.linspace(0.0, float(total), levels + 1)
+        lo, hi = edges[:-1], edges[1:]
+    value = np.zeros((len(lams), len(lo)))
+
+    def observed(x: np.ndarray, d: float) -> np.ndarray:
+        cap = np.maximum(x, floor_units)
+        used = np.minimum(d, cap)
+        if reading != "growth":
+            grown = throttled_reading(np.full_like(cap, d), cap, total, reading)
+        else:
+            grown = np.minimum(np.maximum(np.maximum(x, used), 1.0) * growth, total)
+        return np.where(d > cap, np.maximum(used, grown), used)
+
+    for d in reversed(series[1:]):
+        d = float(d)
+        inside = (lo <= d) & (d <= hi)
+        obs = np.minimum(observed(lo, d), observed(np.minimum(hi, d), d))
+        obs = np.where(inside, np.minimum(obs, d), obs)
+        nxt = np.minimum(np.searchsorted(hi, obs - 1e-9, side="left"), len(lo) - 1)
+        best_from = np.minimum.accumulate(value[:, ::-1], axis=1)[:, ::-1]
+        value = (np.maximum(0.0, d - hi) + lams * np.maximum(0.0, lo - d)) + best_from[:, nxt]
+    # the first tick runs uncapped
+    first = min(int(np.searchsorted(hi, float(series[0]) - 1e-9, side="left")), len(lo) - 1)
+    return np.minimum.accumulate(value[:, ::-1], axis=1)[:, ::-1][:, first]
+
+
+def least_cost(series, total: int, lam: float, floor_units: float, growth: float = 2.0,
+               reading: str = "growth", levels: int = BOUND_LEVELS) -> float:
+    """:func:`least_costs` for one ``lam``."""
+    return float(least_costs(series, total, [lam], floor_units, growth, reading, levels)[0])
+
+
+def clairvoyant_bound(trace: Trace, resource: Resource, slack_budget: float,
+                      reading: str = "demand", totals: dict | None = None,
+                      levels: int = BOUND_LEVELS) -> float:
+    """A shortfall (unit*s) of ``resource``'s tasks that no policy on the daemon's allocation
+    path, however good its forecasts, goes below at a slack of at most ``slack_budget``
+    (unit*s): the Lagrangian dual of :func:`least_costs`, max over lam of (least shortfall +
+    lam * slack) - lam * budget.  Time: ticks x ``levels`` x the multipliers, not the pool."""
+    totals = {**default_totals(trace), **(totals or {})}
+    budget = slack_budget / trace.interval  # least_costs counts unit*ticks
+    v = np.zeros(len(BOUND_LAMS))
+    for (t, r), s in trace.demand.items():
+        if r != resource:
+            continue
+        v += least_costs(list(s), totals[r], BOUND_LAMS, ENFORCED_FLOOR.get(r, 1.0),
+                         reading=reading if r in KERNEL_READS else "growth", levels=levels)
+    return float(max(0.0, np.max(v - BOUND_LAMS * budget))) * trace.interval

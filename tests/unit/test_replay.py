@@ -219,7 +219,7 @@ def test_clairvoyant_bound_is_below_every_policy_replayed():
     """The dynamic program's least shortfall + lam * slack is a lower bound: every policy replayed
     on the daemon's path (no pool contention here) costs at least that, and the dual bound on
     shortfall at a policy's own slack is never above that policy's shortfall."""
-    from rswap_ebpf.offline.replay import clairvoyant_bound, least_cost
+    from rswap_ebpf.offline.scoring import clairvoyant_bound, least_cost
 
     tr = _periodic_trace(60)
     totals = {CPU: 4000}  # room for both: the per-task bound assumes the pool never binds
@@ -233,7 +233,7 @@ def test_clairvoyant_bound_is_below_every_policy_replayed():
     # a trace whose demand only ever drops after one tick: covering it costs the drop in slack
     step = Trace((0.0, 1.0, 2.0, 3.0), {("a", CPU): (0.0, 500.0, 0.0, 0.0)})
     assert least_cost([0.0, 500.0, 0.0, 0.0], 500, 1.0, 10.0) == pytest.approx(500.0)
-    assert clairvoyant_bound(step, 0.0) > 0  # with no slack at all, something goes short
+    assert clairvoyant_bound(step, CPU, 0.0) > 0  # with no slack at all, something goes short
 
 
 def test_at_equal_slack_reads_reactives_frontier_between_its_headrooms():
