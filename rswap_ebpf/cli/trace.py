@@ -68,6 +68,9 @@ def register(sub) -> dict:
                           "reading: twice the allocation, as before round 7)")
     rep.add_argument("--json", action="store_true",
                      help="write the scores per resource and per task as JSON (see below)")
+    rep.add_argument("--period", action="append", default=[], metavar="TASK=TICKS",
+                     help="with --json: the period seasonal-naive's MAE is given for TASK "
+                          "(default: the one found on the whole trace)")
     return {"record": cmd_record, "replay": cmd_replay}
 
 
@@ -134,7 +137,13 @@ def cmd_replay(args) -> int:
         frontier = reactive_frontier(trace, totals=totals, priorities=priorities,
                                      reading=args.reading) \
             if "proactive" in (args.policy or POLICIES) else None
-        print(json.dumps(score(result, frontier, spec), indent=1, sort_keys=True))
+        periods = {}
+        for task, ticks in _pairs(args.period, "--period"):
+            if not ticks.isdigit() or int(ticks) < 1:
+                raise ConfigError("--period", f"{task}: expected a whole number of ticks")
+            periods[task] = int(ticks)
+        print(json.dumps(score(result, frontier, spec, periods=periods), indent=1,
+                         sort_keys=True))
         print(f"(replayed in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
         return 0
     pool = ", ".join(f"{r.key} {n} {r.unit}" for r, n in result.totals.items())

@@ -75,9 +75,11 @@ def _num(v: float | None, digits: int = 3) -> float | None:
 
 
 def score(result: ReplayResult, frontier: dict | None, spec=None,
-          policy: str = "proactive") -> dict:
+          policy: str = "proactive", periods: dict[str, int] | None = None) -> dict:
     """The JSON-ready scores of ``result`` (see the module's docstring); ``frontier`` is
-    :func:`~.replay.reactive_frontier` of the same trace, None to leave the ratios out."""
+    :func:`~.replay.reactive_frontier` of the same trace, None to leave the ratios out.
+    ``periods``: task -> the period (ticks) seasonal-naive is given, where it is known (a
+    recording's own); the others' are found on the whole trace."""
     trace = result.trace
     totals = result.totals
     runs = {(s.task, s.resource): s for s in result.by_policy(policy)}
@@ -86,12 +88,12 @@ def score(result: ReplayResult, frontier: dict | None, spec=None,
     for r in trace.resources:
         keys = sorted(k for k in trace.demand if k[1] == r)
         per_res = {"unit": r.unit, "pool": totals.get(r)}
-        chosen_sum, sn_sum, alloc_sum, periods = 0.0, 0.0, 0.0, {}
+        chosen_sum, sn_sum, alloc_sum, given = 0.0, 0.0, 0.0, {}
         for key in keys:
             task = key[0]
             series = trace.demand[key]
-            p = true_period(series)
-            periods[task] = p
+            p = (periods or {}).get(task) or true_period(series)
+            given[task] = p
             chosen = one_step_mae(_point_spec(spec), series, totals[r])
             sn = one_step_mae({"name": "seasonal_naive", "period": max(1, p)}, series, totals[r])
             entry: dict = {"mae": {"chosen": _num(chosen), "seasonal_naive": _num(sn),
@@ -109,7 +111,7 @@ def score(result: ReplayResult, frontier: dict | None, spec=None,
             sn_sum += sn or 0.0
             tasks.setdefault(task, {})[r.key] = entry
         per_res["mae"] = {"chosen": _num(chosen_sum), "seasonal_naive": _num(sn_sum),
-                          "allocated": _num(alloc_sum) if runs else None, "period": periods}
+                          "allocated": _num(alloc_sum) if runs else None, "period": given}
         if runs:
             short = result.total(policy, "shortfall", r)
             slack = result.total(policy, "slack", r)
@@ -132,12 +134,13 @@ def _ratio_fields(at: float | None, text: str, short: float) -> dict:
 
 
 def score_trace(trace: Trace, spec=None, totals: dict[Resource, int] | None = None,
-                **replay_args) -> dict:
+                periods: dict[str, int] | None = None, **replay_args) -> dict:
     """Replay proactive (``spec``) on ``trace``, reactive at every headroom, and score them."""
     totals = {**default_totals(trace), **(totals or {})}
     result = replay(trace, ("proactive",), spec, totals, **replay_args)
     kw = {k: v for k, v in replay_args.items() if k in ("priorities", "reading")}
-    return score(result, reactive_frontier(trace, totals=totals, **kw), spec)
+    return score(result, reactive_frontier(trace, totals=totals, **kw), spec,
+                 periods=periods)
 
 
 #: the clairvoyant bound's allocation levels: a pool of more units is cut into this many cells,

@@ -131,3 +131,12 @@ def test_the_bound_of_a_huge_pool_does_not_walk_its_units():
     b = clairvoyant_bound(tr, NET, react.slack)
     assert 0 < b <= react.shortfall  # reactive is one policy on the path: not below the bound
     assert clairvoyant_bound(tr, CPU, 0.0) < 1e6  # CPU alone: not summed with the bytes
+
+
+def test_cli_json_takes_the_recordings_own_period(tmp_path, capsys):
+    p = tmp_path / "t.csv"
+    _write(p, _two_unit_trace(160))
+    assert main(["replay", str(p), "--policy", "proactive", "--json", "--period", "web=24"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["resources"]["cpu"]["mae"]["period"] == {"batch": 0, "web": 24}
+    assert main(["replay", str(p), "--json", "--period", "web=x"]) == 2
