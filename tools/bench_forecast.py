@@ -354,7 +354,9 @@ def store(tasks: int, hours: float, interval: float, checkpoint_every: int) -> N
     print(f"== profile store: {tasks} tasks x {len(resources)} resources x {hours:g} h, "
           f"tick {interval:g}s, checkpoint every {checkpoint_every} ticks ==")
     print(f"checkpoint blob (auto selection, 600-sample history): {len(blob) / 1024:.1f} KiB "
-          f"(its pickle before zlib: {len(plain) / 1024:.1f} KiB)")
+          f"(its pickle before zlib: {len(plain) / 1024:.1f} KiB); of which the multi-resolution "
+          f"arrays (raw ticks + buckets, fixed size): "
+          f"{prof.forecaster.rollups.nbytes() / 1024:.1f} KiB in memory")
     print(f"database on disk: {size / 2**20:.1f} MiB  (rows: {counts})")
     if pages:
         print("by table (MiB): " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in

@@ -138,38 +138,41 @@ class LongSeason(Base):
         self._n += 1
         self._last = float(y)
 
-    def _at(self, t: int) -> float | None:
-        """Sample ``t`` as known when ``self._n`` samples are in: raw, or a closed bucket."""
+    def _values(self, idx: np.ndarray) -> np.ndarray:
+        """Samples ``idx`` as known when ``self._n`` samples are in: the raw ticks kept (one
+        array lookup), else the finest closed bucket holding them; NaN where neither is."""
         r = self.rollups
-        if t < 0 or t >= self._n:
-            return None
-        v = r.value_at(t)
-        if v is not None:
-            return v
-        for level, w in enumerate(r.widths):
-            if (t // w + 1) * w <= self._n:
-                m = r.bucket_mean_at(level, t)
-                if m is not None:
-                    return m
-        return None
+        out = np.full(idx.shape, np.nan)
+        known = (idx >= 0) & (idx < self._n)
+        raw = known & (idx >= r.n - r.raw_ticks) & (idx < r.n)
+        out[raw] = r._raw[idx[raw] % r.raw_ticks]
+        for j in np.flatnonzero(known & ~raw):
+            t = int(idx[j])
+            for level, w in enumerate(r.widths):
+                if (t // w + 1) * w <= self._n:
+                    m = r.bucket_mean_at(level, t)
+                    if m is not None:
+                        out[j] = m
+                        break
+        return out
 
-    def _season(self, t: int) -> float | None:
-        vals = [v for k in range(self.periods)
-                if (v := self._at(t - k * self.period)) is not None]
-        return sum(vals) / len(vals) if vals else None
+    def _season(self, idx: np.ndarray) -> np.ndarray:
+        """The mean of the last ``periods`` periods at each of ``idx`` (NaN: none known)."""
+        vals = np.stack([self._values(idx - k * self.period) for k in range(self.periods)])
+        n = np.sum(~np.isnan(vals), axis=0)
+        total = np.nansum(vals, axis=0)
+        return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
     def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
         p, n = self.period, self._n
         if p < 2 or n <= p:
             return [max(0.0, self._last)] * horizon
         m = min(self.rollups.widths[0], p - 1)
-        recent = [self._at(t) for t in range(n - m, n)]
-        before = [self._season(t - p) for t in range(n - m, n)]
+        recent = np.arange(n - m, n)
+        now, before = self._values(recent), self._season(recent - p)
         offset = 0.0
-        if all(v is not None for v in recent) and all(v is not None for v in before):
-            offset = self.shrink * (sum(recent) - sum(before)) / m
-        out = []
-        for h in range(horizon):
-            s = self._season(n + h - p)
-            out.append(max(0.0, (self._last if s is None else s) + offset))
-        return out
+        if not (np.isnan(now).any() or np.isnan(before).any()):
+            offset = self.shrink * float(now.mean() - before.mean())
+        season = self._season(np.arange(n - p, n - p + horizon))
+        season = np.where(np.isnan(season), self._last, season) + offset
+        return [max(0.0, float(v)) for v in season]
