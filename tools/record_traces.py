@@ -214,6 +214,7 @@ def record_long(seconds: int, out_dir: str) -> int:
         rc = subprocess.call(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     for out in split_long(combined, out_dir):
         print("wrote", out, file=sys.stderr)
+    os.unlink(combined)  # every row is in the split traces
     return rc
 
 
