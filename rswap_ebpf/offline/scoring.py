@@ -42,8 +42,10 @@ from rswap_ebpf.predict.period import detect_long
 from rswap_ebpf.predict.registry import make_forecaster
 
 
-def one_step_mae(spec, series: Sequence[float], scale: float) -> float | None:
-    """The MAE of ``spec``'s 1-tick-ahead forecasts over ``series`` (learning as it goes)."""
+def one_step_mae(spec, series: Sequence[float], scale: float, keep: list | None = None
+                 ) -> float | None:
+    """The MAE of ``spec``'s 1-tick-ahead forecasts over ``series`` (learning as it goes);
+    the forecaster is appended to ``keep`` where given (to read what it ended on)."""
     f = make_forecaster(spec, scale=scale)
     err, n = 0.0, 0
     for i, y in enumerate(series):
@@ -51,7 +53,22 @@ def one_step_mae(spec, series: Sequence[float], scale: float) -> float | None:
             err += abs(y - f.forecast(1)[0])
             n += 1
         f.learn_one(y)
+    if keep is not None:
+        keep.append(f)
     return err / n if n else None
+
+
+def _ended_on(f) -> dict:
+    """The model and season a forecaster ended a trace on (online selection: its serving
+    candidate, the raw search's period and the long one, with its confidence)."""
+    out = {"model": getattr(f, "serving_model", None) or getattr(f, "name", type(f).__name__)}
+    season = getattr(f, "season", None)
+    if callable(season):
+        p, conf, source = season()
+        out.update(period=p, period_confidence=conf, period_source=source,
+                   raw_period=f.period, long_period=f.long_period,
+                   long_confidence=round(f._long.confidence, 3))
+    return out
 
 
 def true_period(series: Sequence[float]) -> int:
@@ -94,10 +111,11 @@ def score(result: ReplayResult, frontier: dict | None, spec=None,
             series = trace.demand[key]
             p = (periods or {}).get(task) or true_period(series)
             given[task] = p
-            chosen = one_step_mae(_point_spec(spec), series, totals[r])
+            kept: list = []
+            chosen = one_step_mae(_point_spec(spec), series, totals[r], kept)
             sn = one_step_mae({"name": "seasonal_naive", "period": max(1, p)}, series, totals[r])
             entry: dict = {"mae": {"chosen": _num(chosen), "seasonal_naive": _num(sn),
-                                   "period": p}}
+                                   "period": p, "chosen_ended_on": _ended_on(kept[0])}}
             s = runs.get(key)
             if s is not None:
                 entry.update(model=s.model, shortfall=_num(s.shortfall, 1),
