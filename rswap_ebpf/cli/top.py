@@ -120,6 +120,12 @@ def render(status: Mapping[str, Any], now: float | None = None,
             elif v.get("forecast", 0) > v.get("allocation", 0):
                 style = "yellow"
             model = v.get("model") or "-"
+            if v.get("period"):  # the season it follows, and how sure the search is of it
+                model += f" p={v['period']}"
+                if v.get("period_source") not in (None, "given"):
+                    model += f"/{v.get('period_confidence', 0):.2f}"
+            elif "period" in v and model != "-":
+                model += " p=-"
             if v.get("mae") is not None:
                 model += f" ({fmt_units(v['mae'], unit)})"
             missing = short.get((name, res))

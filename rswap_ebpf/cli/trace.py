@@ -27,7 +27,12 @@ A throttled CPU tick shows the policies what --reading says (default: the tick's
 what the CPU driver reads from cpu.stat's throttled time).
 With both reactive and proactive run, a last table compares them at equal slack: reactive is
 replayed again at every headroom from 0 to 10, and proactive's shortfall is divided by
-reactive's at proactive's slack (per task and in total; --headroom does not change it).
+reactive's at proactive's slack (per task, and per resource over its tasks; resources are never
+added to each other, their units differ; --headroom does not change it).
+--json writes the same per resource and per task as JSON instead of the tables:
+  {"resources": {"cpu": {"ratio_at_equal_slack": R, "mae": {"chosen": M,
+   "seasonal_naive": S, ...}, ...}, ...}, "tasks": {TASK: {"cpu": {...}}}}
+  rswap replay trace.csv --policy proactive --forecaster seasonal_naive:period=60 --json
 """
 
 
@@ -63,6 +68,11 @@ def register(sub) -> dict:
                           "(default; what use + throttled time reads, roughly), 'backlog' (the "
                           "higher reading of threads with work held back), or 'growth' (no "
                           "reading: the manager's rule of twice the allocation)")
+    rep.add_argument("--json", action="store_true",
+                     help="write the scores per resource and per task as JSON (see below)")
+    rep.add_argument("--period", action="append", default=[], metavar="TASK=TICKS",
+                     help="with --json: the period seasonal-naive's MAE is given for TASK "
+                          "(default: the one found on the whole trace)")
     return {"record": cmd_record, "replay": cmd_replay}
 
 
@@ -119,6 +129,23 @@ def cmd_replay(args) -> int:
     result = replay(trace, args.policy or POLICIES, spec, totals, args.headroom,
                     args.proactive_headroom, args.window, priorities=priorities,
                     reading=args.reading)
+    if args.json:
+        import json
+
+        from rswap_ebpf.offline.scoring import score
+
+        frontier = reactive_frontier(trace, totals=totals, priorities=priorities,
+                                     reading=args.reading) \
+            if "proactive" in (args.policy or POLICIES) else None
+        periods = {}
+        for task, ticks in _pairs(args.period, "--period"):
+            if not ticks.isdigit() or int(ticks) < 1:
+                raise ConfigError("--period", f"{task}: expected a whole number of ticks")
+            periods[task] = int(ticks)
+        print(json.dumps(score(result, frontier, spec, periods=periods), indent=1,
+                         sort_keys=True))
+        print(f"(replayed in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+        return 0
     pool = ", ".join(f"{r.key} {n} {r.unit}" for r, n in result.totals.items())
     print(f"{args.trace}: {len(trace.times)} ticks of {trace.interval:g}s, "
           f"{len(trace.tasks)} task(s), pool {pool}")
@@ -173,7 +200,7 @@ def cmd_record(args) -> int:
 REPLAY_COLUMNS = (Column("POLICY"), Column("TASK"), Column("RES"), Column("MODEL"),
                   Column("MAE", ">"), Column("MAPE%", ">"), Column("SHORT(u*s)", ">"),
                   Column("SLACK(u*s)", ">"), Column("CHANGES", ">"), Column("SWAPS", ">"))
-TOTAL_COLUMNS = (Column("POLICY"), Column("SHORT(u*s)", ">"), Column("SLACK(u*s)", ">"))
+TOTAL_COLUMNS = (Column("POLICY"), Column("RES"), Column("SHORT(u*s)", ">"), Column("SLACK(u*s)", ">"))
 VS_REACTIVE = (Column("SHORT/reactive", ">"), Column("SLACK/reactive", ">"))
 EQUAL_SLACK_COLUMNS = (Column("TASK"), Column("RES"), Column("SHORT(u*s)", ">"),
                        Column("SLACK(u*s)", ">"), Column("REACTIVE SHORT", ">"), Column("RATIO", ">"))
@@ -189,7 +216,8 @@ def _ratio(a: float, b: float) -> str:
 
 def format_table(result) -> str:
     """The per task x resource table of a :class:`~rswap_ebpf.offline.replay.ReplayResult`,
-    then one total line per policy with ratios vs reactive."""
+    then per resource one line per policy (its tasks summed, in that resource's unit) with
+    ratios vs reactive."""
     policies = list(dict.fromkeys(s.policy for s in result.scores))
     rows = [[p, s.task, s.resource.key, s.model or "-", _fig(s.mae), _fig(s.mape),
              _fig(s.shortfall), _fig(s.slack), s.changes, s.swaps]
@@ -197,13 +225,14 @@ def format_table(result) -> str:
             for s in sorted(result.by_policy(p), key=lambda s: (s.task, s.resource.key))]
     ref = "reactive" if "reactive" in policies else None
     totals = []
-    for p in policies:
-        short, slack = result.total(p, "shortfall"), result.total(p, "slack")
-        row = [p, _fig(short), _fig(slack)]
-        if ref:
-            row += [_ratio(short, result.total(ref, "shortfall")),
-                    _ratio(slack, result.total(ref, "slack"))]
-        totals.append(row)
+    for r in result.trace.resources:  # one unit per line: no total across resources
+        for p in policies:
+            short, slack = result.total(p, "shortfall", r), result.total(p, "slack", r)
+            row = [p, r.key, _fig(short), _fig(slack)]
+            if ref:
+                row += [_ratio(short, result.total(ref, "shortfall", r)),
+                        _ratio(slack, result.total(ref, "slack", r))]
+            totals.append(row)
     return (render_table(REPLAY_COLUMNS, rows) + "\n\n"
             + render_table(TOTAL_COLUMNS + (VS_REACTIVE if ref else ()), totals))
 
@@ -218,10 +247,13 @@ def format_equal_slack(result, frontier, policy: str = "proactive") -> str:
              "read between them).",
              f"'<': {policy} spends less slack than reactive at any headroom; the ratio is to "
              "reactive's shortfall at no headroom."]
-    scored = [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
-              for s in sorted(result.by_policy(policy), key=lambda s: (s.task, s.resource.key))]
-    scored.append((None, "(total)", "", result.total(policy, "shortfall"),
-                   result.total(policy, "slack")))
+    scored = []
+    for r in result.trace.resources:  # each resource in its own unit: no total across them
+        scored += [((s.task, s.resource), s.task, s.resource.key, s.shortfall, s.slack)
+                   for s in sorted(result.by_policy(policy), key=lambda s: s.task)
+                   if s.resource == r]
+        scored.append((r, "(all tasks)", r.key, result.total(policy, "shortfall", r),
+                       result.total(policy, "slack", r)))
     rows = []
     for key, task, res, short, slack in scored:
         at, ratio = equal_slack_ratio(frontier.get(key, []), short, slack)

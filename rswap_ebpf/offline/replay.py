@@ -84,8 +84,16 @@ class ReplayResult:
     def by_policy(self, policy: str) -> list[Score]:
         return [s for s in self.scores if s.policy == policy]
 
-    def total(self, policy: str, what: str) -> float:
-        return sum(getattr(s, what) for s in self.by_policy(policy))
+    def total(self, policy: str, what: str, resource: ResourceType | None = None) -> float:
+        """``what`` summed over ``policy``'s tasks of ``resource`` (one unit).  Without a
+        resource the trace must have only one: a sum of millicores and IO/s means nothing."""
+        if resource is None:
+            units = {s.resource for s in self.by_policy(policy)}
+            if len(units) > 1:
+                raise ValueError(f"{policy}'s {what} over {len(units)} resources adds different "
+                                 "units: give a resource")
+        return sum(getattr(s, what) for s in self.by_policy(policy)
+                   if resource is None or s.resource == resource)
 
 
 def default_totals(trace: Trace) -> dict[ResourceType, int]:
@@ -224,58 +232,20 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
     return list(scores.values())
 
 
-def least_cost(series, total: int, lam: float, floor_units: float, growth: float = 2.0,
-               reading: str = "growth") -> float:
-    """The least shortfall + lam * slack of any allocation sequence on the daemon's path.
-
-    Allocations are whole units; the allocation for tick i+1 is never below the use observed at
-    tick i (``SwapManager.demand``), and a tick capped below its demand is observed as ``growth``
-    times its allocation, at most the pool (``SwapManager.observed_demand``), or as the CPU
-    driver's throttled-time ``reading`` models it (:func:`throttled_reading`).  Beyond
-    that each tick's allocation is free, as if the policy knew the future: dynamic programming
-    over the allocation, per task (the pool never binding).
-    """
-    a = np.arange(total + 1, dtype=float)
-    cap = np.maximum(a, floor_units)
-    value = np.zeros(total + 1)
-    for d in reversed(series[1:]):
-        used = np.minimum(d, cap)
-        if reading != "growth":
-            grown = throttled_reading(np.full_like(cap, d), cap, total, reading)
-        else:
-            grown = np.minimum(np.maximum(np.maximum(a, used), 1.0) * growth, total)
-        obs = np.where(d > cap, np.maximum(used, grown), used)
-        nxt = np.minimum(np.ceil(obs - 1e-9), total).astype(int)
-        best_from = np.minimum.accumulate(value[::-1])[::-1]  # best over allocations >= k
-        value = np.maximum(0.0, d - a) + lam * np.maximum(0.0, a - d) + best_from[nxt]
-    first = min(int(math.ceil(series[0] - 1e-9)), total)  # the first tick runs uncapped
-    return float(np.minimum.accumulate(value[::-1])[::-1][first])
-
-
-def clairvoyant_bound(trace: Trace, slack_budget: float, reading: str = "demand") -> float:
-    """A shortfall (unit*s) that no policy on the daemon's allocation path, however good its
-    forecasts, goes below at a slack of at most ``slack_budget`` (unit*s): the Lagrangian dual of
-    :func:`least_cost`, max over lam of (least shortfall + lam * slack) - lam * budget."""
-    totals = default_totals(trace)
-    budget = slack_budget / trace.interval  # least_cost counts unit*ticks
-    best = 0.0
-    for lam in np.concatenate(([0.0], np.geomspace(1e-3, 50.0, 60))):
-        v = sum(least_cost(list(s), totals[r], float(lam), ENFORCED_FLOOR.get(r, 1.0),
-                           reading=reading if r in KERNEL_READS else "growth")
-                for (t, r), s in trace.demand.items())
-        best = max(best, v - lam * budget)
-    return best * trace.interval
-
-
 #: reactive's headrooms for its frontier: from none at all up, finely to 3
 FRONTIER_HEADROOMS = tuple(round(0.05 * i, 2) for i in range(61)) + (4.0, 5.0, 7.5, 10.0)
 
 
 def frontier_of(runs: Sequence[ReplayResult], policy: str = "reactive"
-                ) -> dict[tuple[str, ResourceType] | None, list[tuple[float, float]]]:
+                ) -> dict[tuple[str, ResourceType] | ResourceType, list[tuple[float, float]]]:
     """``(slack, shortfall)`` of ``policy`` in each run (one run per headroom), per task x
-    resource and (key None) summed over them: the points :func:`at_equal_slack` reads."""
-    out: dict = {None: [(r.total(policy, "slack"), r.total(policy, "shortfall")) for r in runs]}
+    resource and (key: the resource) summed over the tasks of each resource, never across
+    resources (their units differ): the points :func:`at_equal_slack` reads."""
+    out: dict = {}
+    for res in runs[:1]:
+        for r in res.trace.resources:
+            out[r] = [(x.total(policy, "slack", r), x.total(policy, "shortfall", r))
+                      for x in runs]
     for r in runs:
         for sc in r.by_policy(policy):
             out.setdefault((sc.task, sc.resource), []).append((sc.slack, sc.shortfall))

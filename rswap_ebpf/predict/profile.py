@@ -35,6 +35,9 @@ class Prediction:
     quantile: float = 0.0          # the ``quantile_level`` quantile of ``series``
     quantile_level: float = 0.9
     loss: float | None = None      # the serving model's recent selection loss (model choice)
+    period: int = 0                # ticks of the season the serving model follows (0: none)
+    period_confidence: float = 0.0  # the autocorrelation at that period (0-1)
+    period_source: str = "none"    # "ticks" (raw search), "buckets" (rolled-up), "given"
 
     def over_window(self, how: str | float = "peak") -> float:
         """What the allocator asks for: the window's peak, or a quantile of it."""
@@ -65,6 +68,8 @@ class TaskProfile:
         self.history: deque[float] = deque(maxlen=history)
         self.error_alpha = error_alpha
         self.mae: float | None = None
+        #: the largest sample ever seen: with the pool, what bounds a forecast
+        self.peak = 0.0
         self._next: float | None = None
         #: set when restored from the store: the first sample bridges the ticks since then
         self.resumed_at: float | None = None
@@ -87,14 +92,43 @@ class TaskProfile:
             kept = list(state["forecaster"]._hist)
             state["history"] = deque(kept[len(kept) - n:], maxlen=maxlen)
         self.__dict__.update(state)
+        if "peak" not in state:  # a checkpoint from before the bound on forecasts
+            self.peak = max(self.history, default=0.0)
 
     @property
     def model_name(self) -> str:
-        """The model that serves: for online selection, the candidate chosen now."""
-        serving = getattr(self.forecaster, "serving", None)
+        """The model that serves: for online selection, the candidate chosen now, named for
+        what it does (a seasonal model with no period found is "last_value")."""
+        serving = getattr(self.forecaster, "serving_model", None) or \
+            getattr(self.forecaster, "serving", None)
         if serving:
             return serving
+        if getattr(self.forecaster, "period", 2) < 2 and hasattr(self.forecaster, "_window"):
+            return "last_value"  # a seasonal model of period 1
         return getattr(self.forecaster, "name", type(self.forecaster).__name__)
+
+    def season(self) -> tuple[int, float, str]:
+        """(period in ticks, confidence 0-1, source) of what the serving model follows: online
+        selection says (``AutoForecaster.season``); a model given its period, "given"."""
+        season = getattr(self.forecaster, "season", None)
+        if callable(season):
+            return season()
+        p = getattr(self.forecaster, "period", 0) or getattr(self.forecaster, "seasonality", 0)
+        p = int(p or 0)
+        return (p, 1.0, "given") if p >= 2 else (0, 0.0, "none")
+
+    def describe(self) -> dict:
+        """What status and metrics show of this profile: the serving model, its MAE, the season
+        it follows and how sure the search is of it."""
+        period, confidence, source = self.season()
+        return {"model": self.model_name,
+                "mae": round(self.mae, 1) if self.mae is not None else None,
+                "period": period, "period_s": round(period * self.tick_s, 1) if period else 0,
+                "period_confidence": confidence, "period_source": source}
+
+    @property
+    def tick_s(self) -> float:
+        return float(getattr(self.forecaster, "tick_s", 1.0) or 1.0)
 
     @property
     def loss(self) -> float | None:
@@ -112,22 +146,34 @@ class TaskProfile:
             self.mae = err if self.mae is None else (
                 (1 - self.error_alpha) * self.mae + self.error_alpha * err)
         self.history.append(float(y))
+        self.peak = max(self.peak, float(y))
         self.forecaster.learn_one(float(y))
         self._next = self.forecaster.forecast(1)[0]
 
-    #: a forecast beyond this many times the largest sample seen is a model diverging
-    SANE_FACTOR = 10.0
+    #: a forecast is at most this many times the largest sample ever seen (plus one unit)
+    PEAK_FACTOR = 1.5
+
+    def bound(self) -> float:
+        """The most a forecast may say: ``PEAK_FACTOR`` x the task's largest sample (its whole
+        history, not only the kept ticks) + 1, and never more than the pool (the forecaster's
+        ``scale``, where it has one): a forecast of 5.5 CPUs for a task that never used 1.5,
+        or of more than the pool holds, is a model gone wrong, not a plan."""
+        b = self.PEAK_FACTOR * self.peak + 1.0
+        pool = getattr(self.forecaster, "scale", None)
+        if isinstance(pool, (int, float)) and pool > 1:
+            b = min(b, float(pool))
+        return b
 
     def forecast(self, horizon: int) -> list[float]:
         """The forecaster's series, made safe to allocate from: finite, >= 0, and bounded.
 
         An online model can diverge (seen in a 40-minute soak: 2e27 millicores, then inf); such
-        values are replaced by the last sample or capped at ``SANE_FACTOR`` x the largest sample.
+        values are replaced by the last sample, and every value is capped at :meth:`bound`.
         """
         if not self.history:
             return [0.0] * horizon
-        bound = self.SANE_FACTOR * max(max(self.history), 1.0)
-        last = self.history[-1]
+        bound = self.bound()
+        last = min(self.history[-1], bound)
         return [min(max(0.0, v), bound) if math.isfinite(v) else last
                 for v in self.forecaster.forecast(horizon)]
 
@@ -295,10 +341,11 @@ class TaskProfiler:
             if prof is None:
                 continue
             series = prof.forecast(max(1, window))
+            period, confidence, source = prof.season()
             out[r] = Prediction(task, r, tuple(series), max(series), prof.model_name,
                                 prof.mae, len(prof.history),
                                 quantile(series, self.quantile_level), self.quantile_level,
-                                prof.loss)
+                                prof.loss, period, confidence, source)
         return out
 
     def releases(self, task: str) -> dict[Resource, float]:

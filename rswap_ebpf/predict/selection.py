@@ -43,10 +43,16 @@ from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.model.checks import check_bool, check_fraction, check_whole
 from rswap_ebpf.predict.forecasters import (Base, LastValue, QuantileLags, SeasonalEWMA, SeasonalFractional,
                           SeasonalLevel, SeasonalNaive, holt_winters, single, snarimax)
+from rswap_ebpf.predict.longseason import LongPeriodDetector, LongSeason
 from rswap_ebpf.predict.period import PeriodDetector
+from rswap_ebpf.predict.rollup import Rollups
 
 CANDIDATES = ("last_value", "seasonal_naive", "seasonal_ewma", "seasonal_fractional",
-              "seasonal_level", "holt_winters", "snarimax", "quantile_lags", "median", "blend")
+              "seasonal_level", "holt_winters", "snarimax", "quantile_lags", "seasonal_long",
+              "seasonal_long_avg", "median", "blend")
+#: candidates that follow the long season (:mod:`~.longseason`: found on the profile's rolled-up
+#: buckets, beyond ``max_period``): the last period's phase, and the mean of the last three
+LONG_CANDIDATES = ("seasonal_long", "seasonal_long_avg")
 #: not models of their own: combinations of the other candidates' point forecasts, scored like
 #: them, so selection can pick a combination where no single model is reliably best.  ``median``:
 #: per step, the median; ``blend``: per step, the forecasts of the BLEND_TOP models with the least
@@ -91,7 +97,7 @@ class AutoForecaster(Base):
                  scale: float = 1.0, max_period: int = 120, period: int = 0,
                  history: int = 600, min_scored: int = 10, hysteresis: float = 0.05,
                  calibration: int = 100, seasonal_raise: bool = False, floor: bool = True,
-                 release_after: int = 3, neighbours: int = 30):
+                 release_after: int = 3, neighbours: int = 30, tick_s: float = 1.0):
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
             raise ConfigError("forecaster.candidates",
@@ -121,6 +127,13 @@ class AutoForecaster(Base):
         self._decay = 0.5 ** (1.0 / max(1.0, self.half_life))
         self._fixed_period = self.period > 0
         self._detector = PeriodDetector(max_period=self.max_period, every=3)
+        #: seconds per tick: sizes the rolled-up buckets (10 s ... 1 h)
+        self.tick_s = float(tick_s)
+        #: the profile's multi-resolution memory (raw ticks + buckets), and the long season
+        #: found on it (ticks, 0: none), beyond the raw period search's ``max_period``
+        self.rollups = Rollups(tick_s=self.tick_s)
+        self._long = LongPeriodDetector(min_ticks=self.max_period)
+        self.long_period = 0
         self._hist: deque[float] = deque(maxlen=self.history)
         self._models: dict[str, Base] = {}
         self._pending: dict[str, deque[tuple[list[float], list[float]]]] = {}
@@ -140,6 +153,9 @@ class AutoForecaster(Base):
     # -- candidates ----------------------------------------------------------------------------
     def _make(self, name: str) -> Base:
         p = self.period
+        if name in LONG_CANDIDATES:
+            return LongSeason(period=self.long_period, periods=3 if name.endswith("avg") else 1,
+                              rollups=self.rollups, start=self.rollups.n - len(self._hist))
         if name == "last_value":
             return LastValue()
         if name == "seasonal_naive":
@@ -283,7 +299,7 @@ class AutoForecaster(Base):
         """The models a combination combines.  Without a period, seasonal-naive and
         seasonal-fractional repeat the last value: one forecast, which must not get three votes
         in the median, so only the first of them counts."""
-        names = list(self._models)
+        names = [n for n in self._models if self.long_period >= 2 or n not in LONG_CANDIDATES]
         if self.period >= 2:
             return names
         same = [n for n in names if n in _LAST_VALUE_WITHOUT_PERIOD]
@@ -303,8 +319,14 @@ class AutoForecaster(Base):
             self._score(name, y, prev, low)
         self._hist.append(y)
         self._at += 1
+        self.rollups.add(y)
         for m in self._models.values():
             m.learn_one(y)
+        lp = self._long.update(self.rollups)
+        if lp != self.long_period:
+            self.long_period = lp
+            if any(n in LONG_CANDIDATES for n in self.candidates):
+                self._build(LONG_CANDIDATES)  # replays the kept history through them
         if not self._fixed_period:
             p = self._detector.update(y)
             if p != self.period:
@@ -409,7 +431,8 @@ class AutoForecaster(Base):
         return [max(0.0, float(v)) for v in raised]
 
     def _choose(self) -> None:
-        ready = {n: l for n, l in self._loss.items() if self._scored.get(n, 0) >= self.min_scored}
+        ready = {n: l for n, l in self._loss.items() if self._scored.get(n, 0) >= self.min_scored
+                 and (self.long_period >= 2 or n not in LONG_CANDIDATES)}
         if not ready:
             return
         best = min(ready, key=ready.get)
@@ -457,6 +480,11 @@ class AutoForecaster(Base):
         self.__dict__.setdefault("floor", False)
         self.__dict__.setdefault("release_after", 0)  # before the floor's release existed
         self.__dict__.setdefault("neighbours", 0)  # before the raise came from near forecasts
+        if "rollups" not in self.__dict__:  # before the multi-resolution memory
+            self.tick_s = 1.0
+            self.rollups = Rollups()
+            self._long = LongPeriodDetector(min_ticks=self.max_period)
+            self.long_period = 0
         if "_step_err" not in self.__dict__:
             self._step_err = {n: [[0.0, 0.0] for _ in range(self.horizon)] for n in self._models}
         det = self._detector
@@ -477,6 +505,29 @@ class AutoForecaster(Base):
     def errors(self) -> dict[str, CandidateError]:
         return {n: CandidateError(n, self._loss.get(n), self._mae.get(n), self._scored.get(n, 0))
                 for n in self.candidates}
+
+    @property
+    def serving_model(self) -> str:
+        """The serving candidate as what it does now: a seasonal one with no period found
+        repeats the last value, and is named so (never a seasonal name on a last-value
+        forecast)."""
+        if self.serving in _LAST_VALUE_WITHOUT_PERIOD and self.period < 2:
+            return "last_value"
+        if self.serving in LONG_CANDIDATES and self.long_period < 2:
+            return "last_value"
+        return self.serving
+
+    def season(self) -> tuple[int, float, str]:
+        """(period in ticks, its confidence, where it was found) of the serving model: the long
+        season's for a long candidate ("buckets"), else the raw search's ("ticks"); (0, 0.0,
+        "none") where the serving model follows no period.  The confidence is the
+        autocorrelation at the period (0-1)."""
+        if self.serving in LONG_CANDIDATES or (self.serving in COMBINERS and self.period < 2):
+            if self.long_period >= 2:
+                return self.long_period, round(self._long.confidence, 3), "buckets"
+        if self.period >= 2 and self.serving != "last_value":
+            return self.period, round(self._detector.strength, 3), "ticks"
+        return 0, 0.0, "none"
 
     @property
     def serving_loss(self) -> float | None:

@@ -157,6 +157,11 @@ class Daemon:
         spec = next((t.forecaster for t in self.config.tasks if t.name == task), None)
         if spec is None:
             spec = self.lifecycle.runtime_forecasters.get(task)
+        tick_s = self.config.daemon.interval  # the selection's rolled-up buckets are in seconds
+        if spec is None or spec == "auto":
+            spec = {"name": "auto", "tick_s": tick_s}
+        elif isinstance(spec, dict) and spec.get("name") == "auto":
+            spec = {"tick_s": tick_s, **spec}
         total = self.pool.total(r) if r in self.pool else 1
         return make_forecaster(spec, scale=max(1, total))
 

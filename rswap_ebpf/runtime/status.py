@@ -38,8 +38,7 @@ def build_status(d) -> dict[str, Any]:
                 "usage": round(rt.usage.get(r, 0.0), 1),
                 "forecast": round(rep.forecasts.get(name, {}).get(r, 0.0), 1) if rep else 0.0,
                 "allocation": d.pool.allocation(r, name),
-                "model": prof.model_name if prof else None,
-                "mae": round(prof.mae, 1) if prof and prof.mae is not None else None,
+                **(prof.describe() if prof else {"model": None, "mae": None}),
             }
         tasks[name] = {"priority": rt.priority, "cgroup": rt.cgroup.rel,
                        "pids": len(rt.cgroup.pids()), "exited": rt.exited, "resources": per,

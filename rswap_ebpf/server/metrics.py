@@ -191,10 +191,23 @@ class MetricsExporter:
         shortfall = {(sf["task"], sf["resource"]): sf["wanted"] - sf["granted"]
                      for sf in st.get("shortfalls", ())}
         fams = _Families()
+        # the season each forecast follows (status fields "period", "period_confidence",
+        # "period_source", "model" of TaskProfile.describe), so a silent last-value shows
+        season = GaugeMetricFamily("rswap_forecast_period_ticks", "Ticks of the season the "
+                                   "serving forecaster follows (0: none, it repeats the last "
+                                   "value or has no seasonal model)",
+                                   labels=["task", "resource", "model", "source"])
+        sure = GaugeMetricFamily("rswap_forecast_period_confidence", "Autocorrelation at that "
+                                 "period (0-1; 1 for a period given in the configuration)",
+                                 labels=["task", "resource"])
         for task, t in st.get("tasks", {}).items():
             if t.get("exited") is not None:
                 continue
             for res, v in t.get("resources", {}).items():
+                if "period" in v:
+                    season.add_metric([task, res, v.get("model") or "",
+                                       v.get("period_source") or "none"], v["period"] or 0)
+                    sure.add_metric([task, res], v.get("period_confidence") or 0.0)
                 u = unit_for(res, units.get(res, "units"))
                 base, instance = split_key(res)
                 values = {"usage": v.get("usage"), "forecast": v.get("forecast"),
@@ -208,6 +221,9 @@ class MetricsExporter:
                              {"task": task, "priority": t.get("priority", "")}, base, instance,
                              value * u.factor)
         yield from fams.gauges()
+        if season.samples:
+            yield season
+            yield sure
         count = CounterMetricFamily("rswap_swaps", "Swaps a task received from, or gave to, "
                                     "another task", labels=["resource", "task", "direction"])
         for (res, task, direction), n in sorted(swaps.items()):

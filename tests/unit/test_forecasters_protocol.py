@@ -147,4 +147,23 @@ def test_profile_sanitises_a_diverging_model():
 
     p = TaskProfile("a", CPU, Diverged())
     p.learn_one(100.0)
-    assert p.forecast(4) == [100.0, 1000.0, 0.0, 300.0]
+    # inf: the last sample; 2e27 and 300: at most 1.5 x the largest sample seen (+1)
+    assert p.forecast(4) == [100.0, 151.0, 0.0, 151.0]
+    p.learn_one(10.0)
+    assert p.forecast(4) == [10.0, 151.0, 0.0, 151.0]  # the peak is remembered, not the last
+
+
+def test_no_forecast_exceeds_the_pool_or_the_tasks_history():
+    """Online selection with a pool of 2000 (its scale): on a task whose bursts reach 1400, no
+    forecast goes above 1.5 x 1400 + 1, nor above the pool for a task that once used all of it."""
+    from rswap_ebpf.predict.profile import TaskProfile
+    from rswap_ebpf.predict.registry import make_forecaster
+
+    p = TaskProfile("a", CPU, make_forecaster("auto", scale=2000))
+    for i in range(300):
+        p.learn_one(1400.0 if i % 12 < 4 else (60.0 if i % 2 else 0.0))
+        assert max(p.forecast(8)) <= 1.5 * 1400 + 1
+    q = TaskProfile("b", CPU, make_forecaster("auto", scale=2000))
+    for i in range(100):
+        q.learn_one(2000.0 if i % 5 == 0 else 100.0)
+        assert max(q.forecast(8)) <= 2000

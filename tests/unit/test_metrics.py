@@ -155,6 +155,30 @@ def test_shortfall_is_exported_in_base_units(exporter):
     assert m[("rswap_shortfall_ticks_total", (("resource", "cpu"), ("task", "web")))] == 1
 
 
+def test_the_season_each_forecast_follows_is_exported(exporter):
+    """TaskProfile.describe's fields in the status: the period (ticks), its confidence, the
+    serving model and where the period was found; a forecast with no season reads 0."""
+    port = exporter.serve(0)
+    status = {"tick": 1, "pool": {"cpu": {"unit": "millicores", "total": 1000, "available": 0}},
+              "tasks": {"cron": {"priority": "batch", "exited": None, "resources": {"cpu": {
+                  "usage": 9.0, "forecast": 10.0, "allocation": 20, "mae": 1.0,
+                  "model": "seasonal_long", "period": 3600, "period_confidence": 0.8,
+                  "period_source": "buckets"}}},
+                  "idle": {"priority": "batch", "exited": None, "resources": {"cpu": {
+                      "usage": 1.0, "forecast": 1.0, "allocation": 5, "mae": 0.0,
+                      "model": "last_value", "period": 0, "period_confidence": 0.0,
+                      "period_source": "none"}}}},
+              "swaps": [], "shortfalls": []}
+    exporter.update(status, 0.004)
+    m = scrape(port)
+    key = (("model", "seasonal_long"), ("resource", "cpu"), ("source", "buckets"),
+           ("task", "cron"))
+    assert m[("rswap_forecast_period_ticks", key)] == 3600
+    assert m[("rswap_forecast_period_confidence", (("resource", "cpu"), ("task", "cron")))] == 0.8
+    assert m[("rswap_forecast_period_ticks", (("model", "last_value"), ("resource", "cpu"),
+                                              ("source", "none"), ("task", "idle")))] == 0
+
+
 def test_metric_names_follow_prometheus_conventions():
     assert metric_name("cpu", "usage") == "rswap_task_cpu_usage_cores"
     assert metric_name("net", "allocation") == "rswap_task_network_allocation_bytes_per_second"

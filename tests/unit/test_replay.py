@@ -132,7 +132,8 @@ def test_cli_replay_reading_changes_what_a_throttled_tick_shows(tmp_path, capsys
         assert main(["replay", str(p), "--policy", "reactive", "--reading", reading]) == 0
         total = capsys.readouterr().out.strip().splitlines()[-1].split()
         assert total[0] == "reactive"
-        shortfall[reading] = float(total[1])
+        assert total[1] == "cpu"  # one line per resource, in its unit
+        shortfall[reading] = float(total[2])
     assert shortfall["growth"] > 1.5 * shortfall["demand"]
 
 
@@ -219,7 +220,7 @@ def test_clairvoyant_bound_is_below_every_policy_replayed():
     """The dynamic program's least shortfall + lam * slack is a lower bound: every policy replayed
     on the daemon's path (no pool contention here) costs at least that, and the dual bound on
     shortfall at a policy's own slack is never above that policy's shortfall."""
-    from rswap_ebpf.offline.replay import clairvoyant_bound, least_cost
+    from rswap_ebpf.offline.scoring import clairvoyant_bound, least_cost
 
     tr = _periodic_trace(60)
     totals = {CPU: 4000}  # room for both: the per-task bound assumes the pool never binds
@@ -233,7 +234,7 @@ def test_clairvoyant_bound_is_below_every_policy_replayed():
     # a trace whose demand only ever drops after one tick: covering it costs the drop in slack
     step = Trace((0.0, 1.0, 2.0, 3.0), {("a", CPU): (0.0, 500.0, 0.0, 0.0)})
     assert least_cost([0.0, 500.0, 0.0, 0.0], 500, 1.0, 10.0) == pytest.approx(500.0)
-    assert clairvoyant_bound(step, 0.0) > 0  # with no slack at all, something goes short
+    assert clairvoyant_bound(step, CPU, 0.0) > 0  # with no slack at all, something goes short
 
 
 def test_at_equal_slack_reads_reactives_frontier_between_its_headrooms():
@@ -265,14 +266,14 @@ def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
     tables = [o[o.index("At equal slack"):] for o in outs]
     assert tables[0] == tables[1]
     rows = {line.split()[0]: line.split() for line in tables[0].splitlines()[3:]}
-    assert set(rows) == {"web", "batch", "(total)"}
+    assert set(rows) == {"web", "batch", "(all"}  # "(all tasks)": the tasks of cpu, summed
     res = replay(read_trace(str(p)), ("proactive",))
     front = reactive_frontier(read_trace(str(p)))
     web = next(s for s in res.by_policy("proactive") if s.task == "web")
-    for task, sc in (("web", web), ("(total)", None)):
-        pts = front[("web", CPU) if sc else None]
-        slack = sc.slack if sc else res.total("proactive", "slack")
-        short = sc.shortfall if sc else res.total("proactive", "shortfall")
+    for task, sc in (("web", web), ("(all", None)):
+        pts = front[("web", CPU) if sc else CPU]
+        slack = sc.slack if sc else res.total("proactive", "slack", CPU)
+        short = sc.shortfall if sc else res.total("proactive", "shortfall", CPU)
         at = at_equal_slack(pts, slack)
         below = at is None  # proactive spends less than reactive at no headroom
         if below:

@@ -77,6 +77,25 @@ def test_rows_are_coloured_when_allocation_did_not_lead_demand():
     assert "320m" in colour["short"]       # the shortfall column
 
 
+def test_the_model_and_the_season_it_follows_are_shown():
+    status = {"pid": 1, "tick": 3, "time": 100.0, "interval": 0.5,
+              "pool": {"cpu": {"unit": "millicores", "total": 2000, "available": 0}},
+              "tasks": {"cron": {"priority": "batch", "exited": None, "resources": {"cpu": {
+                  "usage": 80.0, "forecast": 90.0, "allocation": 100, "model": "seasonal_long",
+                  "mae": 4.0, "period": 2000, "period_confidence": 0.71,
+                  "period_source": "buckets"}}},
+                  "flat": {"priority": "batch", "exited": None, "resources": {"cpu": {
+                      "usage": 80.0, "forecast": 90.0, "allocation": 100, "model": "last_value",
+                      "mae": 4.0, "period": 0, "period_confidence": 0.0,
+                      "period_source": "none"}}}},
+              "swaps": [], "shortfalls": []}
+    con = terminal(140)
+    con.print(render(status, now=100.0))
+    out = re.sub(r"\x1b\[[0-9;]*m", "", con.file.getvalue())
+    assert "seasonal_long p=2000/0.71" in out
+    assert "last_value p=-" in out
+
+
 def test_run_top_prints_count_frames(replayed):
     con = terminal()
     assert run_top(0.05, 2, live=False, console=con) == 0
