@@ -162,7 +162,8 @@ def _remove_probe_dir(path: str) -> None:
 
 
 def check_cgroups() -> Iterable[FeatureCheck]:
-    from rswap_ebpf.host.cgroup import cpu_writer, detect_mounts
+    from rswap_ebpf.host.cgroup import detect_mounts
+    from rswap_ebpf.host.cpu.writer import cpu_writer
 
     try:
         m = detect_mounts()
@@ -243,7 +244,7 @@ def check_cpuset(mounts) -> FeatureCheck:
 
 def check_cfs_burst(mounts) -> FeatureCheck:
     """CFS burst lets a critical task spend quota it saved at a burst's edge (drivers.cpu)."""
-    from rswap_ebpf.host.cgroup import burst_supported, cpu_writer
+    from rswap_ebpf.host.cpu.writer import burst_supported, cpu_writer
 
     found = burst_supported(mounts)
     if found:

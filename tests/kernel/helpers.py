@@ -9,7 +9,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-from rswap_ebpf.host.cgroup import V2_CONTROLLERS, cpu_writer, detect_mounts
+from rswap_ebpf.host.cgroup import V2_CONTROLLERS, detect_mounts
+from rswap_ebpf.host.cpu.writer import cpu_writer
 from rswap_ebpf.host.journal import remove_cgroup_dir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -12,7 +12,8 @@ import pytest
 
 from rswap_ebpf.host import bpf
 from rswap_ebpf.host.cpu.driver import CpuDriver
-from rswap_ebpf.host.cgroup import CgroupManager, FileApplier, cpu_writer, detect_mounts
+from rswap_ebpf.host.cgroup import CgroupManager, FileApplier, detect_mounts
+from rswap_ebpf.host.cpu.writer import cpu_writer
 from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.offline.replay import throttled_reading
 from rswap_ebpf.host.cpu.collector import CpuCollector

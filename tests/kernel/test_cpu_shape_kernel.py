@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from rswap_ebpf.host.cgroup import (CgroupManager, CpuShape, FileApplier, burst_supported,
-                                       cpu_writer, detect_mounts)
+from rswap_ebpf.host.cgroup import CgroupManager, FileApplier, detect_mounts
+from rswap_ebpf.host.cpu.writer import CpuShape, burst_supported, cpu_writer
 from rswap_ebpf.host.journal import Journal
 
 from .helpers import scratch_cgroup

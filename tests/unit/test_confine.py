@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from rswap_ebpf.runtime import config
 from rswap_ebpf import paths
-from rswap_ebpf.host.cgroup import (CgroupManager, CgroupMounts, CgroupV2CpuWriter, FileApplier,
-                                       check_task_name)
+from rswap_ebpf.host.cgroup import CgroupManager, CgroupMounts, FileApplier, check_task_name
+from rswap_ebpf.host.cpu.writer import CgroupV2CpuWriter
 from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.host.cache.resctrl import GROUP_PREFIX, ResctrlEnforcer
 from rswap_ebpf.errors import ConfigError, EnforceError

@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from rswap_ebpf.host.cgroup import CgroupMounts, CpuShape, TaskCgroup
+from rswap_ebpf.host.cgroup import CgroupMounts, TaskCgroup
+from rswap_ebpf.host.cpu.writer import CpuShape
 from rswap_ebpf.host.cpu.driver import CpuDriver, tier_shapes, weight_plan
 from rswap_ebpf.host.cpu.protect import ProtectionPolicy, find_period
 from rswap_ebpf.host.cpu.runq import SLOTS, RunqDelta, RunqHistogram, cpu_pressure_some_us, histograms

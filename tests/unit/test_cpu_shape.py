@@ -14,8 +14,8 @@ import pytest
 from rswap_ebpf.runtime.config import Config, DaemonConfig, parse
 from rswap_ebpf.runtime.daemon import Daemon, TaskRuntime
 from rswap_ebpf.host.cpu.driver import TIER_SHAPES, tier_shapes
-from rswap_ebpf.host.cgroup import (CgroupMounts, CgroupV1CpuWriter, CgroupV2CpuWriter,
-                                       CpuShape, TaskCgroup, burst_supported)
+from rswap_ebpf.host.cgroup import CgroupMounts, TaskCgroup
+from rswap_ebpf.host.cpu.writer import CgroupV1CpuWriter, CgroupV2CpuWriter, CpuShape, burst_supported
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.forecasters import SeasonalNaive
 from rswap_ebpf.model.resources import ResourceType
@@ -178,7 +178,7 @@ def test_cpu_floor_is_recorded_but_a_critical_task_has_no_quota_to_hold_it(v1, t
 
 
 def test_burst_on_a_unified_host_where_no_cgroup_has_cpu_yet(tmp_path, monkeypatch):
-    from rswap_ebpf.host import cgroup as cgroup_mod
+    from rswap_ebpf.host.cpu import writer as cgroup_mod
 
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     (tmp_path / "system.slice").mkdir()  # systemd's slices, cpu not enabled: no cpu.* files
@@ -193,7 +193,7 @@ def test_burst_on_a_unified_host_where_no_cgroup_has_cpu_yet(tmp_path, monkeypat
 
 
 def test_kernel_release_comparison():
-    from rswap_ebpf.host.cgroup import _kernel_at_least
+    from rswap_ebpf.host.cpu.writer import _kernel_at_least
 
     assert _kernel_at_least(5, 14, "6.1.0-50-amd64")
     assert _kernel_at_least(5, 14, "5.14.0")

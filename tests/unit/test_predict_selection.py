@@ -8,7 +8,8 @@ from rswap_ebpf.predict.period import PeriodDetector, detect
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.errors import ConfigError
-from rswap_ebpf.predict.selection import AutoForecaster, pinball
+from rswap_ebpf.predict.candidates import pinball
+from rswap_ebpf.predict.selection import AutoForecaster
 from rswap_ebpf.model.resources import ResourceType
 
 CPU = ResourceType.PROCESSOR_CYCLES

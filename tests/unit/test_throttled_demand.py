@@ -16,8 +16,8 @@ from rswap_ebpf.runtime import config
 from rswap_ebpf.runtime.daemon import Daemon
 from rswap_ebpf.host.driver import ResourceDriver
 from rswap_ebpf.host.cpu.driver import CpuDriver
-from rswap_ebpf.host.cgroup import (CgroupMounts, CgroupV1CpuWriter, CgroupV2CpuWriter,
-                                       TaskCgroup, ThrottleStats)
+from rswap_ebpf.host.cgroup import CgroupMounts, TaskCgroup
+from rswap_ebpf.host.cpu.writer import CgroupV1CpuWriter, CgroupV2CpuWriter, ThrottleStats
 from rswap_ebpf.model.resources import ResourcePool, ResourceType
 from rswap_ebpf.host.cpu.collector import CpuDelta
 from rswap_ebpf.model.limits import Limits, Priority

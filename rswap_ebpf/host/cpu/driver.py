@@ -20,9 +20,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from rswap_ebpf.host.cgroup import (V1_MAX_SHARES, V1_MIN_SHARES, V2_MAX_WEIGHT, V2_MIN_WEIGHT,
-                                   CgroupMounts, CpuShape, FileApplier, TaskCgroup, ThrottleStats,
-                                   Write, cpu_writer, online_cpus)
+from rswap_ebpf.host.cgroup import CgroupMounts, FileApplier, TaskCgroup, Write, online_cpus
+from rswap_ebpf.host.cpu.writer import V1_MAX_SHARES, V1_MIN_SHARES, V2_MAX_WEIGHT, V2_MIN_WEIGHT, CpuShape, ThrottleStats, cpu_writer
 from rswap_ebpf import paths
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.model.resources import ResourceType
@@ -43,7 +42,7 @@ BATCH_SHARES, BATCH_V2_WEIGHT = 2, 1
 RUNQ_FILE = "runq.json"
 
 
-#: What each tier adds (host.cgroup.CpuShape).  ``critical_weight`` scales the critical tier's
+#: What each tier adds (host.cpu.writer.CpuShape).  ``critical_weight`` scales the critical tier's
 #: shares (weights layer); ``critical_burst`` applies to a quota, which the critical tier no
 #: longer has; batch_idle (SCHED_IDLE batch: preempted as soon as anything wakes) is off by
 #: default: on this host it did worse than shares 2 (docs/colocation.md).
