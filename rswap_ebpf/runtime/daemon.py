@@ -29,7 +29,7 @@ from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.runtime import pipeline as pipelinemod
 from rswap_ebpf.runtime import status as statusmod
-from rswap_ebpf.runtime.config import Config
+from rswap_ebpf.runtime.config import Config, check_minimums
 from rswap_ebpf.runtime.fairlock import FairRLock
 from rswap_ebpf.runtime.lifecycle import TaskLifecycle, TaskRuntime
 from rswap_ebpf.runtime.lock import Lock, journal_path, restore_host
@@ -222,6 +222,9 @@ class Daemon:
             total = self.config.totals.get(r) or d.total()
             self.pool.register_resource(r, total)
             self.pool.monitor_resource(r, d.total if not self.config.totals.get(r) else None)
+        # a total the host reports ("auto") is known only now: the minimums must fit it too
+        check_minimums({r: self.pool.total(r) for r in self.drivers},
+                       [(t.name, t.limits) for t in self.config.tasks])
 
     def _open_profiles(self) -> None:
         """Persistent profiles (state_dir/profiles.db): tasks start with what earlier runs

@@ -316,3 +316,15 @@ def test_rswap_run_takes_stop_signals_before_it_reads_its_config(monkeypatch):
     assert climain.main(["run", "--config", "x.toml"]) == 2
     assert seen["handler"] not in (signal.SIG_DFL, old)
     assert signal.getsignal(signal.SIGTERM) == old  # put back once run returns
+
+
+def test_minimums_over_a_total_the_host_reports_are_refused_before_anything_changes(cgroot):
+    """With no total in the configuration the pool is what the driver reports, known only at
+    start: minimums that cannot all be granted are refused then (#22), and nothing is started."""
+    text = CONFIG.replace("[resources.cpu]\ntotal = 2000\n", "").replace(
+        "cpu = { min = 100 }", "cpu = { min = 2500 }")
+    drv = FakeCpu()
+    d = _daemon(cgroot, text, driver=drv)
+    with pytest.raises(ConfigError, match="minimums add up to 2500"):
+        d.start()
+    assert drv.opens == 0 and not d.lock.acquired
