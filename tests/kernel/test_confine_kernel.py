@@ -47,7 +47,7 @@ def test_netns_names_that_are_paths_create_nothing(text):
 
 
 def test_cgroupfs_has_no_symlinks_so_escapes_need_a_fake_tree(unique_name):
-    """Why tests/unit/test_confine.py plants its symlinks in a fake tree: cgroupfs refuses them."""
+    """Why tests/unit/host/test_confine.py plants its symlinks in a fake tree: cgroupfs refuses them."""
     mounts = detect_mounts()
     with scratch_cgroup(f"cf-{unique_name}") as dirs:
         for d in dirs.values():

@@ -14,12 +14,12 @@ import tempfile
 from rswap_ebpf.host.cache import resctrl
 from rswap_ebpf.host.journal import Journal
 from rswap_ebpf.server.control import ControlServer, raw_request
-from tests.unit.test_control import Recorder
-from tests.unit.test_fake_resctrl_process import REPO, digest, make
-from tests.unit.test_restore_hardening import mounts, write_journal  # noqa: F401 (a fixture)
+from tests.unit.server.test_control import Recorder
+from tests.unit.host.test_fake_resctrl_process import REPO, digest, make
+from tests.unit.host.test_restore_hardening import mounts, write_journal  # noqa: F401 (a fixture)
 
 
-# -- from tests/unit/test_control.py -------------------------------------------------------------
+# -- from tests/unit/server/test_control.py -------------------------------------------------------------
 def test_non_root_client_is_refused_even_when_the_file_mode_would_let_it_in():
     rec = Recorder()
     where = tempfile.mkdtemp(prefix="rswap-ctl-", dir="/tmp")
@@ -53,7 +53,7 @@ def test_non_root_client_is_refused_even_when_the_file_mode_would_let_it_in():
         os.rmdir(where)
 
 
-# -- from tests/unit/test_fake_resctrl_process.py ------------------------------------------------
+# -- from tests/unit/host/test_fake_resctrl_process.py ------------------------------------------------
 def test_rswap_restore_in_a_subprocess_undoes_groups_through_the_fake(tmp_path):
     fake = make(tmp_path, pids=(1, 100, 101))
     baseline = digest(fake.root)
@@ -75,7 +75,7 @@ def test_rswap_restore_in_a_subprocess_undoes_groups_through_the_fake(tmp_path):
     assert digest(fake.root) == baseline
 
 
-# -- from tests/unit/test_restore_hardening.py ---------------------------------------------------
+# -- from tests/unit/host/test_restore_hardening.py ---------------------------------------------------
 def test_rswap_restore_reports_refused_entries_and_exits_1(tmp_path, mounts):
     cg, outside = mounts
     quota = cg / "cpu" / "web" / "cpu.cfs_quota_us"

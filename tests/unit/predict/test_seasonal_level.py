@@ -9,7 +9,7 @@ from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.predict.forecasters import SeasonalLevel, SeasonalNaive
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.predict.selection import AutoForecaster
-from tests.unit.test_seasonal_fractional import _mae
+from tests.unit.predict.test_seasonal_fractional import _mae
 
 SHAPE = (0.0, 0.0, 0.0, 0.0, 0.0, 0.6, 1.0, 0.4)  # a burst of three ticks every eight
 

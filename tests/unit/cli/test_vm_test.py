@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 VM_TEST = REPO / "tools" / "vm_test"
 KVER = "6.1.0-0-amd64"
 

@@ -13,7 +13,7 @@ from rswap_ebpf.host.cgroup import CgroupMounts
 from rswap_ebpf.cli.format import fmt_units
 from rswap_ebpf.cli.top import render, run_top
 from tests.conftest import run_rswap
-from tests.unit.test_metrics import CONFIG, TRACE, ReplayDriver
+from tests.unit.server.test_metrics import CONFIG, TRACE, ReplayDriver
 
 
 @pytest.fixture

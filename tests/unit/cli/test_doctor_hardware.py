@@ -1,12 +1,12 @@
 """``rswap doctor``'s hardware lines against fakes that follow the kernel's and NVML's documented
 interfaces (tests/fakes/resctrl.py: resctrl.rst; tests/fakes/pynvml.py: pynvml and the NVML API;
-the sysfs PMU tree as tests/unit/test_pmu.py lays it out)."""
+the sysfs PMU tree as tests/unit/host/test_pmu.py lays it out)."""
 from __future__ import annotations
 
 from rswap_ebpf.cli import doctor
 from tests.fakes.pynvml import FakeGpu, FakeMig, FakeNvml
 from tests.fakes.resctrl import FakeResctrl
-from tests.unit.test_pmu import _host
+from tests.unit.host.test_pmu import _host
 
 GiB = 2**30
 

@@ -21,7 +21,7 @@ from rswap_ebpf.model.resources import ResourceId, ResourcePool, ResourceType
 from rswap_ebpf.model.limits import Limits, Priority
 from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 from rswap_ebpf.offline.trace import Trace
-from tests.unit.test_coproc_multi import Card, _daemon
+from tests.unit.host.test_coproc_multi import Card, _daemon
 
 CPU = ResourceType.PROCESSOR_CYCLES
 FPGA = ResourceId(ResourceType.SPECIALIZED_COPROC, "fpga0")

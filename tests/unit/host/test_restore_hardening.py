@@ -17,7 +17,7 @@ import pytest
 from rswap_ebpf.host import journal as journalmod
 from rswap_ebpf.host.cgroup import CgroupManager, CgroupMounts
 from rswap_ebpf.host.journal import Journal
-from tests.unit.test_cgroup_v2_controllers import SubtreeControl
+from tests.unit.host.test_cgroup_v2_controllers import SubtreeControl
 
 
 # -- a cgroup tree in a temporary directory ---------------------------------------------------

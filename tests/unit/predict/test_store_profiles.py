@@ -67,7 +67,7 @@ def test_kill_9_loses_at_most_the_tick_in_flight(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.getcwd()!r})
-        from tests.unit.test_store_profiles import profiler, y, CPU
+        from tests.unit.predict.test_store_profiles import profiler, y, CPU
         from rswap_ebpf.predict.store import ProfileStore
         st = ProfileStore({db!r})
         p = profiler(st, checkpoint_every=7)

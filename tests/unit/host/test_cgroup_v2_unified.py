@@ -9,7 +9,7 @@ from __future__ import annotations
 from rswap_ebpf.host import journal as journalmod
 from rswap_ebpf.host.cgroup import CgroupManager, CgroupMounts
 from rswap_ebpf.host.journal import Journal, _process_home
-from tests.unit.test_cgroup_v2_controllers import SubtreeControl
+from tests.unit.host.test_cgroup_v2_controllers import SubtreeControl
 
 
 def cgroup(path, enabled=""):

@@ -15,7 +15,7 @@ from rswap_ebpf.predict.longseason import LongPeriodDetector
 from rswap_ebpf.predict.period import PeriodDetector
 from rswap_ebpf.predict.rollup import Rollups
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 LONG = ROOT / "tests" / "data" / "long"
 
 

@@ -286,7 +286,7 @@ def test_cli_replay_compares_at_equal_slack(tmp_path, capsys):
     assert "At equal slack" not in capsys.readouterr().out
 
 
-_DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
+_DATA = pathlib.Path(__file__).resolve().parents[2] / "data"
 
 
 @pytest.mark.parametrize("path", sorted(_DATA.glob("*.csv")) + sorted(_DATA.glob("holdout/*.csv")),

@@ -16,7 +16,7 @@ import pytest
 from tests.fakes.resctrl import FakeResctrl
 from tests.kernel.test_crash_resctrl import digest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def make(tmp_path, **kw):

@@ -15,9 +15,9 @@ import pytest
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.offline.plot import load_history, render
 from tests.conftest import run_rswap
-from tests.unit.test_top import replayed  # noqa: F401  (fixture)
+from tests.unit.cli.test_top import replayed  # noqa: F401  (fixture)
 
-SHIPPED = os.path.join(os.path.dirname(__file__), "..", "data", "plot", "replay_history.csv")
+SHIPPED = os.path.join(os.path.dirname(__file__), "..", "..", "data", "plot", "replay_history.csv")
 
 
 def png_size(path) -> tuple[int, int]:

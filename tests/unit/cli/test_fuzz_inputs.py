@@ -166,7 +166,7 @@ def scheduler(tmp_path, rswap_env):
     from rswap_ebpf.runtime.daemon import Daemon
     from rswap_ebpf.host.cgroup import CgroupMounts
     from rswap_ebpf.server.scheduler import Scheduler
-    from tests.unit.test_metrics import CONFIG, TRACE, ReplayDriver
+    from tests.unit.server.test_metrics import CONFIG, TRACE, ReplayDriver
 
     cgroot = tmp_path / "cgroup"
     for n in ("web", "batch", "spare"):
