@@ -78,18 +78,6 @@ def _running(status: Mapping[str, Any]) -> bool:
 STALE_AFTER_S = 60.0
 
 
-def read_runq() -> dict[str, Any] | None:
-    """The CPU driver's run-queue report (``RUN_DIR/runq.json``), or None without one."""
-    from rswap_ebpf import paths
-    from rswap_ebpf.host.cpu.driver import RUNQ_FILE
-
-    try:
-        with open(os.path.join(paths.root("RUN_DIR"), RUNQ_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def render(status: Mapping[str, Any], now: float | None = None,
            runq: Mapping[str, Any] | None = None) -> Group:
     """One frame: a header (daemon, pool), the tasks x resources table, and where the CPU
@@ -162,15 +150,16 @@ def run_top(interval: float, count: int | None = None, live: bool = True,
     if live and console.is_terminal:
         from rich.live import Live
 
-        with Live(render(status, runq=read_runq()), console=console, auto_refresh=False, screen=False) as view:
+        with Live(render(status, runq=status.get("runq")), console=console, auto_refresh=False, screen=False) as view:
             shown = 1
             while count is None or shown < count:
                 time.sleep(interval)
-                view.update(render(_latest(status), runq=read_runq()), refresh=True)
+                latest = _latest(status)
+                view.update(render(latest, runq=latest.get("runq")), refresh=True)
                 shown += 1
         return 0
     while True:
-        console.print(render(status, runq=read_runq()))
+        console.print(render(status, runq=status.get("runq")))
         shown += 1
         if count is not None and shown >= count:
             return 0

@@ -152,5 +152,13 @@ class ReportsDrops:
     last_dropped: dict[str, int]
 
 
+class ReportsRunqueue:
+    """Reports how long its tasks waited to run (CPU: the run-queue delay BPF program), for the
+    status, ``rswap top`` and the metrics; None when it has no such signal."""
+
+    def runq_report(self) -> dict | None:
+        raise NotImplementedError
+
+
 class ResourceDriver(Driver, Reads, Enforces):
     """One resource: ``total()`` (monitor), ``measure()`` (sense), ``apply()`` (enforce)."""

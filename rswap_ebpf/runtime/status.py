@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from rswap_ebpf import paths
+from rswap_ebpf.host.driver import ReportsRunqueue
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def build_status(d) -> dict[str, Any]:
             "missing": {r.key: why for r, why in d.missing.items()},
             "pending": {n: why for n, (_, _, why) in d.lifecycle.pending.items()},
             "bpf_overflow": {k: dict(v) for k, v in d.bpf_overflow.items()},
+            "runq": next((rq for drv in d.drivers.values() if isinstance(drv, ReportsRunqueue)
+                          for rq in [drv.runq_report()] if rq is not None), None),
             "swaps": [{"resource": s.resource.key, "from": s.source, "to": s.target,
                        "units": s.units, "reason": s.reason}
                       for s in (rep.result.swaps if rep else [])],

@@ -132,13 +132,10 @@ class MetricsExporter:
 
     def on_tick(self, daemon, report) -> None:
         """The daemon hook: ``daemon.on_tick = lambda r: exporter.on_tick(daemon, r)``."""
-        runq = None
-        for drv in getattr(daemon, "drivers", {}).values():
-            if callable(getattr(drv, "runq_report", None)) and getattr(drv, "runq", None):
-                runq = drv.runq_report()
+        status = daemon.status()
         with self._lock:
-            self._runq = runq
-        self.update(daemon.status(), report.duration_s)
+            self._runq = status.get("runq")
+        self.update(status, report.duration_s)
 
     # -- serving -----------------------------------------------------------------------------
     def serve(self, port: int, address: str = "127.0.0.1") -> int:

@@ -13,23 +13,20 @@ The layers, from the bottom (docs/colocation.md):
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from rswap_ebpf.host.cgroup import CgroupMounts, FileApplier, TaskCgroup, Write, online_cpus
 from rswap_ebpf.host.cpu.writer import V1_MAX_SHARES, V1_MIN_SHARES, V2_MAX_WEIGHT, V2_MIN_WEIGHT, CpuShape, ThrottleStats, cpu_writer
-from rswap_ebpf import paths
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.cpu.collector import CpuCollector
 from rswap_ebpf.host.cpu.protect import ABOVE_DEFAULT, ProtectionPolicy
 from rswap_ebpf.host.cpu.runq import RunqCollector, RunqHistogram
-from rswap_ebpf.host.driver import (DriverContext, KeepsFloors, ReportsDrops, ResourceDriver,
-                                    Settles, ShapesByTier)
+from rswap_ebpf.host.driver import (DriverContext, KeepsFloors, ReportsDrops, ReportsRunqueue,
+                                    ResourceDriver, Settles, ShapesByTier)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +35,6 @@ log = logging.getLogger(__name__)
 #: and a batch group's (2 shares / weight 1, the kubelet's BestEffort).
 CRITICAL_SHARES_PER_WEIGHT, CRITICAL_V2_WEIGHT_PER_WEIGHT = 1280, 1250
 BATCH_SHARES, BATCH_V2_WEIGHT = 2, 1
-#: the CPU driver's run-queue report beside the daemon's status (RUN_DIR)
-RUNQ_FILE = "runq.json"
 
 
 #: What each tier adds (host.cpu.writer.CpuShape).  ``critical_weight`` scales the critical tier's
@@ -58,7 +53,8 @@ def tier_shapes(options: Mapping[str, object]) -> dict[str, CpuShape]:
             "batch": CpuShape(idle=bool(options.get("batch_idle", batch.idle)))}
 
 
-class CpuDriver(ResourceDriver, ShapesByTier, KeepsFloors, Settles, ReportsDrops):
+class CpuDriver(ResourceDriver, ShapesByTier, KeepsFloors, Settles, ReportsDrops,
+                ReportsRunqueue):
     """Millicores used per task from BPF; quota and shares written to the task's cgroup."""
 
     resource = ResourceType.PROCESSOR_CYCLES
@@ -155,9 +151,11 @@ class CpuDriver(ResourceDriver, ShapesByTier, KeepsFloors, Settles, ReportsDrops
         """Each task's p99 run-queue delay over the last tick (µs, log2 slot bound)."""
         return {n: h.quantile_us(0.99) for n, h in self.runq_delay.items() if h.n}
 
-    def runq_report(self) -> dict:
-        """The run-queue signal and what protection made of it (RUN_DIR/runq.json, `rswap top`,
-        the metrics): per task p50/p99/mean delay (µs) and wakeups over the last tick."""
+    def runq_report(self) -> dict | None:
+        """The run-queue signal and what protection made of it (the status, `rswap top`, the
+        metrics): per task p50/p99/mean delay (µs) and wakeups over the last tick."""
+        if self.runq is None:
+            return None
         state = getattr(self.isolation, "state", None)
         return {"tasks": {n: {"p50_us": h.quantile_us(0.5), "p99_us": h.quantile_us(0.99),
                               "mean_us": round(h.mean_us(), 1), "n": h.n}
@@ -165,18 +163,6 @@ class CpuDriver(ResourceDriver, ShapesByTier, KeepsFloors, Settles, ReportsDrops
                 "protected_cores": getattr(state, "cores", 0), "period_ticks": self.protection.period,
                 "psi": "cpu.pressure per cgroup needs the cgroup v2 cpu controller"
                        if self.writer.version == "v1" else "see each cgroup's cpu.pressure"}
-
-    def _publish_runq(self) -> None:
-        if self.runq is None:
-            return
-        path = os.path.join(paths.root("RUN_DIR"), RUNQ_FILE)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump({"time": time.time(), **self.runq_report()}, f)
-            os.replace(path + ".tmp", path)
-        except OSError as err:
-            log.debug("cannot write %s: %s", path, err)
 
     def censored(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, bool]:
         """Throttled in the last tick (``nr_throttled`` went up) = its quota held it down."""
@@ -309,17 +295,11 @@ class CpuDriver(ResourceDriver, ShapesByTier, KeepsFloors, Settles, ReportsDrops
         delay = hist.quantile_us(0.99) if self.runq is not None else None
         demand = self.protection.update(use, delay)
         lower = {n: cg for n, cg in tasks.items() if self.tier_of.get(n) in ("normal", "batch")}
-        state = self.isolation.settle(demand, lower)
-        self._publish_runq()
-        return state
+        return self.isolation.settle(demand, lower)
 
     def close(self) -> None:
         if self.runq is not None:
             self.runq.close()
-            try:
-                os.unlink(os.path.join(paths.root("RUN_DIR"), RUNQ_FILE))
-            except OSError:
-                pass
         self.collector.close()
 
 

@@ -18,6 +18,7 @@ CAPABILITIES = {
     proto.ShapesByTier: ("set_priority", "set_limit"),
     proto.KeepsFloors: ("set_floor",),
     proto.Settles: ("settle",),
+    proto.ReportsRunqueue: ("runq_report",),
 }
 
 

@@ -210,17 +210,14 @@ def test_build_info_and_process_metrics_are_exported(exporter):
 def test_runqueue_delay_and_protected_cores_are_exported(exporter):
     """The CPU driver's run-queue report (CpuDriver.runq_report) reaches the scrape in seconds."""
     class Driver:
-        runq = object()
-
         def runq_report(self):
             return {"tasks": {"web": {"p50_us": 16.0, "p99_us": 2048.0, "mean_us": 40.0, "n": 900}},
                     "protected_cores": 1, "period_ticks": 8}
 
-    class FakeDaemon:
-        drivers = {CPU: Driver()}
-
+    class FakeDaemon:  # the status carries the CPU driver's report (runtime.status)
         def status(self):
-            return {"tick": 1, "pool": {}, "tasks": {}, "swaps": [], "shortfalls": []}
+            return {"tick": 1, "pool": {}, "tasks": {}, "swaps": [], "shortfalls": [],
+                    "runq": Driver().runq_report()}
 
     class Report:
         duration_s = 0.01
