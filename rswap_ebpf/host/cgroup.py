@@ -28,6 +28,17 @@ from rswap_ebpf.host.journal import (Journal, allow_root, created_by_rswap, regi
 log = logging.getLogger(__name__)
 
 RSWAP_SUBTREE = "rswap"
+#: Where rswap makes the cgroups of its ``batch`` tasks: beside ``rswap/``, not in it.  A parent's
+#: weight goes to whichever of its children can run, so batch tasks inside ``rswap/`` (which
+#: carries its critical tasks' weight) would compete with the rest of the host at the critical
+#: weight whenever the critical tasks sleep (docs/colocation.md, "Where the tasks live").
+BATCH_SUBTREE = "rswap-batch"
+OWNED_SUBTREES = (RSWAP_SUBTREE, BATCH_SUBTREE)
+
+
+def owned_subtree(priority: str | None) -> str:
+    """The top-level directory rswap makes a task of this priority in."""
+    return BATCH_SUBTREE if priority == "batch" else RSWAP_SUBTREE
 #: v1 controllers a task is placed in on hybrid/legacy hosts, when mounted.
 V1_CONTROLLERS = ("cpu", "cpuacct", "blkio")
 #: cgroup2 controllers rswap enables for its tasks on a unified host.
@@ -164,11 +175,12 @@ class CgroupManager:
         for mnt in self.mounts.hierarchies.values():
             allow_root(mnt)  # restore may act below the mounts this manager writes to
 
-    def resolve(self, name: str, rel: str | None) -> TaskCgroup:
-        """The task's directories: ``rel`` (an existing cgroup) or rswap's own ``rswap/<name>``."""
+    def resolve(self, name: str, rel: str | None, priority: str | None = None) -> TaskCgroup:
+        """The task's directories: ``rel`` (an existing cgroup) or rswap's own ``rswap/<name>``
+        (``rswap-batch/<name>`` for a batch task: :data:`BATCH_SUBTREE`)."""
         check_task_name(name)
         owned = rel is None
-        rel_path = f"{RSWAP_SUBTREE}/{name}" if owned else rel.strip("/")
+        rel_path = f"{owned_subtree(priority)}/{name}" if owned else rel.strip("/")
         if not owned and ("\x00" in rel or not rel_path):
             raise ConfigError(f"task {name}.cgroup", f"{rel!r} is not a cgroup path")
         dirs = {}

@@ -75,7 +75,7 @@ class TaskLifecycle:
     # -- starting ------------------------------------------------------------------------
     def resolve(self, tc) -> TaskCgroup:
         """``tc``'s cgroup and pids checked, nothing changed yet."""
-        cg = self.cgroups.resolve(tc.name, tc.cgroup)
+        cg = self.cgroups.resolve(tc.name, tc.cgroup, tc.priority.name.lower())
         if tc.cgroup is not None:
             self.cgroups.check_exists(cg)
         for pid in tc.pids:

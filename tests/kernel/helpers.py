@@ -9,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from rswap_ebpf.host.cgroup import V2_CONTROLLERS, detect_mounts
+from rswap_ebpf.host.cgroup import OWNED_SUBTREES, V2_CONTROLLERS, detect_mounts
 from rswap_ebpf.host.cpu.writer import cpu_writer
 from rswap_ebpf.host.journal import remove_cgroup_dir
 
@@ -128,3 +128,11 @@ def _scratch_dirs(name: str):
                     break
                 except OSError:
                     time.sleep(0.1)
+
+
+def owned_dirs(*names: str, mounts=None) -> list[str]:
+    """Every directory rswap could make for these task names: ``rswap/<name>`` and
+    ``rswap-batch/<name>`` (batch tasks), in every hierarchy."""
+    mounts = mounts or detect_mounts()
+    return [os.path.join(m, sub, n) for m in mounts.hierarchies.values()
+            for sub in OWNED_SUBTREES for n in names]

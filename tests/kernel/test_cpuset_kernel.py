@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from rswap_ebpf.host.cgroup import BATCH_SUBTREE
 from rswap_ebpf.host.cgroup import CgroupManager, FileApplier, detect_mounts
 from rswap_ebpf.host.cpu.cpuset import (CpusetIsolator, CriticalIsolation, IsolationPolicy,
                                        cpuset_hierarchy, format_cpulist, parse_cpulist)
@@ -255,7 +256,7 @@ def test_rswap_run_with_critical_isolate_moves_batch_off_a_core_and_restores(
     proc = subprocess.Popen(rswap_cmd() + ["run", "--config", str(cfg), "--count", "200"],
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    procs = os.path.join(detect_mounts().unified, "rswap", batch, "cgroup.procs")
+    procs = os.path.join(detect_mounts().unified, BATCH_SUBTREE, batch, "cgroup.procs")
     seen = None
     try:
         deadline = time.monotonic() + 90
@@ -275,6 +276,6 @@ def test_rswap_run_with_critical_isolate_moves_batch_off_a_core_and_restores(
     assert seen[1] == frozenset(sorted(allowed)[:-1])
     assert "isolation: 1 core(s) kept for the critical tier" in out
     assert proc.returncode == 0, out[-3000:]
-    assert not os.path.exists(os.path.join(root, "rswap", batch))
+    assert not os.path.exists(os.path.join(root, BATCH_SUBTREE, batch))
     assert not os.path.exists(pin)
     assert run_rswap("restore", env=env).returncode == 0

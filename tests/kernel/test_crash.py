@@ -33,7 +33,7 @@ import time
 
 import pytest
 
-from rswap_ebpf.host.cgroup import detect_mounts
+from rswap_ebpf.host.cgroup import OWNED_SUBTREES, detect_mounts
 from tests.fakes.resctrl import FakeResctrl
 from tests.kernel.helpers import TIME_SCALE, scratch_cgroup, set_cpu_limit
 
@@ -104,11 +104,12 @@ def empty_rswap_parents(mounts, settle_s: float = 0.5) -> set[str]:
     def empty() -> set[str]:
         out = set()
         for h, mnt in mounts.hierarchies.items():
-            try:
-                if not any(e.is_dir() for e in os.scandir(os.path.join(mnt, "rswap"))):
-                    out.add(h)
-            except OSError:
-                pass
+            for sub in OWNED_SUBTREES:
+                try:
+                    if not any(e.is_dir() for e in os.scandir(os.path.join(mnt, sub))):
+                        out.add(f"{h}/{sub}")
+                except OSError:
+                    pass
         return out
 
     found = empty()
@@ -136,7 +137,8 @@ class Host:
             snap["sleeper /proc/pid/cgroup"] = f.read()
         for h, mnt in self.mounts.hierarchies.items():
             for t in self.task_names:
-                snap[f"owned {h}/{t}"] = os.path.exists(os.path.join(mnt, "rswap", t))
+                snap[f"owned {h}/{t}"] = any(os.path.exists(os.path.join(mnt, sub, t))
+                                              for sub in OWNED_SUBTREES)
         # The shared rswap/ parent: restore removes it once it made it and nothing else is in it
         # (a restore that put a surviving task into it left it behind for good).
         snap["rswap/ left empty"] = empty_rswap_parents(self.mounts) - self.empty_at_start

@@ -16,7 +16,7 @@ import sys
 from rswap_ebpf.host.cgroup import detect_mounts
 
 from ..conftest import run_rswap
-from .helpers import TIME_SCALE
+from .helpers import TIME_SCALE, owned_dirs
 
 # argv: units-per-process.  Prints "<task> <processes in rswap/<task>> x units-per-process".
 PROBE = r"""
@@ -28,7 +28,8 @@ for line in sys.stdin:
     for pid in pids:
         try:
             with open(f"/proc/{pid}/cgroup") as f:
-                if f"/rswap/{name}" in f.read():
+                text = f.read()
+                if f"/rswap/{name}" in text or f"/rswap-batch/{name}" in text:
                     mine.append(pid)
         except FileNotFoundError:
             pass
@@ -104,6 +105,5 @@ coproc = {{ fpga0 = {{ min = 1 }}, npu = {{ min = 1 }} }}
     assert 3 <= final[multi][0] <= 6 and final[solo][0] >= 1
     assert "host restored" in out.stdout
     mounts = detect_mounts()
-    left = [os.path.join(m, "rswap", n) for m in mounts.hierarchies.values() for n in (multi, solo)
-            if os.path.exists(os.path.join(m, "rswap", n))]
+    left = [d for d in owned_dirs(multi, solo, mounts=mounts) if os.path.exists(d)]
     assert not left, left

@@ -13,7 +13,7 @@ import pytest
 from rswap_ebpf.host.cgroup import detect_mounts
 
 from ..conftest import rswap_cmd, run_rswap
-from .helpers import TIME_SCALE
+from .helpers import TIME_SCALE, owned_dirs
 
 # The pool is set below the host's CPUs so the tasks contend for it even on a busy machine.
 CONFIG = """
@@ -44,7 +44,7 @@ ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+(\S+)\s+cpu\s+(\d+)m\s+(\d+)m\s+(\d+)m\s+
 
 def _host_state(names):
     mounts = detect_mounts()
-    dirs = [os.path.join(m, "rswap", n) for m in mounts.hierarchies.values() for n in names]
+    dirs = owned_dirs(*names, mounts=mounts)
     return {d: os.path.exists(d) for d in dirs}
 
 

@@ -17,7 +17,7 @@ import pytest
 from rswap_ebpf.host.cgroup import detect_mounts
 
 from ..conftest import rswap_cmd, run_rswap
-from .helpers import TIME_SCALE, scratch_cgroup
+from .helpers import TIME_SCALE, owned_dirs, scratch_cgroup
 
 CONFIG = """
 [daemon]
@@ -90,8 +90,7 @@ def daemon(tmp_path, rswap_env, unique_name):
         print(out[-3000:], err[-3000:])
     assert p.returncode == 0, err
     mounts = detect_mounts()
-    leftovers = [os.path.join(m, "rswap", n) for m in mounts.hierarchies.values()
-                 for n in (batch, f"crit-{unique_name}", f"norm-{unique_name}")]
+    leftovers = owned_dirs(batch, f"crit-{unique_name}", f"norm-{unique_name}", mounts=mounts)
     assert not any(os.path.exists(d) for d in leftovers)
     assert not os.path.exists(sock)
 
@@ -140,8 +139,7 @@ def test_critical_exec_takes_from_batch_runs_in_its_cgroup_and_passes_exit_statu
     assert int(quota) == 600 * int(period) // 1000
     tasks = _tasks(daemon)
     assert name not in tasks  # released when it exited
-    assert not any(os.path.exists(os.path.join(m, "rswap", name))
-                   for m in detect_mounts().hierarchies.values())
+    assert not any(os.path.exists(d) for d in owned_dirs(name))
     swaps = run_rswap("status", "--json", env=daemon["env"])
     assert swaps.returncode == 0
 

@@ -18,7 +18,7 @@ from rswap_ebpf.host.cgroup import detect_mounts
 from rswap_ebpf.host.process import is_kernel_thread
 
 from ..conftest import rswap_cmd, run_rswap
-from .helpers import TIME_SCALE
+from .helpers import TIME_SCALE, owned_dirs
 
 SPIN = ("import time\\nend = time.monotonic() + 120\\nwhile time.monotonic() < end:\\n"
         "    t = time.monotonic()\\n    while time.monotonic() < t + 0.02: pass\\n"
@@ -108,7 +108,7 @@ def ticked(s, at_least: int):
 
 
 def task_dirs(name: str) -> list[str]:
-    return [os.path.join(m, "rswap", name) for m in detect_mounts().hierarchies.values()]
+    return owned_dirs(name)
 
 
 def test_sighup_stops_and_restores_like_sigterm(setup):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from rswap_ebpf import paths
 from rswap_ebpf.errors import EnforceError, FeatureMissing
-from rswap_ebpf.host.cgroup import (RSWAP_SUBTREE, CgroupMounts, FileApplier, TaskCgroup, Write,
+from rswap_ebpf.host.cgroup import (CgroupMounts, FileApplier, TaskCgroup, Write,
                      proc_cgroups)
 from rswap_ebpf.host.journal import Journal, remove_cgroup_dir, write_file
 
@@ -181,7 +181,7 @@ class CpusetIsolator:
         return self._own_dir(cg)
 
     def _own_dir(self, cg: TaskCgroup) -> str:
-        return paths.confine(f"{RSWAP_SUBTREE}/{cg.name}", self.root, f"task {cg.name}")
+        return paths.confine(cg.rel, self.root, f"task {cg.name}")
 
     # -- enforcer ---------------------------------------------------------------------------
     def plan(self, cg: TaskCgroup, cpus: frozenset[int] | None) -> list[Write]:

@@ -257,6 +257,8 @@ class CpuDriver(ResourceDriver, ShapesByTier, KeepsFloors, Settles, ReportsDrops
         if not cg.owned:
             return []
         parent = os.path.dirname(d)
+        if self.tier_of.get(cg.name) == "batch":
+            return self._batch_parent_plan(parent)
         total = 0
         for name, tdir in self._owned_dirs.items():
             if os.path.dirname(tdir) != parent:
@@ -274,6 +276,24 @@ class CpuDriver(ResourceDriver, ShapesByTier, KeepsFloors, Settles, ReportsDrops
             return [(os.path.join(parent, "cpu.shares"), str(shares))]
         weight = min(V2_MAX_WEIGHT, max(100, total * 100 // 1024))
         return [(os.path.join(parent, "cpu.weight"), str(weight))]
+
+    def _batch_parent_plan(self, parent: str) -> list[Write]:
+        """``rswap-batch/`` carries the bottom weight times its tasks (and whatever else lives
+        there), so batch work meets the host's other processes at the root as a batch group
+        there would; in ``cpu.idle`` when every batch task in it is."""
+        names = [n for n, tdir in self._owned_dirs.items()
+                 if os.path.dirname(tdir) == parent and self.tier_of.get(n) == "batch"]
+        foreign = self._foreign_weight(parent)
+        if self.writer.version == "v1":
+            writes = [(os.path.join(parent, "cpu.shares"),
+                       str(min(V1_MAX_SHARES, max(V1_MIN_SHARES, BATCH_SHARES * len(names) + foreign))))]
+        else:
+            writes = [(os.path.join(parent, "cpu.weight"),
+                       str(min(V2_MAX_WEIGHT, max(V2_MIN_WEIGHT, BATCH_V2_WEIGHT * len(names) + foreign))))]
+        idle = os.path.join(parent, "cpu.idle")
+        if names and all(self.shapes.get(n, CpuShape()).idle for n in names) and os.path.exists(idle):
+            writes.append((idle, "1"))
+        return writes
 
     def apply(self, cg: TaskCgroup, units: int) -> Sequence[Write]:
         return self.applier.apply(self.plan(cg, units))

@@ -51,18 +51,40 @@ def test_weights_layer_no_quota_on_critical_or_batch_whatever_their_units(tmp_pa
 
 def test_rswaps_parent_cgroup_carries_its_tasks_weight(tmp_path):
     """Under rswap/ the tasks compete with the host's processes through the parent: it gets the
-    sum of its tasks' shares (batch adds nothing), not the default 1024."""
-    root = tmp_path / "rswap"
-    root.mkdir()
-    (root / "cpu.shares").write_text("1024\n")
+    sum of its tasks' shares, not the default 1024.  Batch tasks live in rswap-batch/, whose
+    shares are the bottom weight per task: a parent's weight goes to whichever child can run,
+    so a batch task under rswap/ would meet the host at the critical weight."""
+    root, broot = tmp_path / "rswap", tmp_path / "rswap-batch"
+    for d in (root, broot):
+        d.mkdir()
+        (d / "cpu.shares").write_text("1024\n")
     drv = _driver(root)
-    web, etl, api = (_v1_task(root, n) for n in ("web", "etl", "api"))
-    assert (str(root / "etl" / "cpu.shares"), "2") in drv.plan(etl, 100)
-    assert (str(root / "cpu.shares"), "1024") in drv.plan(etl, 100)      # batch alone: default
+    web, api = (_v1_task(root, n) for n in ("web", "api"))
+    etl = _v1_task(broot, "etl")
+    assert (str(broot / "etl" / "cpu.shares"), "2") in drv.plan(etl, 100)
+    assert (str(broot / "cpu.shares"), "2") in drv.plan(etl, 100)
     assert (str(root / "cpu.shares"), "10240") in drv.plan(web, 100)
+    assert (str(root / "cpu.shares"), str(10240 + 1024)) in drv.plan(api, 300)
+    # a second batch task: the parent carries both; critical's parent is unchanged by them
+    drv.set_priority("etl2", "batch")
+    etl2 = _v1_task(broot, "etl2")
+    assert (str(broot / "cpu.shares"), "4") in drv.plan(etl2, 100)
     assert (str(root / "cpu.shares"), str(10240 + 1024)) in drv.plan(api, 300)
     adopted = TaskCgroup("web", "system.slice/web", {"cpu": str(root / "web")}, False)
     assert all(os.path.dirname(p) != str(root) for p, _ in drv.plan(adopted, 100))
+
+
+def test_batch_parent_goes_idle_with_its_tasks(tmp_path):
+    broot = tmp_path / "rswap-batch"
+    broot.mkdir()
+    for f, v in (("cpu.shares", "1024"), ("cpu.idle", "0")):
+        (broot / f).write_text(v + "\n")
+    drv = CpuDriver(CgroupMounts("hybrid", None, {"cpu": str(tmp_path)}), applier=None,
+                    collector=object(), tiers=tier_shapes({"batch_idle": True}))
+    drv.set_priority("etl", "batch")
+    etl = _v1_task(broot, "etl")
+    (broot / "etl" / "cpu.idle").write_text("0\n")
+    assert (str(broot / "cpu.idle"), "1") in drv.plan(etl, 100)
 
 
 def test_weights_layer_v2_and_batch_idle_and_weight_scaling(tmp_path):
