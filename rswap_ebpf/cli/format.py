@@ -62,6 +62,58 @@ def fmt_units(value: float | int | None, resource: Resource | str) -> str:
     return f"{v:g}"
 
 
+def fmt_duration(seconds: float) -> str:
+    """A season's length as an operator reads it: ``30s``, ``2m``, ``16m40s``, ``1h30m``, ``7d``.
+
+    >>> fmt_duration(30), fmt_duration(1000), fmt_duration(5400), fmt_duration(7 * 86400)
+    ('30s', '16m40s', '1h30m', '7d')
+    """
+    s = int(round(float(seconds)))
+    if s < 1:
+        return f"{float(seconds):.1f}s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if s >= size and len(parts) < 2:  # two fields are enough: 1h30m, not 1h30m7s
+            parts.append(f"{s // size}{unit}")
+            s %= size
+        elif parts:
+            break
+    return "".join(parts)
+
+
+def fmt_model(v: dict, unit: str) -> str:
+    """A status row's forecast (``TaskProfile.describe``'s fields): the serving model, the
+    season it follows in ticks and time with how sure the search is of it (none for a period
+    the configuration gives), and the model's MAE; ``p=-`` where it follows no season, so a
+    forecast that repeats the last value says so (with ``found=TICKS`` where the period search
+    holds a season that the model chosen now does not follow).
+
+    >>> fmt_model({"model": "seasonal_long", "mae": 4.0, "period": 2000, "period_s": 1000.0,
+    ...            "period_confidence": 0.71, "period_source": "buckets"}, "millicores")
+    'seasonal_long p=2000=16m40s/0.71 (4m)'
+    >>> fmt_model({"model": "last_value", "mae": None, "period": 0, "period_s": 0,
+    ...            "period_confidence": 0.0, "period_source": "none"}, "millicores")
+    'last_value p=-'
+    >>> fmt_model({"model": "holt_winters", "mae": 2.0, "period": 0, "period_found": 240},
+    ...           "millicores")
+    'holt_winters p=- found=240 (2m)'
+    """
+    model = v.get("model") or "-"
+    if v.get("period"):
+        model += f" p={v['period']}"
+        if v.get("period_s"):
+            model += f"={fmt_duration(v['period_s'])}"
+        if v.get("period_source") not in (None, "given"):
+            model += f"/{v.get('period_confidence') or 0:.2f}"
+    elif "period" in v and model != "-":
+        model += " p=-"
+        if v.get("period_found"):  # a season is known, but the model chosen does not follow it
+            model += f" found={v['period_found']}"
+    if v.get("mae") is not None:
+        model += f" ({fmt_units(v['mae'], unit)})"
+    return model
+
+
 @dataclass(frozen=True)
 class Column:
     """One column: its title, ``<`` (text) or ``>`` (figures), and the least width it takes

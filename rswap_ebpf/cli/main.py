@@ -12,11 +12,12 @@ import time
 from rswap_ebpf.runtime import config as configmod
 from rswap_ebpf import paths
 from rswap_ebpf.cli import args as args_
-from rswap_ebpf.cli.format import Column, fmt_units, render_table
+from rswap_ebpf.cli.format import Column, fmt_model, fmt_units, render_table
 from rswap_ebpf.errors import ConfigError, RswapError
 
 STATUS_COLUMNS = (Column("TASK"), Column("PRIO"), Column("RES"), Column("USED", ">"),
-                  Column("FORECAST", ">"), Column("ALLOC", ">"), Column("MODEL (MAE)"))
+                  Column("FORECAST", ">"), Column("ALLOC", ">"),
+                  Column("MODEL p=PERIOD/CONF (MAE)"))
 DOCTOR_COLUMNS = (Column("STATUS"), Column("FEATURE"), Column("DETAIL"))
 
 EPILOG_RUN = """examples (as root):
@@ -183,10 +184,9 @@ def cmd_status(args) -> int:
     for name, t in st["tasks"].items():
         for key, v in t["resources"].items():
             unit = units.get(key, "units")
-            mae = "" if v["mae"] is None else f" ({fmt_units(v['mae'], unit)})"
             rows.append([name, t["priority"], key, fmt_units(v["usage"], unit),
                          fmt_units(v["forecast"], unit), fmt_units(v["allocation"], unit),
-                         f"{v['model']}{mae}"])
+                         fmt_model(v, unit)])
     print(render_table(STATUS_COLUMNS, rows))
     return 0
 

@@ -16,12 +16,12 @@ from typing import Any
 from rich.console import Console, Group
 from rich.text import Text
 
-from rswap_ebpf.cli.format import Column, column_widths, fmt_units, format_row, header
+from rswap_ebpf.cli.format import Column, column_widths, fmt_model, fmt_units, format_row, header
 from rswap_ebpf.errors import RswapError
 
 COLUMNS = (Column("TASK"), Column("PRIO"), Column("RES"), Column("USAGE", ">"),
            Column("FORECAST", ">"), Column("ALLOC", ">"), Column("SHORT", ">"),
-           Column("MODEL (MAE)"))
+           Column("MODEL p=PERIOD/CONF (MAE)"))
 
 
 def read_status() -> dict[str, Any]:
@@ -107,15 +107,7 @@ def render(status: Mapping[str, Any], now: float | None = None,
                 style = "red"
             elif v.get("forecast", 0) > v.get("allocation", 0):
                 style = "yellow"
-            model = v.get("model") or "-"
-            if v.get("period"):  # the season it follows, and how sure the search is of it
-                model += f" p={v['period']}"
-                if v.get("period_source") not in (None, "given"):
-                    model += f"/{v.get('period_confidence', 0):.2f}"
-            elif "period" in v and model != "-":
-                model += " p=-"
-            if v.get("mae") is not None:
-                model += f" ({fmt_units(v['mae'], unit)})"
+            model = fmt_model(v, unit)
             missing = short.get((name, res))
             rq = []
             if runq:

@@ -169,8 +169,11 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                               totals[r], reading) for r in trace.resources}
     keys = list(trace.demand)
     if policy == "proactive":
+        # the trace's tick, as the daemon gives its interval: seconds-wide buckets, period_s
         profiler = TaskProfiler(lambda t, r: make_forecaster(_scored_over(spec, window),
-                                                             scale=totals[r]))
+                                                             scale=totals[r],
+                                                             tick_s=trace.interval),
+                                interval=trace.interval)
         forecast = ProfileForecast(profiler, pool, drivers, window)
     elif policy == "vpa":
         forecast = _Percentile(keys, vpa_window)

@@ -42,11 +42,11 @@ from rswap_ebpf.predict.period import detect_long
 from rswap_ebpf.predict.registry import make_forecaster
 
 
-def one_step_mae(spec, series: Sequence[float], scale: float, keep: list | None = None
-                 ) -> float | None:
+def one_step_mae(spec, series: Sequence[float], scale: float, keep: list | None = None,
+                 tick_s: float | None = None) -> float | None:
     """The MAE of ``spec``'s 1-tick-ahead forecasts over ``series`` (learning as it goes);
     the forecaster is appended to ``keep`` where given (to read what it ended on)."""
-    f = make_forecaster(spec, scale=scale)
+    f = make_forecaster(spec, scale=scale, tick_s=tick_s)
     err, n = 0.0, 0
     for i, y in enumerate(series):
         if i:
@@ -112,7 +112,7 @@ def score(result: ReplayResult, frontier: dict | None, spec=None,
             p = (periods or {}).get(task) or true_period(series)
             given[task] = p
             kept: list = []
-            chosen = one_step_mae(_point_spec(spec), series, totals[r], kept)
+            chosen = one_step_mae(_point_spec(spec), series, totals[r], kept, trace.interval)
             sn = one_step_mae({"name": "seasonal_naive", "period": max(1, p)}, series, totals[r])
             entry: dict = {"mae": {"chosen": _num(chosen), "seasonal_naive": _num(sn),
                                    "period": p, "chosen_ended_on": _ended_on(kept[0])}}

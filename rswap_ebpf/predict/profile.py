@@ -61,10 +61,14 @@ class TaskProfile:
     """One task × resource: history, forecaster, and mean absolute error of its 1-step forecasts."""
 
     def __init__(self, task: str, resource: Resource, forecaster: Forecaster,
-                 history: int = DEFAULT_HISTORY, error_alpha: float = 0.1):
+                 history: int = DEFAULT_HISTORY, error_alpha: float = 0.1,
+                 tick_s: float | None = None):
         self.task = task
         self.resource = resource
         self.forecaster = forecaster
+        #: seconds between its samples (None: not known): a period in ticks means this many
+        #: seconds, and a checkpoint made at another tick length counts other ticks
+        self.tick_s = _tick_of(forecaster) if tick_s is None else float(tick_s)
         self.history: deque[float] = deque(maxlen=history)
         self.error_alpha = error_alpha
         self.mae: float | None = None
@@ -92,6 +96,8 @@ class TaskProfile:
             kept = list(state["forecaster"]._hist)
             state["history"] = deque(kept[len(kept) - n:], maxlen=maxlen)
         self.__dict__.update(state)
+        if "tick_s" not in state:  # a checkpoint from before the profile kept its tick
+            self.tick_s = _tick_of(self.forecaster)
         if "peak" not in state:  # a checkpoint from before the bound on forecasts
             self.peak = max(self.history, default=0.0)
 
@@ -119,16 +125,17 @@ class TaskProfile:
 
     def describe(self) -> dict:
         """What status and metrics show of this profile: the serving model, its MAE, the season
-        it follows and how sure the search is of it."""
+        it follows and how sure the search is of it, and (``period_found``) the season the
+        searches hold even where the serving model follows none."""
         period, confidence, source = self.season()
+        found = getattr(self.forecaster, "found", None)
+        found = found() if callable(found) else period
         return {"model": self.model_name,
                 "mae": round(self.mae, 1) if self.mae is not None else None,
-                "period": period, "period_s": round(period * self.tick_s, 1) if period else 0,
-                "period_confidence": confidence, "period_source": source}
-
-    @property
-    def tick_s(self) -> float:
-        return float(getattr(self.forecaster, "tick_s", 1.0) or 1.0)
+                "period": period,
+                "period_s": round(period * (self.tick_s or 1.0), 1) if period else 0,
+                "period_confidence": confidence, "period_source": source,
+                "period_found": max(found, period)}
 
     @property
     def loss(self) -> float | None:
@@ -191,6 +198,17 @@ class TaskProfile:
         self._next = self.forecaster.forecast(1)[0]
 
 
+#: what status shows for a task x resource that has no profile yet (no sample learnt)
+NO_PROFILE = {"model": None, "mae": None, "period": 0, "period_s": 0, "period_confidence": 0.0,
+              "period_source": "none", "period_found": 0}
+
+
+def _tick_of(forecaster) -> float | None:
+    """The tick length a forecaster was made for, where it keeps one (online selection)."""
+    tick = getattr(forecaster, "tick_s", None)
+    return float(tick) if isinstance(tick, (int, float)) and tick > 0 else None
+
+
 def freeze(profile: TaskProfile) -> bytes:
     """A profile as a checkpoint blob: data (JSON, zlib-compressed), never pickle."""
     return dumps(profile)
@@ -210,7 +228,7 @@ class TaskProfiler:
 
     def __init__(self, forecaster_factory: Callable[[str, Resource], Forecaster] | None = None,
                  history: int = DEFAULT_HISTORY, store=None, quantile_level: float = 0.9,
-                 checkpoint_every: int = 60):
+                 checkpoint_every: int = 60, interval: float | None = None):
         self._factory = forecaster_factory or (lambda task, r: make_forecaster("last_value"))
         self._history = history
         self.profiles: dict[tuple[str, Resource], TaskProfile] = {}
@@ -223,8 +241,9 @@ class TaskProfiler:
         self.checkpoint_every = max(1, int(checkpoint_every))
         self._unflushed: list[tuple[str, Resource, float]] = []
         self._since_checkpoint: dict[tuple[str, Resource], int] = {}
-        #: seconds per tick; with it, a restored profile is carried across the time rswap was down
-        self.interval: float | None = None
+        #: seconds per tick: each profile's ``tick_s``; with it, a restored profile is carried
+        #: across the time rswap was down, and one learnt at another tick length is not restored
+        self.interval: float | None = interval
 
     def profile(self, task: str, resource: Resource) -> TaskProfile:
         key = (task, resource)
@@ -232,9 +251,13 @@ class TaskProfiler:
         if prof is None:
             prof = self._load(task, resource)
             if prof is None:
-                prof = TaskProfile(task, resource, self._factory(task, resource), self._history)
+                prof = self._new(task, resource)
             self._add(key, prof)
         return prof
+
+    def _new(self, task: str, resource: Resource) -> TaskProfile:
+        return TaskProfile(task, resource, self._factory(task, resource), self._history,
+                           tick_s=self.interval)
 
     def _add(self, key: tuple[str, Resource], prof: TaskProfile) -> None:
         self.profiles[key] = prof
@@ -282,6 +305,7 @@ class TaskProfiler:
         if stored is None:
             return None
         prof = None
+        samples = stored.samples  # what happened after the checkpoint
         if stored.state is not None:
             try:
                 prof = thaw(stored.state)
@@ -289,9 +313,19 @@ class TaskProfiler:
                 print(f"rswap: the checkpoint of {task}/{resource.key} in {self.store.path} "
                       f"is not used ({err}); its profile starts again from the samples after it",
                       file=sys.stderr)
+        if prof is not None and self.interval:
+            if prof.tick_s is None:  # made before profiles kept their tick: taken as this one
+                prof.tick_s = float(self.interval)
+            elif abs(prof.tick_s - self.interval) > 1e-6 * self.interval:
+                # its periods, phases and bucket widths count ticks of another length
+                print(f"rswap: the profile of {task}/{resource.key} in {self.store.path} was "
+                      f"learnt at a {prof.tick_s:g} s tick and rswap now ticks every "
+                      f"{self.interval:g} s (daemon.interval): its periods would be "
+                      "wrong, so it starts again", file=sys.stderr)
+                prof, samples = None, ()
         if prof is None:
-            prof = TaskProfile(task, resource, self._factory(task, resource), self._history)
-        for units in stored.samples:  # what happened after the checkpoint
+            prof = self._new(task, resource)
+        for units in samples:
             prof.learn_one(units)
         if self.interval and stored.last_t is not None:
             # the next sample comes one interval after now: the ticks in between were missed

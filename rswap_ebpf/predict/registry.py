@@ -24,8 +24,22 @@ def available() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def make_forecaster(spec: str | dict | None, scale: float = 1.0, field: str = "forecaster"):
-    """Build a forecaster from configuration: a name, or a table with ``name`` and parameters."""
+#: forecasters whose memory is sized in seconds (the selection's rolled-up buckets): they take
+#: the tick length, ``tick_s``, from whoever ticks them
+_TICKED = (AutoForecaster,)
+
+
+def make_forecaster(spec: str | dict | None, scale: float = 1.0, field: str = "forecaster",
+                    tick_s: float | None = None):
+    """Build a forecaster from configuration: a name, or a table with ``name`` and parameters.
+
+    ``tick_s``: the seconds between samples (the daemon's interval, a trace's), given to the
+    forecasters that keep seconds-wide buckets; a spec that names another tick length is refused,
+    since its buckets would cover the wrong time.
+
+    >>> make_forecaster("auto", tick_s=0.5).rollups.widths[:2]  # 10 s and 1 min, in ticks
+    (20, 120)
+    """
     if spec is None:
         spec = "auto"
     if isinstance(spec, str):
@@ -42,6 +56,14 @@ def make_forecaster(spec: str | dict | None, scale: float = 1.0, field: str = "f
         raise ConfigError(field, f"unknown forecaster {name!r} (known: {', '.join(available())})")
     if factory in (holt_winters, snarimax, AutoForecaster):
         params.setdefault("scale", scale)
+    if tick_s is not None and factory in _TICKED:
+        given = params.get("tick_s", tick_s)
+        if not isinstance(given, (int, float)) or isinstance(given, bool) or \
+                abs(float(given) - float(tick_s)) > 1e-6 * float(tick_s):
+            raise ConfigError(f"{field}.tick_s", f"{given!r} is not the tick length here "
+                              f"({float(tick_s):g} s: daemon.interval, or the trace's); "
+                              "leave tick_s out, it is set from the interval")
+        params["tick_s"] = float(tick_s)
     try:
         return factory(**params)
     except TypeError as err:

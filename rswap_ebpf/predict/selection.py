@@ -50,6 +50,12 @@ from rswap_ebpf.predict.longseason import LongPeriodDetector, LongSeason
 from rswap_ebpf.predict.period import PeriodDetector
 from rswap_ebpf.predict.rollup import Rollups
 
+def _unit(r: float) -> float:
+    """An autocorrelation estimate as a confidence: within 0-1 (a short series' estimate can
+    pass 1), 3 decimals."""
+    return round(min(1.0, max(0.0, float(r))), 3)
+
+
 class AutoForecaster(Base):
     name = "auto"
 
@@ -485,10 +491,16 @@ class AutoForecaster(Base):
         autocorrelation at the period (0-1)."""
         if self.serving in LONG_CANDIDATES or (self.serving in COMBINERS and self.period < 2):
             if self.long_period >= 2:
-                return self.long_period, round(self._long.confidence, 3), "buckets"
+                return self.long_period, _unit(self._long.confidence), "buckets"
         if self.period >= 2 and self.serving != "last_value":
-            return self.period, round(self._detector.strength, 3), "ticks"
+            return self.period, _unit(self._detector.strength), "ticks"
         return 0, 0.0, "none"
+
+    def found(self) -> int:
+        """The longest season either search holds now (ticks, 0: none), whether or not the
+        serving model follows it."""
+        return max(self.long_period if self.long_period >= 2 else 0,
+                   self.period if self.period >= 2 else 0)
 
     @property
     def serving_loss(self) -> float | None:

@@ -113,7 +113,7 @@ def parse(text: str, source: str = "<string>") -> Config:
     tasks = []
     names: set[str] = set()
     for i, raw in enumerate(raw_tasks):
-        t = _task(raw, f"task[{i}]")
+        t = _task(raw, f"task[{i}]", daemon.interval)
         if t.name in names:
             raise ConfigError(f"task[{i}].name", f"{t.name!r} is used twice")
         names.add(t.name)
@@ -365,7 +365,7 @@ def is_resource_key(key: str) -> bool:
     return True
 
 
-def _task(raw: Any, where: str) -> TaskConfig:
+def _task(raw: Any, where: str, tick_s: float | None = None) -> TaskConfig:
     if not isinstance(raw, dict):
         raise ConfigError(where, "must be a table")
     fields = {"name", "priority", "command", "cgroup", "pids", "forecaster"}
@@ -401,7 +401,7 @@ def _task(raw: Any, where: str) -> TaskConfig:
     if sum(bool(x) for x in (command, cgroup, pids)) != 1:
         raise ConfigError(where, "give exactly one of command, cgroup or pids")
     forecaster = raw.get("forecaster")
-    make_forecaster(forecaster, field=f"{where}.forecaster")  # validate now, build later
+    make_forecaster(forecaster, field=f"{where}.forecaster", tick_s=tick_s)  # validate now
     limits, tables = parse_task_limits({k: v for k, v in raw.items() if k not in fields}, where,
                                        TASK_TARGETS)
     targets: dict[Resource, Any] = {}

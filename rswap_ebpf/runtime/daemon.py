@@ -109,7 +109,8 @@ class Daemon:
         self.bpf_overflow: dict[str, dict[str, int]] = {}
         dc = config.daemon
         self.pool = ResourcePool()
-        self.profiler = TaskProfiler(self._forecaster_for, history=dc.history)
+        self.profiler = TaskProfiler(self._forecaster_for, history=dc.history,
+                                     interval=dc.interval)
         self.manager = SwapManager(self.pool, headroom=dc.headroom)
         self.manager.policy = StabilityPolicy(dc.hold_ticks, dc.deadband, dc.max_step_down)
         #: held by each tick and by every control-socket request (they run between ticks)
@@ -157,13 +158,9 @@ class Daemon:
         spec = next((t.forecaster for t in self.config.tasks if t.name == task), None)
         if spec is None:
             spec = self.lifecycle.runtime_forecasters.get(task)
-        tick_s = self.config.daemon.interval  # the selection's rolled-up buckets are in seconds
-        if spec is None or spec == "auto":
-            spec = {"name": "auto", "tick_s": tick_s}
-        elif isinstance(spec, dict) and spec.get("name") == "auto":
-            spec = {"tick_s": tick_s, **spec}
         total = self.pool.total(r) if r in self.pool else 1
-        return make_forecaster(spec, scale=max(1, total))
+        # the selection's rolled-up buckets are seconds wide: it counts them in our ticks
+        return make_forecaster(spec, scale=max(1, total), tick_s=self.config.daemon.interval)
 
     # -- the one start path ------------------------------------------------------------------
     def start(self) -> None:
@@ -236,7 +233,6 @@ class Daemon:
             self.profiler.store = ProfileStore.in_dir(self.state_dir,
                                                       Retention(d.retention_days, d.rollup_s))
             self.profiler.checkpoint_every = d.checkpoint_every
-            self.profiler.interval = d.interval
         except RswapError as err:
             log.warning("profiles will not persist: %s", err)
             self.profiler.store = None

@@ -13,6 +13,7 @@ from typing import Any
 
 from rswap_ebpf import paths
 from rswap_ebpf.host.driver import ReportsRunqueue
+from rswap_ebpf.predict.profile import NO_PROFILE
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def build_status(d) -> dict[str, Any]:
                 "usage": round(rt.usage.get(r, 0.0), 1),
                 "forecast": round(rep.forecasts.get(name, {}).get(r, 0.0), 1) if rep else 0.0,
                 "allocation": d.pool.allocation(r, name),
-                **(prof.describe() if prof else {"model": None, "mae": None}),
+                **(prof.describe() if prof else NO_PROFILE),
             }
         tasks[name] = {"priority": rt.priority, "cgroup": rt.cgroup.rel,
                        "pids": len(rt.cgroup.pids()), "exited": rt.exited, "resources": per,

@@ -197,6 +197,10 @@ class MetricsExporter:
         sure = GaugeMetricFamily("rswap_forecast_period_confidence", "Autocorrelation at that "
                                  "period (0-1; 1 for a period given in the configuration)",
                                  labels=["task", "resource"])
+        found = GaugeMetricFamily("rswap_forecast_period_found_ticks", "Ticks of the longest "
+                                  "season the period searches hold, whether or not the serving "
+                                  "forecaster follows it (0: none found)",
+                                  labels=["task", "resource"])
         for task, t in st.get("tasks", {}).items():
             if t.get("exited") is not None:
                 continue
@@ -205,6 +209,7 @@ class MetricsExporter:
                     season.add_metric([task, res, v.get("model") or "",
                                        v.get("period_source") or "none"], v["period"] or 0)
                     sure.add_metric([task, res], v.get("period_confidence") or 0.0)
+                    found.add_metric([task, res], v.get("period_found") or v["period"] or 0)
                 u = unit_for(res, units.get(res, "units"))
                 base, instance = split_key(res)
                 values = {"usage": v.get("usage"), "forecast": v.get("forecast"),
@@ -221,6 +226,7 @@ class MetricsExporter:
         if season.samples:
             yield season
             yield sure
+            yield found
         count = CounterMetricFamily("rswap_swaps", "Swaps a task received from, or gave to, "
                                     "another task", labels=["resource", "task", "direction"])
         for (res, task, direction), n in sorted(swaps.items()):

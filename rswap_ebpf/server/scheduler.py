@@ -161,7 +161,7 @@ class Scheduler:
         from rswap_ebpf.runtime.config import _task, check_minimums
 
         raw = {k: v for k, v in req.items() if k not in ("op", "id")}
-        tc = _task(raw, "task")
+        tc = _task(raw, "task", self.daemon.config.daemon.interval)
         for r in tc.limits:
             if r in _NEEDS_TARGET or r not in self.daemon.pool:
                 raise ConfigError(f"task {tc.name}.{r.key}", "not managed at run time here")
@@ -194,7 +194,7 @@ class Scheduler:
         name = check_task_name(req.get("name"), "name")
         prio = Priority.parse(req.get("priority", "normal"))
         fc = req.get("forecaster")
-        make_forecaster(fc, field="forecaster")
+        make_forecaster(fc, field="forecaster", tick_s=d.config.daemon.interval)
         limits = parse_limits(req.get("limits") or {}, d.pool.types(), "limits")
         timeout = req.get("timeout")
         if timeout is not None:

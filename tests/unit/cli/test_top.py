@@ -87,13 +87,25 @@ def test_the_model_and_the_season_it_follows_are_shown():
                   "flat": {"priority": "batch", "exited": None, "resources": {"cpu": {
                       "usage": 80.0, "forecast": 90.0, "allocation": 100, "model": "last_value",
                       "mae": 4.0, "period": 0, "period_confidence": 0.0,
-                      "period_source": "none"}}}},
+                      "period_source": "none"}}},
+                  "nightly": {"priority": "batch", "exited": None, "resources": {"cpu": {
+                      "usage": 80.0, "forecast": 90.0, "allocation": 100, "model": "blend",
+                      "mae": 4.0, "period": 0, "period_s": 0, "period_confidence": 0.0,
+                      "period_source": "none", "period_found": 7200}}},
+                  "hourly": {"priority": "batch", "exited": None, "resources": {"cpu": {
+                      "usage": 80.0, "forecast": 90.0, "allocation": 100,
+                      "model": "seasonal_naive", "mae": 4.0, "period": 7200, "period_s": 3600.0,
+                      "period_confidence": 1.0, "period_source": "given"}}}},
               "swaps": [], "shortfalls": []}
     con = terminal(140)
     con.print(render(status, now=100.0))
     out = re.sub(r"\x1b\[[0-9;]*m", "", con.file.getvalue())
-    assert "seasonal_long p=2000/0.71" in out
-    assert "last_value p=-" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert "seasonal_long p=2000/0.71 (4m)" in rows["cron"]
+    assert "last_value p=- (4m)" in rows["flat"]
+    # a season found that the model chosen does not follow; a period the configuration gives
+    assert "blend p=- found=7200 (4m)" in rows["nightly"]
+    assert "seasonal_naive p=7200=1h (4m)" in rows["hourly"]
 
 
 def test_run_top_prints_count_frames(replayed):

@@ -163,11 +163,11 @@ def test_the_season_each_forecast_follows_is_exported(exporter):
               "tasks": {"cron": {"priority": "batch", "exited": None, "resources": {"cpu": {
                   "usage": 9.0, "forecast": 10.0, "allocation": 20, "mae": 1.0,
                   "model": "seasonal_long", "period": 3600, "period_confidence": 0.8,
-                  "period_source": "buckets"}}},
+                  "period_source": "buckets", "period_found": 3600}}},
                   "idle": {"priority": "batch", "exited": None, "resources": {"cpu": {
                       "usage": 1.0, "forecast": 1.0, "allocation": 5, "mae": 0.0,
                       "model": "last_value", "period": 0, "period_confidence": 0.0,
-                      "period_source": "none"}}}},
+                      "period_source": "none", "period_found": 120}}}},
               "swaps": [], "shortfalls": []}
     exporter.update(status, 0.004)
     m = scrape(port)
@@ -177,6 +177,8 @@ def test_the_season_each_forecast_follows_is_exported(exporter):
     assert m[("rswap_forecast_period_confidence", (("resource", "cpu"), ("task", "cron")))] == 0.8
     assert m[("rswap_forecast_period_ticks", (("model", "last_value"), ("resource", "cpu"),
                                               ("source", "none"), ("task", "idle")))] == 0
+    # a season the searches hold though the serving model follows none
+    assert m[("rswap_forecast_period_found_ticks", (("resource", "cpu"), ("task", "idle")))] == 120
 
 
 def test_metric_names_follow_prometheus_conventions():
