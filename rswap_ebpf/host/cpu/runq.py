@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.host import bpf
-from rswap_ebpf.host.cpu import collector as cpu_collector
-from rswap_ebpf.host.cpu.collector import RUNQ_WAKEUPS, CpuCollector
+from rswap_ebpf.host.cpu.collector import RUNQ_SLOTS, RUNQ_WAKEUPS, CpuCollector
 
 MAPS = ("rswap_runq_hist", "rswap_runq_ns", "rswap_runq_stats")
 #: log2 slots kept per cgroup (slot s counts delays below 2**s microseconds)
-SLOTS = cpu_collector.RUNQ_SLOTS
+SLOTS = RUNQ_SLOTS
 #: the drop counters of ``rswap_runq_stats``, by index (bpf/rswap.h)
 DROPS = ("runq_stamp_overwritten", "runq_hist_full")
 
