@@ -17,8 +17,9 @@ Run as root, under the benchmark locks (docs/hotpath.md).
    restored afterwards; run_time_ns / run_cnt per program, read with bpftool) while two
    processes pinned to one CPU ping-pong through pipes: a bare sched_switch counter (the floor)
    and rswap's cpu.bpf.c, with both processes in one cgroup, then each in its own scratch
-   cgroup; then the same with a run-queue (wakeup -> switch) program loaded too: bpf/runq.bpf.c
-   where the tree has it, else a minimal one defined here (the output says which).
+   cgroup; then the same with the run-queue collector on as the CPU driver runs it (sharing
+   cpu.bpf.c's switch program: its switch half plus the wakeup programs), and once more with
+   the run-queue collector loaded alone (bpf/runq.bpf.c: a second switch program).
 """
 from __future__ import annotations
 
@@ -185,36 +186,6 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 """
 
 
-#: A minimal run-queue probe for the cost figure when bpf/runq.bpf.c is not in the tree: the
-#: wakeup stamps the pid, the switch that runs it takes the delay into a log2 histogram.
-MINIMAL_RUNQ = """
-BPF_HASH(bench_wake_ts, u32, u64, 16384);
-BPF_PERCPU_ARRAY(bench_runq_hist, u64, 32);
-static __always_inline void stamp(u32 pid)
-{
-    u64 ts = bpf_ktime_get_ns();
-    bench_wake_ts.update(&pid, &ts);
-}
-TRACEPOINT_PROBE(sched, sched_wakeup) { stamp(args->pid); return 0; }
-TRACEPOINT_PROBE(sched, sched_wakeup_new) { stamp(args->pid); return 0; }
-TRACEPOINT_PROBE(sched, sched_switch)
-{
-    u32 pid = args->next_pid;
-    u64 *ts = bench_wake_ts.lookup(&pid);
-    if (!ts)
-        return 0;
-    int slot = bpf_log2l((bpf_ktime_get_ns() - *ts) / 1000);
-    bench_wake_ts.delete(&pid);
-    if (slot > 31)
-        slot = 31;
-    u64 *n = bench_runq_hist.lookup(&slot);
-    if (n)
-        (*n)++;
-    return 0;
-}
-"""
-
-
 def _prog_stats() -> dict[int, tuple[str, int, int]]:
     """id -> (name, run_time_ns, run_cnt) of every loaded program."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)
@@ -287,8 +258,8 @@ def _pingpong(seconds: float, cpu: int, cgroups: tuple[str | None, str | None]) 
 def bpf_cost(seconds: float) -> dict:
     from bcc import BPF
 
-    from rswap_ebpf.host.bpf import bpf_source_dir
     from rswap_ebpf.host.cpu.collector import CpuCollector
+    from rswap_ebpf.host.cpu.runq import RunqCollector
 
     stats_path = "/proc/sys/kernel/bpf_stats_enabled"
     with open(stats_path) as f:
@@ -297,9 +268,7 @@ def bpf_cost(seconds: float) -> dict:
     unified = _unified_root()
     groups = [os.path.join(unified, f"rswap-bench-{os.getpid()}-{c}") for c in "ab"]
     cpu = max(os.sched_getaffinity(0))
-    runq_src = bpf_source_dir() / "runq.bpf.c"
-    out: dict = {"runq_program": str(runq_src.relative_to(bpf_source_dir().parent))
-                 if runq_src.exists() else "minimal wakeup->switch program in this benchmark"}
+    out: dict = {}
     bare = col = runq = None
     try:
         with open(stats_path, "w") as f:
@@ -309,13 +278,14 @@ def bpf_cost(seconds: float) -> dict:
         bare = BPF(text=BARE)
         col = CpuCollector().open()
         floor_id = _ids_by_function(bare)["raw_tracepoint__sched_switch"]
-        ours = _ids_by_function(col._bpf)
-        switch_id = next(i for n, i in ours.items() if "sched_switch" in n)
+        switch_id = next(i for n, i in _ids_by_function(col._bpf).items() if "sched_switch" in n)
 
-        def storm(cgroups, with_runq=None):
+        def storm(cgroups, with_runq=()):
             before = _prog_stats()
             trips = _pingpong(seconds, cpu, cgroups)
             col.drain()
+            if runq is not None:
+                runq.drain()
             after = _prog_stats()
 
             def cost(i):
@@ -335,20 +305,25 @@ def bpf_cost(seconds: float) -> dict:
 
         out["one_cgroup"] = storm((None, None))
         out["two_cgroups"] = storm(tuple(groups))
-        if runq_src.exists():
-            runq = BPF(src_file=str(runq_src).encode(), cflags=[f"-I{bpf_source_dir()}"])
-        else:
-            runq = BPF(text=MINIMAL_RUNQ)
-        runq_ids = list(_ids_by_function(runq).values())
-        out["one_cgroup_runq"] = storm((None, None), runq_ids)
-        out["two_cgroups_runq"] = storm(tuple(groups), runq_ids)
+        # the run-queue collector as the CPU driver opens it: sharing cpu.bpf.c's program
+        runq = RunqCollector(share=col).open()
+        wakeups = [i for n, i in _ids_by_function(col._bpf).items() if "runq_wakeup" in n]
+        out["runq_mode"] = runq.mode
+        out["one_cgroup_runq"] = storm((None, None), wakeups)
+        out["two_cgroups_runq"] = storm(tuple(groups), wakeups)
+        delays = runq.drain()
+        runq.close()
+        # ... and alone (bpf/runq.bpf.c: its own switch program beside cpu.bpf.c's)
+        runq = RunqCollector(alone=True).open()
+        out["one_cgroup_runq_alone"] = storm((None, None), list(_ids_by_function(runq._bpf).values()))
+        out["runq_drops"] = delays.dropped
         out["mode"] = col.mode
     finally:
-        for b in (runq, bare):
+        for b in (runq, col):
             if b is not None:
-                b.cleanup()
-        if col is not None:
-            col.close()
+                b.close()
+        if bare is not None:
+            bare.cleanup()
         for g in groups:
             if os.path.isdir(g):
                 os.rmdir(g)
@@ -364,9 +339,13 @@ def main() -> int:
     ap.add_argument("--scale-ticks", type=int, default=8, help="ticks of the scale run")
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each context-switch storm")
     ap.add_argument("--no-bpf", action="store_true", help="skip the kernel part (no root needed)")
+    ap.add_argument("--skip-control-plane", action="store_true",
+                    help="run only the kernel part (the BPF cost per event)")
     ap.add_argument("--json", metavar="FILE", help="write the headline figures here")
     a = ap.parse_args()
     summary: dict = {}
+    if a.skip_control_plane:
+        return report_bpf(a, summary)
 
     print("Control plane, one resource, median per tick (forecast = learn_one + forecast(5) for "
           "every task; allocate = proactive_allocation):")
@@ -389,6 +368,11 @@ def main() -> int:
     summary.update({"tick_ms_%d_tasks" % a.tasks: round(sc["tick"], 1),
                     "rss_mib": round(sc["rss_mib"], 1), "scale": sc})
 
+    return report_bpf(a, summary)
+
+
+def report_bpf(a, summary: dict) -> int:
+    """The kernel part (unless --no-bpf), then the JSON summary."""
     if not a.no_bpf and os.geteuid() != 0:
         print("\nBPF run time: skipped (needs root)")
     elif not a.no_bpf:
@@ -396,12 +380,13 @@ def main() -> int:
         floor = res["one_cgroup"]["floor_ns"]
         print(f"\nBPF run time per sched_switch ({a.seconds:g} s storms: two processes pinned to "
               f"one CPU ping-pong through pipes; kernel.bpf_stats_enabled=1; cpu.bpf.c in "
-              f"{res['mode']} mode; run-queue program: {res['runq_program']}):")
+              f"{res['mode']} mode; run-queue collector {res['runq_mode']}, then alone):")
         print(f"{'storm':<34} {'floor ns':>9} {'rswap ns':>9} {'x floor':>8} {'switches':>9}")
         rows = [("one cgroup: switch", "one_cgroup", "switch_ns"),
                 ("two cgroups: switch", "two_cgroups", "switch_ns"),
                 ("one cgroup: switch + wakeup", "one_cgroup_runq", "switch_and_wakeup_ns"),
-                ("two cgroups: switch + wakeup", "two_cgroups_runq", "switch_and_wakeup_ns")]
+                ("two cgroups: switch + wakeup", "two_cgroups_runq", "switch_and_wakeup_ns"),
+                ("one cgroup: + runq.bpf.c alone", "one_cgroup_runq_alone", "switch_and_wakeup_ns")]
         for label, key, field in rows:
             r = res[key]
             print(f"{label:<34} {r['floor_ns']:>9.1f} {r[field]:>9.1f} {r[field] / floor:>7.2f}x "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,14 +48,28 @@ def import_bcc():
     return bcc
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.M)
+
+
+def program_source(src: str) -> str:
+    """``bpf/<src>`` with its ``#include "..."`` lines replaced by the files of ``bpf/``.
+
+    bcc turns map calls (``table.lookup(&k)``) into helper calls only in the file it compiles,
+    not in the headers that file includes, so a header that defines maps and the functions
+    using them (``rswap.h``'s run-queue half) has to be part of that file.
+    """
+    d = bpf_source_dir()
+    return _LOCAL_INCLUDE.sub(lambda m: (d / m.group(1)).read_text(), (d / src).read_text())
+
+
 def load(src: str, cflags: list[str]):
-    """Compile ``bpf/<src>`` with the shared header on the include path."""
+    """Compile ``bpf/<src>`` (with :func:`program_source`'s includes) and the -D ``cflags``."""
     bcc = import_bcc()
     d = bpf_source_dir()
     if os.geteuid() != 0:
         raise FeatureMissing("BPF", "loading programs needs root (CAP_BPF, CAP_PERFMON)", "run as root")
     try:
-        return bcc.BPF(src_file=str(d / src).encode(), cflags=[f"-I{d}", *cflags])
+        return bcc.BPF(text=program_source(src).encode(), cflags=[f"-I{d}", *cflags])
     except Exception as err:  # bcc raises plain Exception for compile/load failures
         msg = str(err)
         if "modules" in msg or "kernel headers" in msg.lower():
@@ -142,6 +157,26 @@ SCHED_SWITCH = (
                 lambda: tracepoint_exists("sched", "sched_switch")),
 )
 SCHED_SWITCH_FIX = "mount tracefs: mount -t tracefs tracefs /sys/kernel/tracing"
+
+
+def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
+    """Whether ``uname -r`` (or ``release``) is at least ``major.minor``.
+
+    >>> kernel_at_least(5, 18, "6.18.44-fc-v1272"), kernel_at_least(5, 18, "5.10.0-21-amd64")
+    (True, False)
+    """
+    parts = (release or os.uname().release).split(".")
+    try:
+        have = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
+    except (IndexError, ValueError):
+        return False
+    return have >= (major, minor)
+
+
+def sched_switch_has_prev_state(point: AttachPoint) -> bool:
+    """Whether a program on ``point`` sees the switched-out task's state: tracefs' event always
+    has ``prev_state``; the raw tracepoint passes it as a fourth argument from Linux 5.18."""
+    return "-DRSWAP_RAW_TP" not in point.cflags or kernel_at_least(5, 18)
 
 
 def choose_attach_point(event: str, chain: tuple[AttachPoint, ...], fix: str) -> AttachPoint:

@@ -1,4 +1,5 @@
-"""Run-queue delay per cgroup, from ``bpf/runq.bpf.c`` (sched_wakeup/_new + sched_switch).
+"""Run-queue delay per cgroup (sched_wakeup/_new + sched_switch), from ``bpf/runq.bpf.c`` or,
+beside the CPU collector, from the run-queue half of its ``bpf/cpu.bpf.c``.
 
 The time a task waits runnable before it runs is what a co-located batch job costs a
 latency-critical service on the CPU, seen without instrumenting the service (Heracles and
@@ -17,10 +18,13 @@ from dataclasses import dataclass, field
 
 from rswap_ebpf.errors import FeatureMissing
 from rswap_ebpf.host import bpf
+from rswap_ebpf.host.cpu.collector import RUNQ_SLOTS, RUNQ_WAKEUPS, CpuCollector
 
 MAPS = ("rswap_runq_hist", "rswap_runq_ns", "rswap_runq_stats")
 #: log2 slots kept per cgroup (slot s counts delays below 2**s microseconds)
-SLOTS = 26
+SLOTS = RUNQ_SLOTS
+#: the drop counters of ``rswap_runq_stats``, by index (bpf/rswap.h)
+DROPS = ("runq_stamp_overwritten", "runq_hist_full")
 
 
 @dataclass(frozen=True)
@@ -90,26 +94,65 @@ def histograms(hist_items: Iterable[tuple[int, int, int]],
 
 class RunqCollector(bpf.BpfCollector):
     """runqlat per cgroup: the tracepoints ``sched:sched_wakeup``, ``sched_wakeup_new`` and
-    ``sched_switch`` (their arguments only), loadable on its own beside ``cpu.bpf.c``."""
+    ``sched_switch`` (their arguments only).
 
+    Beside an open :class:`CpuCollector` whose program carries the run-queue half (``share``,
+    or else the newest one open in this process), it turns that half on instead of loading a
+    program of its own, so one program runs per context switch, not two; alone it loads
+    ``bpf/runq.bpf.c``.  ``mode`` says which ("shared with cpu.bpf.c" or "runq.bpf.c").  Either
+    way the histogram maps are pinned under the same names.
+    """
+
+    SOURCE = "runq.bpf.c"
     MAPS = MAPS
     EVENTS = ("sched_wakeup", "sched_wakeup_new", "sched_switch")
 
-    def program_text(self) -> str:
-        return (bpf.bpf_source_dir() / "runq.bpf.c").read_text()
+    def __init__(self, pin: bool = True, share: CpuCollector | None = None, alone: bool = False):
+        super().__init__(pin)
+        self.share = share
+        self.alone = alone
+        self.mode = ""
+        self.attach_point = ""
+        self._host: CpuCollector | None = None
+
+    def cflags(self) -> list[str]:
+        point = bpf.choose_attach_point("sched_switch", bpf.SCHED_SWITCH, bpf.SCHED_SWITCH_FIX)
+        if not bpf.sched_switch_has_prev_state(point):
+            point = bpf.SCHED_SWITCH[-1]  # tracefs' event: it has prev_state
+        self.attach_point = point.name
+        return [*point.cflags, f"-DRSWAP_RUNQ_SLOTS={SLOTS}"]
 
     def open(self) -> RunqCollector:
         missing = [e for e in self.EVENTS if not bpf.tracepoint_exists("sched", e)]
         if missing:
             raise FeatureMissing("run-queue delay", "tracefs lacks sched:" + ", sched:".join(missing),
                                  "mount tracefs: mount -t tracefs tracefs /sys/kernel/tracing")
-        self._bpf = bpf.load("runq.bpf.c", [f"-DRSWAP_RUNQ_SLOTS={SLOTS}"])
-        self._pin_maps()
+        host = None if self.alone else (self.share or CpuCollector.runq_host())
+        if host is None or not host.runq_half:
+            self.mode = "runq.bpf.c"
+            return super().open()
+        host.share_runq()
+        self._host, self._bpf = host, host._bpf
+        self.mode, self.attach_point = "shared with cpu.bpf.c", host.attach_point
+        try:
+            self._pin_maps()
+        except BaseException:
+            self.close()
+            raise
         self._start_clock()
         return self
 
+    def attach(self) -> None:
+        for tp, fn in RUNQ_WAKEUPS:
+            self._bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+
     def drain(self) -> RunqDelta:
+        if self._host is not None and self._host._bpf is None:
+            raise RuntimeError("the CPU collector this run-queue collector shared is closed: "
+                               "close the run-queue collector first")
         interval = self._interval_ns()
+        if self._host is not None:
+            self._host.sync()  # the delays still in its per-CPU slots
         rows = []
         for k, v in bpf.drain_table(self.table("rswap_runq_hist")):
             rows.append((int(k.cgroup_id), int(k.slot), sum(v)))
@@ -117,8 +160,19 @@ class RunqCollector(bpf.BpfCollector):
         for k, v in bpf.drain_table(self.table("rswap_runq_ns")):
             key = bpf.key_int(k)
             sums[key] = sums.get(key, 0) + sum(v)
-        dropped = self._counters("rswap_runq_stats", ("runq_start_full", "runq_hist_full"))
+        dropped = self._counters("rswap_runq_stats", DROPS)
         return RunqDelta(interval, histograms(rows, sums), dropped)
+
+    def close(self) -> None:
+        host, self._host = self._host, None
+        if host is None:
+            super().close()
+            return
+        for path in self.pinned:
+            bpf.unpin(path)
+        self.pinned = []
+        self._bpf = None
+        host.unshare_runq()  # the program and its maps stay the CPU collector's
 
 
 def cpu_pressure_some_us(cgroup_dir: str | None) -> int | None:
