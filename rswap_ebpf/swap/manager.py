@@ -328,8 +328,9 @@ class SwapManager:
                                                                         hold.grant[r]))
             shared = demands
             if self.policy is not None:
+                held = self.pool.allocations(r)
                 shared = self.policy.adjust(r, self.pool.total(r), demands,
-                                            {n: self.pool.allocation(r, n) for n in demands})
+                                            {n: held.get(n, 0) for n in demands})
             targets = self._share(r, shared)
             self._apply_targets(r, demands, targets, result)
         self._age_admission_holds(usage)
@@ -396,7 +397,8 @@ class SwapManager:
 
     def _apply_targets(self, r: Resource, demands: dict[str, int], targets: dict[str, int],
                        result: AllocationResult) -> None:
-        current = {n: self.pool.allocation(r, n) for n in targets}
+        held = self.pool.allocations(r)
+        current = {n: held.get(n, 0) for n in targets}
         down = [n for n in targets if targets[n] < current[n]]
         up = [n for n in targets if targets[n] > current[n]]
         for n in demands:
@@ -428,10 +430,9 @@ class SwapManager:
                     result.swaps.append(Swap(r, item[0], n, take, "priority"))
                     item[1] -= take
                     need -= take
-            held = self.pool.allocation(r, n)
+            # n is set once per tick and only here: what it holds is still current[n]
             self.pool.set_allocation(r, n, targets[n])
-            used_reason = "forecast"
-            result.changes.append(Change(n, r, held, targets[n], used_reason))
+            result.changes.append(Change(n, r, current[n], targets[n], "forecast"))
 
     def _task(self, name: str) -> ManagedTask:
         try:
