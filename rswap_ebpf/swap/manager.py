@@ -23,6 +23,9 @@ from rswap_ebpf.model.resources import Resource, ResourcePool, check_units
 log = logging.getLogger(__name__)
 
 
+_NO_LIMITS = Limits()  # frozen: one shared instance for every resource a task names no limits for
+
+
 @dataclass(frozen=True)
 class ManagedTask:
     name: str
@@ -30,7 +33,7 @@ class ManagedTask:
     limits: Mapping[Resource, Limits] = field(default_factory=dict)
 
     def limit(self, r: Resource) -> Limits:
-        return self.limits.get(r, Limits())
+        return self.limits.get(r, _NO_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -288,7 +291,7 @@ class SwapManager:
         t = self._task(task)
         # A diverged forecast (inf, nan) asks for the whole pool, never raises in the tick; a
         # finite demand above the pool stays as it is, so the shortfall reaches the overflow hook.
-        if all(math.isfinite(v) for v in (forecast, observed or 0.0)):
+        if math.isfinite(forecast) and math.isfinite(observed or 0.0):
             want = max(0.0, forecast, observed or 0.0)
         else:
             want = float(self.pool.total(resource))
