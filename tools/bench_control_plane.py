@@ -10,9 +10,9 @@ Run as root, under the benchmark locks (docs/hotpath.md).
    baseline) and Holt-Winters.
 2. Control plane at scale: ``--tasks`` tasks x 6 resources through the daemon's tick steps --
    drain (per-cgroup counters turned into per-task use, as the drivers' measure() does),
-   observed demand, forecast, allocate, enforce (FileApplier + Journal writing the changed
-   allocations into a scratch directory tree standing in for cgroup files) -- with the
-   process's peak RSS.
+   observed demand, forecast and allocate (the daemon's ProfileForecast and Allocate stages with
+   DaemonConfig's defaults), enforce (FileApplier + Journal writing the changed allocations into
+   a scratch directory tree standing in for cgroup files) -- with the process's peak RSS.
 3. Kernel: run time per event from the kernel's BPF statistics (kernel.bpf_stats_enabled=1,
    restored afterwards; run_time_ns / run_cnt per program, read with bpftool) while two
    processes pinned to one CPU ping-pong through pipes: a bare sched_switch counter (the floor)
@@ -39,20 +39,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from rswap_ebpf.predict.registry import make_forecaster  # noqa: E402
 from rswap_ebpf.predict.profile import TaskProfiler  # noqa: E402
-from rswap_ebpf.model.resources import ResourcePool, ResourceType  # noqa: E402
+from rswap_ebpf.model.resources import ResourceId, ResourcePool, ResourceType  # noqa: E402
 from rswap_ebpf.model.limits import Limits, Priority  # noqa: E402
 from rswap_ebpf.swap.manager import ManagedTask, SwapManager  # noqa: E402
 from rswap_ebpf.swap.policy import StabilityPolicy  # noqa: E402
 from rswap_ebpf.host.cgroup import FileApplier  # noqa: E402
 from rswap_ebpf.host.journal import Journal  # noqa: E402
+from rswap_ebpf.runtime.config import DaemonConfig  # noqa: E402
+from rswap_ebpf.runtime.pipeline import Allocate, Observation, ProfileForecast  # noqa: E402
 
 CPU = ResourceType.PROCESSOR_CYCLES
-#: The six resources of the scale run (co-processors need named instances: left out), with a
-#: typical use per task and the file an enforcer would write.
+#: The six resources of the scale run, with a typical use per task and the file an enforcer
+#: would write.  Cache ways and memory bandwidth are bounded per host (64 ways, 100 %: see
+#: UNIT_LIMITS), so a pool of them cannot hold 10,000 tasks' shares: two co-processor instances
+#: stand in for them, with the same use per task (2 and 5 units).
 SCALE_RESOURCES = {
     ResourceType.PROCESSOR_CYCLES: (200, "cpu.max"),
-    ResourceType.CACHE: (2, "schemata"),
-    ResourceType.MEMORY_BANDWIDTH: (5, "schemata.mb"),
+    ResourceId(ResourceType.SPECIALIZED_COPROC, "bench0"): (2, "coproc0"),
+    ResourceId(ResourceType.SPECIALIZED_COPROC, "bench1"): (5, "coproc1"),
     ResourceType.GPU_MEMORY: (1 << 28, "gpu.mem"),
     ResourceType.NETWORK_BANDWIDTH: (1 << 20, "net.rate"),
     ResourceType.STORAGE_IOPS: (100, "io.max"),
@@ -112,8 +116,14 @@ class _ScaleDriver:
         self.applier.apply([(os.path.join(self.root, task, self.fname), str(units))])
 
 
-def control_plane_scale(n_tasks: int, ticks: int, window: int = 5) -> dict[str, float]:
-    """Median per-tick milliseconds of each step at ``n_tasks`` x 6 resources, and peak RSS."""
+def control_plane_scale(n_tasks: int, ticks: int) -> dict[str, float]:
+    """Median per-tick milliseconds of each step at ``n_tasks`` x 6 resources, and peak RSS.
+
+    Forecast and allocate are the daemon's own stages (``runtime.pipeline.ProfileForecast`` and
+    ``Allocate``) built with the daemon's defaults (``DaemonConfig``: window, headroom, the
+    StabilityPolicy's hold, deadband and step, the critical floor), so what is timed is what a
+    tick of ``rswap run`` does with these tasks."""
+    dc = DaemonConfig()
     # cgroupfs lives in memory: tmpfs (/dev/shm) is the closer stand-in for it than a disk
     root = tempfile.mkdtemp(prefix="rswap-bench-tree-",
                             dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -121,17 +131,22 @@ def control_plane_scale(n_tasks: int, ticks: int, window: int = 5) -> dict[str, 
         pool = ResourcePool()
         for r, (mean, _) in SCALE_RESOURCES.items():
             pool.register_resource(r, int(mean * n_tasks * 0.9))  # a little short: shares move
-        mgr = SwapManager(pool, headroom=0.2)
-        mgr.policy = StabilityPolicy()  # the daemon's defaults: hold 3 ticks, 10 % deadband
-        prof = TaskProfiler(lambda t, r: make_forecaster("last_value"))
+        mgr = SwapManager(pool, headroom=dc.headroom)
+        mgr.policy = StabilityPolicy(dc.hold_ticks, dc.deadband, dc.max_step_down)
+        prof = TaskProfiler(lambda t, r: make_forecaster("last_value"), history=dc.history)
+        forecast = ProfileForecast(prof, pool, {}, dc.window, dc.critical_floor,
+                                   dc.critical_season)
+        allocate = Allocate(mgr)
         applier = FileApplier(Journal(os.path.join(root, "journal.jsonl")))
         drivers = [_ScaleDriver(r, mean, fname, root, applier)
                    for r, (mean, fname) in SCALE_RESOURCES.items()]
         prios = list(Priority)
         cgroup_ids = {}
+        priorities = {}
         for i in range(n_tasks):
             name = f"t{i}"
             mgr.add_task(ManagedTask(name, prios[i % 3], {r: Limits(1, None) for r in SCALE_RESOURCES}))
+            priorities[name] = prios[i % 3].name.lower()
             os.mkdir(os.path.join(root, name))
             for d in drivers:
                 with open(os.path.join(root, name, d.fname), "w") as f:
@@ -139,24 +154,22 @@ def control_plane_scale(n_tasks: int, ticks: int, window: int = 5) -> dict[str, 
             cgroup_ids[name] = 10_000 + i
         steps = {"drain": [], "forecast": [], "allocate": [], "enforce": [], "tick": [],
                  "changes": []}
+        by_r = {d.r: d for d in drivers}
         for tick in range(ticks):
             t0 = time.perf_counter()
+            usage: dict[str, dict] = {n: {} for n in cgroup_ids}
             observed: dict[str, dict] = {n: {} for n in cgroup_ids}
             for d in drivers:
                 used = d.measure(d.drain(tick, cgroup_ids), cgroup_ids)
                 for name, units in used.items():
+                    usage[name][d.r] = units
                     observed[name][d.r] = mgr.observed_demand(name, d.r, units)
+            obs = Observation(tick, {}, priorities, usage, observed)
             t1 = time.perf_counter()
-            forecasts, releases = {}, {}
-            for name, per_r in observed.items():
-                for r, units in per_r.items():
-                    prof.update_prediction(name, r, units)
-                forecasts[name] = {r: p.peak for r, p in prof.get_predicted_needs(name, window).items()}
-                releases[name] = prof.releases(name)
+            fc = forecast(obs)
             t2 = time.perf_counter()
-            result = mgr.proactive_allocation(forecasts, observed, releases)
+            result = allocate(obs, fc)
             t3 = time.perf_counter()
-            by_r = {d.r: d for d in drivers}
             for ch in result.changes:
                 by_r[ch.resource].apply(ch.task, ch.new)
             t4 = time.perf_counter()

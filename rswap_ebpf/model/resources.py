@@ -35,6 +35,12 @@ class ResourceType(enum.Enum):
     STORAGE_IOPS = ("io", "iops", "block requests per second on one device")
     SPECIALIZED_COPROC = ("coproc", "units", "units of a registered co-processor")
 
+    #: Members are singletons compared by identity, so identity is their hash too: Enum's own
+    #: ``__hash__`` is a Python function (a hash of the name), and a resource-keyed lookup is
+    #: the tick's most frequent operation (tens of them per task and resource).  Neither hash is
+    #: stable across processes; nothing stores one.
+    __hash__ = object.__hash__
+
     def __init__(self, key: str, unit: str, description: str):
         self.key = key
         self.unit = unit
@@ -175,35 +181,105 @@ def check_units(value: object, field_name: str = "units", resource: Resource | N
     return int(round(number))
 
 
+class Allocations(dict):
+    """Task -> units, keeping their sum (``allocated``) as every change is made.
+
+    The pool asks what is free at each change; summing every task's units there made one
+    change O(tasks) and a tick O(tasks x changes).  Every way a dict can change goes through
+    here (set, delete, pop, popitem, clear, update, setdefault, ``|=``), so the sum cannot drift.
+    """
+
+    __slots__ = ("allocated",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.allocated = sum(self.values())
+
+    def __setitem__(self, task: str, units: int) -> None:
+        old = dict.get(self, task, 0)
+        dict.__setitem__(self, task, units)
+        self.allocated += units - old
+
+    def __delitem__(self, task: str) -> None:
+        units = self[task]
+        dict.__delitem__(self, task)
+        self.allocated -= units
+
+    _MISSING = object()
+
+    def pop(self, task, default=_MISSING):
+        if task in self:
+            units = dict.pop(self, task)
+            self.allocated -= units
+            return units
+        if default is Allocations._MISSING:
+            raise KeyError(task)
+        return default
+
+    def popitem(self):
+        task, units = dict.popitem(self)
+        self.allocated -= units
+        return task, units
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self.allocated = 0
+
+    def update(self, *args, **kwargs) -> None:
+        for task, units in dict(*args, **kwargs).items():
+            self[task] = units
+
+    def setdefault(self, task, default=0):
+        if task not in self:
+            self[task] = default
+        return self[task]
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def __reduce__(self):
+        return type(self), (dict(self),)
+
+
 @dataclass
 class ResourceInfo:
     """One resource of the pool: its total, what is free, and who holds what.
 
     ``resource`` is what the pool keys it by: ``type`` itself, or the named instance.
+    ``allocations`` keeps its own sum (:class:`Allocations`), so what is free is known at once.
     """
 
     type: ResourceType
     total_units: int
-    allocations: dict[str, int] = field(default_factory=dict)
+    allocations: Allocations = field(default_factory=Allocations)
     name: str = ""
     resource: Resource | None = None
 
     def __post_init__(self) -> None:
         if self.resource is None:
             self.resource = self.type
+        if not isinstance(self.allocations, Allocations):
+            self.allocations = Allocations(self.allocations)
 
     @property
     def allocated_units(self) -> int:
-        return sum(self.allocations.values())
+        return self.allocations.allocated
 
     @property
     def available_units(self) -> int:
-        return self.total_units - self.allocated_units
+        return self.total_units - self.allocations.allocated
 
     def check(self) -> None:
         """Raise ResourceError if an invariant does not hold."""
         if any(units < 0 for units in self.allocations.values()):
             raise ResourceError(f"{self.resource.key}: negative allocation in {self.allocations}")
+        counted = sum(self.allocations.values())
+        if counted != self.allocations.allocated:
+            raise ResourceError(
+                f"{self.resource.key}: the pool's running total ({self.allocations.allocated} "
+                f"{self.type.unit}) is not the sum of its allocations ({counted}); this is a "
+                "bug in rswap: report it with the log")
         if self.allocated_units > self.total_units:
             raise ResourceError(
                 f"{self.resource.key}: {self.allocated_units} {self.type.unit} allocated "
@@ -287,6 +363,11 @@ class ResourcePool:
     def allocation(self, rtype: Resource, task: str) -> int:
         with self._lock:
             return self._info(rtype).allocations.get(task, 0)
+
+    def allocations(self, rtype: Resource) -> dict[str, int]:
+        """Every task's allocation of ``rtype`` (a copy): one call where a tick reads them all."""
+        with self._lock:
+            return dict(self._info(rtype).allocations)
 
     def available(self, rtype: Resource) -> int:
         with self._lock:

@@ -28,6 +28,7 @@ from rswap_ebpf.model.checks import check_fraction
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+_F32 = struct.Struct("<f")
 
 
 def single(y: float) -> float:
@@ -39,7 +40,7 @@ def single(y: float) -> float:
     y = float(y)
     if y != y:
         return y
-    return struct.unpack("<f", struct.pack("<f", min(max(y, -_FLOAT32_MAX), _FLOAT32_MAX)))[0]
+    return _F32.unpack(_F32.pack(min(max(y, -_FLOAT32_MAX), _FLOAT32_MAX)))[0]
 
 
 @runtime_checkable

@@ -181,7 +181,8 @@ class TaskProfile:
             return [0.0] * horizon
         bound = self.bound()
         last = min(self.history[-1], bound)
-        return [min(max(0.0, v), bound) if math.isfinite(v) else last
+        isfinite = math.isfinite
+        return [min(max(0.0, v), bound) if isfinite(v) else last
                 for v in self.forecaster.forecast(horizon)]
 
     def bridge(self, ticks: int) -> None:
@@ -234,6 +235,10 @@ class TaskProfiler:
         self.profiles: dict[tuple[str, Resource], TaskProfile] = {}
         #: named resources (co-processors) some profile is about, besides the ResourceTypes
         self._instances: set[ResourceId] = set()
+        #: task -> its profiles in ``_resources()`` order: the per-task calls of every tick read
+        #: a task's few profiles instead of probing every resource there is
+        self._by_task: dict[str, dict[Resource, TaskProfile]] = {}
+        self._rank: dict[Resource, int] = {r: i for i, r in enumerate(ResourceType)}
         self.quantile_level = quantile_level
         #: a :class:`~.store.ProfileStore`: samples written every flush, state every
         #: ``checkpoint_every`` samples of a series, so a crash loses at most the unflushed tick.
@@ -261,13 +266,24 @@ class TaskProfiler:
 
     def _add(self, key: tuple[str, Resource], prof: TaskProfile) -> None:
         self.profiles[key] = prof
-        if isinstance(key[1], ResourceId):
-            self._instances.add(key[1])
+        task, r = key
+        if isinstance(r, ResourceId) and r not in self._instances:
+            self._instances.add(r)
+            self._rank = {x: i for i, x in enumerate(self._resources())}
+        mine = self._by_task.setdefault(task, {})
+        mine[r] = prof
+        if len(mine) > 1:
+            rank = self._rank
+            self._by_task[task] = dict(sorted(mine.items(), key=lambda kv: rank[kv[0]]))
 
     def _resources(self) -> list[Resource]:
-        """Every resource a profile may be about: keyed lookups per task, not a scan of every
-        profile (that is O(tasks) per task)."""
+        """Every resource a profile may be about, in the order per-task answers list them: the
+        types, then the named instances by key."""
         return [*ResourceType, *sorted(self._instances, key=lambda r: r.key)]
+
+    def _of(self, task: str) -> dict[Resource, TaskProfile]:
+        """``task``'s profiles, in ``_resources()`` order."""
+        return self._by_task.get(task, {})
 
     def update_prediction(self, task: str, resource: Resource, units: float) -> None:
         """Feed one observed sample (units used over the last tick)."""
@@ -370,15 +386,13 @@ class TaskProfiler:
     def get_predicted_needs(self, task: str, window: int) -> dict[Resource, Prediction]:
         """Forecast over the next ``window`` ticks for each resource the task has a profile for."""
         out = {}
-        for r in self._resources():
-            prof = self.profiles.get((task, r))
-            if prof is None:
-                continue
-            series = prof.forecast(max(1, window))
+        horizon = max(1, window)
+        level = self.quantile_level
+        for r, prof in self._of(task).items():
+            series = prof.forecast(horizon)
             period, confidence, source = prof.season()
             out[r] = Prediction(task, r, tuple(series), max(series), prof.model_name,
-                                prof.mae, len(prof.history),
-                                quantile(series, self.quantile_level), self.quantile_level,
+                                prof.mae, len(prof.history), quantile(series, level), level,
                                 prof.loss, period, confidence, source)
         return out
 
@@ -387,18 +401,16 @@ class TaskProfiler:
         its profile allows it (``AutoForecaster.release``): ``SwapManager.proactive_allocation``
         takes this as its ``releases``."""
         out = {}
-        for r in self._resources():
-            prof = self.profiles.get((task, r))
-            low = prof.release() if prof is not None else None
+        for r, prof in self._of(task).items():
+            low = prof.release()
             if low is not None:
                 out[r] = low
         return out
 
     def analyze_task(self, task: str) -> dict[Resource, TaskAnalysis]:
         out = {}
-        for r in self._resources():
-            prof = self.profiles.get((task, r))
-            if prof is None or not prof.history:
+        for r, prof in self._of(task).items():
+            if not prof.history:
                 continue
             h = prof.history
             out[r] = TaskAnalysis(r, len(h), h[-1], sum(h) / len(h), max(h),
@@ -407,12 +419,12 @@ class TaskProfiler:
 
     def forget(self, task: str) -> None:
         """Drop ``task`` from memory; with a store its profile is checkpointed and kept there."""
-        if self.store is not None and any(t == task for t, _ in self.profiles):
+        if self.store is not None and task in self._by_task:
             import time
 
             self.checkpoint(time.time(), task)
-        for key in [k for k in self.profiles if k[0] == task]:
-            del self.profiles[key]
+        for r in self._by_task.pop(task, {}):
+            del self.profiles[(task, r)]
 
     def tasks(self) -> set[str]:
         return {t for t, _ in self.profiles}

@@ -23,6 +23,9 @@ from rswap_ebpf.model.resources import Resource, ResourcePool, check_units
 log = logging.getLogger(__name__)
 
 
+_NO_LIMITS = Limits()  # frozen: one shared instance for every resource a task names no limits for
+
+
 @dataclass(frozen=True)
 class ManagedTask:
     name: str
@@ -30,7 +33,7 @@ class ManagedTask:
     limits: Mapping[Resource, Limits] = field(default_factory=dict)
 
     def limit(self, r: Resource) -> Limits:
-        return self.limits.get(r, Limits())
+        return self.limits.get(r, _NO_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -288,7 +291,7 @@ class SwapManager:
         t = self._task(task)
         # A diverged forecast (inf, nan) asks for the whole pool, never raises in the tick; a
         # finite demand above the pool stays as it is, so the shortfall reaches the overflow hook.
-        if all(math.isfinite(v) for v in (forecast, observed or 0.0)):
+        if math.isfinite(forecast) and math.isfinite(observed or 0.0):
             want = max(0.0, forecast, observed or 0.0)
         else:
             want = float(self.pool.total(resource))
@@ -328,8 +331,9 @@ class SwapManager:
                                                                         hold.grant[r]))
             shared = demands
             if self.policy is not None:
+                held = self.pool.allocations(r)
                 shared = self.policy.adjust(r, self.pool.total(r), demands,
-                                            {n: self.pool.allocation(r, n) for n in demands})
+                                            {n: held.get(n, 0) for n in demands})
             targets = self._share(r, shared)
             self._apply_targets(r, demands, targets, result)
         self._age_admission_holds(usage)
@@ -396,7 +400,8 @@ class SwapManager:
 
     def _apply_targets(self, r: Resource, demands: dict[str, int], targets: dict[str, int],
                        result: AllocationResult) -> None:
-        current = {n: self.pool.allocation(r, n) for n in targets}
+        held = self.pool.allocations(r)
+        current = {n: held.get(n, 0) for n in targets}
         down = [n for n in targets if targets[n] < current[n]]
         up = [n for n in targets if targets[n] > current[n]]
         for n in demands:
@@ -428,10 +433,9 @@ class SwapManager:
                     result.swaps.append(Swap(r, item[0], n, take, "priority"))
                     item[1] -= take
                     need -= take
-            held = self.pool.allocation(r, n)
+            # n is set once per tick and only here: what it holds is still current[n]
             self.pool.set_allocation(r, n, targets[n])
-            used_reason = "forecast"
-            result.changes.append(Change(n, r, held, targets[n], used_reason))
+            result.changes.append(Change(n, r, current[n], targets[n], "forecast"))
 
     def _task(self, name: str) -> ManagedTask:
         try:
