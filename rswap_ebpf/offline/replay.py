@@ -45,7 +45,7 @@ from rswap_ebpf.offline.trace import Trace
 from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.predict.registry import make_forecaster
 from rswap_ebpf.runtime.pipeline import (Allocate, Enforce, Forecasts, Observation, Observe,
-                                         Pipeline, ProfileForecast)
+                                         Pipeline, ProfileForecast, SlotClock)
 from rswap_ebpf.swap.manager import ManagedTask, SwapManager
 
 POLICIES = ("static", "reactive", "vpa", "proactive")
@@ -191,6 +191,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                 drv.apply(cgroups[t], pool.allocation(r, t))
             drv.enforcing = True
     dt = trace.interval
+    clock = SlotClock(dt)  # the recorder's late ticks, as the daemon's, keep the seasons' phase
     predicted: dict[tuple[str, ResourceType], float] = {}
     for i in range(len(trace.times)):
         for drv in drivers.values():
@@ -210,7 +211,7 @@ def _run(trace, policy, spec, totals, headroom, proactive_headroom, window, vpa_
                     s.n_pct += 1
         if policy == "static":
             continue
-        rep = pipe.tick(i + 1, cgroups, priority_of)
+        rep = pipe.tick(i + 1, cgroups, priority_of, slots=clock.slots(trace.times[i]))
         for drv in drivers.values():
             drv.enforcing = True  # the allocation decided now is what each task has next tick
         for t, per_r in rep.forecast.next.items():

@@ -285,16 +285,24 @@ class TaskProfiler:
         """``task``'s profiles, in ``_resources()`` order."""
         return self._by_task.get(task, {})
 
-    def update_prediction(self, task: str, resource: Resource, units: float) -> None:
-        """Feed one observed sample (units used over the last tick)."""
+    def update_prediction(self, task: str, resource: Resource, units: float,
+                          slots: int = 1) -> None:
+        """Feed one observed sample (units used per tick over the last ``slots`` ticks).
+
+        A late tick's rate is learnt once for each tick it covers (at most ``history``), so a
+        season keeps its phase; ``slots`` 0 (a tick in a slot already learnt) learns nothing.
+        """
+        if slots <= 0:
+            return
         prof = self.profile(task, resource)
         resumed = getattr(prof, "resumed_at", None)
         if resumed is not None and self.interval:
             prof.resumed_at = None
             prof.bridge(min(int(round((time.time() - resumed) / self.interval)) - 1, self._history))
-        prof.learn_one(units)
-        if self.store is not None:
-            self._unflushed.append((task, resource, float(units)))
+        for _ in range(min(slots, self._history)):
+            prof.learn_one(units)
+            if self.store is not None:
+                self._unflushed.append((task, resource, float(units)))
 
     # -- persistence ---------------------------------------------------------------------------
     def restore(self, task: str) -> list[Resource]:

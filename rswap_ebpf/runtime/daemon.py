@@ -33,7 +33,7 @@ from rswap_ebpf.runtime.config import Config, check_minimums
 from rswap_ebpf.runtime.fairlock import FairRLock
 from rswap_ebpf.runtime.lifecycle import TaskLifecycle, TaskRuntime
 from rswap_ebpf.runtime.lock import Lock, journal_path, restore_host
-from rswap_ebpf.runtime.pipeline import TickReport
+from rswap_ebpf.runtime.pipeline import SlotClock, TickReport
 from rswap_ebpf.runtime.status import status_path
 from rswap_ebpf.swap.manager import SwapManager
 from rswap_ebpf.swap.policy import StabilityPolicy
@@ -328,6 +328,7 @@ class Daemon:
     def _loop(self, count: int | None) -> None:
         interval = self.config.daemon.interval
         next_at = time.monotonic() + interval
+        clock = SlotClock(interval)
         while not self.stopping and (count is None or self.tick_no < count):
             delay = next_at - time.monotonic()
             while delay > 0 and not self.stopping:
@@ -339,12 +340,13 @@ class Daemon:
             if next_at < time.monotonic():  # we fell behind: do not try to catch up
                 next_at = time.monotonic() + interval
             with self.mutex:
-                report = self.tick()
+                report = self.tick(clock.slots(time.monotonic()))
                 for h in self._started_hooks:
                     h.tick(report)
 
     # -- the tick ----------------------------------------------------------------------------
-    def tick(self) -> TickReport:
+    def tick(self, slots: int = 1) -> TickReport:
+        """One tick; ``slots``: the intervals it stands for by the clock (see SlotClock)."""
         t0 = time.perf_counter()
         self.tick_no += 1
         self.lifecycle.reap_vanished()
@@ -353,7 +355,8 @@ class Daemon:
         live = {n: rt for n, rt in self.tasks.items() if rt.exited is None}
         report = self.pipeline.tick(self.tick_no, {n: rt.cgroup for n, rt in live.items()},
                                     {n: rt.priority for n, rt in live.items()},
-                                    between=lambda obs: self.lifecycle.reap(), started=t0)
+                                    between=lambda obs: self.lifecycle.reap(), started=t0,
+                                    slots=slots)
         for name, per_r in report.observation.usage.items():
             self.tasks[name].usage = per_r
         self.last_report = report

@@ -32,16 +32,48 @@ log = logging.getLogger(__name__)
 PerTask = dict[str, dict[Resource, float]]
 
 
+class SlotClock:
+    """Counts the ticks of the wall clock each observation stands for.
+
+    Seasonal models count phase in samples.  A tick that comes late (a loaded host, a slow
+    driver) measures a rate over several intervals but is one sample, and the daemon does not
+    catch up: each late tick moves every season's phase by the ticks it skipped, so a burst
+    that repeats every 120 s by the clock comes back 199-241 samples apart in a 240-tick season.
+    The clock keeps a grid of ``interval``-wide slots from the first observation: each
+    observation fills the slots up to the grid point nearest to it, so profiles learn a late
+    tick's rate once per slot it covered, and a tick that falls in a slot already filled is not
+    learnt again.  The grid moves only in whole slots, so jitter never accumulates.
+    """
+
+    def __init__(self, interval: float):
+        if not interval > 0:
+            raise ValueError("interval must be positive")
+        self.interval = float(interval)
+        self._at: float | None = None
+
+    def slots(self, now: float) -> int:
+        """Slots from the last observation's to ``now``'s (1 for the first observation)."""
+        if self._at is None:
+            self._at = now
+            return 1
+        n = max(0, math.floor((now - self._at) / self.interval + 0.5))
+        self._at += n * self.interval
+        return n
+
+
 @dataclass(frozen=True)
 class Observation:
     """What the drivers read this tick, per task: ``usage`` as measured, ``observed`` the demand
-    the manager learns from (use, or more where the cap held the task down)."""
+    the manager learns from (use, or more where the cap held the task down).  ``slots``: how
+    many ticks of the wall clock it stands for (:class:`SlotClock`): 1 on time, more for a late
+    tick, 0 for one that came in the slot the previous tick already filled."""
 
     tick: int
     tasks: Mapping[str, TaskCgroup]
     priorities: Mapping[str, str]
     usage: PerTask
     observed: PerTask
+    slots: int = 1
 
     def without(self, gone: Iterable[str]) -> Observation:
         gone = set(gone)
@@ -50,7 +82,8 @@ class Observation:
         keep = [n for n in self.tasks if n not in gone]
         return Observation(self.tick, {n: self.tasks[n] for n in keep},
                            {n: self.priorities[n] for n in keep if n in self.priorities},
-                           {n: self.usage[n] for n in keep}, {n: self.observed[n] for n in keep})
+                           {n: self.usage[n] for n in keep}, {n: self.observed[n] for n in keep},
+                           self.slots)
 
 
 @dataclass(frozen=True)
@@ -100,7 +133,7 @@ class Observe:
         self.drivers, self.pool, self.manager, self.on_drops = drivers, pool, manager, on_drops
 
     def __call__(self, tick: int, tasks: Mapping[str, TaskCgroup],
-                 priorities: Mapping[str, str]) -> Observation:
+                 priorities: Mapping[str, str], slots: int = 1) -> Observation:
         usage: PerTask = {n: {} for n in tasks}
         observed: PerTask = {n: {} for n in tasks}
         for r, d in self.drivers.items():
@@ -116,7 +149,7 @@ class Observe:
                 usage.setdefault(name, {})[r] = units
                 observed.setdefault(name, {})[r] = self.manager.observed_demand(
                     name, r, units, capped.get(name), held_back.get(name))
-        return Observation(tick, tasks, priorities, usage, observed)
+        return Observation(tick, tasks, priorities, usage, observed, slots)
 
 
 class ProfileForecast:
@@ -146,7 +179,7 @@ class ProfileForecast:
         floors: dict[tuple[str, Resource], float] = {}
         for name, per_r in obs.observed.items():
             for r, units in per_r.items():
-                self.profiler.update_prediction(name, r, units)
+                self.profiler.update_prediction(name, r, units, obs.slots)
         for name in obs.observed:
             tf = self.for_task(name, obs.priorities.get(name, "normal"))
             peak[name], nxt[name], models[name] = tf.peak, tf.next, tf.models
@@ -268,9 +301,9 @@ class Pipeline:
 
     def tick(self, tick: int, tasks: Mapping[str, TaskCgroup], priorities: Mapping[str, str],
              between: Callable[[Observation], Iterable[str]] | None = None,
-             started: float | None = None) -> TickReport:
+             started: float | None = None, slots: int = 1) -> TickReport:
         t0 = time.perf_counter() if started is None else started
-        seen = obs = self.observe(tick, tasks, priorities)
+        seen = obs = self.observe(tick, tasks, priorities, slots)
         if between is not None:
             obs = obs.without(between(obs))
         fc = self.forecast(obs)

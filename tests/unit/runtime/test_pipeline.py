@@ -161,3 +161,35 @@ def test_observation_without_drops_only_the_named_tasks():
     assert obs.without([]) is obs
     kept = obs.without(["b"])
     assert list(kept.tasks) == ["a"] and list(kept.observed) == ["a"] and kept.tick == 1
+
+
+def test_the_slot_clock_counts_ticks_of_the_wall_clock():
+    clock = pipeline.SlotClock(0.5)
+    assert clock.slots(100.0) == 1                      # the first observation
+    assert clock.slots(100.52) == 1                     # on time, a little late
+    assert clock.slots(102.03) == 3                     # 1.5 s late: three slots
+    assert clock.slots(102.05) == 0                     # in the slot just filled
+    assert clock.slots(102.5) == 1
+    # jitter never accumulates: over many ticks, late by up to 0.2 s each, the slots add up to
+    # the intervals elapsed
+    t, total = 102.5, 0
+    for i in range(1000):
+        t += 0.5 + (0.2 if i % 3 == 0 else -0.1)
+        total += clock.slots(t)
+    assert total == round((t - 102.5) / 0.5)
+    with pytest.raises(ValueError):
+        pipeline.SlotClock(0)
+
+
+def test_a_late_tick_is_learnt_once_per_slot_it_covers():
+    usage = [{"web": 100, "batch": 500}] * 4
+    cpu = FakeCpu(usage)
+    pipe, pool, cgroups, prios = _host([cpu], TWO)
+    profiler = pipe.forecast.profiler
+    pipe.tick(1, cgroups, prios)
+    assert len(profiler.profiles[("web", CPU)].history) == 1
+    pipe.tick(2, cgroups, prios, slots=3)               # came two intervals late
+    assert len(profiler.profiles[("web", CPU)].history) == 4
+    rep = pipe.tick(3, cgroups, prios, slots=0)         # early: its slot is learnt already
+    assert len(profiler.profiles[("web", CPU)].history) == 4
+    assert rep.observation.slots == 0 and rep.forecast.peak["web"][CPU] == pytest.approx(100)
