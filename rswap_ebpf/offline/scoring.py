@@ -40,19 +40,25 @@ from rswap_ebpf.offline.replay import (ENFORCED_FLOOR, KERNEL_READS, ReplayResul
 from rswap_ebpf.offline.trace import Trace
 from rswap_ebpf.predict.period import detect_long
 from rswap_ebpf.predict.registry import make_forecaster
+from rswap_ebpf.runtime.pipeline import SlotClock
 
 
 def one_step_mae(spec, series: Sequence[float], scale: float, keep: list | None = None,
-                 tick_s: float | None = None) -> float | None:
+                 tick_s: float | None = None,
+                 times: Sequence[float] | None = None) -> float | None:
     """The MAE of ``spec``'s 1-tick-ahead forecasts over ``series`` (learning as it goes);
-    the forecaster is appended to ``keep`` where given (to read what it ended on)."""
+    the forecaster is appended to ``keep`` where given (to read what it ended on).  With the
+    samples' ``times`` (and ``tick_s``), each sample is learnt once per slot of the clock it
+    covers, as the replay's profiles learn it (:class:`~rswap_ebpf.runtime.pipeline.SlotClock`)."""
     f = make_forecaster(spec, scale=scale, tick_s=tick_s)
+    clock = SlotClock(tick_s) if times is not None and tick_s else None
     err, n = 0.0, 0
     for i, y in enumerate(series):
         if i:
             err += abs(y - f.forecast(1)[0])
             n += 1
-        f.learn_one(y)
+        for _ in range(clock.slots(times[i]) if clock is not None else 1):
+            f.learn_one(y)
     if keep is not None:
         keep.append(f)
     return err / n if n else None
@@ -112,8 +118,10 @@ def score(result: ReplayResult, frontier: dict | None, spec=None,
             p = (periods or {}).get(task) or true_period(series)
             given[task] = p
             kept: list = []
-            chosen = one_step_mae(_point_spec(spec), series, totals[r], kept, trace.interval)
-            sn = one_step_mae({"name": "seasonal_naive", "period": max(1, p)}, series, totals[r])
+            chosen = one_step_mae(_point_spec(spec), series, totals[r], kept, trace.interval,
+                                  trace.times)
+            sn = one_step_mae({"name": "seasonal_naive", "period": max(1, p)}, series, totals[r],
+                              tick_s=trace.interval, times=trace.times)
             entry: dict = {"mae": {"chosen": _num(chosen), "seasonal_naive": _num(sn),
                                    "period": p, "chosen_ended_on": _ended_on(kept[0])}}
             s = runs.get(key)
