@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rswap_ebpf.errors import ConfigError, ResourceError
@@ -392,6 +392,37 @@ class ResourcePool:
                 info.allocations.pop(task, None)
             else:
                 info.allocations[task] = units
+
+    def allocated(self, rtype: Resource) -> int:
+        """Units of ``rtype`` held by all tasks together."""
+        with self._lock:
+            return self._info(rtype).allocated_units
+
+    def assign(self, rtype: Resource, pairs: Sequence[tuple[str, int]]) -> None:
+        """``set_allocation`` for each ``(task, units)`` in turn, checked as one change: every
+        value a unit count, and what the pool then holds within its total; nothing changes if
+        not.  0 removes the task, as there."""
+        if not pairs:
+            return
+        with self._lock:
+            info = self._info(rtype)
+            alloc = info.allocations
+            final = dict(pairs)
+            for task, units in final.items():
+                if type(units) is not int or not 0 <= units <= MAX_UNITS:
+                    final[task] = check_units(units, f"{rtype.key}.allocation")
+            after = alloc.allocated + sum(final.values()) - sum(alloc.get(t, 0) for t in final)
+            if after > info.total_units:
+                raise ResourceError(f"{rtype.key}: {after} {rtype.unit} would be allocated, "
+                                    f"more than the total {info.total_units}")
+            pop, put = dict.pop, dict.__setitem__
+            for task, _ in pairs:
+                units = final[task]
+                if units == 0:
+                    pop(alloc, task, None)
+                else:
+                    put(alloc, task, units)
+            alloc.allocated = after
 
     def transfer(self, rtype: Resource, source: str, target: str, units: int) -> None:
         """Move ``units`` from ``source`` to ``target`` atomically."""

@@ -16,9 +16,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from rswap_ebpf.errors import ConfigError, ResourceError
 from rswap_ebpf.model.limits import Limits, Priority
 from rswap_ebpf.model.resources import Resource, ResourcePool, check_units
+from rswap_ebpf.swap import columns
+from rswap_ebpf.swap.policy import StabilityPolicy
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +318,11 @@ class SwapManager:
         usage = observed or {}
         rel = releases or {}
         result = AllocationResult()
+        cols = self._columns()
         for r in self.pool.types():
+            if cols is not None and columns.allocate(self, r, *cols, forecasts, usage, rel,
+                                                     result):
+                continue
             demands: dict[str, int] = {}
             for name in self.tasks:
                 f = forecasts.get(name, {}).get(r)
@@ -346,15 +354,48 @@ class SwapManager:
         self._record(result)
         return result
 
+    #: from this many tasks on, a resource is allocated over numpy columns (swap/columns.py:
+    #: the same answer); below it the per-task loop is quicker
+    COLUMNS_FROM = 64
+
+    def _columns(self):
+        """(names, tasks, name rank, priorities) for ``columns.allocate``, or None where the loop
+        must run: few tasks, a policy other than StabilityPolicy, or a subclass that changes
+        how demands, shares or changes are made."""
+        if len(self.tasks) < self.COLUMNS_FROM:
+            return None
+        if self.policy is not None and type(self.policy) is not StabilityPolicy:
+            return None
+        cls = type(self)
+        if any(getattr(cls, m) is not getattr(SwapManager, m)
+               for m in ("demand", "_share", "_apply_targets")):
+            return None
+        names = list(self.tasks)
+        tasks = list(self.tasks.values())
+        rank = np.empty(len(names), dtype=np.int64)
+        rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
+        prio = np.fromiter((int(t.priority) for t in tasks), dtype=np.int64, count=len(tasks))
+        return names, tasks, rank, prio
+
     def _record(self, result: AllocationResult) -> None:
         now = time.time()
-        for ch in result.changes:
-            self.swap_log.append(SwapRecord(now, "change", ch.resource, ch.task, ch.old, ch.new,
-                                            ch.reason))
+        changes, swaps = result.changes, result.swaps
+        keep = self.swap_log.maxlen
+        if keep is not None:  # only the last ``keep`` records stay: make no more than those
+            n_sw = min(len(swaps), keep)
+            n_ch = min(len(changes), keep - n_sw)
+            kept_ch, kept_sw = changes[len(changes) - n_ch:], swaps[len(swaps) - n_sw:]
+        else:
+            kept_ch, kept_sw = changes, swaps
+        self.swap_log.extend([SwapRecord(now, "change", ch.resource, ch.task, ch.old, ch.new,
+                                         ch.reason) for ch in kept_ch])
+        self.swap_log.extend([SwapRecord(now, "swap", sw.resource, sw.target, 0, sw.units,
+                                         sw.reason, sw.source) for sw in kept_sw])
+        if not log.isEnabledFor(logging.INFO):
+            return
+        for ch in changes:
             log.info("%s %s %d->%d (%s)", ch.task, ch.resource.key, ch.old, ch.new, ch.reason)
-        for sw in result.swaps:
-            self.swap_log.append(SwapRecord(now, "swap", sw.resource, sw.target, 0, sw.units,
-                                            sw.reason, sw.source))
+        for sw in swaps:
             log.info("%s took %d %s from %s (%s)", sw.target, sw.units, sw.resource.key,
                      sw.source, sw.reason)
 

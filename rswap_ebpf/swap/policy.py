@@ -21,8 +21,10 @@ guarantees (tiers, minimums, max-min fairness, pool invariants) hold whatever it
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.model.resources import ResourceType
@@ -74,6 +76,33 @@ class StabilityPolicy:
             out[name] = max(want, now - self._step(self.max_step_down, total))
         for key in [k for k in self._low_for if k[1] == r and k[0] not in demands]:
             del self._low_for[key]
+        return out
+
+    def adjust_columns(self, r: ResourceType, total: int, names: Sequence[str],
+                       demands: np.ndarray, held: np.ndarray) -> np.ndarray:
+        """:meth:`adjust` over columns: ``demands`` and ``held`` are int64 arrays in ``names``
+        order (integers below 2**53, where their comparisons with floats are exact); the
+        demands to share in the same order, and the same counters kept."""
+        want, now = demands, held
+        rise = want >= now
+        band = ~rise & ((now - want) <= self.deadband * now)
+        falls = np.flatnonzero(~rise & ~band)
+        out = want.copy()
+        if self.max_step_up is not None:
+            m = rise & (now > 0)
+            out[m] = np.minimum(want[m], now[m] + self._step(self.max_step_up, total))
+        out[band] = now[band]
+        old = {}
+        for key in [k for k in self._low_for if k[1] == r]:
+            old[key[0]] = self._low_for.pop(key)
+        if falls.size:
+            fall_names = [names[i] for i in falls.tolist()]
+            lows = [old.get(n, 0) + 1 for n in fall_names]
+            self._low_for.update(zip([(n, r) for n in fall_names], lows))
+            held_on = np.array(lows, dtype=np.int64) <= self.hold_ticks
+            step = self._step(self.max_step_down, total)
+            out[falls] = np.where(held_on, now[falls],
+                                  np.maximum(want[falls], now[falls] - step))
         return out
 
     def forget(self, task: str) -> None:
