@@ -366,27 +366,51 @@ class FileApplier:
                 continue
             if path in self.overridden:
                 continue
+            # read, write and read back through one descriptor: opening is most of what a
+            # write costs; a file that will not open for both goes the three-open way
             try:
-                now = _read(path)
-            except OSError as err:
-                raise EnforceError(path, f"cannot read: {err.strerror}") from err
-            last = self._last.get(path)
-            if last is not None and now != last:
-                log.warning("%s was changed by hand (%r, rswap wrote %r): leaving it alone",
-                            path, now, last)
-                self.overridden.add(path)
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                if self._apply_one(path, value, None):
+                    done.append((path, value))
                 continue
-            if now == value:
-                self._last[path] = value
-                continue
-            self.journal.record_write(path)
             try:
-                write_file(path, value)
-            except OSError as err:
-                raise EnforceError(path, f"cannot write {value!r}: {err.strerror}") from err
-            self._last[path] = _read(path)
-            done.append((path, value))
+                if self._apply_one(path, value, fd):
+                    done.append((path, value))
+            finally:
+                os.close(fd)
         return done
+
+    def _apply_one(self, path: str, value: str, fd: int | None) -> bool:
+        """Read ``path``, back off from a hand edit, write ``value``, keep what the kernel
+        shows; True if written.  ``fd``: the file open for reading and writing (else None)."""
+        size = [0]  # bytes the file held before: a longer write needs no truncation first
+        try:
+            now = _read(path) if fd is None else _pread(path, fd, size)
+        except OSError as err:
+            raise EnforceError(path, f"cannot read: {err.strerror}") from err
+        last = self._last.get(path)
+        if last is not None and now != last:
+            log.warning("%s was changed by hand (%r, rswap wrote %r): leaving it alone",
+                        path, now, last)
+            self.overridden.add(path)
+            return False
+        if now == value:
+            self._last[path] = value
+            return False
+        self.journal.record_write(path)
+        try:
+            if fd is None:
+                write_file(path, value)
+            else:  # as write_file: truncated, then one write(2)
+                data = (value or "\n").encode()
+                if len(data) < size[0]:
+                    os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+        except OSError as err:
+            raise EnforceError(path, f"cannot write {value!r}: {err.strerror}") from err
+        self._last[path] = _read(path) if fd is None else _pread(path, fd)
+        return True
 
     def forget(self, prefixes: tuple[str, ...]) -> None:
         """A task has left: what rswap wrote below ``prefixes`` is no longer watched."""
@@ -402,17 +426,25 @@ def _read(path: str) -> str:
     again the text-mode way, so the answer is the same as ``open(path).read().strip()``."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.read(fd, _READ_CHUNK)
-        if len(data) == _READ_CHUNK:
-            chunks = [data]
-            while True:
-                more = os.read(fd, _READ_CHUNK)
-                if not more:
-                    break
-                chunks.append(more)
-            data = b"".join(chunks)
+        return _pread(path, fd)
     finally:
         os.close(fd)
+
+
+def _pread(path: str, fd: int, size: list[int] | None = None) -> str:
+    """:func:`_read` through ``fd``, open on ``path``, from its start (a cgroup file shows
+    its value again on each read from 0); ``size[0]`` is set to the bytes read."""
+    data = os.pread(fd, _READ_CHUNK, 0)
+    if len(data) == _READ_CHUNK:
+        chunks = [data]
+        while True:
+            more = os.pread(fd, _READ_CHUNK, sum(map(len, chunks)))
+            if not more:
+                break
+            chunks.append(more)
+        data = b"".join(chunks)
+    if size is not None:
+        size[0] = len(data)
     if data.isascii() and b"\r" not in data:
         return data.decode("ascii").strip()
     with open(path) as f:
