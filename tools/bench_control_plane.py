@@ -46,6 +46,7 @@ from rswap_ebpf.swap.policy import StabilityPolicy  # noqa: E402
 from rswap_ebpf.host.cgroup import FileApplier  # noqa: E402
 from rswap_ebpf.host.journal import Journal  # noqa: E402
 from rswap_ebpf.runtime.config import DaemonConfig  # noqa: E402
+from rswap_ebpf.runtime.gcpolicy import GcPolicy  # noqa: E402
 from rswap_ebpf.runtime.pipeline import Allocate, Observation, ProfileForecast  # noqa: E402
 
 CPU = ResourceType.PROCESSOR_CYCLES
@@ -100,6 +101,7 @@ class _ScaleDriver:
     def __init__(self, r, mean: float, fname: str, root: str, applier: FileApplier):
         self.r, self.mean, self.fname, self.root, self.applier = r, mean, fname, root, applier
         self.rng = random.Random(mean)
+        self.paths: dict[str, str] = {}
 
     def drain(self, tick: int, cgroup_ids: dict[str, int]) -> dict[int, float]:
         """A node where one task in ten swings (a sine of period ~19 ticks, +-50 %) and the
@@ -113,7 +115,10 @@ class _ScaleDriver:
         return {name: drained.get(cg, 0.0) for name, cg in cgroup_ids.items()}
 
     def apply(self, task: str, units: int) -> None:
-        self.applier.apply([(os.path.join(self.root, task, self.fname), str(units))])
+        path = self.paths.get(task)
+        if path is None:  # a driver knows its task's cgroup directory
+            path = self.paths[task] = os.path.join(self.root, task, self.fname)
+        self.applier.apply([(path, str(units))])
 
 
 def control_plane_scale(n_tasks: int, ticks: int) -> dict[str, float]:
@@ -155,15 +160,18 @@ def control_plane_scale(n_tasks: int, ticks: int) -> dict[str, float]:
         steps = {"drain": [], "forecast": [], "allocate": [], "enforce": [], "tick": [],
                  "changes": []}
         by_r = {d.r: d for d in drivers}
+        collector = GcPolicy()  # as the daemon's loop runs it
+        collector.start()
         for tick in range(ticks):
             t0 = time.perf_counter()
             usage: dict[str, dict] = {n: {} for n in cgroup_ids}
             observed: dict[str, dict] = {n: {} for n in cgroup_ids}
             for d in drivers:
                 used = d.measure(d.drain(tick, cgroup_ids), cgroup_ids)
+                seen = mgr.observed_demands(d.r, used)
                 for name, units in used.items():
                     usage[name][d.r] = units
-                    observed[name][d.r] = mgr.observed_demand(name, d.r, units)
+                    observed[name][d.r] = seen[name]
             obs = Observation(tick, {}, priorities, usage, observed)
             t1 = time.perf_counter()
             fc = forecast(obs)
@@ -177,6 +185,7 @@ def control_plane_scale(n_tasks: int, ticks: int) -> dict[str, float]:
                             (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
                 steps[k].append(v * 1e3)
             steps["changes"].append(len(result.changes))
+            collector.after_tick(len(prof.profiles))
         out = {k: sorted(v)[len(v) // 2] for k, v in steps.items()}
         # steady state: the first ticks allocate from nothing and write every file
         out["first_tick_ms"] = steps["tick"][0]

@@ -9,7 +9,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from rswap_ebpf.model.resources import Resource, ResourceId, ResourceType, parse_resource
@@ -152,9 +152,10 @@ class TaskProfile:
             err = abs(y - self._next)
             self.mae = err if self.mae is None else (
                 (1 - self.error_alpha) * self.mae + self.error_alpha * err)
-        self.history.append(float(y))
-        self.peak = max(self.peak, float(y))
-        self.forecaster.learn_one(float(y))
+        self.history.append(y)
+        if y > self.peak:
+            self.peak = y
+        self.forecaster.learn_one(y)
         self._next = self.forecaster.forecast(1)[0]
 
     #: a forecast is at most this many times the largest sample ever seen (plus one unit)
@@ -180,10 +181,14 @@ class TaskProfile:
         if not self.history:
             return [0.0] * horizon
         bound = self.bound()
+        raw = self.forecaster.forecast(horizon)
+        # the common case, every value finite (a nan or inf makes the sum so) and inside
+        # (0, bound]: kept as it is, which is what the clamps below would give
+        if raw and min(raw) > 0.0 and max(raw) <= bound and math.isfinite(sum(raw)):
+            return list(raw)
         last = min(self.history[-1], bound)
         isfinite = math.isfinite
-        return [min(max(0.0, v), bound) if isfinite(v) else last
-                for v in self.forecaster.forecast(horizon)]
+        return [min(max(0.0, v), bound) if isfinite(v) else last for v in raw]
 
     def bridge(self, ticks: int) -> None:
         """Carry the forecaster across ``ticks`` unobserved ticks (rswap was not running).
@@ -303,6 +308,42 @@ class TaskProfiler:
             prof.learn_one(units)
             if self.store is not None:
                 self._unflushed.append((task, resource, float(units)))
+
+    def update_many(self, samples: Mapping[str, Mapping[Resource, float]], slots: int = 1) -> None:
+        """:meth:`update_prediction` for every ``{task: {resource: units}}`` of one tick, in
+        that order: the same samples learnt, once per slot the tick stands for."""
+        if slots <= 0:
+            return
+        times = min(slots, self._history)
+        by_task, store, interval = self._by_task, self.store, self.interval
+        unflushed = self._unflushed
+        for task, per_r in samples.items():
+            mine = by_task.get(task)
+            for r, units in per_r.items():
+                prof = mine.get(r) if mine is not None else None
+                if prof is None:
+                    prof = self.profile(task, r)
+                    mine = by_task.get(task)
+                if interval and getattr(prof, "resumed_at", None) is not None:
+                    self.update_prediction(task, r, units, slots)
+                    continue
+                for _ in range(times):
+                    prof.learn_one(units)
+                    if store is not None:
+                        unflushed.append((task, r, float(units)))
+
+    def forecast_peaks(self, task: str, window: int) -> tuple[dict, dict, dict]:
+        """Per resource, the peak of ``task``'s forecast over ``window`` ticks, its next tick
+        and the serving model: :meth:`get_predicted_needs`'s ``peak``, ``series[0]`` and
+        ``model``, without the rest of a :class:`Prediction`."""
+        horizon = max(1, window)
+        peak, nxt, models = {}, {}, {}
+        for r, prof in self._of(task).items():
+            series = prof.forecast(horizon)
+            peak[r] = max(series)
+            nxt[r] = series[0]
+            models[r] = prof.model_name
+        return peak, nxt, models
 
     # -- persistence ---------------------------------------------------------------------------
     def restore(self, task: str) -> list[Resource]:

@@ -31,6 +31,7 @@ from rswap_ebpf.runtime import pipeline as pipelinemod
 from rswap_ebpf.runtime import status as statusmod
 from rswap_ebpf.runtime.config import Config, check_minimums
 from rswap_ebpf.runtime.fairlock import FairRLock
+from rswap_ebpf.runtime.gcpolicy import GcPolicy
 from rswap_ebpf.runtime.lifecycle import TaskLifecycle, TaskRuntime
 from rswap_ebpf.runtime.lock import Lock, journal_path, restore_host
 from rswap_ebpf.runtime.pipeline import SlotClock, TickReport
@@ -329,6 +330,8 @@ class Daemon:
         interval = self.config.daemon.interval
         next_at = time.monotonic() + interval
         clock = SlotClock(interval)
+        collector = GcPolicy()
+        collector.start()
         while not self.stopping and (count is None or self.tick_no < count):
             delay = next_at - time.monotonic()
             while delay > 0 and not self.stopping:
@@ -343,6 +346,7 @@ class Daemon:
                 report = self.tick(clock.slots(time.monotonic()))
                 for h in self._started_hooks:
                     h.tick(report)
+            collector.after_tick(len(self.profiler.profiles))
 
     # -- the tick ----------------------------------------------------------------------------
     def tick(self, slots: int = 1) -> TickReport:

@@ -143,12 +143,11 @@ class Observe:
             measured = d.measure(tasks)
             if isinstance(d, ReportsDrops) and self.on_drops is not None and d.last_dropped:
                 self.on_drops(r, d.last_dropped)
-            capped = d.censored(tasks)
-            held_back = d.withheld(tasks)
+            seen = self.manager.observed_demands(r, measured, d.censored(tasks),
+                                                 d.withheld(tasks))
             for name, units in measured.items():
                 usage.setdefault(name, {})[r] = units
-                observed.setdefault(name, {})[r] = self.manager.observed_demand(
-                    name, r, units, capped.get(name), held_back.get(name))
+                observed.setdefault(name, {})[r] = seen[name]
         return Observation(tick, tasks, priorities, usage, observed, slots)
 
 
@@ -177,13 +176,17 @@ class ProfileForecast:
         models: dict[str, dict[Resource, str]] = {}
         releases: dict[str, dict[Resource, float]] = {}
         floors: dict[tuple[str, Resource], float] = {}
-        for name, per_r in obs.observed.items():
-            for r, units in per_r.items():
-                self.profiler.update_prediction(name, r, units, obs.slots)
+        self.profiler.update_many(obs.observed, obs.slots)
+        plain = not self.critical_floor
+        prios = obs.priorities
         for name in obs.observed:
-            tf = self.for_task(name, obs.priorities.get(name, "normal"))
-            peak[name], nxt[name], models[name] = tf.peak, tf.next, tf.models
-            floors.update({(name, r): v for r, v in tf.floors.items()})
+            if plain or prios.get(name, "normal") != "critical":
+                peak[name], nxt[name], models[name] = self.profiler.forecast_peaks(
+                    name, self.window)
+            else:
+                tf = self.for_task(name, "critical")
+                peak[name], nxt[name], models[name] = tf.peak, tf.next, tf.models
+                floors.update({(name, r): v for r, v in tf.floors.items()})
             releases[name] = self.profiler.releases(name)
         try:
             self.profiler.flush(time.time())
@@ -193,10 +196,7 @@ class ProfileForecast:
 
     def for_task(self, name: str, priority: str) -> TaskForecast:
         if priority != "critical" or not self.critical_floor:
-            preds = self.profiler.get_predicted_needs(name, self.window)
-            return TaskForecast({r: p.peak for r, p in preds.items()},
-                                {r: p.series[0] for r, p in preds.items()},
-                                {r: p.model for r, p in preds.items()})
+            return TaskForecast(*self.profiler.forecast_peaks(name, self.window))
         out = TaskForecast()
         for r in self.pool.types():
             prof = self.profiler.profiles.get((name, r))

@@ -282,6 +282,32 @@ class SwapManager:
             want = min(max(held, used, 1) * self.growth, self.pool.total(resource))
         return max(used, min(want, limit) if limit is not None else want)
 
+    def observed_demands(self, resource: Resource, used: Mapping[str, float],
+                         censored: Mapping[str, bool] | None = None,
+                         withheld: Mapping[str, float] | None = None) -> dict[str, float]:
+        """:meth:`observed_demand` of every task in ``used`` (task -> units), with the kernel's
+        ``censored``/``withheld`` per task where the driver has them."""
+        if type(self).observed_demand is not _OWN["observed_demand"]:
+            return {n: self.observed_demand(n, resource, u, (censored or {}).get(n),
+                                            (withheld or {}).get(n)) for n, u in used.items()}
+        held = self.pool.allocations(resource) if resource in self.pool else {}
+        sat, judged, out = self.saturation, self._judged, {}
+        for name, units in used.items():
+            flag = censored.get(name) if censored else None
+            if flag is None:
+                judged.add((name, resource))
+                h = held.get(name, 0)
+                if not (h > 0 and units >= sat * h):
+                    out[name] = units
+                    continue
+            elif not flag:
+                judged.discard((name, resource))
+                out[name] = units
+                continue
+            out[name] = self.observed_demand(name, resource, units, flag,
+                                             withheld.get(name) if withheld else None)
+        return out
+
     def demand(self, task: str, resource: Resource, forecast: float,
                observed: float | None = None) -> int:
         """Forecast plus headroom, at least the observed demand, clamped to the task's limits.
@@ -367,8 +393,7 @@ class SwapManager:
         if self.policy is not None and type(self.policy) is not StabilityPolicy:
             return None
         cls = type(self)
-        if any(getattr(cls, m) is not getattr(SwapManager, m)
-               for m in ("demand", "_share", "_apply_targets")):
+        if any(getattr(cls, m) is not _OWN[m] for m in ("demand", "_share", "_apply_targets")):
             return None
         names = list(self.tasks)
         tasks = list(self.tasks.values())
@@ -483,3 +508,9 @@ class SwapManager:
             return self.tasks[name]
         except KeyError:
             raise ResourceError(f"no task named {name!r}; add it first") from None
+
+
+#: the manager's own methods, as defined here: a subclass (or a test's stand-in) that replaces
+#: one of them gets the per-task loop that calls it
+_OWN = {m: SwapManager.__dict__[m]
+        for m in ("observed_demand", "demand", "_share", "_apply_targets")}
