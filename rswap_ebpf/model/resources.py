@@ -20,6 +20,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from rswap_ebpf.errors import ConfigError, ResourceError
 
@@ -398,30 +399,28 @@ class ResourcePool:
         with self._lock:
             return self._info(rtype).allocated_units
 
-    def assign(self, rtype: Resource, pairs: Sequence[tuple[str, int]]) -> None:
-        """``set_allocation`` for each ``(task, units)`` in turn, checked as one change: every
-        value a unit count, and what the pool then holds within its total; nothing changes if
-        not.  0 removes the task, as there."""
-        if not pairs:
+    def assign(self, rtype: Resource, tasks: Sequence[str], units: Sequence[int]) -> None:
+        """``set_allocation(rtype, tasks[i], units[i])`` for each ``i`` in turn (each task once),
+        checked as one change: every value a unit count, and what the pool then holds within
+        its total; nothing changes if not.  0 removes the task, as there."""
+        if not tasks:
             return
+        units = list(units)
+        if set(map(type, units)) != {int} or min(units) < 0 or max(units) > MAX_UNITS:
+            units = [check_units(u, f"{rtype.key}.allocation") for u in units]
         with self._lock:
             info = self._info(rtype)
             alloc = info.allocations
-            final = dict(pairs)
-            for task, units in final.items():
-                if type(units) is not int or not 0 <= units <= MAX_UNITS:
-                    final[task] = check_units(units, f"{rtype.key}.allocation")
-            after = alloc.allocated + sum(final.values()) - sum(alloc.get(t, 0) for t in final)
+            after = alloc.allocated + sum(units) - sum(map(alloc.get, tasks, repeat(0)))
             if after > info.total_units:
                 raise ResourceError(f"{rtype.key}: {after} {rtype.unit} would be allocated, "
                                     f"more than the total {info.total_units}")
-            pop, put = dict.pop, dict.__setitem__
-            for task, _ in pairs:
-                units = final[task]
-                if units == 0:
-                    pop(alloc, task, None)
-                else:
-                    put(alloc, task, units)
+            # as one set_allocation after another: a task set keeps its place or comes last,
+            # one set to 0 leaves
+            dict.update(alloc, zip(tasks, units))
+            for task, u in zip(tasks, units):
+                if not u:
+                    dict.pop(alloc, task)
             alloc.allocated = after
 
     def transfer(self, rtype: Resource, source: str, target: str, units: int) -> None:

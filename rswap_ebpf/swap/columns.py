@@ -15,6 +15,7 @@ or a value is of a kind it does not model; the manager then runs its loop for th
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -27,22 +28,76 @@ EXACT = float(2**53)
 _EMPTY: Mapping = {}
 
 
-def allocate(mgr, r, names: Sequence[str], tasks: Sequence, rank: np.ndarray,
-             prio: np.ndarray, forecasts, usage, rel, result) -> bool:
+class TaskColumns:
+    """The manager's tasks as columns: names, tasks, each one's place in name order, its
+    priority and, per resource, its limits.  Built when the task set changes (tasks are
+    frozen: the same objects have the same limits), kept while it does not."""
+
+    def __init__(self, names: list[str], tasks: list):
+        self.names, self.tasks = names, tasks
+        order = sorted(range(len(names)), key=names.__getitem__)
+        self.rank = np.empty(len(names), dtype=np.int64)
+        self.rank[order] = np.arange(len(names))
+        self.prio = np.fromiter((int(t.priority) for t in tasks), dtype=np.int64,
+                                count=len(tasks))
+        self._limits: dict = {}
+        self._keys: dict = {}
+
+    def same(self, names: list[str], tasks: list) -> bool:
+        return names == self.names and len(tasks) == len(self.tasks) and \
+            all(map(operator.is_, tasks, self.tasks))
+
+    def keys(self, r) -> list:
+        """``(name, r)`` for every task: the keys of the result's demands and the judged set."""
+        keys = self._keys.get(r)
+        if keys is None:
+            keys = self._keys[r] = [(n, r) for n in self.names]
+        return keys
+
+    def transpose(self, per_task: Mapping, resources: Sequence) -> dict:
+        """``{task: {resource: value}}`` as ``{resource: [value or None per task]}``."""
+        rows = [list(map(per_task.get(n, _EMPTY).get, resources)) for n in self.names]
+        if not rows:
+            return {r: [] for r in resources}
+        return dict(zip(resources, map(list, zip(*rows))))
+
+    def limits(self, r):
+        """(names r, min_units, max_units or -1) per task: r in its limits, and its bounds."""
+        cached = self._limits.get(r)
+        if cached is None:
+            lims = [t.limits.get(r) for t in self.tasks]
+            has = np.fromiter((lim is not None for lim in lims), dtype=bool, count=len(lims))
+            try:
+                lo = np.array([lim.min_units if lim is not None else 0 for lim in lims],
+                              dtype=np.int64)
+                hi = np.array([-1 if lim is None or lim.max_units is None else lim.max_units
+                               for lim in lims], dtype=np.int64)
+            except (OverflowError, TypeError, ValueError):
+                lo = hi = None
+            cached = self._limits[r] = (has, lo, hi)
+        return cached
+
+
+def allocate(mgr, r, cols: TaskColumns, fl: list, seen: list, rel, result) -> bool:
     """Allocate ``r`` as ``SwapManager.proactive_allocation``'s loop does; False if it could not
-    (nothing changed then).  ``names``/``tasks``: the manager's tasks in order; ``rank``: each
-    task's position in name order; ``prio``: each task's priority value."""
-    fl = [forecasts.get(n, _EMPTY).get(r) for n in names]
-    inc = [i for i, (f, t) in enumerate(zip(fl, tasks)) if f is not None or r in t.limits]
-    if len(inc) != len(names):
-        names = [names[i] for i in inc]
-        tasks = [tasks[i] for i in inc]
-        fl = [fl[i] for i in inc]
-        idx = np.asarray(inc, dtype=np.intp)
-        rank, prio = rank[idx], prio[idx]
+    (nothing changed then).  ``fl``, ``seen``: each task's forecast and observed demand of
+    ``r`` (None: none), in ``cols`` order (:meth:`TaskColumns.transpose`)."""
+    has, lo, hi = cols.limits(r)
+    if lo is None:
+        return False
+    names, rank, prio, keys = cols.names, cols.rank, cols.prio, cols.keys(r)
+    if None in fl:
+        inc = np.flatnonzero(np.fromiter((f is not None for f in fl), dtype=bool,
+                                         count=len(fl)) | has)
+        if inc.size != len(names):
+            keep = inc.tolist()
+            names = [names[i] for i in keep]
+            keys = [keys[i] for i in keep]
+            fl = [fl[i] for i in keep]
+            seen = [seen[i] for i in keep]
+            rank, prio, lo, hi = rank[inc], prio[inc], lo[inc], hi[inc]
     if not names:
         return True
-    seen = [usage.get(n, _EMPTY).get(r) for n in names]
     if rel:
         pos = None
         for n, lows in rel.items():
@@ -55,7 +110,7 @@ def allocate(mgr, r, names: Sequence[str], tasks: Sequence, rank: np.ndarray,
                 seen[i] = min(seen[i], max(0.0, low))
     try:
         total = mgr.pool.total(r)
-        demands = _demands(mgr, r, names, tasks, fl, seen, total)
+        demands = _demands(mgr, r, keys, lo, hi, fl, seen, total)
     except (OverflowError, TypeError, ValueError):
         return False
     if demands is None:
@@ -70,16 +125,12 @@ def allocate(mgr, r, names: Sequence[str], tasks: Sequence, rank: np.ndarray,
     policy = mgr.policy
     shared = d if policy is None else policy.adjust_columns(r, total, names, d, now)
     targets = share(total, shared, lo, prio, rank)
-    apply_targets(mgr, r, names, d, targets, now, prio, rank, total, result)
+    apply_targets(mgr, r, names, keys, d, targets, now, prio, rank, total, result)
     return True
 
 
-def _demands(mgr, r, names, tasks, fl, seen, total):
+def _demands(mgr, r, keys, lo, hi, fl, seen, total):
     """``SwapManager.demand`` of every task, as (demands, min_units, max_units or -1)."""
-    lims = [t.limits.get(r) for t in tasks]
-    lo = np.array([lim.min_units if lim is not None else 0 for lim in lims], dtype=np.int64)
-    hi = np.array([-1 if lim is None or lim.max_units is None else lim.max_units
-                   for lim in lims], dtype=np.int64)
     if lo.min() < 0 or lo.max() >= EXACT or hi.max() >= EXACT or \
             lo.astype(np.float64).sum() >= EXACT:
         return None
@@ -92,7 +143,7 @@ def _demands(mgr, r, names, tasks, fl, seen, total):
         sat = mgr.saturation
         judged = mgr._judged
         if judged and 0.0 < sat <= 1.0:
-            j = np.fromiter(((n, r) in judged for n in names), dtype=bool, count=len(names))
+            j = np.fromiter(map(judged.__contains__, keys), dtype=bool, count=len(keys))
             j &= want > 0
             if j.any():
                 ask = np.where(j, np.maximum(ask, np.floor(want / sat) + 1.0), ask)
@@ -103,7 +154,7 @@ def _demands(mgr, r, names, tasks, fl, seen, total):
     d = np.maximum(d, lo)
     holds = mgr.admission_holds
     if holds:
-        pos = {n: i for i, n in enumerate(names)}
+        pos = {k[0]: i for i, k in enumerate(keys)}
         for n, hold in holds.items():
             i = pos.get(n)
             if i is None or r not in hold.grant:
@@ -164,7 +215,7 @@ def share(total: int, demands: np.ndarray, lo: np.ndarray, prio: np.ndarray,
     return grant
 
 
-def apply_targets(mgr, r, names, demands, targets, current, prio, rank, total,
+def apply_targets(mgr, r, names, keys, demands, targets, current, prio, rank, total,
                   result) -> None:
     """``SwapManager._apply_targets``: shortfalls in task order, downs in tier and name order
     (the units a shortfall gives up kept for the swaps), then ups in tier and name order, fed
@@ -181,7 +232,7 @@ def apply_targets(mgr, r, names, demands, targets, current, prio, rank, total,
         order = np.lexsort((rank, prio)).tolist()
         mgr._apply_targets(r, dict(zip(names, dm)), {names[i]: tg[i] for i in order}, result)
         return
-    result.demands.update(zip([(n, r) for n in names], dm))
+    result.demands.update(zip(keys, dm))
     short = np.flatnonzero(targets < demands).tolist()
     result.shortfalls.extend([Shortfall(names[i], r, dm[i], tg[i]) for i in short])
     # the loop's targets come in tier and name order, and so do its downs and ups
@@ -242,7 +293,5 @@ def _swaps(r, names, up, residual, freed, amounts, prio, result, Swap) -> None:
 def _assign(mgr, r, names, down, up, targets) -> None:
     """Set the downs then the ups, as ``set_allocation`` would one by one (already checked:
     every value is a unit count and the sum fits the total)."""
-    tg = targets.tolist()
-    pairs = [(names[i], tg[i]) for i in down.tolist()]
-    pairs += [(names[i], tg[i]) for i in up.tolist()]
-    mgr.pool.assign(r, pairs)
+    order = np.concatenate((down, up)).tolist()
+    mgr.pool.assign(r, [names[i] for i in order], targets[order].tolist())

@@ -16,8 +16,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from rswap_ebpf.errors import ConfigError, ResourceError
 from rswap_ebpf.model.limits import Limits, Priority
 from rswap_ebpf.model.resources import Resource, ResourcePool, check_units
@@ -141,6 +139,7 @@ class SwapManager:
         #: (task, resource) whose censoring is judged by use against the allocation (no flag
         #: from the kernel): ``demand`` keeps their expected use under the saturation line
         self._judged: set[tuple[str, Resource]] = set()
+        self._task_columns: columns.TaskColumns | None = None
 
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, task: ManagedTask) -> None:
@@ -345,9 +344,12 @@ class SwapManager:
         rel = releases or {}
         result = AllocationResult()
         cols = self._columns()
-        for r in self.pool.types():
-            if cols is not None and columns.allocate(self, r, *cols, forecasts, usage, rel,
-                                                     result):
+        types = self.pool.types()
+        if cols is not None:
+            fc_cols, seen_cols = cols.transpose(forecasts, types), cols.transpose(usage, types)
+        for r in types:
+            if cols is not None and columns.allocate(self, r, cols, fc_cols[r], seen_cols[r],
+                                                     rel, result):
                 continue
             demands: dict[str, int] = {}
             for name in self.tasks:
@@ -385,9 +387,9 @@ class SwapManager:
     COLUMNS_FROM = 64
 
     def _columns(self):
-        """(names, tasks, name rank, priorities) for ``columns.allocate``, or None where the loop
-        must run: few tasks, a policy other than StabilityPolicy, or a subclass that changes
-        how demands, shares or changes are made."""
+        """The tasks as ``columns.TaskColumns``, or None where the loop must run: few tasks,
+        a policy other than StabilityPolicy, or a subclass that changes how demands, shares or
+        changes are made."""
         if len(self.tasks) < self.COLUMNS_FROM:
             return None
         if self.policy is not None and type(self.policy) is not StabilityPolicy:
@@ -395,12 +397,11 @@ class SwapManager:
         cls = type(self)
         if any(getattr(cls, m) is not _OWN[m] for m in ("demand", "_share", "_apply_targets")):
             return None
-        names = list(self.tasks)
-        tasks = list(self.tasks.values())
-        rank = np.empty(len(names), dtype=np.int64)
-        rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
-        prio = np.fromiter((int(t.priority) for t in tasks), dtype=np.int64, count=len(tasks))
-        return names, tasks, rank, prio
+        names, tasks = list(self.tasks), list(self.tasks.values())
+        cols = self._task_columns
+        if cols is None or not cols.same(names, tasks):
+            cols = self._task_columns = columns.TaskColumns(names, tasks)
+        return cols
 
     def _record(self, result: AllocationResult) -> None:
         now = time.time()
