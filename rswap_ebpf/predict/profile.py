@@ -332,18 +332,21 @@ class TaskProfiler:
                     if store is not None:
                         unflushed.append((task, r, float(units)))
 
-    def forecast_peaks(self, task: str, window: int) -> tuple[dict, dict, dict]:
+    def forecast_peaks(self, task: str, window: int) -> tuple[dict, dict, dict, dict]:
         """Per resource, the peak of ``task``'s forecast over ``window`` ticks, its next tick
-        and the serving model: :meth:`get_predicted_needs`'s ``peak``, ``series[0]`` and
-        ``model``, without the rest of a :class:`Prediction`."""
+        and the serving model (:meth:`get_predicted_needs`'s ``peak``, ``series[0]`` and
+        ``model``, without the rest of a :class:`Prediction`), and :meth:`releases`."""
         horizon = max(1, window)
-        peak, nxt, models = {}, {}, {}
+        peak, nxt, models, releases = {}, {}, {}, {}
         for r, prof in self._of(task).items():
             series = prof.forecast(horizon)
             peak[r] = max(series)
             nxt[r] = series[0]
             models[r] = prof.model_name
-        return peak, nxt, models
+            low = prof.release()
+            if low is not None:
+                releases[r] = low
+        return peak, nxt, models, releases
 
     # -- persistence ---------------------------------------------------------------------------
     def restore(self, task: str) -> list[Resource]:

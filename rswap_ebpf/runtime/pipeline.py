@@ -181,13 +181,13 @@ class ProfileForecast:
         prios = obs.priorities
         for name in obs.observed:
             if plain or prios.get(name, "normal") != "critical":
-                peak[name], nxt[name], models[name] = self.profiler.forecast_peaks(
-                    name, self.window)
+                peak[name], nxt[name], models[name], releases[name] = \
+                    self.profiler.forecast_peaks(name, self.window)
             else:
                 tf = self.for_task(name, "critical")
                 peak[name], nxt[name], models[name] = tf.peak, tf.next, tf.models
                 floors.update({(name, r): v for r, v in tf.floors.items()})
-            releases[name] = self.profiler.releases(name)
+                releases[name] = self.profiler.releases(name)
         try:
             self.profiler.flush(time.time())
         except RswapError as err:  # a full disk must not stop allocation
@@ -196,7 +196,7 @@ class ProfileForecast:
 
     def for_task(self, name: str, priority: str) -> TaskForecast:
         if priority != "critical" or not self.critical_floor:
-            return TaskForecast(*self.profiler.forecast_peaks(name, self.window))
+            return TaskForecast(*self.profiler.forecast_peaks(name, self.window)[:3])
         out = TaskForecast()
         for r in self.pool.types():
             prof = self.profiler.profiles.get((name, r))
