@@ -20,6 +20,8 @@ from rswap_ebpf.predict.registry import make_forecaster
 
 DEFAULT_HISTORY = 600
 
+_NONE: Mapping = {}
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -289,6 +291,10 @@ class TaskProfiler:
     def _of(self, task: str) -> dict[Resource, TaskProfile]:
         """``task``'s profiles, in ``_resources()`` order."""
         return self._by_task.get(task, {})
+
+    def profiles_of(self, task: str) -> Mapping[Resource, TaskProfile]:
+        """``task``'s profiles by resource (read only): ``profiles[(task, r)]`` for each."""
+        return self._by_task.get(task, _NONE)
 
     def update_prediction(self, task: str, resource: Resource, units: float,
                           slots: int = 1) -> None:

@@ -24,7 +24,8 @@ from rswap_ebpf.errors import EnforceError, RswapError
 from rswap_ebpf.host.cgroup import TaskCgroup
 from rswap_ebpf.host.driver import Driver, Enforces, KeepsFloors, Reads, ReportsDrops, Settles
 from rswap_ebpf.model.resources import Resource, ResourcePool
-from rswap_ebpf.predict.profile import Prediction, TaskProfiler
+from rswap_ebpf.model.stats import quantile
+from rswap_ebpf.predict.profile import TaskProfiler
 from rswap_ebpf.swap.manager import AllocationResult, SwapManager
 
 log = logging.getLogger(__name__)
@@ -179,12 +180,13 @@ class ProfileForecast:
         self.profiler.update_many(obs.observed, obs.slots)
         plain = not self.critical_floor
         prios = obs.priorities
+        kept = self._kept()
         for name in obs.observed:
             if plain or prios.get(name, "normal") != "critical":
                 peak[name], nxt[name], models[name], releases[name] = \
                     self.profiler.forecast_peaks(name, self.window)
             else:
-                tf = self.for_task(name, "critical")
+                tf = self.for_task(name, "critical", kept)
                 peak[name], nxt[name], models[name] = tf.peak, tf.next, tf.models
                 floors.update({(name, r): v for r, v in tf.floors.items()})
                 releases[name] = self.profiler.releases(name)
@@ -194,21 +196,31 @@ class ProfileForecast:
             log.warning("%s", err)
         return Forecasts(peak, nxt, models, releases, floors)
 
-    def for_task(self, name: str, priority: str) -> TaskForecast:
+    def _kept(self) -> tuple[list[Resource], set[Resource]]:
+        """The pool's resources, and those whose driver keeps floors (looked up once a tick:
+        a protocol isinstance check costs microseconds)."""
+        return (self.pool.types(),
+                {r for r, d in self.drivers.items() if isinstance(d, KeepsFloors)})
+
+    def for_task(self, name: str, priority: str,
+                 kept: tuple[list[Resource], set[Resource]] | None = None) -> TaskForecast:
         if priority != "critical" or not self.critical_floor:
             return TaskForecast(*self.profiler.forecast_peaks(name, self.window)[:3])
         out = TaskForecast()
-        for r in self.pool.types():
-            prof = self.profiler.profiles.get((name, r))
+        types, keeps = kept or self._kept()
+        mine = self.profiler.profiles_of(name)
+        how = self.critical_floor
+        for r in types:
+            prof = mine.get(r)
             if prof is None:
                 continue
             season = self.critical_season or getattr(prof.forecaster, "period", 0) or self.window
             series = prof.forecast(max(self.window, int(season)))
-            floor = Prediction(name, r, tuple(series), 0.0, "", None, 0).over_window(
-                self.critical_floor)
+            # a quantile of the season ("peak" reads as 0.0 here)
+            floor = 0.0 if how == "peak" else quantile(series, float(how))
             out.next[r] = series[0]
             out.models[r] = prof.model_name
-            if isinstance(self.drivers.get(r), KeepsFloors):
+            if r in keeps:
                 # CPU: the floor is kept under the task's quota and weight, not as units held
                 out.peak[r] = max(series[:self.window])
                 out.floors[r] = floor if math.isfinite(floor) else 0.0
