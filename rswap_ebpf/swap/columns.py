@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -295,3 +296,26 @@ def _assign(mgr, r, names, down, up, targets) -> None:
     every value is a unit count and the sum fits the total)."""
     order = np.concatenate((down, up)).tolist()
     mgr.pool.assign(r, [names[i] for i in order], targets[order].tolist())
+
+
+def observed(mgr, r, used: Mapping[str, float], held: Mapping[str, int]) -> dict | None:
+    """``SwapManager.observed_demands`` where no task has a kernel flag: every task judged by
+    its use against what it holds, and only those at the saturation line go through
+    ``observed_demand``.  None (nothing changed) where a value is not a float or a holding is
+    too large to compare exactly."""
+    values = list(used.values())
+    if set(map(type, values)) != {float}:
+        return None
+    hs = list(map(held.get, used, repeat(0)))
+    if max(hs) >= EXACT:
+        return None
+    mgr._judged.update(zip(used, repeat(r)))
+    h = np.array(hs, dtype=np.float64)
+    u = np.array(values, dtype=np.float64)
+    at_line = np.flatnonzero((h > 0) & (u >= mgr.saturation * h))
+    out = dict(used)
+    if at_line.size:
+        names = list(used)
+        for i in at_line.tolist():
+            out[names[i]] = mgr.observed_demand(names[i], r, values[i])
+    return out

@@ -290,6 +290,10 @@ class SwapManager:
             return {n: self.observed_demand(n, resource, u, (censored or {}).get(n),
                                             (withheld or {}).get(n)) for n, u in used.items()}
         held = self.pool.allocations(resource) if resource in self.pool else {}
+        if not censored and used:
+            out = columns.observed(self, resource, used, held)
+            if out is not None:
+                return out
         sat, judged, out = self.saturation, self._judged, {}
         for name, units in used.items():
             flag = censored.get(name) if censored else None

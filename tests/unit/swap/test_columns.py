@@ -151,3 +151,34 @@ def test_columns_step_aside_for_what_they_do_not_model():
     mine.COLUMNS_FROM = 0
     mine.add_task(ManagedTask("a", Priority.NORMAL, {CPU: Limits()}))
     assert mine._columns() is None
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_observed_demands_are_observed_demand_of_each_task(seed):
+    """SwapManager.observed_demands (judged by use: no kernel flag) against observed_demand
+    called task by task: the same values and the same judged set."""
+    rng = random.Random(seed)
+    n = rng.randint(1, 120)
+
+    sat = rng.choice((0.9, 1.0, 0.0, 1))
+    limits = {f"t{i}": Limits(0, rng.choice((None, 500, 20))) for i in range(n)}
+    held = {f"t{i}": rng.choice((0, 0, 10, 100, 1000)) for i in range(n)}
+    used = {f"t{i}": rng.choice((0.0, 9.0, 10.0, 95.0, 100.0, 1e9, math.nan, math.inf,
+                                 rng.random() * 1000)) for i in range(n)}
+    if rng.random() < 0.2:
+        used[f"t{rng.randrange(n)}"] = 7  # an int: the loop's path
+    results = []
+    for one_by_one in (True, False):
+        pool = ResourcePool()
+        pool.register_resource(CPU, 10**6)
+        m = SwapManager(pool, saturation=sat)
+        for name, units in held.items():
+            m.add_task(ManagedTask(name, Priority.NORMAL, {CPU: limits[name]}))
+            if units:
+                m.pool.set_allocation(CPU, name, units)
+        if one_by_one:
+            out = {name: m.observed_demand(name, CPU, u) for name, u in used.items()}
+        else:
+            out = m.observed_demands(CPU, used)
+        results.append(([(k, repr(v)) for k, v in out.items()], set(m._judged)))
+    assert results[0] == results[1]
