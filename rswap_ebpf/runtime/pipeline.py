@@ -197,8 +197,8 @@ class ProfileForecast:
         return Forecasts(peak, nxt, models, releases, floors)
 
     def _kept(self) -> tuple[list[Resource], set[Resource]]:
-        """The pool's resources, and those whose driver keeps floors (looked up once a tick:
-        a protocol isinstance check costs microseconds)."""
+        """The pool's resources, and those whose driver keeps floors: looked up once a tick,
+        not once per critical task."""
         return (self.pool.types(),
                 {r for r, d in self.drivers.items() if isinstance(d, KeepsFloors)})
 
