@@ -63,7 +63,8 @@ class TaskColumns:
         return dict(zip(resources, map(list, zip(*rows))))
 
     def limits(self, r):
-        """(names r, min_units, max_units or -1) per task: r in its limits, and its bounds."""
+        """(has r, min_units, max_units or -1) per task: whether r is in its limits, and its
+        bounds (min and max None when the bounds do not fit int64)."""
         cached = self._limits.get(r)
         if cached is None:
             lims = [t.limits.get(r) for t in self.tasks]
