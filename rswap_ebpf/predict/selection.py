@@ -48,6 +48,7 @@ from rswap_ebpf.predict.forecasters import (Base, LastValue, QuantileLags, Seaso
                           SeasonalLevel, SeasonalNaive, holt_winters, single, snarimax)
 from rswap_ebpf.predict.longseason import LongPeriodDetector, LongSeason
 from rswap_ebpf.predict.period import PeriodDetector
+from rswap_ebpf.predict.phase import PhaseLosses
 from rswap_ebpf.predict.rollup import Rollups
 
 def _unit(r: float) -> float:
@@ -114,6 +115,9 @@ class AutoForecaster(Base):
         self._ewm_sums: dict[tuple[str, str], tuple[float, float]] = {}
         #: per model and step ahead, (weighted sum, weight) of |error|: the blend's weights
         self._step_err: dict[str, list[list[float]]] = {}
+        #: per candidate, its loss at each phase of the longest season found: the ranking
+        #: where the next ticks fall in the period
+        self._phase = PhaseLosses()
         self.serving = self.candidates[0]
         self._build(self.candidates)
 
@@ -160,6 +164,7 @@ class AutoForecaster(Base):
                 key.pop(name, None)
             for kind in ("loss", "mae"):
                 self._ewm_sums.pop((kind, name), None)
+            self._phase.forget(name)
         self._at -= len(self._hist)
         self._replay_from = self._at  # _raise: the kept history is ahead of _at while replayed
         prev = None
@@ -219,6 +224,7 @@ class AutoForecaster(Base):
                 self._mae[name] = self._ewm(("mae", name), abs(y - f))
         if n:
             self._loss[name] = self._ewm(("loss", name), total / n)
+            self._phase.add(name, self._at, self.found(), total / n)
             self._scored[name] = self._scored.get(name, 0) + 1
 
     def _half(self, e: float) -> float:
@@ -402,6 +408,8 @@ class AutoForecaster(Base):
                  and (self.long_period >= 2 or n not in LONG_CANDIDATES)}
         if not ready:
             return
+        # where the season is known, the losses at the phase the next ticks fall in
+        ready = self._phase.ranking(self._at, self.horizon, ready) or ready
         best = min(ready, key=ready.get)
         cur = ready.get(self.serving)
         if cur is None or ready[best] < (1.0 - self.hysteresis) * cur:
@@ -452,6 +460,8 @@ class AutoForecaster(Base):
             self.rollups = Rollups()
             self._long = LongPeriodDetector(min_ticks=self.max_period)
             self.long_period = 0
+        if "_phase" not in self.__dict__:  # before the ranking by phase
+            self._phase = PhaseLosses()
         if "_step_err" not in self.__dict__:
             self._step_err = {n: [[0.0, 0.0] for _ in range(self.horizon)] for n in self._models}
         det = self._detector
