@@ -140,6 +140,9 @@ run_tests() {
     # pip in a test (the wheel test builds rswap's wheel) works offline: build requirements come
     # from the venv's wheels (install_venv), never from an index.
     export PIP_NO_INDEX=1 PIP_FIND_LINKS="$venv/share/rswap-build-wheels"
+    # A Python that dies of a signal (SIGSEGV, SIGABRT, in bcc or numpy) prints its stacks to
+    # its stderr, which the tests show when it fails.
+    export PYTHONFAULTHANDLER=1
     # -v: one line per test, so a console shows where the run is; every test has a timeout
     # (tests/conftest.py), stretched by RSWAP_TEST_TIME_SCALE.
     RSWAP_REQUIRE_KERNEL=1 "$venv/bin/python" -m pytest -p no:cacheprovider -v -ra --durations=20 \
