@@ -11,8 +11,10 @@
 #   2. checks: cgroup v2 unified on /sys/fs/cgroup (rswap's v2 writers: cpu.max, io.max,
 #      memory.high), bpffs, tracefs, resctrl mounted when the CPU has RDT.
 #   3. a venv (RSWAP_VENV, default /opt/rswap-venv) with --system-site-packages, so the
-#      distribution's bcc imports, and rswap installed editable with its test extras.
-#   4. RSWAP_REQUIRE_KERNEL=1 pytest -v tests/kernel: a line per test; a skipped kernel test fails
+#      distribution's bcc imports, and rswap installed editable with its test extras; the wheels
+#      of its build requirements kept in the venv.
+#   4. RSWAP_REQUIRE_KERNEL=1 pytest -v tests/kernel, offline (pip finds the build requirements
+#      kept in the venv by 3, and no index): a line per test; a skipped kernel test fails
 #      the run; a test over its timeout fails with its stacks (tests/conftest.py).
 #      RSWAP_TEST_TIME_SCALE (stretch wall-clock pacing on a slow, emulated guest) and
 #      RSWAP_CRASH_ROUNDS pass through to the tests; tools/vm_test sets them under TCG.
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
         --install-only) mode=install ;;
         --test-only) mode=test ;;
         --) shift; pytest_args=("$@"); break ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) src=$1 ;;
     esac
     shift
@@ -93,6 +95,19 @@ install_venv() {
         "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$src[test]"
         echo "$want" > "$stamp"
     fi
+    # The build backend a wheel build needs (pyproject's [build-system] requires: setuptools>=77,
+    # newer than Debian's), kept as wheels in the venv: pip's isolated build environment
+    # installs it from there, with no index (tools/vm_test's guest has no network at all).
+    local wheels="$venv/share/rswap-build-wheels" reqs req_list
+    reqs=$("$venv/bin/python" -c 'import sys, tomllib; print(*tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"], sep="\n")' "$src/pyproject.toml")
+    if [ "$(cat "$wheels/.requires" 2>/dev/null || true)" != "$reqs" ]; then
+        say "keeping the build requirements in $wheels for offline wheel builds: $(echo $reqs)"
+        rm -rf "$wheels"
+        mapfile -t req_list <<< "$reqs"
+        "$venv/bin/python" -m pip download -q --disable-pip-version-check --only-binary :all: \
+            -d "$wheels" "${req_list[@]}"
+        printf '%s' "$reqs" > "$wheels/.requires"
+    fi
     "$venv/bin/python" -c 'import bcc, sys; f = bcc.__file__; sys.exit(0 if "/dist-packages/" in f and hasattr(bcc, "BPF") else f"bcc comes from {f}, not the distribution")'
     ln -sfn "$venv/bin/rswap" /usr/local/bin/rswap
 }
@@ -122,6 +137,12 @@ run_tests() {
     cd "$src"
     say "running the kernel tests on $(uname -r) as root"
     set +e
+    # pip in a test (the wheel test builds rswap's wheel) works offline: build requirements come
+    # from the venv's wheels (install_venv), never from an index.
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS="$venv/share/rswap-build-wheels"
+    # A Python that dies of a signal (SIGSEGV, SIGABRT, in bcc or numpy) prints its stacks to
+    # its stderr, which the tests show when it fails.
+    export PYTHONFAULTHANDLER=1
     # -v: one line per test, so a console shows where the run is; every test has a timeout
     # (tests/conftest.py), stretched by RSWAP_TEST_TIME_SCALE.
     RSWAP_REQUIRE_KERNEL=1 "$venv/bin/python" -m pytest -p no:cacheprovider -v -ra --durations=20 \

@@ -17,7 +17,8 @@ task's process; rswap moves it into its own group, narrows the default group, an
 must end with ``ops`` holding it again and each schemata byte for byte as before.
 tests/kernel/test_crash_resctrl.py crashes the enforcer in-process at every single step as well.
 
-``RSWAP_CRASH_ROUNDS`` sets the number of rounds (default 100, about 3 minutes on a 2-core VM);
+``RSWAP_CRASH_ROUNDS`` sets the number of rounds (default 100, about 3 minutes on a 2-core VM;
+every 20th round, and the last of fewer than 20, restarts instead of restoring);
 ``RSWAP_CRASH_LONG=1`` runs 500 rounds with kill times up to 6 s.
 """
 from __future__ import annotations
@@ -424,7 +425,7 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
             seen["changed"] += 1  # the kill left something to undo
         if killed["resctrl"] != baseline["resctrl"]:
             seen["resctrl"] = seen.get("resctrl", 0) + 1  # ... in the fake resctrl mount too
-        if round_no % 20 == 19:
+        if round_no % 20 == 19 or (ROUNDS < 20 and round_no == ROUNDS - 1):
             # A restart after a crash: the stale lock does not block it; it restores first.
             seen["restart"] += 1
             r = run_rswap("run", "--config", host.config, "--count", "2", env=host.env,
@@ -455,4 +456,5 @@ def test_sigkill_anywhere_then_restore_puts_host_back(host):
     # resctrl comes late in a run, so fewer kills find it changed: about a third of the rounds on
     # this host, 1 of 20 in the emulated stock-kernel VM (tools/vm_test), where the kill window
     # ends sooner relative to the daemon's progress; test_crash_resctrl.py kills at every step.
-    assert seen.get("resctrl", 0) >= max(1, ROUNDS // 16), seen
+    # The VM's fewer rounds (RSWAP_CRASH_ROUNDS=12 under TCG) need not find it at all.
+    assert seen.get("resctrl", 0) >= ROUNDS // 16, seen

@@ -95,14 +95,22 @@ def daemon(tmp_path, rswap_env, unique_name):
     assert not os.path.exists(sock)
 
 
-def _wait_pool_full(d, timeout=20):
+def _wait_pool_short_of(d, millicores, timeout=20):
+    """Wait until the batch task holds so much of the pool that fewer than ``millicores`` are
+    free: a request for that many can then only be met by taking from the batch.
+
+    Not "until the whole pool is taken": the batch holds only what its forecast asks for, and
+    in an emulated guest (tools/vm_test) its two spinning workers ran at about 700 of the 930
+    millicores they were given, so its share hovered at 900-970 and reached 1000 only now and
+    then, between two polls that each start a Python process.
+    """
     deadline = time.monotonic() + timeout * TIME_SCALE
     while time.monotonic() < deadline:
         st = json.loads(run_rswap("status", "--json", env=d["env"]).stdout)
-        if st["pool"]["cpu"]["available"] == 0:
+        if st["pool"]["cpu"]["available"] < millicores:
             return st
         time.sleep(0.3)
-    pytest.fail("the batch task never took the whole pool")
+    pytest.fail(f"the batch task never left fewer than {millicores} millicores of the pool free")
 
 
 def _tasks(d):
@@ -123,7 +131,7 @@ def test_socket_is_root_only_and_status_answers_through_it(daemon):
 
 
 def test_critical_exec_takes_from_batch_runs_in_its_cgroup_and_passes_exit_status(daemon):
-    _wait_pool_full(daemon)
+    _wait_pool_short_of(daemon, 600)
     name = f"crit-{daemon['name']}"
     out = run_rswap("exec", "--name", name, "--priority", "critical", "--max", "cpu=600",
                     "--", sys.executable, "-S", "-c", QUOTA, "7", "2.0",
@@ -145,7 +153,7 @@ def test_critical_exec_takes_from_batch_runs_in_its_cgroup_and_passes_exit_statu
 
 
 def test_normal_exec_is_refused_with_the_shortfall_and_the_overflow_hook_hears_it(daemon):
-    _wait_pool_full(daemon)
+    _wait_pool_short_of(daemon, 950)
     name = f"norm-{daemon['name']}"
     # 950 > the 900 the pool can have free while batch holds its minimum: refused however the
     # batch's allocation moves (on a loaded host it dips below the whole pool now and then).
@@ -171,7 +179,7 @@ def test_normal_exec_is_refused_with_the_shortfall_and_the_overflow_hook_hears_i
 
 
 def test_waiting_exec_times_out_or_starts_when_units_are_freed(daemon):
-    _wait_pool_full(daemon)
+    _wait_pool_short_of(daemon, 950)
     name = f"norm-{daemon['name']}"
     t0 = time.monotonic()
     # 950: more than can be free while batch holds its minimum (see above)

@@ -208,3 +208,21 @@ def test_the_guests_lines_stream_and_its_status_is_the_exit_status(vm):
     # what the guest is told to run: the arguments after --, as given
     unit = (vm["rootfs"] / "usr/local/sbin/rswap-vm-test").read_text()
     assert "-- tests/kernel -k maps" in unit
+
+
+def test_auto_accel_says_why_kvm_is_not_used_and_falls_back_to_tcg(vm):
+    """``RSWAP_VM_ACCEL=auto`` on this host.  The stand-in cannot boot anything under KVM (it
+    takes one ``-serial`` only as the guest), so wherever /dev/kvm is, TCG is what runs, with
+    the reason said; a host whose /dev/kvm is kvm_pvm's is named as such without a probe."""
+    proc = _start(vm, "finish", RSWAP_VM_ACCEL="auto")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out
+    (why,) = [line for line in out.splitlines() if line.startswith("vm_test: not using KVM: ")]
+    assert len(why) > len("vm_test: not using KVM: ") + 10, why
+    if not os.path.exists("/dev/kvm"):
+        assert "no /dev/kvm" in why
+    elif os.path.isdir("/sys/module/kvm_pvm") and not any(
+            os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd")):
+        assert "kvm_pvm" in why and "PVM" in why
+    assert "software emulation (TCG)" in out
+    assert "-accel tcg" in out
