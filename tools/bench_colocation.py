@@ -267,6 +267,61 @@ command = {q(batch_cmd)}
 {fc}""")
 
 
+def start_rswap(cfg: str, d: str, tag: str, ticks: int, log: str | None = None,
+                wait_s: float = 120) -> subprocess.Popen:
+    """``rswap run --config CFG --count TICKS`` with its state, run and pin directories under
+    ``d`` / ``tag`` (apart from any installed daemon's); returns once the first tick is done
+    (the BPF programs compile after the tasks start).  Its tick table goes to ``log``."""
+    env = dict(os.environ, RSWAP_STATE_DIR=os.path.join(d, "state"),
+               RSWAP_RUN_DIR=os.path.join(d, "run"), RSWAP_PIN_DIR=f"/sys/fs/bpf/{tag}")
+    out = open(log, "w") if log else subprocess.DEVNULL
+    daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli.main", "run", "--config", cfg,
+                               "--count", str(ticks)],
+                              env=env, cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True)
+    status = os.path.join(d, "run", "status.json")
+    deadline = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < deadline:
+            if daemon.poll() is not None:
+                raise RuntimeError("rswap run failed: " + daemon.stderr.read()[-2000:])
+            try:
+                with open(status) as f:
+                    if json.load(f).get("tick", 0) >= 1:
+                        return daemon
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"rswap run: no first tick within {wait_s:g} s")
+    except BaseException:
+        stop_rswap(daemon)
+        raise
+    finally:
+        if out is not subprocess.DEVNULL:
+            out.close()
+
+
+def stop_rswap(daemon: subprocess.Popen, wait_s: float = 30) -> None:
+    """SIGTERM (rswap restores the host and stops its tasks), then SIGKILL after ``wait_s``."""
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+    try:
+        daemon.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+
+
+def json_clean(v):
+    """JSON has no NaN: a missing figure (alone's batch) is null."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [json_clean(x) for x in v]
+    return v
+
+
 def make_groups(tag: str, mode: str, a, dirs: list[str]) -> dict[str, list[str]]:
     """The baseline regimes' cgroups: name -> directories to enter, after their files are
     written (v1 cpu, or cgroup v2 where cpu is enabled there; cpuacct/cpuset as needed)."""
@@ -394,7 +449,6 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
     dirs: list[str] = []
     daemon = None
     suppressor = None
-    env = dict(os.environ)
     try:
         if mode in BASELINES:
             groups = make_groups(tag, mode, a, dirs) if mode != "alone" else {}
@@ -418,25 +472,8 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
         else:
             cfg = os.path.join(d, "rswap.toml")
             rswap_config(cfg, mode, tag, svc_cmd, batch_cmd, a)
-            env.update(RSWAP_STATE_DIR=os.path.join(d, "state"), RSWAP_RUN_DIR=os.path.join(d, "run"),
-                       RSWAP_PIN_DIR=f"/sys/fs/bpf/{tag}")
-            log = open(os.path.join(a.log_dir, f"{mode}-{rep}.log"), "w") if a.log_dir else subprocess.DEVNULL
-            daemon = subprocess.Popen([sys.executable, "-m", "rswap_ebpf.cli.main", "run", "--config", cfg,
-                                       "--count", str(int(a.seconds + 90))],
-                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
-            # the BPF program is compiled after the tasks start: wait for the first tick
-            status = os.path.join(d, "run", "status.json")
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if daemon.poll() is not None:
-                    raise RuntimeError("rswap run failed: " + daemon.stderr.read()[-2000:])
-                try:
-                    with open(status) as f:
-                        if json.load(f).get("tick", 0) >= 1:
-                            break
-                except (OSError, ValueError):
-                    pass
-                time.sleep(0.2)
+            log = os.path.join(a.log_dir, f"{mode}-{rep}.log") if a.log_dir else None
+            daemon = start_rswap(cfg, d, tag, int(a.seconds + 90), log)
         wait_port(port, 30)
         start = time.monotonic() + 0.5
         measure_from = start + a.seconds - a.measure
@@ -470,12 +507,7 @@ def run_regime(mode: str, a, tmp: str, rep: int) -> dict:
             suppressor.stop.set()
             suppressor.join(5)
         if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            stop_rswap(daemon)
         for p in procs:
             try:
                 os.killpg(p.pid, signal.SIGTERM) if p.args is batch_cmd else p.send_signal(signal.SIGTERM)
@@ -612,16 +644,8 @@ def main() -> int:
     static = next((r["batch"] for r in med if r["mode"] == "static"), None)
     print("\n".join(fmt_table(med, base, static, False)))
     if a.json:
-        def clean(v):  # JSON has no NaN: a missing figure (alone's batch) is null
-            if isinstance(v, float) and math.isnan(v):
-                return None
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, list):
-                return [clean(x) for x in v]
-            return v
-        rows = clean(rows)
-        med = clean(med)
+        rows = json_clean(rows)
+        med = json_clean(med)
         with open(a.json, "w") as f:
             json.dump({"shape": a.shape, "repeat": a.repeat, "load_average_end": os.getloadavg(),
                        "medians": [{"mode": r["mode"], "p50_ms": r["p50"], "p99_ms": r["p99"],

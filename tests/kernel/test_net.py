@@ -166,6 +166,29 @@ def test_net_counts_egress_per_cgroup_ingress_per_interface(netpair, pin_dir, jo
     assert tc_show(ns_a, "filter ingress") == tc_show(ns_a, "filter egress") == ""
 
 
+def test_net_htb_a_critical_class_borrows_the_link_a_batch_class_does_not(netpair, pin_dir,
+                                                                         journal, two_cgroups):
+    """Tiers as the kernel has them: the critical class's ceil is the link and its prio 0, the
+    batch class's ceil its rate + spare; the critical task alone gets the link, not its rate."""
+    iface, ns_a, ns_b = netpair
+    cg1, cg2 = two_cgroups
+    total = 210 * MBIT
+    with NetCollector([iface], journal=journal) as col:
+        htb = HtbEnforcer(journal, iface, total, col.class_map())
+        htb.set_tier("crit", "critical")
+        htb.set_tier("bulk", "batch")
+        htb.apply("crit", cg1.cgroup_ids(), 10 * MBIT)
+        htb.apply("bulk", cg2.cgroup_ids(), 200 * MBIT)
+        classes = htb.current()
+        crit, bulk = classes[htb.classid("crit")], classes[htb.classid("bulk")]
+        assert (crit.rate_bytes_per_s, crit.ceil_bytes_per_s, crit.prio) == (10 * MBIT, total, 0)
+        assert (bulk.rate_bytes_per_s, bulk.ceil_bytes_per_s, bulk.prio) == (200 * MBIT, 200 * MBIT, 2)
+        (r1,) = streams(ns_a, ns_b, [cg1], port=5203)
+        assert r1 > 3 * 10 * MBIT  # not held at its rate while the link is free
+        htb.restore()
+        assert "htb" not in tc_show(ns_a, "qdisc")
+
+
 def test_net_htb_caps_one_task_and_swap_moves_the_cap(netpair, pin_dir, journal, two_cgroups):
     iface, ns_a, ns_b = netpair
     cg1, cg2 = two_cgroups

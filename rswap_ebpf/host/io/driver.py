@@ -1,4 +1,12 @@
-"""Storage IOPS: block_rq_issue BPF accounting + io.max / v1 blkio throttling on one device."""
+"""Storage IOPS: block_rq_issue BPF accounting + io.max / v1 blkio throttling on one device.
+
+By tier, like the CPU: a critical task is never throttled (its throttle rule is removed; the
+operator's ``io = { max = N }`` is the one limit it gets), so its reads and writes go to the
+device as fast as the device serves them.  A throttle on a critical task sized to its forecast
+holds back exactly the requests of a burst the forecast did not see, and a request held by the
+throttle waits a whole slice.  Other tasks are throttled at their allocation: what the pool
+leaves them once the critical tier's forecast is served.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -8,12 +16,12 @@ from rswap_ebpf.host.cgroup import TaskCgroup, Write
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.io.collector import BlockCollector, kdev
-from rswap_ebpf.host.driver import DriverContext, ReportsDrops, ResourceDriver
+from rswap_ebpf.host.driver import DriverContext, ReportsDrops, ResourceDriver, ShapesByTier
 
 IO = ResourceType.STORAGE_IOPS
 
 
-class IoDriver(ResourceDriver, ReportsDrops):
+class IoDriver(ResourceDriver, ReportsDrops, ShapesByTier):
     """IO/s per task on ``device``; the pool's total is the device's configured IOPS capacity.
 
     A task's use is what the BPF program charged to its cgroups, or the kernel's own per-cgroup
@@ -34,6 +42,24 @@ class IoDriver(ResourceDriver, ReportsDrops):
         self.kdev = kdev(device.major, device.minor)
         self.last_dropped: dict[str, int] = {}
         self._serviced: dict[str, int] = {}
+        self.tier_of: dict[str, str] = {}
+        self.max_units: dict[str, int] = {}
+
+    def set_priority(self, task: str, priority: str) -> None:
+        self.tier_of[task] = str(priority).lower()
+
+    def set_limit(self, task: str, max_units: int | None) -> None:
+        if max_units is None:
+            self.max_units.pop(task, None)
+        else:
+            self.max_units[task] = int(max_units)
+
+    def limit_for(self, task: str, units: int) -> IoLimit:
+        """A critical task: no throttle, or the operator's max; any other: its allocation."""
+        if self.tier_of.get(task) == "critical":
+            cap = self.max_units.get(task)
+            return IoLimit.iops(cap) if cap is not None else IoLimit()
+        return IoLimit.iops(units)
 
     def total(self) -> int:
         if not self.configured_total:
@@ -62,12 +88,12 @@ class IoDriver(ResourceDriver, ReportsDrops):
         return out
 
     def plan(self, cg: TaskCgroup, units: int) -> list[Write]:
-        return self.enforcer.writer.plan(cg, self.device, IoLimit.iops(units))
+        return self.enforcer.writer.plan(cg, self.device, self.limit_for(cg.name, units))
 
     def apply(self, cg: TaskCgroup, units: int) -> list[Write]:
         if cg.name not in self.tasks:
             return []
-        return self.enforcer.apply(cg, self.device, IoLimit.iops(units))
+        return self.enforcer.apply(cg, self.device, self.limit_for(cg.name, units))
 
     def close(self) -> None:
         try:

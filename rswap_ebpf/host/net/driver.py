@@ -3,6 +3,9 @@
 With ``[resources.net] ingress = true`` a task's allocation also caps what it receives: the
 interface's ingress goes through an ifb with the same class per task (classified per flow, see
 :class:`rswap_ebpf.host.net.ingress.IngressShaper`).  Usage, and so the forecast, is egress bytes/s.
+
+By tier (:class:`rswap_ebpf.host.net.htb.HtbEnforcer`): a critical task's class may borrow the
+whole link and is served first; other tasks' classes borrow only what no task's rate holds.
 """
 from __future__ import annotations
 
@@ -15,13 +18,13 @@ from rswap_ebpf.host.net.tc import Iface, link_speed_bytes_per_s
 from rswap_ebpf.errors import ConfigError
 from rswap_ebpf.model.resources import ResourceType
 from rswap_ebpf.host.net.collector import EGRESS, NetCollector
-from rswap_ebpf.host.driver import DriverContext, ReportsDrops, ResourceDriver
+from rswap_ebpf.host.driver import DriverContext, ReportsDrops, ResourceDriver, ShapesByTier
 
 NET = ResourceType.NETWORK_BANDWIDTH
 
 
-class NetDriver(ResourceDriver, ReportsDrops):
-    """Egress bytes/s per task on ``iface``; HTB rate = allocation, ceil = allocation + spare."""
+class NetDriver(ResourceDriver, ReportsDrops, ShapesByTier):
+    """Egress bytes/s per task on ``iface``; HTB rate = allocation, ceil and prio by tier."""
 
     resource = NET
 
@@ -38,6 +41,24 @@ class NetDriver(ResourceDriver, ReportsDrops):
         self.htb: HtbEnforcer | None = None
         self.ingress_shaper: IngressShaper | None = None
         self.last_dropped: dict[str, int] = {}
+        self.tier_of: dict[str, str] = {}
+        self.max_units: dict[str, int] = {}
+
+    def set_priority(self, task: str, priority: str) -> None:
+        self.tier_of[task] = str(priority).lower()
+        self._shape(task)
+
+    def set_limit(self, task: str, max_units: int | None) -> None:
+        if max_units is None:
+            self.max_units.pop(task, None)
+        else:
+            self.max_units[task] = int(max_units)
+        self._shape(task)
+
+    def _shape(self, task: str) -> None:
+        """The egress HTB holds the tiers; the ingress shaper's HTB shares them."""
+        if self.htb is not None:
+            self.htb.set_tier(task, self.tier_of.get(task, "normal"), self.max_units.get(task))
 
     def total(self) -> int:
         if not self._total:
@@ -52,6 +73,8 @@ class NetDriver(ResourceDriver, ReportsDrops):
         if self.ingress:
             self.ingress_shaper = IngressShaper(self.journal, self.iface, self.total(),
                                                 egress=self.htb, dry_run=self.dry_run)
+        for task in self.tier_of:
+            self._shape(task)
 
     def measure(self, tasks: Mapping[str, TaskCgroup]) -> dict[str, float]:
         delta = self.collector.drain()

@@ -4,7 +4,15 @@ Layout rswap builds::
 
     htb     1:       root, ``default 0``: traffic of no task goes out unshaped (HTB direct)
       class 1:1      rate = ceil = interface total
-        class 1:<n>  one per task: rate = allocation, ceil = allocation + spare
+        class 1:<n>  one per task: rate = allocation; ceil and prio by tier (below)
+
+By tier (:meth:`HtbEnforcer.set_tier`), work-conserving for the critical tier: a critical
+task's class has ceil = the interface total and HTB prio 0, so it may borrow the whole link
+whenever it needs more than its forecast, and HTB serves it first among the classes that send
+within their rate and again among those that borrow.  Any other task's class has ceil =
+allocation + spare (what no task's rate holds) and prio 1 (normal) or 2 (batch).  A critical class
+capped at rate + spare would hold back exactly the packets of a burst its forecast did not see,
+while a bulk class beside it held the rest of the link.
 
 The egress BPF program writes the task's class id into ``skb->priority`` (HTB classifies by it),
 looking it up by the socket's cgroup in the ``rswap_net_class`` map (a :class:`ClassMap`).
@@ -44,11 +52,16 @@ class ClassMap(Protocol):
     def remove(self, cgroup_id: int) -> None: ...
 
 
+#: HTB prio per tier (0 is served first); a task of no known tier counts as normal.
+TIER_PRIO = {"critical": 0, "normal": 1, "batch": 2}
+
+
 @dataclass(frozen=True)
 class HtbClass:
     classid: int
     rate_bytes_per_s: int
     ceil_bytes_per_s: int
+    prio: int = TIER_PRIO["normal"]
 
 
 class HtbEnforcer:
@@ -66,6 +79,28 @@ class HtbEnforcer:
         self._cgroups: dict[str, set[int]] = {}
         self._ready = False
         self.planned: list[tuple[str, HtbClass]] = []
+        self.tier_of: dict[str, str] = {}
+        self.max_ceil: dict[str, int] = {}
+
+    def set_tier(self, task: str, tier: str, max_bytes_per_s: int | None = None) -> None:
+        """``task``'s tier shapes its class from the next apply; ``max_bytes_per_s`` (the
+        operator's max) bounds a critical class's ceil."""
+        self.tier_of[task] = str(tier).lower()
+        if max_bytes_per_s is None:
+            self.max_ceil.pop(task, None)
+        else:
+            self.max_ceil[task] = max(MIN_RATE_BYTES, int(max_bytes_per_s))
+
+    def shape(self, task: str, rate: int, spare: int) -> HtbClass:
+        """The class for ``task`` at ``rate``: critical ceil = the link (or its max), others
+        ceil = rate + spare."""
+        tier = self.tier_of.get(task, "normal")
+        if tier == "critical":
+            ceil = min(self.total, self.max_ceil.get(task, self.total))
+        else:
+            ceil = min(self.total, rate + spare)
+        return HtbClass(self.classid(task), rate, max(rate, ceil),
+                        TIER_PRIO.get(tier, TIER_PRIO["normal"]))
 
     def setup(self) -> None:
         """Journal the original root qdisc, then put rswap's HTB root and its 1:1 class there."""
@@ -108,14 +143,14 @@ class HtbEnforcer:
         return max(0, self.total - sum(self.rates.values()))
 
     def apply(self, task: str, cgroup_ids: set[int], bytes_per_s: int) -> list[HtbClass]:
-        """Set ``task``'s rate, refresh every class's ceil to rate + spare, map its cgroups."""
+        """Set ``task``'s rate, refresh every class's ceil (:meth:`shape`), map its cgroups."""
         self.setup()
         self.rates[task] = max(MIN_RATE_BYTES, int(bytes_per_s))
         cid = self.classid(task)
         spare = self.spare()
         done = []
         for name, rate in self.rates.items():
-            cls = HtbClass(self.classid(name), rate, min(self.total, rate + spare))
+            cls = self.shape(name, rate, spare)
             if self.dry_run:
                 self.planned.append((name, cls))
                 continue
@@ -123,7 +158,7 @@ class HtbEnforcer:
                 idx = ifindex(ip, self.iface)
                 try:
                     ip.tc("replace-class", "htb", idx, cls.classid, parent=ROOT_CLASS,
-                          rate=cls.rate_bytes_per_s, ceil=cls.ceil_bytes_per_s)
+                          rate=cls.rate_bytes_per_s, ceil=cls.ceil_bytes_per_s, prio=cls.prio)
                 except Exception as err:
                     raise _nl_error(err, self.iface, "htb class") from None
             done.append(cls)
@@ -148,7 +183,7 @@ class HtbEnforcer:
                 rate64 = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_RATE64")
                 ceil64 = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_CEIL64")
                 out[c["handle"]] = HtbClass(c["handle"], rate64 or parms["rate"],
-                                            ceil64 or parms["ceil"])
+                                            ceil64 or parms["ceil"], parms["prio"])
         return out
 
     def forget(self, task: str) -> None:

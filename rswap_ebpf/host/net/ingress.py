@@ -46,6 +46,7 @@ class IngressShaper:
             return
         if self.dry_run:
             self.htb = HtbEnforcer(self.journal, self.iface, self.total, dry_run=True)
+            self._share_egress()
             return
         with ipr(self.iface) as ip:
             idx = ifindex(ip, self.iface)
@@ -74,8 +75,14 @@ class IngressShaper:
                 raise _nl_error(err, self.iface, "mirred redirect to ifb") from None
         self.ifb = Iface(name, self.iface.netns)
         self.htb = HtbEnforcer(self.journal, self.ifb, self.total)
-        if self.egress is not None:
-            self.htb.classes = self.egress.classes  # one class id per task, both directions
+        self._share_egress()
+
+    def _share_egress(self) -> None:
+        """One class id per task, both directions, and the same tiers."""
+        if self.egress is not None and self.htb is not None:
+            self.htb.classes = self.egress.classes
+            self.htb.tier_of = self.egress.tier_of
+            self.htb.max_ceil = self.egress.max_ceil
 
     def apply(self, task: str, bytes_per_s: int) -> list[HtbClass]:
         """The task's ingress class: rate = allocation, ceil = allocation + spare."""
